@@ -1,0 +1,564 @@
+//! The job loop shared by [`crate::LocalRunner`] and [`crate::NativeRunner`]: validation,
+//! capability checks, workspace, environment, steps in order, outcome, cleanup.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::job::{Job, JobSpec, Resources, StepAction};
+use crate::mask::SecretSet;
+use crate::process::{
+    self, CgroupLimits, CgroupSupport, JobCgroup, OutputBudget, ProcessEnd, ProcessSpec, Rlimit,
+    ShimPlan, Supervision,
+};
+use crate::runner::{
+    Capabilities, EventKind, Execution, ExecutionSink, Health, JobId, Outcome, OutputStream,
+    RunnerInfo, StepStatus,
+};
+use crate::{Error, Limit};
+
+/// Settings shared by the host runners ([`crate::LocalRunner`], [`crate::NativeRunner`]).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct HostConfig {
+    /// Runner name.
+    pub name: String,
+    /// Labels jobs can ask for.
+    pub labels: Vec<String>,
+    /// Shell for `run:` steps: program and leading arguments; the script file is appended.
+    /// Default `/bin/sh -e`.
+    pub shell: Vec<String>,
+    /// Directory under which each job gets a fresh workspace. Default `$TMPDIR/rustci`.
+    pub workspace_root: PathBuf,
+    /// Keep workspaces after jobs end (for debugging). Default false.
+    pub keep_workspaces: bool,
+    /// Host environment variables passed to jobs; nothing else of the host's environment is.
+    /// Default `PATH`, `HOME`, `LANG`, `TZ`.
+    pub env_allowlist: Vec<String>,
+    /// Time between SIGTERM and SIGKILL when a job is stopped. Default 10 s.
+    pub termination_grace: Duration,
+    /// Output (both streams, all steps) kept per job; the rest is dropped behind one
+    /// [`EventKind::OutputTruncated`]. Default 512 MiB.
+    pub max_output_bytes: u64,
+    /// Most jobs at once; `None` for no bound. Default `None`.
+    pub max_concurrency: Option<usize>,
+    /// Events that may wait unread before output backs up into the job. Default 64.
+    pub event_buffer: usize,
+}
+
+impl HostConfig {
+    /// Defaults with the given runner name.
+    pub fn named(name: impl Into<String>) -> Self {
+        HostConfig {
+            name: name.into(),
+            ..HostConfig::default()
+        }
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            name: "host".to_string(),
+            labels: Vec::new(),
+            shell: vec!["/bin/sh".to_string(), "-e".to_string()],
+            workspace_root: std::env::temp_dir().join("rustci"),
+            keep_workspaces: false,
+            env_allowlist: ["PATH", "HOME", "LANG", "TZ"].map(String::from).to_vec(),
+            termination_grace: Duration::from_secs(10),
+            max_output_bytes: 512 << 20,
+            max_concurrency: None,
+            event_buffer: 64,
+        }
+    }
+}
+
+/// Isolation and limits of the native runner, resolved against this host.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NativePlan {
+    pub cgroups: Option<Arc<CgroupSupport>>,
+    pub unshare_flags: libc::c_int,
+    pub mount_proc: bool,
+    pub hostname: Option<String>,
+    pub credentials: Option<(u32, u32)>,
+    pub defaults: Resources,
+}
+
+pub(crate) struct HostEngine {
+    pub info: RunnerInfo,
+    pub caps: Capabilities,
+    pub config: HostConfig,
+    pub native: Option<NativePlan>,
+    running: Arc<AtomicUsize>,
+}
+
+fn executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Checks the parts of a host configuration that do not depend on the runner kind.
+pub(crate) fn check_config(config: &HostConfig) -> Result<(), Error> {
+    let Some(shell) = config.shell.first() else {
+        return Err(Error::InvalidConfig("the shell command is empty".into()));
+    };
+    if !Path::new(shell).is_absolute() {
+        return Err(Error::InvalidConfig(format!(
+            "shell {shell:?} must be an absolute path"
+        )));
+    }
+    if !executable(Path::new(shell)) {
+        return Err(Error::InvalidConfig(format!(
+            "shell {shell} does not exist or is not executable"
+        )));
+    }
+    check_workspace_root(&config.workspace_root).map_err(|e| Error::InvalidConfig(e))?;
+    Ok(())
+}
+
+fn check_workspace_root(root: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| format!("workspace root {} cannot be created: {e}", root.display()))?;
+    tempfile::Builder::new()
+        .prefix(".probe-")
+        .tempdir_in(root)
+        .map(drop)
+        .map_err(|e| format!("workspace root {} is not writable: {e}", root.display()))
+}
+
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl HostEngine {
+    pub(crate) fn new(
+        info: RunnerInfo,
+        caps: Capabilities,
+        config: HostConfig,
+        native: Option<NativePlan>,
+    ) -> Self {
+        HostEngine {
+            info,
+            caps,
+            config,
+            native,
+            running: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub(crate) fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        if let Some(shell) = self.config.shell.first()
+            && !executable(Path::new(shell))
+        {
+            return Health::Unhealthy(format!("shell {shell} is missing or not executable"));
+        }
+        match check_workspace_root(&self.config.workspace_root) {
+            Ok(()) => Health::Healthy,
+            Err(e) => Health::Unhealthy(e),
+        }
+    }
+
+    fn acquire(&self) -> Result<Slot, Error> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(self.running.clone());
+        if let Some(max) = self.caps.max_concurrency
+            && now >= max
+        {
+            return Err(Error::Busy {
+                runner: self.info.name.clone(),
+                running: now,
+                max,
+            });
+        }
+        Ok(slot)
+    }
+
+    pub(crate) async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+        let job = spec.to_job();
+        job.validate().map_err(Error::InvalidSpec)?;
+        let reasons = self.caps.unmet(&job);
+        if !reasons.is_empty() {
+            return Err(Error::Unsupported {
+                runner: self.info.name.clone(),
+                reasons,
+            });
+        }
+        let slot = self.acquire()?;
+        let resources = effective_resources(&job.resources, self.native.as_ref());
+
+        let root = &self.config.workspace_root;
+        std::fs::create_dir_all(root).map_err(|e| {
+            Error::io(format!("cannot create workspace root {}", root.display()), e)
+        })?;
+        let job_dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", job.name))
+            .tempdir_in(root)
+            .map_err(|e| Error::io(format!("cannot create a workspace under {}", root.display()), e))?;
+        let workspace = job_dir.path().join("workspace");
+        let cwd = match &job.workdir {
+            Some(w) => workspace.join(w),
+            None => workspace.clone(),
+        };
+        std::fs::create_dir_all(&cwd)
+            .map_err(|e| Error::io(format!("cannot create workspace {}", cwd.display()), e))?;
+        let native = self.native.clone().unwrap_or_default();
+        if let Some((uid, gid)) = native.credentials {
+            for dir in cwd.ancestors().take_while(|d| d.starts_with(job_dir.path())) {
+                nix::unistd::chown(dir, Some(uid.into()), Some(gid.into())).map_err(|e| {
+                    Error::io(format!("cannot hand {} to uid {uid}", dir.display()), e.into())
+                })?;
+            }
+        }
+        let cgroup = match &native.cgroups {
+            Some(support) if needs_cgroup(&resources) => JobCgroup::create(
+                support,
+                &format!("job-{id}"),
+                CgroupLimits {
+                    memory: resources.memory,
+                    pids: resources.pids,
+                    cpus: resources.cpus,
+                },
+            )?,
+            _ => None,
+        };
+
+        let (execution, sink) = Execution::channel(id, self.config.event_buffer);
+        let run = JobRun {
+            secrets: SecretSet::new(job.secrets.values().map(String::as_str)),
+            budget: OutputBudget::new(self.config.max_output_bytes),
+            env: self.base_env(&job, sink.job_id(), &workspace),
+            job,
+            sink,
+            info: self.info.clone(),
+            shell: self.config.shell.clone(),
+            grace: self.config.termination_grace,
+            cwd,
+            job_dir: Some(job_dir),
+            keep: self.config.keep_workspaces,
+            cgroup,
+            native,
+            resources,
+            slot: Some(slot),
+        };
+        tokio::spawn(run.run());
+        Ok(execution)
+    }
+
+    fn base_env(&self, job: &Job, id: &JobId, workspace: &Path) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        for name in &self.config.env_allowlist {
+            if let Ok(value) = std::env::var(name) {
+                env.push((name.clone(), value));
+            }
+        }
+        env.push(("CI".into(), "true".into()));
+        env.push(("RUSTCI".into(), "true".into()));
+        env.push(("RUSTCI_JOB_ID".into(), id.to_string()));
+        env.push(("RUSTCI_JOB_NAME".into(), job.name.clone()));
+        env.push(("RUSTCI_RUNNER".into(), self.info.name.clone()));
+        env.push(("RUSTCI_WORKSPACE".into(), workspace.display().to_string()));
+        env
+    }
+}
+
+fn needs_cgroup(r: &Resources) -> bool {
+    r.memory.is_some() || r.pids.is_some() || r.cpus.is_some()
+}
+
+/// The job's limits, tightened by the runner's defaults.
+fn effective_resources(job: &Resources, native: Option<&NativePlan>) -> Resources {
+    let Some(native) = native else {
+        return job.clone();
+    };
+    let d = &native.defaults;
+    fn min<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b < a { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+    Resources {
+        cpus: min(job.cpus, d.cpus),
+        memory: min(job.memory, d.memory),
+        pids: min(job.pids, d.pids),
+        cpu_time: min(job.cpu_time, d.cpu_time),
+        open_files: min(job.open_files, d.open_files),
+        file_size: min(job.file_size, d.file_size),
+    }
+}
+
+/// Limits enforced by rlimits on every host.
+pub(crate) const RLIMIT_LIMITS: [Limit; 3] = [Limit::CpuTime, Limit::OpenFiles, Limit::FileSize];
+
+fn rlimits(r: &Resources) -> Vec<Rlimit> {
+    let mut out = Vec::new();
+    if let Some(t) = r.cpu_time {
+        out.push(Rlimit {
+            resource: libc::RLIMIT_CPU,
+            value: t.as_secs().max(1) + u64::from(t.subsec_nanos() > 0 && t.as_secs() > 0),
+        });
+    }
+    if let Some(n) = r.open_files {
+        out.push(Rlimit {
+            resource: libc::RLIMIT_NOFILE,
+            value: n,
+        });
+    }
+    if let Some(n) = r.file_size {
+        out.push(Rlimit {
+            resource: libc::RLIMIT_FSIZE,
+            value: n,
+        });
+    }
+    out
+}
+
+struct JobRun {
+    job: Job,
+    sink: ExecutionSink,
+    info: RunnerInfo,
+    shell: Vec<String>,
+    grace: Duration,
+    cwd: PathBuf,
+    job_dir: Option<tempfile::TempDir>,
+    keep: bool,
+    cgroup: Option<JobCgroup>,
+    native: NativePlan,
+    resources: Resources,
+    secrets: SecretSet,
+    budget: OutputBudget,
+    env: Vec<(String, String)>,
+    slot: Option<Slot>,
+}
+
+impl JobRun {
+    async fn run(mut self) {
+        let span = tracing::info_span!("job", job_id = %self.sink.job_id(), job = %self.job.name, runner = %self.info.name);
+        tracing::debug!(parent: &span, steps = self.job.steps.len(), "job started");
+        self.sink
+            .emit(EventKind::Started {
+                job_id: self.sink.job_id().to_string(),
+                runner_id: self.info.id.clone(),
+                runner_kind: self.info.kind,
+            })
+            .await;
+        let outcome = self.steps().await;
+        tracing::info!(parent: &span, %outcome, "job ended");
+        self.cleanup();
+        self.sink.finish(outcome).await;
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(mut cg) = self.cgroup.take() {
+            cg.remove();
+        }
+        if let Some(dir) = self.job_dir.take()
+            && self.keep
+        {
+            let _ = dir.keep();
+        }
+        self.slot.take();
+    }
+
+    async fn steps(&mut self) -> Outcome {
+        let started = Instant::now();
+        let job_deadline = started + self.job.effective_timeout();
+        let steps = self.job.steps.clone();
+        for (index, step) in steps.iter().enumerate() {
+            if self.sink.is_cancelled() {
+                return Outcome::Cancelled;
+            }
+            let name = step.display_name(index);
+            if Instant::now() >= job_deadline {
+                return Outcome::TimedOut { step: Some(index) };
+            }
+            self.sink
+                .emit(EventKind::StepStarted {
+                    step: index,
+                    name: name.clone(),
+                })
+                .await;
+            let step_started = Instant::now();
+            let deadline = match step.timeout {
+                Some(t) => job_deadline.min(step_started + t),
+                None => job_deadline,
+            };
+            let (program, args) = match &step.action {
+                StepAction::Run(script) => {
+                    let file = self
+                        .job_dir
+                        .as_ref()
+                        .map(|d| d.path().join(format!("step-{index}.sh")))
+                        .unwrap_or_default();
+                    if let Err(e) = write_script(&file, script, self.native.credentials) {
+                        return self.step_error(index, &name, step_started,
+                            format!("cannot write the script of step {name:?} to {}: {e}", file.display())).await;
+                    }
+                    let mut args: Vec<OsString> =
+                        self.shell[1..].iter().map(OsString::from).collect();
+                    args.push(file.into_os_string());
+                    (OsString::from(&self.shell[0]), args)
+                }
+                StepAction::Command(argv) => (
+                    OsString::from(&argv[0]),
+                    argv[1..].iter().map(OsString::from).collect(),
+                ),
+            };
+            let mut env = self.env.clone();
+            env.extend(self.job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            env.extend(self.job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let cgroup_procs = self
+                .cgroup
+                .as_ref()
+                .map(JobCgroup::procs_files)
+                .unwrap_or_default();
+            let plan = ShimPlan {
+                status_fd: -1,
+                cgroup_procs: cgroup_procs
+                    .iter()
+                    .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+                    .collect(),
+                unshare_flags: self.native.unshare_flags,
+                mount_proc: self.native.mount_proc,
+                hostname: self
+                    .native
+                    .hostname
+                    .as_ref()
+                    .and_then(|h| std::ffi::CString::new(h.as_str()).ok()),
+                rlimits: rlimits(&self.resources),
+                credentials: self.native.credentials,
+            };
+            let spec = ProcessSpec {
+                program: program.clone(),
+                args,
+                env,
+                cwd: self.cwd.clone(),
+                plan,
+                cgroup_procs,
+            };
+            let supervision = Supervision {
+                sink: &self.sink,
+                step: index,
+                secrets: &self.secrets,
+                output: &self.budget,
+                grace: self.grace,
+                deadline,
+            };
+            let end = process::supervise(spec, supervision).await;
+            let elapsed = step_started.elapsed();
+            let finish = |status| EventKind::StepFinished {
+                step: index,
+                name: name.clone(),
+                status,
+                duration: elapsed,
+            };
+            match end {
+                Err(e) => {
+                    let program = program.to_string_lossy().into_owned();
+                    let message = match e.kind() {
+                        std::io::ErrorKind::NotFound => format!("command not found: {program}"),
+                        std::io::ErrorKind::PermissionDenied => {
+                            format!("permission denied: {program}")
+                        }
+                        _ => format!("cannot start {program}: {e}"),
+                    };
+                    let message = self.secrets.mask_str(&message);
+                    if matches!(step.action, StepAction::Run(_)) {
+                        // The shell itself could not run: the runner's problem, not the job's.
+                        return self.step_error(index, &name, step_started, message).await;
+                    }
+                    self.sink
+                        .emit(EventKind::Output {
+                            step: index,
+                            stream: OutputStream::Stderr,
+                            data: format!("rustci: {message}\n").into(),
+                        })
+                        .await;
+                    self.sink.emit(finish(StepStatus::NotStarted)).await;
+                    let exit_code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+                    if !step.continue_on_error {
+                        return Outcome::Failed {
+                            step: index,
+                            step_name: name,
+                            exit_code,
+                        };
+                    }
+                }
+                Ok(ProcessEnd::Exited(0)) => self.sink.emit(finish(StepStatus::Exited(0))).await,
+                Ok(ProcessEnd::Exited(code)) => {
+                    self.sink.emit(finish(StepStatus::Exited(code))).await;
+                    if !step.continue_on_error {
+                        return Outcome::Failed {
+                            step: index,
+                            step_name: name,
+                            exit_code: code,
+                        };
+                    }
+                }
+                Ok(ProcessEnd::Signalled(signal)) => {
+                    self.sink.emit(finish(StepStatus::Signalled(signal))).await;
+                    let oom_killed = self.cgroup.as_ref().is_some_and(JobCgroup::oom_killed);
+                    if !step.continue_on_error {
+                        return Outcome::Signalled {
+                            step: index,
+                            step_name: name,
+                            signal,
+                            oom_killed,
+                        };
+                    }
+                }
+                Ok(ProcessEnd::TimedOut) => {
+                    self.sink.emit(finish(StepStatus::TimedOut)).await;
+                    return Outcome::TimedOut { step: Some(index) };
+                }
+                Ok(ProcessEnd::Cancelled) => {
+                    self.sink.emit(finish(StepStatus::Cancelled)).await;
+                    return Outcome::Cancelled;
+                }
+            }
+        }
+        Outcome::Succeeded
+    }
+
+    async fn step_error(&self, index: usize, name: &str, started: Instant, message: String) -> Outcome {
+        self.sink
+            .emit(EventKind::StepFinished {
+                step: index,
+                name: name.to_string(),
+                status: StepStatus::NotStarted,
+                duration: started.elapsed(),
+            })
+            .await;
+        Outcome::RunnerError { message }
+    }
+}
+
+fn write_script(path: &Path, script: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    std::fs::write(path, script)?;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::chown(path, Some(uid.into()), Some(gid.into()))?;
+    }
+    Ok(())
+}
+
+/// Labels every host runner carries: operating system and architecture.
+pub(crate) fn host_labels(extra: &[String]) -> BTreeSet<String> {
+    let mut labels: BTreeSet<String> = extra.iter().cloned().collect();
+    labels.insert(std::env::consts::OS.to_string());
+    labels.insert(std::env::consts::ARCH.to_string());
+    labels
+}

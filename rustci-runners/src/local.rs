@@ -1,0 +1,67 @@
+//! [`LocalRunner`]: `run:` steps through a shell on the host.
+//!
+//! Each job gets a fresh workspace under the configured root (removed afterwards unless
+//! configured to keep it), a clean environment (only allowlisted host variables plus the
+//! job's own), its own session and process group, and masked output. `command:` steps are
+//! not supported: use [`crate::NativeRunner`] for those.
+
+use async_trait::async_trait;
+
+use crate::host::{HostConfig, HostEngine, check_config, host_labels};
+use crate::job::JobSpec;
+use crate::runner::{Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind};
+use crate::Error;
+
+/// Runs `run:` steps through a shell on the host.
+///
+/// ```no_run
+/// use rustci_runners::{HostConfig, Job, LocalRunner, RunnerExt, Step};
+/// # async fn demo() -> Result<(), rustci_runners::Error> {
+/// let runner = LocalRunner::new(HostConfig::named("local"))?;
+/// let run = runner.run_collect(&Job::new("hello", vec![Step::run("echo hi")])).await?;
+/// assert_eq!(run.stdout, b"hi\n");
+/// # Ok(()) }
+/// ```
+pub struct LocalRunner {
+    engine: HostEngine,
+}
+
+impl LocalRunner {
+    /// A local runner. Fails with [`Error::InvalidConfig`] when the shell is missing or the
+    /// workspace root cannot be written.
+    pub fn new(config: HostConfig) -> Result<Self, Error> {
+        check_config(&config)?;
+        let mut info = RunnerInfo::new(config.name.clone(), RunnerKind::Local);
+        info.labels = host_labels(&config.labels);
+        let mut caps = Capabilities::host(Isolation::Process);
+        caps.max_concurrency = config.max_concurrency;
+        caps.termination_grace = config.termination_grace;
+        Ok(LocalRunner {
+            engine: HostEngine::new(info, caps, config, None),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &HostConfig {
+        &self.engine.config
+    }
+}
+
+#[async_trait]
+impl Runner for LocalRunner {
+    fn info(&self) -> &RunnerInfo {
+        &self.engine.info
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.engine.caps
+    }
+    fn running(&self) -> usize {
+        self.engine.running()
+    }
+    async fn health(&self) -> Health {
+        self.engine.health()
+    }
+    async fn start(&self, job: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+        self.engine.start(job, id).await
+    }
+}

@@ -1,0 +1,77 @@
+//! Finding and signalling every process of a job: the main process group, plus all
+//! descendants of the job's shim (which catches processes that left the group or the
+//! session, since the shim is their subreaper), plus every member of the job's cgroups.
+
+use std::collections::HashMap;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// Process ids of all descendants of `root` (not `root` itself), from `/proc`.
+pub(crate) fn descendants(root: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may contain spaces and parentheses: parse after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let _state = fields.next();
+        if let Some(ppid) = fields.next().and_then(|p| p.parse::<i32>().ok()) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        if let Some(kids) = children.get(&pid) {
+            for &kid in kids {
+                out.push(kid);
+                stack.push(kid);
+            }
+        }
+    }
+    out
+}
+
+/// Sends `signal` to the main process group, every descendant of the shim and every
+/// process in `cgroup_procs` files. Returns how many processes outside the main group were
+/// signalled.
+pub(crate) fn signal_job(
+    shim: i32,
+    main_group: Option<i32>,
+    cgroup_procs: &[std::path::PathBuf],
+    signal: Signal,
+) -> usize {
+    if let Some(group) = main_group {
+        let _ = killpg(Pid::from_raw(group), signal);
+    }
+    let mut count = 0;
+    for pid in descendants(shim) {
+        let _ = kill(Pid::from_raw(pid), signal);
+        count += 1;
+    }
+    for file in cgroup_procs {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                if pid != shim {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+            }
+        }
+    }
+    count
+}

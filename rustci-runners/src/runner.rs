@@ -1,0 +1,839 @@
+//! The [`Runner`] trait and what flows through it: declared [`Capabilities`], [`Health`],
+//! the [`Execution`] handle with its ordered [`Event`] stream, and the [`Outcome`] value.
+//!
+//! Lifecycle of one execution:
+//!
+//! ```text
+//!  start() ──► Started ──► StepStarted ─► Output* ─► StepFinished ─┐ (per step)
+//!                 │                                                │
+//!                 │  cancel() / timeout: SIGTERM ─ grace ─ SIGKILL │
+//!                 ▼                                                ▼
+//!              Finished(Outcome)  ◄───────────────────────────────┘
+//!                 │
+//!              wait() returns the same Outcome
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::job::JobSpec;
+
+/// The kinds of runner the product knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RunnerKind {
+    /// Shell steps on the host.
+    Local,
+    /// Direct exec on the host with enforced limits.
+    Native,
+    /// One container per job on a Docker engine.
+    Docker,
+    /// One Pod per job on a Kubernetes cluster.
+    Kubernetes,
+    /// A remote agent over the Valkyrie protocol.
+    Valkyrie,
+}
+
+impl RunnerKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [RunnerKind; 5] = [
+        RunnerKind::Local,
+        RunnerKind::Native,
+        RunnerKind::Docker,
+        RunnerKind::Kubernetes,
+        RunnerKind::Valkyrie,
+    ];
+
+    /// The lowercase name used in job files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunnerKind::Local => "local",
+            RunnerKind::Native => "native",
+            RunnerKind::Docker => "docker",
+            RunnerKind::Kubernetes => "kubernetes",
+            RunnerKind::Valkyrie => "valkyrie",
+        }
+    }
+}
+
+impl fmt::Display for RunnerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunnerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RunnerKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown runner kind {s:?} (expected local, native, docker, kubernetes or valkyrie)"
+                )
+            })
+    }
+}
+
+/// Who a runner is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RunnerInfo {
+    /// Unique id.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Kind of runner.
+    pub kind: RunnerKind,
+    /// Labels that jobs can ask for in `runs_on.labels`.
+    pub labels: BTreeSet<String>,
+}
+
+impl RunnerInfo {
+    /// A runner identity with a fresh id and the given name and kind.
+    pub fn new(name: impl Into<String>, kind: RunnerKind) -> Self {
+        RunnerInfo {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.into(),
+            kind,
+            labels: BTreeSet::new(),
+        }
+    }
+
+    /// Adds labels (builder style).
+    pub fn with_labels<I, S>(mut self, labels: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.labels.extend(labels.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// How strongly a job is separated from the host and other jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Isolation {
+    /// Host processes with a clean environment and a private workspace.
+    Process,
+    /// Host processes in their own Linux namespaces.
+    Namespaces,
+    /// A container.
+    Container,
+    /// A pod on a cluster node.
+    Pod,
+    /// Another machine.
+    Remote,
+}
+
+/// A limit from [`crate::job::Resources`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Limit {
+    /// `resources.cpus`.
+    Cpus,
+    /// `resources.memory`.
+    Memory,
+    /// `resources.pids`.
+    Pids,
+    /// `resources.cpu_time`.
+    CpuTime,
+    /// `resources.open_files`.
+    OpenFiles,
+    /// `resources.file_size`.
+    FileSize,
+}
+
+impl Limit {
+    /// The field name under `resources`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Cpus => "cpus",
+            Limit::Memory => "memory",
+            Limit::Pids => "pids",
+            Limit::CpuTime => "cpu_time",
+            Limit::OpenFiles => "open_files",
+            Limit::FileSize => "file_size",
+        }
+    }
+
+    /// The limits a job's resources ask for.
+    pub fn requested_by(r: &crate::job::Resources) -> BTreeSet<Limit> {
+        let mut set = BTreeSet::new();
+        if r.cpus.is_some() {
+            set.insert(Limit::Cpus);
+        }
+        if r.memory.is_some() {
+            set.insert(Limit::Memory);
+        }
+        if r.pids.is_some() {
+            set.insert(Limit::Pids);
+        }
+        if r.cpu_time.is_some() {
+            set.insert(Limit::CpuTime);
+        }
+        if r.open_files.is_some() {
+            set.insert(Limit::OpenFiles);
+        }
+        if r.file_size.is_some() {
+            set.insert(Limit::FileSize);
+        }
+        set
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a runner can do, declared truthfully: a capability is listed only when the runner
+/// really provides it on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Runs `run:` (shell script) steps.
+    pub run_steps: bool,
+    /// Runs `command:` (argv) steps.
+    pub command_steps: bool,
+    /// Honours a job's `image`.
+    pub images: bool,
+    /// Isolation level of a job.
+    pub isolation: Isolation,
+    /// Limits this runner enforces; a job asking for any other limit is refused.
+    pub limits: BTreeSet<Limit>,
+    /// Most jobs at once; `None` for no fixed bound.
+    pub max_concurrency: Option<usize>,
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    pub termination_grace: Duration,
+    /// Operating system and architecture of the job environment, e.g. `linux/x86_64`.
+    pub platform: String,
+    /// Number of GPUs a job can use.
+    pub gpus: u32,
+}
+
+impl Capabilities {
+    /// Capabilities of a host runner on this machine with nothing enforced.
+    pub fn host(isolation: Isolation) -> Self {
+        Capabilities {
+            run_steps: true,
+            command_steps: false,
+            images: false,
+            isolation,
+            limits: BTreeSet::new(),
+            max_concurrency: None,
+            termination_grace: Duration::from_secs(10),
+            platform: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+            gpus: 0,
+        }
+    }
+
+    /// Every reason this runner cannot take `job`, in words; empty when it can.
+    pub fn unmet(&self, job: &dyn JobSpec) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let steps = job.steps();
+        if !self.run_steps
+            && steps
+                .iter()
+                .any(|s| matches!(s.action, crate::job::StepAction::Run(_)))
+        {
+            reasons.push("cannot run `run:` steps".to_string());
+        }
+        if !self.command_steps
+            && steps
+                .iter()
+                .any(|s| matches!(s.action, crate::job::StepAction::Command(_)))
+        {
+            reasons.push("cannot run `command:` steps".to_string());
+        }
+        let missing: Vec<&str> = Limit::requested_by(&job.resources())
+            .difference(&self.limits)
+            .map(|l| l.as_str())
+            .collect();
+        if !missing.is_empty() {
+            reasons.push(format!(
+                "cannot enforce resources.{} on this host",
+                missing.join(", resources.")
+            ));
+        }
+        reasons
+    }
+}
+
+/// A runner's own view of its health.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Health {
+    /// Ready for jobs.
+    Healthy,
+    /// Works, with a problem worth knowing.
+    Degraded(String),
+    /// Cannot run jobs now.
+    Unhealthy(String),
+}
+
+impl Health {
+    /// True unless unhealthy.
+    pub fn is_usable(&self) -> bool {
+        !matches!(self, Health::Unhealthy(_))
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Health::Healthy => f.write_str("healthy"),
+            Health::Degraded(r) => write!(f, "degraded: {r}"),
+            Health::Unhealthy(r) => write!(f, "unhealthy: {r}"),
+        }
+    }
+}
+
+/// Which output stream a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// How one step's process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StepStatus {
+    /// Exited with this code.
+    Exited(i32),
+    /// Killed by this signal.
+    Signalled(i32),
+    /// Stopped because a timeout (the step's or the job's) expired.
+    TimedOut,
+    /// Stopped by cancel.
+    Cancelled,
+    /// Could not be started (for example a missing program); see the preceding stderr text.
+    NotStarted,
+}
+
+/// What happened, in order. Every event has a sequence number (starting at 0, no gaps) and
+/// a timestamp.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in this execution's stream.
+    pub seq: u64,
+    /// When it was emitted.
+    #[serde(with = "system_time_millis")]
+    pub at: SystemTime,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// The kinds of [`Event`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The job was accepted by a runner.
+    Started {
+        /// Job id.
+        job_id: String,
+        /// Runner id.
+        runner_id: String,
+        /// Runner kind.
+        runner_kind: RunnerKind,
+    },
+    /// A step began.
+    StepStarted {
+        /// 0-based step index.
+        step: usize,
+        /// Step name.
+        name: String,
+    },
+    /// Output bytes, secrets already masked. Bytes are kept exactly (not forced to UTF-8).
+    Output {
+        /// 0-based step index.
+        step: usize,
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        #[serde(with = "bytes_lossy")]
+        data: Bytes,
+    },
+    /// Output past the runner's limit was dropped from here on.
+    OutputTruncated {
+        /// 0-based step index.
+        step: usize,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// Processes of the step were still alive when its main process exited; they were killed.
+    LeftoverProcesses {
+        /// 0-based step index.
+        step: usize,
+        /// How many processes were killed.
+        count: usize,
+    },
+    /// A step ended.
+    StepFinished {
+        /// 0-based step index.
+        step: usize,
+        /// Step name.
+        name: String,
+        /// How it ended.
+        status: StepStatus,
+        /// Run time.
+        #[serde(with = "duration_millis")]
+        duration: Duration,
+    },
+    /// The job ended; always the last event.
+    Finished {
+        /// The result, the same value that `wait` returns.
+        outcome: Outcome,
+    },
+}
+
+/// The result of a job. A failed job is an outcome, not an error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Every step succeeded (or failed with `continue_on_error`).
+    Succeeded,
+    /// A step exited with a non-zero code.
+    Failed {
+        /// 0-based step index.
+        step: usize,
+        /// Step name.
+        step_name: String,
+        /// Exit code, 1-255.
+        exit_code: i32,
+    },
+    /// A step was killed by a signal it did not ask for.
+    Signalled {
+        /// 0-based step index.
+        step: usize,
+        /// Step name.
+        step_name: String,
+        /// Signal number.
+        signal: i32,
+        /// True when the kernel's out-of-memory killer did it.
+        oom_killed: bool,
+    },
+    /// The job's or a step's timeout expired.
+    TimedOut {
+        /// The step that was running.
+        step: Option<usize>,
+    },
+    /// Cancelled on request.
+    Cancelled,
+    /// The runner went away while the job ran.
+    Lost,
+    /// The runner could not do its work.
+    RunnerError {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// True only for [`Outcome::Succeeded`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Succeeded)
+    }
+
+    /// The process exit code a command-line tool should use for this outcome: 0, the step's
+    /// code, 128 + signal, 124 for a timeout, 130 when cancelled, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Succeeded => 0,
+            Outcome::Failed { exit_code, .. } => *exit_code,
+            Outcome::Signalled { signal, .. } => 128 + signal,
+            Outcome::TimedOut { .. } => 124,
+            Outcome::Cancelled => 130,
+            Outcome::Lost | Outcome::RunnerError { .. } => 1,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Succeeded => f.write_str("succeeded"),
+            Outcome::Failed {
+                step_name,
+                exit_code,
+                ..
+            } => write!(f, "failed: step {step_name:?} exited with code {exit_code}"),
+            Outcome::Signalled {
+                step_name,
+                signal,
+                oom_killed,
+                ..
+            } => {
+                write!(f, "failed: step {step_name:?} was killed by signal {signal}")?;
+                if *oom_killed {
+                    f.write_str(" (out of memory)")?;
+                }
+                Ok(())
+            }
+            Outcome::TimedOut { .. } => f.write_str("timed out"),
+            Outcome::Cancelled => f.write_str("cancelled"),
+            Outcome::Lost => f.write_str("lost: the runner went away"),
+            Outcome::RunnerError { message } => write!(f, "runner error: {message}"),
+        }
+    }
+}
+
+/// Identifier of one execution of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// A fresh random id.
+    pub fn new() -> Self {
+        JobId(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        JobId::new()
+    }
+}
+
+impl From<String> for JobId {
+    fn from(s: String) -> Self {
+        JobId(s)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An executor of jobs. Object safe: use it as `Arc<dyn Runner>`.
+///
+/// Contract:
+/// - [`Runner::start`] MUST validate the job and check it against the runner's
+///   [`Capabilities`] before creating anything; a job it cannot run is an `Err`
+///   ([`Error::InvalidSpec`] or [`Error::Unsupported`]) and leaves nothing behind.
+/// - Once `start` returns `Ok`, every way the job ends (including the runner failing
+///   mid-job) is reported as an [`Outcome`], never as an `Err`; a non-zero exit is
+///   [`Outcome::Failed`].
+/// - The events of one execution are totally ordered and end with exactly one
+///   [`EventKind::Finished`] carrying the same outcome that [`Execution::wait`] returns.
+/// - When the execution ends, nothing the job started is left running and its workspace
+///   is gone unless the runner is configured to keep it.
+/// - Dropping an [`Execution`] without waiting does not stop the job; call
+///   [`Execution::cancel`] for that.
+#[async_trait]
+pub trait Runner: Send + Sync {
+    /// Who this runner is.
+    fn info(&self) -> &RunnerInfo;
+    /// What it can do, truthfully.
+    fn capabilities(&self) -> &Capabilities;
+    /// Jobs it is running now.
+    fn running(&self) -> usize;
+    /// Checks whether it can run jobs now. SHOULD answer within a few seconds.
+    async fn health(&self) -> Health;
+    /// Starts `job` under execution id `id` and returns its handle.
+    async fn start(&self, job: &dyn JobSpec, id: JobId) -> Result<Execution, Error>;
+}
+
+/// A running (or finished) job: its ordered events, cancel, and wait.
+///
+/// Events are buffered in a bounded channel: a caller that keeps the execution MUST read
+/// its events (or call [`Execution::wait`], which discards them), or the job's output
+/// will back up into the job.
+pub struct Execution {
+    id: JobId,
+    events: mpsc::Receiver<Event>,
+    cancel: CancellationToken,
+    done: oneshot::Receiver<Outcome>,
+}
+
+impl fmt::Debug for Execution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Execution").field("id", &self.id).finish()
+    }
+}
+
+impl Execution {
+    /// Creates a connected execution handle and the sink a runner drives it with.
+    /// `buffer` is the number of events that may wait unread.
+    pub fn channel(id: JobId, buffer: usize) -> (Execution, ExecutionSink) {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        let cancel = CancellationToken::new();
+        let sink = ExecutionSink {
+            inner: Arc::new(SinkInner {
+                job_id: id.clone(),
+                seq: tokio::sync::Mutex::new(0),
+                tx,
+                done: std::sync::Mutex::new(Some(done_tx)),
+            }),
+            cancel: cancel.clone(),
+        };
+        let execution = Execution {
+            id,
+            events: rx,
+            cancel,
+            done: done_rx,
+        };
+        (execution, sink)
+    }
+
+    /// The execution id.
+    pub fn id(&self) -> &JobId {
+        &self.id
+    }
+
+    /// The next event, or `None` after [`EventKind::Finished`] has been delivered.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Asks the runner to stop the job: SIGTERM (or the runner's equivalent), then after
+    /// the grace period SIGKILL. The outcome becomes [`Outcome::Cancelled`] unless the job
+    /// had already finished. Idempotent.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A handle that cancels this execution from elsewhere.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.cancel.clone())
+    }
+
+    /// Waits for the outcome, discarding events not yet read.
+    pub async fn wait(self) -> Outcome {
+        let Execution {
+            mut events, done, ..
+        } = self;
+        events.close();
+        // Drain what is already queued so that the runner is never blocked on a full channel.
+        while events.try_recv().is_ok() {}
+        drop(events);
+        done.await.unwrap_or(Outcome::Lost)
+    }
+}
+
+/// Cancels an execution; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Canceller(CancellationToken);
+
+impl Canceller {
+    /// See [`Execution::cancel`].
+    pub fn cancel(&self) {
+        self.0.cancel();
+    }
+}
+
+struct SinkInner {
+    job_id: JobId,
+    seq: tokio::sync::Mutex<u64>,
+    tx: mpsc::Sender<Event>,
+    done: std::sync::Mutex<Option<oneshot::Sender<Outcome>>>,
+}
+
+/// The runner side of an [`Execution`]: emits events with sequence numbers and timestamps,
+/// observes cancellation and delivers the outcome. Clones share one sequence.
+#[derive(Clone)]
+pub struct ExecutionSink {
+    inner: Arc<SinkInner>,
+    cancel: CancellationToken,
+}
+
+impl ExecutionSink {
+    /// The execution id.
+    pub fn job_id(&self) -> &JobId {
+        &self.inner.job_id
+    }
+
+    /// Emits an event; waits while the channel is full. Returns quietly when nobody is
+    /// listening any more. Concurrent calls are serialised, so sequence numbers always
+    /// arrive in order.
+    pub async fn emit(&self, kind: EventKind) {
+        let mut seq = self.inner.seq.lock().await;
+        let event = Event {
+            seq: *seq,
+            at: SystemTime::now(),
+            kind,
+        };
+        *seq += 1;
+        let _ = self.inner.tx.send(event).await;
+    }
+
+    /// True while someone may still read events.
+    pub fn has_listener(&self) -> bool {
+        !self.inner.tx.is_closed()
+    }
+
+    /// Completes when cancel was requested.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// True when cancel was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Emits [`EventKind::Finished`] and delivers the outcome to `wait`. Only the first
+    /// call has an effect.
+    pub async fn finish(&self, outcome: Outcome) {
+        let sender = self.inner.done.lock().expect("sink lock").take();
+        if let Some(sender) = sender {
+            self.emit(EventKind::Finished {
+                outcome: outcome.clone(),
+            })
+            .await;
+            let _ = sender.send(outcome);
+        }
+    }
+}
+
+/// Conveniences over any [`Runner`]; implemented for every runner.
+#[async_trait]
+pub trait RunnerExt: Runner {
+    /// Runs `job` to completion and returns its outcome, discarding output.
+    async fn run_to_completion(&self, job: &dyn JobSpec) -> Result<Outcome, Error> {
+        Ok(self.start(job, JobId::new()).await?.wait().await)
+    }
+
+    /// Runs `job` to completion and collects its output per stream.
+    async fn run_collect(&self, job: &dyn JobSpec) -> Result<CollectedRun, Error> {
+        let mut execution = self.start(job, JobId::new()).await?;
+        let mut run = CollectedRun {
+            id: execution.id().clone(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            events: Vec::new(),
+            outcome: Outcome::Lost,
+        };
+        while let Some(event) = execution.next_event().await {
+            match &event.kind {
+                EventKind::Output { stream, data, .. } => match stream {
+                    OutputStream::Stdout => run.stdout.extend_from_slice(data),
+                    OutputStream::Stderr => run.stderr.extend_from_slice(data),
+                },
+                EventKind::Finished { outcome } => run.outcome = outcome.clone(),
+                _ => {}
+            }
+            run.events.push(event);
+        }
+        Ok(run)
+    }
+}
+
+impl<R: Runner + ?Sized> RunnerExt for R {}
+
+/// Everything a run produced, from [`RunnerExt::run_collect`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CollectedRun {
+    /// Execution id.
+    pub id: JobId,
+    /// All stdout bytes.
+    pub stdout: Vec<u8>,
+    /// All stderr bytes.
+    pub stderr: Vec<u8>,
+    /// Every event, output included.
+    pub events: Vec<Event>,
+    /// The outcome.
+    pub outcome: Outcome,
+}
+
+mod system_time_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let ms = t
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        s.serialize_u64(ms as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        Ok(UNIX_EPOCH + Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+mod duration_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Output bytes in JSON: a UTF-8 string when the bytes are valid UTF-8, otherwise an object
+/// with the bytes in base-16, so nothing is lost.
+mod bytes_lossy {
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Hex { hex: String },
+    }
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(b) {
+            Ok(text) => Repr::Text(text.to_string()).serialize(s),
+            Err(_) => Repr::Hex {
+                hex: b.iter().map(|x| format!("{x:02x}")).collect(),
+            }
+            .serialize(s),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Text(t) => Ok(Bytes::from(t)),
+            Repr::Hex { hex } => {
+                if hex.len() % 2 != 0 {
+                    return Err(serde::de::Error::custom("odd hex length"));
+                }
+                (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map(Bytes::from)
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Runner selection: the [`Selector`] trait and a first implementation, [`LeastLoaded`].
+//!
+//! Selection is pure and synchronous: it sees a job and snapshots of candidate runners,
+//! does no I/O, and either picks one runner or explains, with counts, why none fits
+//! ("2 runners lack label gpu; 1 is unhealthy").
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::job::JobSpec;
+use crate::runner::{Capabilities, Health, RunnerInfo};
+
+/// What a selector knows about one runner at one moment.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RunnerSnapshot {
+    /// Identity, kind and labels.
+    pub info: RunnerInfo,
+    /// Declared capabilities.
+    pub capabilities: Capabilities,
+    /// Last known health.
+    pub health: Health,
+    /// Jobs running on it.
+    pub running: usize,
+}
+
+impl RunnerSnapshot {
+    /// A snapshot from its parts.
+    pub fn new(info: RunnerInfo, capabilities: Capabilities, health: Health, running: usize) -> Self {
+        RunnerSnapshot {
+            info,
+            capabilities,
+            health,
+            running,
+        }
+    }
+
+    /// Free slots, `None` when unbounded.
+    pub fn free_slots(&self) -> Option<usize> {
+        self.capabilities
+            .max_concurrency
+            .map(|max| max.saturating_sub(self.running))
+    }
+}
+
+/// Why no runner fits: each distinct reason with the number of runners it applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoRunnerFits {
+    /// Reason → how many runners it excluded. A runner counts once, under its first reason.
+    pub reasons: BTreeMap<String, usize>,
+    /// How many runners were considered.
+    pub candidates: usize,
+}
+
+impl fmt::Display for NoRunnerFits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.candidates == 0 {
+            return f.write_str("no runner is registered");
+        }
+        let parts: Vec<String> = self
+            .reasons
+            .iter()
+            .map(|(reason, n)| {
+                let noun = if *n == 1 { "runner" } else { "runners" };
+                format!("{n} {noun}: {reason}")
+            })
+            .collect();
+        write!(f, "no runner fits ({})", parts.join("; "))
+    }
+}
+
+impl std::error::Error for NoRunnerFits {}
+
+/// Picks the runner for a job.
+///
+/// Implementations MUST be pure: no I/O, no blocking, the same answer for the same input.
+pub trait Selector: Send + Sync {
+    /// Returns the index into `runners` of the chosen runner, or why none fits.
+    fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits>;
+}
+
+/// The first reason `runner` cannot take `job`, in words.
+pub fn rejection(job: &dyn JobSpec, runner: &RunnerSnapshot) -> Option<String> {
+    let runs_on = job.runs_on();
+    if let Some(kind) = runs_on.kind
+        && kind != runner.info.kind
+    {
+        return Some(format!("is not of kind {kind}"));
+    }
+    let missing: Vec<&str> = runs_on
+        .labels
+        .iter()
+        .filter(|l| !runner.info.labels.contains(*l))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!("lacks label {}", missing.join(", ")));
+    }
+    if job.image().is_some() && !runner.capabilities.images && runs_on.kind.is_none() {
+        return Some("cannot run images".to_string());
+    }
+    if let Some(reason) = runner.capabilities.unmet(job).into_iter().next() {
+        return Some(reason);
+    }
+    if let Health::Unhealthy(_) = runner.health {
+        return Some("is unhealthy".to_string());
+    }
+    if runner.free_slots() == Some(0) {
+        return Some("is full".to_string());
+    }
+    None
+}
+
+/// Filters by kind, labels, step kinds, limits, health and free slots, then prefers the
+/// runner with the lowest load (running jobs relative to its capacity); ties go to the
+/// earlier runner in the list.
+///
+/// A job with an `image` and no explicit `runs_on.kind` goes only to runners that run images.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LeastLoaded;
+
+impl Selector for LeastLoaded {
+    fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits> {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut best: Option<(usize, f64)> = None;
+        for (i, runner) in runners.iter().enumerate() {
+            if let Some(reason) = rejection(job, runner) {
+                *reasons.entry(reason).or_default() += 1;
+                continue;
+            }
+            let load = match runner.capabilities.max_concurrency {
+                Some(max) if max > 0 => runner.running as f64 / max as f64,
+                _ => runner.running as f64 / 1e6,
+            };
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((i, load));
+            }
+        }
+        best.map(|(i, _)| i).ok_or(NoRunnerFits {
+            reasons,
+            candidates: runners.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Job, Resources, Step};
+    use crate::runner::{Isolation, Limit, RunnerKind};
+
+    fn snap(name: &str, kind: RunnerKind, labels: &[&str], running: usize, max: Option<usize>) -> RunnerSnapshot {
+        let mut caps = Capabilities::host(Isolation::Process);
+        caps.command_steps = true;
+        caps.max_concurrency = max;
+        RunnerSnapshot::new(
+            RunnerInfo::new(name, kind).with_labels(labels.iter().copied()),
+            caps,
+            Health::Healthy,
+            running,
+        )
+    }
+
+    #[test]
+    fn picks_least_loaded_matching_runner() {
+        let mut job = Job::new("j", vec![Step::run("true")]);
+        job.runs_on.labels = vec!["linux".into()];
+        let runners = vec![
+            snap("a", RunnerKind::Local, &["linux"], 3, Some(4)),
+            snap("b", RunnerKind::Local, &[], 0, Some(4)),
+            snap("c", RunnerKind::Native, &["linux"], 1, Some(4)),
+        ];
+        assert_eq!(LeastLoaded.select(&job, &runners), Ok(2));
+    }
+
+    #[test]
+    fn explains_why_nothing_fits() {
+        let mut job = Job::new("j", vec![Step::run("true")]);
+        job.runs_on.labels = vec!["gpu".into()];
+        job.resources = Resources {
+            memory: Some(1 << 20),
+            ..Resources::default()
+        };
+        let mut unhealthy = snap("u", RunnerKind::Local, &["gpu"], 0, None);
+        unhealthy.health = Health::Unhealthy("disk full".into());
+        unhealthy.capabilities.limits.insert(Limit::Memory);
+        let mut full = snap("f", RunnerKind::Local, &["gpu"], 2, Some(2));
+        full.capabilities.limits.insert(Limit::Memory);
+        let runners = vec![
+            snap("a", RunnerKind::Local, &[], 0, None),
+            snap("b", RunnerKind::Local, &["linux"], 0, None),
+            snap("m", RunnerKind::Local, &["gpu"], 0, None),
+            unhealthy,
+            full,
+        ];
+        let err = LeastLoaded.select(&job, &runners).unwrap_err();
+        assert_eq!(err.reasons["lacks label gpu"], 2);
+        assert_eq!(err.reasons["is unhealthy"], 1);
+        assert_eq!(err.reasons["is full"], 1);
+        assert_eq!(err.reasons["cannot enforce resources.memory on this host"], 1);
+        let text = err.to_string();
+        assert!(text.contains("2 runners: lacks label gpu"), "{text}");
+        assert!(text.contains("1 runner: is full"), "{text}");
+    }
+
+    #[test]
+    fn respects_kind_and_step_kinds() {
+        let mut job = Job::new("j", vec![Step::command(["true"])]);
+        let mut local = snap("l", RunnerKind::Local, &[], 0, None);
+        local.capabilities.command_steps = false;
+        let native = snap("n", RunnerKind::Native, &[], 5, None);
+        assert_eq!(LeastLoaded.select(&job, &[local.clone(), native.clone()]), Ok(1));
+        job.runs_on.kind = Some(RunnerKind::Local);
+        let err = LeastLoaded.select(&job, &[local, native]).unwrap_err();
+        assert_eq!(err.reasons.len(), 2, "{err}");
+        assert_eq!(LeastLoaded.select(&job, &[]).unwrap_err().to_string(), "no runner is registered");
+    }
+}
