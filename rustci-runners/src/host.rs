@@ -201,12 +201,20 @@ impl HostEngine {
 
         let root = &self.config.workspace_root;
         std::fs::create_dir_all(root).map_err(|e| {
-            Error::io(format!("cannot create workspace root {}", root.display()), e)
+            Error::io(
+                format!("cannot create workspace root {}", root.display()),
+                e,
+            )
         })?;
         let job_dir = tempfile::Builder::new()
             .prefix(&format!("{}-", job.name))
             .tempdir_in(root)
-            .map_err(|e| Error::io(format!("cannot create a workspace under {}", root.display()), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot create a workspace under {}", root.display()),
+                    e,
+                )
+            })?;
         let workspace = job_dir.path().join("workspace");
         let cwd = match &job.workdir {
             Some(w) => workspace.join(w),
@@ -216,9 +224,15 @@ impl HostEngine {
             .map_err(|e| Error::io(format!("cannot create workspace {}", cwd.display()), e))?;
         let native = self.native.clone().unwrap_or_default();
         if let Some((uid, gid)) = native.credentials {
-            for dir in cwd.ancestors().take_while(|d| d.starts_with(job_dir.path())) {
+            for dir in cwd
+                .ancestors()
+                .take_while(|d| d.starts_with(job_dir.path()))
+            {
                 nix::unistd::chown(dir, Some(uid.into()), Some(gid.into())).map_err(|e| {
-                    Error::io(format!("cannot hand {} to uid {uid}", dir.display()), e.into())
+                    Error::io(
+                        format!("cannot hand {} to uid {uid}", dir.display()),
+                        e.into(),
+                    )
                 })?;
             }
         }
@@ -404,8 +418,17 @@ impl JobRun {
                         .map(|d| d.path().join(format!("step-{index}.sh")))
                         .unwrap_or_default();
                     if let Err(e) = write_script(&file, script, self.native.credentials) {
-                        return self.step_error(index, &name, step_started,
-                            format!("cannot write the script of step {name:?} to {}: {e}", file.display())).await;
+                        return self
+                            .step_error(
+                                index,
+                                &name,
+                                step_started,
+                                format!(
+                                    "cannot write the script of step {name:?} to {}: {e}",
+                                    file.display()
+                                ),
+                            )
+                            .await;
                     }
                     let mut args: Vec<OsString> =
                         self.shell[1..].iter().map(OsString::from).collect();
@@ -489,7 +512,11 @@ impl JobRun {
                         })
                         .await;
                     self.sink.emit(finish(StepStatus::NotStarted)).await;
-                    let exit_code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+                    let exit_code = if e.kind() == std::io::ErrorKind::NotFound {
+                        127
+                    } else {
+                        126
+                    };
                     if !step.continue_on_error {
                         return Outcome::Failed {
                             step: index,
@@ -534,7 +561,13 @@ impl JobRun {
         Outcome::Succeeded
     }
 
-    async fn step_error(&self, index: usize, name: &str, started: Instant, message: String) -> Outcome {
+    async fn step_error(
+        &self,
+        index: usize,
+        name: &str,
+        started: Instant,
+        message: String,
+    ) -> Outcome {
         self.sink
             .emit(EventKind::StepFinished {
                 step: index,

@@ -105,7 +105,11 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, String>,
     /// Whole-job timeout; [`DEFAULT_TIMEOUT`] when absent.
-    #[serde(default, with = "units::serde_opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "units::serde_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     /// Working directory relative to the workspace; no `..`, not absolute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,7 +324,9 @@ impl Step {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Step::new(StepAction::Command(argv.into_iter().map(Into::into).collect()))
+        Step::new(StepAction::Command(
+            argv.into_iter().map(Into::into).collect(),
+        ))
     }
 
     fn new(action: StepAction) -> Self {
@@ -374,7 +380,11 @@ struct RawStep {
     run: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     command: Option<Vec<String>>,
-    #[serde(default, with = "units::serde_opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "units::serde_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     continue_on_error: bool,
@@ -426,19 +436,31 @@ pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
     /// Memory limit in bytes.
-    #[serde(default, with = "units::serde_opt_size", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "units::serde_opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory: Option<u64>,
     /// Most processes and threads at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
     /// CPU time limit per process.
-    #[serde(default, with = "units::serde_opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "units::serde_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cpu_time: Option<Duration>,
     /// Most open files per process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_files: Option<u64>,
     /// Largest file a process may write, in bytes.
-    #[serde(default, with = "units::serde_opt_size", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "units::serde_opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub file_size: Option<u64>,
 }
 

@@ -7,10 +7,12 @@
 
 use async_trait::async_trait;
 
+use crate::Error;
 use crate::host::{HostConfig, HostEngine, check_config, host_labels};
 use crate::job::JobSpec;
-use crate::runner::{Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind};
-use crate::Error;
+use crate::runner::{
+    Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind,
+};
 
 /// Runs `run:` steps through a shell on the host.
 ///

@@ -55,7 +55,9 @@ impl SecretSet {
     /// Masks a complete text (an error message, say).
     pub fn mask_str(&self, text: &str) -> String {
         let mut masker = Masker::new(self.clone());
-        let mut out = masker.push(Bytes::copy_from_slice(text.as_bytes())).to_vec();
+        let mut out = masker
+            .push(Bytes::copy_from_slice(text.as_bytes()))
+            .to_vec();
         out.extend_from_slice(&masker.finish());
         String::from_utf8_lossy(&out).into_owned()
     }
@@ -139,7 +141,10 @@ mod tests {
     fn masks_whole_and_split_secrets() {
         assert_eq!(run(&["hunter2"], &[b"pw=hunter2!"]), b"pw=***!");
         assert_eq!(run(&["hunter2"], &[b"pw=hun", b"ter2!"]), b"pw=***!");
-        assert_eq!(run(&["hunter2"], &[b"h", b"u", b"n", b"t", b"e", b"r", b"2"]), b"***");
+        assert_eq!(
+            run(&["hunter2"], &[b"h", b"u", b"n", b"t", b"e", b"r", b"2"]),
+            b"***"
+        );
         assert_eq!(run(&["abc", "abcdef"], &[b"xabcdefx"]), b"x***x");
         assert_eq!(run(&[], &[b"plain"]), b"plain");
         assert_eq!(run(&["zz"], &[b"no secret here"]), b"no secret here");

@@ -488,7 +488,10 @@ impl fmt::Display for Outcome {
                 oom_killed,
                 ..
             } => {
-                write!(f, "failed: step {step_name:?} was killed by signal {signal}")?;
+                write!(
+                    f,
+                    "failed: step {step_name:?} was killed by signal {signal}"
+                )?;
                 if *oom_killed {
                     f.write_str(" (out of memory)")?;
                 }
@@ -775,10 +778,7 @@ mod system_time_millis {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        let ms = t
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
+        let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
         s.serialize_u64(ms as u64)
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {

@@ -26,7 +26,12 @@ pub struct RunnerSnapshot {
 
 impl RunnerSnapshot {
     /// A snapshot from its parts.
-    pub fn new(info: RunnerInfo, capabilities: Capabilities, health: Health, running: usize) -> Self {
+    pub fn new(
+        info: RunnerInfo,
+        capabilities: Capabilities,
+        health: Health,
+        running: usize,
+    ) -> Self {
         RunnerSnapshot {
             info,
             capabilities,
@@ -149,7 +154,13 @@ mod tests {
     use crate::job::{Job, Resources, Step};
     use crate::runner::{Isolation, Limit, RunnerKind};
 
-    fn snap(name: &str, kind: RunnerKind, labels: &[&str], running: usize, max: Option<usize>) -> RunnerSnapshot {
+    fn snap(
+        name: &str,
+        kind: RunnerKind,
+        labels: &[&str],
+        running: usize,
+        max: Option<usize>,
+    ) -> RunnerSnapshot {
         let mut caps = Capabilities::host(Isolation::Process);
         caps.command_steps = true;
         caps.max_concurrency = max;
@@ -197,7 +208,10 @@ mod tests {
         assert_eq!(err.reasons["lacks label gpu"], 2);
         assert_eq!(err.reasons["is unhealthy"], 1);
         assert_eq!(err.reasons["is full"], 1);
-        assert_eq!(err.reasons["cannot enforce resources.memory on this host"], 1);
+        assert_eq!(
+            err.reasons["cannot enforce resources.memory on this host"],
+            1
+        );
         let text = err.to_string();
         assert!(text.contains("2 runners: lacks label gpu"), "{text}");
         assert!(text.contains("1 runner: is full"), "{text}");
@@ -209,10 +223,16 @@ mod tests {
         let mut local = snap("l", RunnerKind::Local, &[], 0, None);
         local.capabilities.command_steps = false;
         let native = snap("n", RunnerKind::Native, &[], 5, None);
-        assert_eq!(LeastLoaded.select(&job, &[local.clone(), native.clone()]), Ok(1));
+        assert_eq!(
+            LeastLoaded.select(&job, &[local.clone(), native.clone()]),
+            Ok(1)
+        );
         job.runs_on.kind = Some(RunnerKind::Local);
         let err = LeastLoaded.select(&job, &[local, native]).unwrap_err();
         assert_eq!(err.reasons.len(), 2, "{err}");
-        assert_eq!(LeastLoaded.select(&job, &[]).unwrap_err().to_string(), "no runner is registered");
+        assert_eq!(
+            LeastLoaded.select(&job, &[]).unwrap_err().to_string(),
+            "no runner is registered"
+        );
     }
 }

@@ -11,8 +11,8 @@ use serde_saphyr::Spanned;
 
 use super::units::{parse_duration, parse_size};
 use super::{
-    Job, MAX_RETRIES, MAX_SCRIPT_BYTES, MAX_STEPS, Resources, RetryPolicy, RetryWhen, RunsOn,
-    Step, StepAction,
+    Job, MAX_RETRIES, MAX_SCRIPT_BYTES, MAX_STEPS, Resources, RetryPolicy, RetryWhen, RunsOn, Step,
+    StepAction,
 };
 use crate::runner::RunnerKind;
 
@@ -405,7 +405,14 @@ impl Walker {
         let fields = self.map(
             path,
             node,
-            &["name", "run", "command", "timeout", "continue_on_error", "env"],
+            &[
+                "name",
+                "run",
+                "command",
+                "timeout",
+                "continue_on_error",
+                "env",
+            ],
         );
         for (key, value) in fields {
             let child = join(path, key);
@@ -459,8 +466,17 @@ impl Walker {
             "",
             root,
             &[
-                "name", "steps", "env", "secrets", "timeout", "workdir", "image", "resources",
-                "runs_on", "priority", "retry",
+                "name",
+                "steps",
+                "env",
+                "secrets",
+                "timeout",
+                "workdir",
+                "image",
+                "resources",
+                "runs_on",
+                "priority",
+                "retry",
             ],
         );
         let mut saw_name = false;
@@ -515,7 +531,14 @@ impl Walker {
         let fields = self.map(
             path,
             node,
-            &["cpus", "memory", "pids", "cpu_time", "open_files", "file_size"],
+            &[
+                "cpus",
+                "memory",
+                "pids",
+                "cpu_time",
+                "open_files",
+                "file_size",
+            ],
         );
         for (key, value) in fields {
             let child = join(path, key);
@@ -527,7 +550,11 @@ impl Walker {
                         Node::Str(s) => match s.parse::<f64>() {
                             Ok(f) => Some(f),
                             Err(_) => {
-                                self.error(&child, format!("{s:?} is not a number of CPUs"), pos_of(value));
+                                self.error(
+                                    &child,
+                                    format!("{s:?} is not a number of CPUs"),
+                                    pos_of(value),
+                                );
                                 None
                             }
                         },
@@ -595,7 +622,9 @@ impl Walker {
                     for (i, item) in self.seq(&child, value).iter().enumerate() {
                         let p = format!("{child}[{i}]");
                         self.note(&p, item);
-                        let Some(s) = self.string(&p, item) else { continue };
+                        let Some(s) = self.string(&p, item) else {
+                            continue;
+                        };
                         let parsed = [
                             RetryWhen::Failure,
                             RetryWhen::Timeout,
@@ -643,7 +672,11 @@ pub(super) fn parse_document(text: &str) -> Result<Job, ValidationErrors> {
                 message = first.to_string();
             }
             let mut errors = ValidationErrors::default();
-            errors.push("", format!("not a valid YAML or JSON document: {message}"), position);
+            errors.push(
+                "",
+                format!("not a valid YAML or JSON document: {message}"),
+                position,
+            );
             return Err(errors);
         }
     };
@@ -669,7 +702,9 @@ pub(super) fn parse_document(text: &str) -> Result<Job, ValidationErrors> {
             .copied();
         errors.push(path, message, position);
     });
-    errors.0.sort_by_key(|e| e.position.unwrap_or((u64::MAX, 0)));
+    errors
+        .0
+        .sort_by_key(|e| e.position.unwrap_or((u64::MAX, 0)));
     errors.into_result().map(|()| job)
 }
 
@@ -724,8 +759,14 @@ pub(crate) fn check_semantics(job: &Job, report: &mut dyn FnMut(&str, String)) {
         if workdir.is_empty() {
             report("workdir", "must not be empty".into());
         } else if p.is_absolute() {
-            report("workdir", format!("{workdir:?} must be relative to the workspace"));
-        } else if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            report(
+                "workdir",
+                format!("{workdir:?} must be relative to the workspace"),
+            );
+        } else if p
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
             report("workdir", format!("{workdir:?} must not contain \"..\""));
         } else if workdir.contains('\0') {
             report("workdir", "must not contain NUL bytes".into());
@@ -787,7 +828,10 @@ pub(crate) fn check_semantics(job: &Job, report: &mut dyn FnMut(&str, String)) {
     if let Some(cpus) = r.cpus
         && !(cpus.is_finite() && cpus > 0.0 && cpus <= 4096.0)
     {
-        report("resources.cpus", format!("{cpus} is not a CPU count between 0 and 4096"));
+        report(
+            "resources.cpus",
+            format!("{cpus} is not a CPU count between 0 and 4096"),
+        );
     }
     for (name, value) in [
         ("memory", r.memory),
@@ -796,7 +840,10 @@ pub(crate) fn check_semantics(job: &Job, report: &mut dyn FnMut(&str, String)) {
         ("file_size", r.file_size),
     ] {
         if value == Some(0) {
-            report(&format!("resources.{name}"), "must be greater than 0".into());
+            report(
+                &format!("resources.{name}"),
+                "must be greater than 0".into(),
+            );
         }
     }
     if r.cpu_time == Some(Duration::ZERO) {
@@ -806,14 +853,19 @@ pub(crate) fn check_semantics(job: &Job, report: &mut dyn FnMut(&str, String)) {
         if !valid_label(label) {
             report(
                 &format!("runs_on.labels[{i}]"),
-                format!("{label:?} is not a valid label (1-128 characters of A-Z a-z 0-9 . _ - : / =)"),
+                format!(
+                    "{label:?} is not a valid label (1-128 characters of A-Z a-z 0-9 . _ - : / =)"
+                ),
             );
         }
     }
     if job.retry.max > MAX_RETRIES {
         report(
             "retry.max",
-            format!("{} is more than the {MAX_RETRIES} retries allowed", job.retry.max),
+            format!(
+                "{} is more than the {MAX_RETRIES} retries allowed",
+                job.retry.max
+            ),
         );
     }
 }
@@ -872,7 +924,10 @@ retry: {max: 2, when: [runner_failure, lost, timeout]}
         let job = Job::from_yaml(text).unwrap();
         assert_eq!(job.name, "build-and-test");
         assert_eq!(job.steps.len(), 2);
-        assert_eq!(job.steps[0].action, StepAction::Run("echo \"building $APP\"\n".into()));
+        assert_eq!(
+            job.steps[0].action,
+            StepAction::Run("echo \"building $APP\"\n".into())
+        );
         assert_eq!(
             job.steps[1].action,
             StepAction::Command(vec!["/usr/bin/env".into(), "uname".into(), "-r".into()])
@@ -900,8 +955,11 @@ retry: {max: 2, when: [runner_failure, lost, timeout]}
     fn every_problem_is_reported_with_path_and_position() {
         let text = "name: bad name!\nsteps:\n  - run: echo\n    timeout: 0s\n  - command: []\n  - run: a\n    command: [b]\n  - {}\nenv:\n  1BAD: x\ntimeout: 0s\nworkdir: ../up\ncolour: red\n";
         let errors = Job::from_yaml(text).unwrap_err();
-        let by_path: HashMap<&str, &ValidationError> =
-            errors.errors().iter().map(|e| (e.path.as_str(), e)).collect();
+        let by_path: HashMap<&str, &ValidationError> = errors
+            .errors()
+            .iter()
+            .map(|e| (e.path.as_str(), e))
+            .collect();
         let expect = [
             ("name", 1),
             ("steps[0].timeout", 4),
@@ -924,11 +982,14 @@ retry: {max: 2, when: [runner_failure, lost, timeout]}
 
     #[test]
     fn wrong_types_and_missing_fields() {
-        let errors = Job::from_yaml("steps: 5\npriority: high\nresources: {memory: lots}\n")
-            .unwrap_err();
+        let errors =
+            Job::from_yaml("steps: 5\npriority: high\nresources: {memory: lots}\n").unwrap_err();
         let text = errors.to_string();
         assert!(text.contains("name: is required"), "{text}");
-        assert!(text.contains("steps: expected a list, found an integer (line 1"), "{text}");
+        assert!(
+            text.contains("steps: expected a list, found an integer (line 1"),
+            "{text}"
+        );
         assert!(text.contains("priority: expected an integer"), "{text}");
         assert!(text.contains("resources.memory: size \"lots\""), "{text}");
     }
@@ -938,8 +999,9 @@ retry: {max: 2, when: [runner_failure, lost, timeout]}
         let errors = Job::from_yaml("name: x\nsteps: [\n").unwrap_err();
         assert_eq!(errors.len(), 1);
         assert!(errors.errors()[0].position.is_some(), "{errors}");
-        let errors = Job::from_json("{\"name\": \"x\", \"steps\": [{\"run\": \"a\"}], \"bogus\": 1}")
-            .unwrap_err();
+        let errors =
+            Job::from_json("{\"name\": \"x\", \"steps\": [{\"run\": \"a\"}], \"bogus\": 1}")
+                .unwrap_err();
         assert_eq!(errors.errors()[0].path, "bogus");
         assert_eq!(errors.errors()[0].position.map(|p| p.0), Some(1));
     }
@@ -951,7 +1013,12 @@ retry: {max: 2, when: [runner_failure, lost, timeout]}
         assert!(errors.to_string().contains("1 to 100 steps, found 101"));
         let big = "x".repeat(MAX_SCRIPT_BYTES + 1);
         let job = Job::new("big", vec![Step::run(big)]);
-        assert!(job.validate().unwrap_err().to_string().contains("steps[0].run"));
+        assert!(
+            job.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("steps[0].run")
+        );
         let job = Job::new("abs", vec![Step::run("true")]).with_workdir("/etc");
         assert!(job.validate().is_err());
         assert!(Job::new("ok", vec![Step::run("true")]).validate().is_ok());

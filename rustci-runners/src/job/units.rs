@@ -86,7 +86,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Formats a size with the largest binary suffix that represents it exactly.
 pub fn format_size(bytes: u64) -> String {
-    for (suffix, factor) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+    for (suffix, factor) in [
+        ("Ti", 1u64 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ] {
         if bytes != 0 && bytes % factor == 0 {
             return format!("{}{suffix}", bytes / factor);
         }

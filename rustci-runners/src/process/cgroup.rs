@@ -16,7 +16,12 @@ pub(crate) enum CgroupSupport {
     /// cgroups cannot be used (not mounted, or no permission).
     None,
     /// The unified hierarchy: one parent directory with the usable controllers enabled.
-    V2 { parent: PathBuf, memory: bool, pids: bool, cpu: bool },
+    V2 {
+        parent: PathBuf,
+        memory: bool,
+        pids: bool,
+        cpu: bool,
+    },
     /// Separate v1 hierarchies, one parent directory per usable controller.
     V1 {
         memory: Option<PathBuf>,
@@ -65,7 +70,11 @@ impl CgroupSupport {
         let mut enabled = Vec::new();
         for c in ["memory", "pids", "cpu"] {
             if available.split_whitespace().any(|a| a == c)
-                && std::fs::write(Path::new(V2_MOUNT).join("cgroup.subtree_control"), format!("+{c}")).is_ok()
+                && std::fs::write(
+                    Path::new(V2_MOUNT).join("cgroup.subtree_control"),
+                    format!("+{c}"),
+                )
+                .is_ok()
                 && std::fs::write(parent.join("cgroup.subtree_control"), format!("+{c}")).is_ok()
             {
                 enabled.push(c);
@@ -86,8 +95,12 @@ impl CgroupSupport {
     pub(crate) fn limits(&self) -> Vec<Limit> {
         let (m, p, c) = match self {
             CgroupSupport::None => (false, false, false),
-            CgroupSupport::V2 { memory, pids, cpu, .. } => (*memory, *pids, *cpu),
-            CgroupSupport::V1 { memory, pids, cpu } => (memory.is_some(), pids.is_some(), cpu.is_some()),
+            CgroupSupport::V2 {
+                memory, pids, cpu, ..
+            } => (*memory, *pids, *cpu),
+            CgroupSupport::V1 { memory, pids, cpu } => {
+                (memory.is_some(), pids.is_some(), cpu.is_some())
+            }
         };
         let mut out = Vec::new();
         if m {
@@ -165,7 +178,12 @@ impl JobCgroup {
         Ok(dir)
     }
 
-    fn populate(&mut self, support: &CgroupSupport, name: &str, l: CgroupLimits) -> Result<(), crate::Error> {
+    fn populate(
+        &mut self,
+        support: &CgroupSupport,
+        name: &str,
+        l: CgroupLimits,
+    ) -> Result<(), crate::Error> {
         match support {
             CgroupSupport::None => Ok(()),
             CgroupSupport::V2 { parent, .. } => {
@@ -181,7 +199,11 @@ impl JobCgroup {
                     write(&dir, "pids.max", &p.to_string())?;
                 }
                 if let Some(c) = l.cpus {
-                    write(&dir, "cpu.max", &format!("{} 100000", (c * 100_000.0).ceil() as u64))?;
+                    write(
+                        &dir,
+                        "cpu.max",
+                        &format!("{} 100000", (c * 100_000.0).ceil() as u64),
+                    )?;
                 }
                 Ok(())
             }
@@ -201,7 +223,11 @@ impl JobCgroup {
                 if let (Some(parent), Some(c)) = (cpu, l.cpus) {
                     let dir = self.make(parent, name)?;
                     write(&dir, "cpu.cfs_period_us", "100000")?;
-                    write(&dir, "cpu.cfs_quota_us", &((c * 100_000.0).ceil() as u64).to_string())?;
+                    write(
+                        &dir,
+                        "cpu.cfs_quota_us",
+                        &((c * 100_000.0).ceil() as u64).to_string(),
+                    )?;
                 }
                 if let Some(parent) = pids {
                     let dir = self.make(parent, name)?;
@@ -224,7 +250,11 @@ impl JobCgroup {
         let Some((dir, v2)) = &self.memory_dir else {
             return false;
         };
-        let file = if *v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if *v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         std::fs::read_to_string(dir.join(file))
             .unwrap_or_default()
             .lines()

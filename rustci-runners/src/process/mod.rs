@@ -103,7 +103,8 @@ fn message_value(msg: &[u8; 6]) -> i32 {
 /// Runs one process to its end. `Err` only when it could not be started; the error
 /// names the cause (a missing program is `NotFound`).
 pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Result<ProcessEnd> {
-    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
     let mut plan = spec.plan;
     plan.status_fd = status_w.as_raw_fd();
     let mut cmd = tokio::process::Command::new(&spec.program);
@@ -137,7 +138,8 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
     };
     tokio::pin!(pumps);
 
-    let signal_all = |signal: Signal| tree::signal_job(shim_pid, main_pid, &spec.cgroup_procs, signal);
+    let signal_all =
+        |signal: Signal| tree::signal_job(shim_pid, main_pid, &spec.cgroup_procs, signal);
 
     let mut pumps_done = false;
     let mut shim_done = false;
@@ -149,7 +151,8 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let mut rekill = tokio::time::interval(REKILL_INTERVAL);
     loop {
-        if pumps_done && shim_done {
+        // The shim writes the main status before it exits: read the pipe to its end too.
+        if pumps_done && shim_done && !status_open {
             break;
         }
         let main_running = main_status.is_none() && status_open;
@@ -294,7 +297,13 @@ pub(crate) fn probe_namespaces(flags: libc::c_int, mount_proc: bool) -> bool {
                 }
                 let mut status = 0;
                 libc::waitpid(inner, &mut status, 0);
-                libc::_exit(if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 { 0 } else { 1 });
+                libc::_exit(
+                    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                        0
+                    } else {
+                        1
+                    },
+                );
             }
             libc::_exit(0);
         }
