@@ -1,1 +1,37 @@
+//! # rustci
+//!
+//! Facade over [`rustci_runners`] and its backends. Everything of the core is re-exported
+//! at the root; backends are enabled with cargo features:
+//!
+//! | feature    | module       | crate                      |
+//! |------------|--------------|----------------------------|
+//! | `docker`   | `docker`     | `rustci-runners-docker`    |
+//! | `k8s`      | `k8s`        | `rustci-runners-k8s`       |
+//! | `valkyrie` | `valkyrie`   | `rustci-runners-valkyrie`  |
+//! | `cli`      | [`cli`]      | the `rustci` command's behaviour (default) |
+//!
+//! ```no_run
+//! use rustci::{HostConfig, Job, LocalRunner, RunnerExt, Step};
+//! # async fn demo() -> Result<(), rustci::Error> {
+//! let runner = LocalRunner::new(HostConfig::default())?;
+//! let outcome = runner.run_to_completion(&Job::new("hi", vec![Step::run("echo hi")])).await?;
+//! assert!(outcome.is_success());
+//! # Ok(()) }
+//! ```
 
+#![deny(missing_docs)]
+
+pub use rustci_runners::*;
+
+#[cfg(feature = "cli")]
+pub mod cli;
+
+/// The Docker backend.
+#[cfg(feature = "docker")]
+pub use rustci_runners_docker as docker;
+/// The Kubernetes backend.
+#[cfg(feature = "k8s")]
+pub use rustci_runners_k8s as k8s;
+/// The Valkyrie backend.
+#[cfg(feature = "valkyrie")]
+pub use rustci_runners_valkyrie as valkyrie;

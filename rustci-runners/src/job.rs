@@ -428,9 +428,10 @@ impl From<Step> for RawStep {
 }
 
 /// Limits a runner must enforce for the job, or refuse it.
+///
+/// Build one with struct update syntax: `Resources { memory: Some(1 << 30), ..Resources::default() }`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[non_exhaustive]
 pub struct Resources {
     /// CPU share in cores (`1.5` = one and a half cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]

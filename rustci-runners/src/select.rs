@@ -101,9 +101,6 @@ pub fn rejection(job: &dyn JobSpec, runner: &RunnerSnapshot) -> Option<String> {
     if !missing.is_empty() {
         return Some(format!("lacks label {}", missing.join(", ")));
     }
-    if job.image().is_some() && !runner.capabilities.images && runs_on.kind.is_none() {
-        return Some("cannot run images".to_string());
-    }
     if let Some(reason) = runner.capabilities.unmet(job).into_iter().next() {
         return Some(reason);
     }
@@ -120,14 +117,16 @@ pub fn rejection(job: &dyn JobSpec, runner: &RunnerSnapshot) -> Option<String> {
 /// runner with the lowest load (running jobs relative to its capacity); ties go to the
 /// earlier runner in the list.
 ///
-/// A job with an `image` and no explicit `runs_on.kind` goes only to runners that run images.
+/// A job with an `image` prefers runners that run images, whatever their load; host
+/// runners, which ignore `image`, take it only when no such runner fits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LeastLoaded;
 
 impl Selector for LeastLoaded {
     fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits> {
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        let mut best: Option<(usize, f64)> = None;
+        let mut best: Option<(usize, (bool, f64))> = None;
+        let wants_image = job.image().is_some();
         for (i, runner) in runners.iter().enumerate() {
             if let Some(reason) = rejection(job, runner) {
                 *reasons.entry(reason).or_default() += 1;
@@ -137,8 +136,9 @@ impl Selector for LeastLoaded {
                 Some(max) if max > 0 => runner.running as f64 / max as f64,
                 _ => runner.running as f64 / 1e6,
             };
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((i, load));
+            let key = (wants_image && !runner.capabilities.images, load);
+            if best.is_none_or(|(_, k)| key < k) {
+                best = Some((i, key));
             }
         }
         best.map(|(i, _)| i).ok_or(NoRunnerFits {
@@ -215,6 +215,18 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("2 runners: lacks label gpu"), "{text}");
         assert!(text.contains("1 runner: is full"), "{text}");
+    }
+
+    #[test]
+    fn jobs_with_images_prefer_image_runners() {
+        let mut job = Job::new("j", vec![Step::run("true")]);
+        job.image = Some("busybox".into());
+        let host = snap("h", RunnerKind::Local, &[], 0, None);
+        let mut docker = snap("d", RunnerKind::Docker, &[], 7, Some(8));
+        docker.capabilities.images = true;
+        assert_eq!(LeastLoaded.select(&job, &[host.clone(), docker]), Ok(1));
+        // Host runners ignore the image when nothing else fits.
+        assert_eq!(LeastLoaded.select(&job, &[host]), Ok(0));
     }
 
     #[test]

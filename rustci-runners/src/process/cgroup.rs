@@ -39,7 +39,7 @@ impl CgroupSupport {
         }
         let prepare = |controller: &str, probe_file: &str| -> Option<PathBuf> {
             let mount = root.join(controller);
-            if !mount.join(probe_file).exists() {
+            if !mount.join("cgroup.procs").exists() {
                 return None;
             }
             let parent = mount.join(parent_name);

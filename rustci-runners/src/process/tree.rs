@@ -48,21 +48,21 @@ pub(crate) fn descendants(root: i32) -> Vec<i32> {
 }
 
 /// Sends `signal` to the main process group, every descendant of the shim and every
-/// process in `cgroup_procs` files. Returns how many processes outside the main group were
-/// signalled.
+/// process in `cgroup_procs` files. Returns how many processes were found below the shim
+/// (looked up before anything is signalled).
 pub(crate) fn signal_job(
     shim: i32,
     main_group: Option<i32>,
     cgroup_procs: &[std::path::PathBuf],
     signal: Signal,
 ) -> usize {
+    let found = descendants(shim);
     if let Some(group) = main_group {
         let _ = killpg(Pid::from_raw(group), signal);
     }
-    let mut count = 0;
-    for pid in descendants(shim) {
+    let count = found.len();
+    for pid in found {
         let _ = kill(Pid::from_raw(pid), signal);
-        count += 1;
     }
     for file in cgroup_procs {
         if let Ok(text) = std::fs::read_to_string(file) {

@@ -1,0 +1,265 @@
+//! What the `rustci` command does, as library calls: run a job file with live output,
+//! validate job files, list the runners usable on this host.
+//!
+//! Exit codes of [`run_file`]: the job's own exit code (0 on success), 128 + signal when a
+//! step was killed, 124 on timeout, 130 when cancelled (Ctrl-C or SIGTERM), 2 when the file
+//! is invalid, 1 when no runner could run it.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustci_runners::select::{LeastLoaded, RunnerSnapshot, Selector};
+use rustci_runners::{
+    Error, EventKind, HostConfig, Job, JobId, LocalRunner, NativeConfig, NativeRunner, Outcome,
+    OutputStream, Runner, RunnerKind,
+};
+
+/// Exit code for an invalid job file.
+pub const EXIT_INVALID: i32 = 2;
+/// Exit code when no runner could run the job.
+pub const EXIT_RUNNER: i32 = 1;
+
+/// Which runner `run` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunnerChoice {
+    /// The selector picks among every runner usable here.
+    Auto,
+    /// Only runners of this kind.
+    Kind(RunnerKind),
+}
+
+impl std::str::FromStr for RunnerChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            Ok(RunnerChoice::Auto)
+        } else {
+            s.parse().map(RunnerChoice::Kind)
+        }
+    }
+}
+
+/// The runners compiled in and constructible on this host, with the reason for each one
+/// that is not.
+pub fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
+    let mut runners: Vec<Arc<dyn Runner>> = Vec::new();
+    let mut problems = Vec::new();
+    match LocalRunner::new(HostConfig::named("local")) {
+        Ok(r) => runners.push(Arc::new(r)),
+        Err(e) => problems.push(format!("local: {e}")),
+    }
+    match NativeRunner::new(NativeConfig::default()) {
+        Ok(r) => runners.push(Arc::new(r)),
+        Err(e) => problems.push(format!("native: {e}")),
+    }
+    (runners, problems)
+}
+
+/// Prints every problem of a job file to `err`; returns 0 when valid, else 2.
+pub fn validate_file(path: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    match Job::from_path(path) {
+        Ok(job) => {
+            let _ = writeln!(
+                out,
+                "{}: valid job {:?} with {} steps",
+                path.display(),
+                job.name,
+                job.steps.len()
+            );
+            0
+        }
+        Err(Error::InvalidSpec(errors)) => {
+            for e in errors.errors() {
+                let at = e
+                    .position
+                    .map(|(l, c)| format!("{l}:{c}:"))
+                    .unwrap_or_default();
+                let field = if e.path.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}:", e.path)
+                };
+                let _ = writeln!(err, "{}:{at}{field} {}", path.display(), e.message);
+            }
+            let _ = writeln!(err, "{}: {} problem(s)", path.display(), errors.len());
+            EXIT_INVALID
+        }
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            EXIT_INVALID
+        }
+    }
+}
+
+/// Lists the runners usable on this host with capabilities and health.
+pub async fn list_runners(json: bool, out: &mut dyn Write) -> i32 {
+    let (runners, problems) = host_runners();
+    for runner in &runners {
+        let info = runner.info();
+        let caps = runner.capabilities();
+        let health = runner.health().await;
+        if json {
+            let line = serde_json::json!({
+                "info": info, "capabilities": caps, "health": health,
+            });
+            let _ = writeln!(out, "{line}");
+        } else {
+            let steps: Vec<&str> = [(caps.run_steps, "run"), (caps.command_steps, "command")]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+            let limits: Vec<&str> = caps.limits.iter().map(|l| l.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "{:<8} {:<9} {}\n         steps: {}; isolation: {:?}; limits: {}; platform: {}; labels: {}",
+                info.name,
+                info.kind.as_str(),
+                health,
+                steps.join(", "),
+                caps.isolation,
+                if limits.is_empty() {
+                    "none".to_string()
+                } else {
+                    limits.join(", ")
+                },
+                caps.platform,
+                info.labels.iter().cloned().collect::<Vec<_>>().join(", "),
+            );
+        }
+    }
+    for p in problems {
+        let _ = writeln!(out, "unavailable: {p}");
+    }
+    0
+}
+
+/// Picks the runner for `job`: the selector over the runners of the chosen kind (or all).
+pub async fn choose_runner(
+    job: &Job,
+    choice: RunnerChoice,
+    runners: &[Arc<dyn Runner>],
+) -> Result<Arc<dyn Runner>, String> {
+    let candidates: Vec<&Arc<dyn Runner>> = runners
+        .iter()
+        .filter(|r| match choice {
+            RunnerChoice::Auto => true,
+            RunnerChoice::Kind(k) => r.info().kind == k,
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(match choice {
+            RunnerChoice::Kind(k) => {
+                format!("no {k} runner is available in this build or on this host")
+            }
+            RunnerChoice::Auto => "no runner is available on this host".to_string(),
+        });
+    }
+    let mut snapshots = Vec::new();
+    for r in &candidates {
+        snapshots.push(RunnerSnapshot::new(
+            r.info().clone(),
+            r.capabilities().clone(),
+            r.health().await,
+            r.running(),
+        ));
+    }
+    let index = LeastLoaded
+        .select(job, &snapshots)
+        .map_err(|e| e.to_string())?;
+    Ok(candidates[index].clone())
+}
+
+/// Runs a job file and streams its output; returns the process exit code.
+///
+/// Output goes to `out` (stdout) and `err` (stderr) as it arrives; a status line goes to
+/// `err` at the end. With `json`, each event is one JSON line on `out` instead. Ctrl-C and
+/// SIGTERM cancel the job (its processes are stopped) and give exit code 130.
+pub async fn run_file(
+    path: &Path,
+    choice: RunnerChoice,
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let job = match Job::from_path(path) {
+        Ok(job) => job,
+        Err(_) => return validate_file(path, &mut std::io::sink(), err),
+    };
+    let (runners, problems) = host_runners();
+    let runner = match choose_runner(&job, choice, &runners).await {
+        Ok(r) => r,
+        Err(reason) => {
+            let _ = writeln!(err, "rustci: cannot run {}: {reason}", job.name);
+            for p in problems {
+                let _ = writeln!(err, "rustci: unavailable runner {p}");
+            }
+            return EXIT_RUNNER;
+        }
+    };
+    let started = Instant::now();
+    let mut execution = match runner.start(&job, JobId::new()).await {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return if matches!(e, Error::InvalidSpec(_)) {
+                EXIT_INVALID
+            } else {
+                EXIT_RUNNER
+            };
+        }
+    };
+    let canceller = execution.canceller();
+    let signals = tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        canceller.cancel();
+    });
+    let mut outcome = Outcome::Lost;
+    while let Some(event) = execution.next_event().await {
+        if json {
+            if let Ok(line) = serde_json::to_string(&event) {
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        }
+        match event.kind {
+            EventKind::Output { stream, data, .. } if !json => {
+                let w: &mut dyn Write = match stream {
+                    OutputStream::Stdout => out,
+                    OutputStream::Stderr => err,
+                };
+                let _ = w.write_all(&data);
+                let _ = w.flush();
+            }
+            EventKind::OutputTruncated { limit, .. } if !json => {
+                let _ = writeln!(err, "\n[rustci: output truncated after {limit} bytes]");
+            }
+            EventKind::LeftoverProcesses { step, count } if !json => {
+                let _ = writeln!(
+                    err,
+                    "[rustci: step {} left {count} process(es) running; they were killed]",
+                    step + 1
+                );
+            }
+            EventKind::Finished { outcome: o } => outcome = o,
+            _ => {}
+        }
+    }
+    signals.abort();
+    let _ = writeln!(
+        err,
+        "rustci: job {} {} in {:.2}s on {} runner {}",
+        job.name,
+        outcome,
+        started.elapsed().as_secs_f64(),
+        runner.info().kind,
+        runner.info().name
+    );
+    outcome.exit_code()
+}
