@@ -432,7 +432,8 @@ async fn namespaces_isolate_pids_hostname_and_network() {
     assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
     let text = r.stdout_text();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "pid=1", "{text}");
+    // The step runs as PID 2, under a minimal init that is PID 1 of the namespace.
+    assert_eq!(lines[0], "pid=2", "{text}");
     assert_eq!(lines[1], "rustci-job");
     let visible: usize = lines[2].parse().unwrap();
     assert!(visible <= 5, "the job sees {visible} processes");

@@ -145,6 +145,7 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
     let mut shim_done = false;
     let mut status_open = true;
     let mut main_status: Option<i32> = None;
+    let mut command_status: Option<i32> = None;
     let mut stop: Option<StopReason> = None;
     let mut kill_at: Option<Instant> = None;
     let mut reaping = false;
@@ -171,6 +172,7 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
                         }
                     }
                 }
+                Some(msg) if msg[0] == b'R' => command_status = Some(message_value(&msg)),
                 Some(_) => {}
                 None => status_open = false,
             },
@@ -200,7 +202,7 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
             StopReason::Cancelled => ProcessEnd::Cancelled,
         });
     }
-    let status = main_status.unwrap_or(0);
+    let status = command_status.or(main_status).unwrap_or(0);
     Ok(if libc::WIFSIGNALED(status) {
         ProcessEnd::Signalled(libc::WTERMSIG(status))
     } else {

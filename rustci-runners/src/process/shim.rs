@@ -13,7 +13,14 @@
 //! 'P' pid:i32            main process started with this pid (also its process group)
 //! 'S' status:i32 left:u8 main process ended with this wait status; left = 1 when other
 //!                        processes of the job were still alive at that moment
+//! 'R' status:i32         (PID namespace only) the step's command ended with this status
 //! ```
+//!
+//! In a new PID namespace the main process is the namespace's init, which the kernel
+//! shields from signals sent inside the namespace (`kill -KILL $$` would do nothing). So
+//! there the main process stays a minimal init that runs the command as its child, reports
+//! the command's real status with an `'R'` message and exits, which makes the kernel kill
+//! whatever else is left in the namespace.
 //!
 //! The shim exits once it has no children left. Everything here runs in a forked copy of a
 //! multi-threaded process, so it only makes async-signal-safe system calls and never
@@ -171,12 +178,39 @@ unsafe fn close_range(first: libc::c_uint, last: libc::c_uint) {
     }
 }
 
+/// PID 1 of a new PID namespace: reaps everything, reports the command's status, exits.
+unsafe fn namespace_init(status_fd: RawFd, command: libc::pid_t) -> ! {
+    // SAFETY: async-signal-safe calls only.
+    unsafe {
+        if status_fd > 0 {
+            close_range(0, (status_fd - 1) as libc::c_uint);
+        }
+        close_range((status_fd + 1) as libc::c_uint, libc::c_uint::MAX);
+        let mut status: libc::c_int = 0;
+        loop {
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid == command {
+                write_all(status_fd, &message(b'R', status, 0));
+                break;
+            }
+            if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        libc::_exit(0)
+    }
+}
+
 /// Runs in the main process before `exec`.
 unsafe fn prepare_main(plan: &ShimPlan) -> io::Result<()> {
     // SAFETY: async-signal-safe calls on memory prepared before the fork.
     unsafe {
         check(libc::setpgid(0, 0))?;
         if plan.mount_proc {
+            let command = check(libc::fork())?;
+            if command != 0 {
+                namespace_init(plan.status_fd, command);
+            }
             check(libc::mount(
                 c"none".as_ptr(),
                 c"/".as_ptr(),
