@@ -222,11 +222,9 @@ pub async fn run_file(
     });
     let mut outcome = Outcome::Lost;
     while let Some(event) = execution.next_event().await {
-        if json {
-            if let Ok(line) = serde_json::to_string(&event) {
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            }
+        if json && let Ok(line) = serde_json::to_string(&event) {
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
         }
         match event.kind {
             EventKind::Output { stream, data, .. } if !json => {

@@ -117,7 +117,7 @@ pub(crate) fn check_config(config: &HostConfig) -> Result<(), Error> {
             "shell {shell} does not exist or is not executable"
         )));
     }
-    check_workspace_root(&config.workspace_root).map_err(|e| Error::InvalidConfig(e))?;
+    check_workspace_root(&config.workspace_root).map_err(Error::InvalidConfig)?;
     Ok(())
 }
 

@@ -124,7 +124,7 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
     let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let mut status_rx = pipe::Receiver::from_owned_fd_unchecked(status_r.into())?;
+    let mut status_rx = pipe::Receiver::from_owned_fd_unchecked(status_r)?;
     let main_pid = match read_message(&mut status_rx).await {
         Some(msg) if msg[0] == b'P' => Some(message_value(&msg)),
         _ => None,
