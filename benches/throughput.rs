@@ -61,12 +61,20 @@ fn throughput(c: &mut Criterion) {
     let runner = NativeRunner::new(config).unwrap();
     let job = Job::new(
         "gigabyte",
-        vec![Step::command(["head", "-c", &SIZE.to_string(), "/dev/zero"])],
+        vec![Step::command([
+            "head",
+            "-c",
+            &SIZE.to_string(),
+            "/dev/zero",
+        ])],
     );
 
     let (bytes, growth) = rt.block_on(through_runner(&runner, &job, true));
     assert_eq!(bytes, SIZE);
-    println!("rss_growth_bytes: {growth} ({} MiB) while streaming 1 GiB", growth >> 20);
+    println!(
+        "rss_growth_bytes: {growth} ({} MiB) while streaming 1 GiB",
+        growth >> 20
+    );
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .or_else(|| Some(std::path::PathBuf::from("target")))

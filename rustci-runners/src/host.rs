@@ -124,10 +124,9 @@ pub(crate) fn check_config(config: &HostConfig) -> Result<(), Error> {
 fn check_workspace_root(root: &Path) -> Result<(), String> {
     std::fs::create_dir_all(root)
         .map_err(|e| format!("workspace root {} cannot be created: {e}", root.display()))?;
-    tempfile::Builder::new()
-        .prefix(".probe-")
-        .tempdir_in(root)
-        .map(drop)
+    let probe = root.join(format!(".probe-{}", crate::runner::JobId::new()));
+    std::fs::create_dir(&probe)
+        .and_then(|()| std::fs::remove_dir(&probe))
         .map_err(|e| format!("workspace root {} is not writable: {e}", root.display()))
 }
 
@@ -206,28 +205,31 @@ impl HostEngine {
                 e,
             )
         })?;
-        let job_dir = tempfile::Builder::new()
-            .prefix(&format!("{}-", job.name))
-            .tempdir_in(root)
-            .map_err(|e| {
-                Error::io(
-                    format!("cannot create a workspace under {}", root.display()),
-                    e,
-                )
-            })?;
-        let workspace = job_dir.path().join("workspace");
+        // One directory per execution, named after the job and the (unique) execution id.
+        let workspace = root.join(format!("{}-{id}", job.name));
+        std::fs::create_dir(&workspace).map_err(|e| {
+            Error::io(
+                format!("cannot create workspace {}", workspace.display()),
+                e,
+            )
+        })?;
+        let mut guard = WorkspaceGuard {
+            path: Some(workspace.clone()),
+            keep: self.config.keep_workspaces,
+        };
         let cwd = match &job.workdir {
             Some(w) => workspace.join(w),
             None => workspace.clone(),
         };
-        std::fs::create_dir_all(&cwd)
-            .map_err(|e| Error::io(format!("cannot create workspace {}", cwd.display()), e))?;
+        std::fs::create_dir_all(&cwd).map_err(|e| {
+            Error::io(
+                format!("cannot create working directory {}", cwd.display()),
+                e,
+            )
+        })?;
         let native = self.native.clone().unwrap_or_default();
         if let Some((uid, gid)) = native.credentials {
-            for dir in cwd
-                .ancestors()
-                .take_while(|d| d.starts_with(job_dir.path()))
-            {
+            for dir in cwd.ancestors().take_while(|d| d.starts_with(&workspace)) {
                 nix::unistd::chown(dir, Some(uid.into()), Some(gid.into())).map_err(|e| {
                     Error::io(
                         format!("cannot hand {} to uid {uid}", dir.display()),
@@ -260,11 +262,14 @@ impl HostEngine {
             shell: self.config.shell.clone(),
             grace: self.config.termination_grace,
             cwd,
-            job_dir: Some(job_dir),
-            keep: self.config.keep_workspaces,
+            workspace: guard.path.take().map(|path| WorkspaceGuard {
+                path: Some(path),
+                keep: guard.keep,
+            }),
             cgroup,
             native,
             resources,
+            scripts: Vec::new(),
             slot: Some(slot),
         };
         tokio::spawn(run.run());
@@ -347,16 +352,38 @@ struct JobRun {
     shell: Vec<String>,
     grace: Duration,
     cwd: PathBuf,
-    job_dir: Option<tempfile::TempDir>,
-    keep: bool,
+    workspace: Option<WorkspaceGuard>,
     cgroup: Option<JobCgroup>,
     native: NativePlan,
     resources: Resources,
     secrets: SecretSet,
     budget: OutputBudget,
     env: Vec<(String, String)>,
+    scripts: Vec<PathBuf>,
     slot: Option<Slot>,
 }
+
+/// Removes a workspace when dropped, unless it is to be kept.
+struct WorkspaceGuard {
+    path: Option<PathBuf>,
+    keep: bool,
+}
+
+impl Drop for WorkspaceGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take()
+            && !self.keep
+        {
+            // An empty workspace goes with one system call.
+            if std::fs::remove_dir(&path).is_err() {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+/// Scripts up to this size are passed with `-c`; longer ones through a file.
+const INLINE_SCRIPT_BYTES: usize = 64 * 1024;
 
 impl JobRun {
     async fn run(mut self) {
@@ -379,11 +406,10 @@ impl JobRun {
         if let Some(mut cg) = self.cgroup.take() {
             cg.remove();
         }
-        if let Some(dir) = self.job_dir.take()
-            && self.keep
-        {
-            let _ = dir.keep();
+        for script in self.scripts.drain(..) {
+            let _ = std::fs::remove_file(script);
         }
+        self.workspace.take();
         self.slot.take();
     }
 
@@ -412,27 +438,33 @@ impl JobRun {
             };
             let (program, args) = match &step.action {
                 StepAction::Run(script) => {
-                    let file = self
-                        .job_dir
-                        .as_ref()
-                        .map(|d| d.path().join(format!("step-{index}.sh")))
-                        .unwrap_or_default();
-                    if let Err(e) = write_script(&file, script, self.native.credentials) {
-                        return self
-                            .step_error(
-                                index,
-                                &name,
-                                step_started,
-                                format!(
-                                    "cannot write the script of step {name:?} to {}: {e}",
-                                    file.display()
-                                ),
-                            )
-                            .await;
-                    }
                     let mut args: Vec<OsString> =
                         self.shell[1..].iter().map(OsString::from).collect();
-                    args.push(file.into_os_string());
+                    if script.len() <= INLINE_SCRIPT_BYTES {
+                        args.push("-c".into());
+                        args.push(script.into());
+                    } else {
+                        // Too long for one argument: a file beside the workspace.
+                        let file = match self.workspace.as_ref().and_then(|w| w.path.as_ref()) {
+                            Some(w) => w.with_extension(format!("step-{index}.sh")),
+                            None => PathBuf::new(),
+                        };
+                        if let Err(e) = write_script(&file, script, self.native.credentials) {
+                            return self
+                                .step_error(
+                                    index,
+                                    &name,
+                                    step_started,
+                                    format!(
+                                        "cannot write the script of step {name:?} to {}: {e}",
+                                        file.display()
+                                    ),
+                                )
+                                .await;
+                        }
+                        self.scripts.push(file.clone());
+                        args.push(file.into_os_string());
+                    }
                     (OsString::from(&self.shell[0]), args)
                 }
                 StepAction::Command(argv) => (
@@ -450,7 +482,6 @@ impl JobRun {
                 .map(JobCgroup::procs_files)
                 .unwrap_or_default();
             let plan = ShimPlan {
-                status_fd: -1,
                 cgroup_procs: cgroup_procs
                     .iter()
                     .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
@@ -490,18 +521,23 @@ impl JobRun {
                 duration: elapsed,
             };
             match end {
-                Err(e) => {
+                Err(spawn_error) => {
                     let program = program.to_string_lossy().into_owned();
-                    let message = match e.kind() {
-                        std::io::ErrorKind::NotFound => format!("command not found: {program}"),
-                        std::io::ErrorKind::PermissionDenied => {
+                    let e = &spawn_error.error;
+                    let message = match (spawn_error.stage, e.kind()) {
+                        (Some(stage), _) => format!("cannot start {program}: {stage} failed: {e}"),
+                        (None, std::io::ErrorKind::NotFound) => {
+                            format!("command not found: {program}")
+                        }
+                        (None, std::io::ErrorKind::PermissionDenied) => {
                             format!("permission denied: {program}")
                         }
-                        _ => format!("cannot start {program}: {e}"),
+                        (None, _) => format!("cannot start {program}: {e}"),
                     };
                     let message = self.secrets.mask_str(&message);
-                    if matches!(step.action, StepAction::Run(_)) {
-                        // The shell itself could not run: the runner's problem, not the job's.
+                    if matches!(step.action, StepAction::Run(_)) || spawn_error.stage.is_some() {
+                        // The shell itself, or the isolation around the step, could not be
+                        // set up: the runner's problem, not the job's.
                         return self.step_error(index, &name, step_started, message).await;
                     }
                     self.sink

@@ -12,17 +12,18 @@
 
 mod cgroup;
 mod shim;
+mod sys;
 mod tree;
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::unix::pipe;
@@ -32,7 +33,9 @@ use crate::mask::{Masker, SecretSet};
 use crate::runner::{EventKind, ExecutionSink, OutputStream};
 
 pub(crate) use cgroup::{CgroupLimits, CgroupSupport, JobCgroup};
+use shim::SpawnRequest;
 pub(crate) use shim::{Rlimit, ShimPlan};
+use sys::Stack;
 
 const READ_CHUNK: usize = 64 * 1024;
 const REKILL_INTERVAL: Duration = Duration::from_millis(10);
@@ -91,6 +94,20 @@ enum StopReason {
     Cancelled,
 }
 
+/// Why a process could not be started.
+#[derive(Debug)]
+pub(crate) struct SpawnError {
+    pub error: io::Error,
+    /// What was being done, when not the exec itself.
+    pub stage: Option<&'static str>,
+}
+
+impl From<io::Error> for SpawnError {
+    fn from(error: io::Error) -> Self {
+        SpawnError { error, stage: None }
+    }
+}
+
 async fn read_message(rx: &mut pipe::Receiver) -> Option<[u8; 6]> {
     let mut buf = [0u8; 6];
     rx.read_exact(&mut buf).await.ok().map(|_| buf)
@@ -100,35 +117,200 @@ fn message_value(msg: &[u8; 6]) -> i32 {
     i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])
 }
 
+/// Finds `program` like `execvp` would, in the `PATH` the step will have.
+fn resolve_program(program: &OsStr, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+    let bytes = program.as_encoded_bytes();
+    if bytes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "empty program name",
+        ));
+    }
+    if bytes.contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    let mut denied = false;
+    for dir in path.split(':') {
+        let dir = if dir.is_empty() { cwd } else { Path::new(dir) };
+        let candidate = dir.join(program);
+        if let Ok(meta) = std::fs::metadata(&candidate)
+            && meta.is_file()
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+            denied = true;
+        }
+    }
+    Err(if denied {
+        io::Error::from(io::ErrorKind::PermissionDenied)
+    } else {
+        io::Error::from(io::ErrorKind::NotFound)
+    })
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "NUL byte in argument or environment",
+        )
+    })
+}
+
+/// A pipe whose read end is non-blocking (for the runtime) and both ends close-on-exec and
+/// numbered 3 or higher (so they never collide with stdio in the child).
+fn make_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let r = above_stdio(r)?;
+    let w = above_stdio(w)?;
+    nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((r, w))
+}
+
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= 3 {
+        return Ok(fd);
+    }
+    Ok(
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)).map(|raw| {
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        })?,
+    )
+}
+
+/// The shim while it may still run: owns what it reads. If dropped before the shim was
+/// reaped (the supervising future was dropped), the job is killed and reaped first.
+struct Shim {
+    pid: i32,
+    reaped: bool,
+    _request: Box<SpawnRequest>,
+    _stack: Stack,
+    cgroup_procs: Vec<PathBuf>,
+    main_group: Option<i32>,
+}
+
+impl Shim {
+    fn reap(&mut self) {
+        if !self.reaped {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+            self.reaped = true;
+        }
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        if !self.reaped {
+            tree::signal_job(
+                self.pid,
+                self.main_group,
+                &self.cgroup_procs,
+                Signal::SIGKILL,
+            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGKILL);
+            self.reap();
+        }
+    }
+}
+
+const STACK_SIZE: usize = 64 * 1024;
+
+/// Starts the shim for `spec`. Returns it with the read ends of stdout, stderr and the
+/// status pipe.
+fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnError> {
+    let path = resolve_program(&spec.program, &spec.env, &spec.cwd)?;
+    let (out_r, out_w) = make_pipe()?;
+    let (err_r, err_w) = make_pipe()?;
+    let (status_r, status_w) = make_pipe()?;
+    let devnull = above_stdio(OwnedFd::from(std::fs::File::open("/dev/null")?))?;
+    let mut argv = vec![cstring(spec.program.as_encoded_bytes())?];
+    for a in &spec.args {
+        argv.push(cstring(a.as_encoded_bytes())?);
+    }
+    let envp = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut request = Box::new(SpawnRequest {
+        path: cstring(path.as_os_str().as_encoded_bytes())?,
+        argv,
+        argv_ptrs: Vec::new(),
+        envp,
+        envp_ptrs: Vec::new(),
+        cwd: cstring(spec.cwd.as_os_str().as_encoded_bytes())?,
+        plan: spec.plan,
+        stdin: devnull.as_raw_fd(),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        status: status_w.as_raw_fd(),
+        main_stack: Stack::new(STACK_SIZE)?,
+    });
+    request.finish_pointers();
+    let stack = Stack::new(STACK_SIZE)?;
+
+    // Block every signal around clone so that none is handled in the child before it has
+    // reset its dispositions; the child unblocks them itself.
+    let all = nix::sys::signal::SigSet::all();
+    let mut previous = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&all),
+        Some(&mut previous),
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: the request and both stacks live in `Shim` until the shim is reaped; the
+    // shim only makes raw system calls.
+    let pid = unsafe {
+        sys::clone_with_stack(
+            (libc::CLONE_VM | libc::SIGCHLD) as usize,
+            stack.top(),
+            shim::shim_entry,
+            &*request as *const SpawnRequest as usize,
+        )
+    };
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&previous),
+        None,
+    );
+    if pid < 0 {
+        return Err(io::Error::from_raw_os_error(-pid as i32).into());
+    }
+    // The shim has its own copy of the descriptor table: close the parent's write ends so
+    // that end-of-file means the job is done with them.
+    drop((out_w, err_w, status_w, devnull));
+    let shim = Shim {
+        pid: pid as i32,
+        reaped: false,
+        _request: request,
+        _stack: stack,
+        cgroup_procs: spec.cgroup_procs,
+        main_group: None,
+    };
+    Ok((shim, out_r, err_r, status_r))
+}
+
 /// Runs one process to its end. `Err` only when it could not be started; the error
 /// names the cause (a missing program is `NotFound`).
-pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Result<ProcessEnd> {
-    let (status_r, status_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-    let mut plan = spec.plan;
-    plan.status_fd = status_w.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the shim only makes async-signal-safe calls on data prepared here.
-    unsafe {
-        cmd.pre_exec(move || shim::run(&plan));
-    }
-    let mut child = cmd.spawn()?;
-    drop(status_w);
-    let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
+pub(crate) async fn supervise(
+    spec: ProcessSpec,
+    sup: Supervision<'_>,
+) -> Result<ProcessEnd, SpawnError> {
+    let (mut shim, out_r, err_r, status_r) = spawn(spec)?;
+    let shim_pid = shim.pid;
+    let stdout = pipe::Receiver::from_owned_fd_unchecked(out_r)?;
+    let stderr = pipe::Receiver::from_owned_fd_unchecked(err_r)?;
     let mut status_rx = pipe::Receiver::from_owned_fd_unchecked(status_r)?;
-    let main_pid = match read_message(&mut status_rx).await {
-        Some(msg) if msg[0] == b'P' => Some(message_value(&msg)),
-        _ => None,
-    };
 
     let pumps = async {
         tokio::join!(
@@ -138,42 +320,51 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
     };
     tokio::pin!(pumps);
 
-    let signal_all =
-        |signal: Signal| tree::signal_job(shim_pid, main_pid, &spec.cgroup_procs, signal);
-
     let mut pumps_done = false;
-    let mut shim_done = false;
     let mut status_open = true;
+    let mut main_pid: Option<i32> = None;
     let mut main_status: Option<i32> = None;
     let mut command_status: Option<i32> = None;
+    let mut exec_error: Option<i32> = None;
+    let mut setup_error: Option<(i32, u8)> = None;
     let mut stop: Option<StopReason> = None;
     let mut kill_at: Option<Instant> = None;
     let mut reaping = false;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let mut rekill = tokio::time::interval(REKILL_INTERVAL);
     loop {
-        // The shim writes the main status before it exits: read the pipe to its end too.
-        if pumps_done && shim_done && !status_open {
+        // The shim writes its last message just before it exits: the pipe's end-of-file
+        // means it is gone.
+        if pumps_done && !status_open {
             break;
         }
+        let signal_all =
+            |signal: Signal| tree::signal_job(shim_pid, main_pid, &shim.cgroup_procs, signal);
         let main_running = main_status.is_none() && status_open;
         tokio::select! {
             _ = &mut pumps, if !pumps_done => pumps_done = true,
-            _ = child.wait(), if !shim_done => shim_done = true,
             msg = read_message(&mut status_rx), if status_open => match msg {
-                Some(msg) if msg[0] == b'S' => {
-                    main_status = Some(message_value(&msg));
-                    if msg[5] == 1 {
-                        // The main process is done but others of the job live on.
-                        let count = signal_all(Signal::SIGKILL);
-                        reaping = true;
-                        if count > 0 {
-                            sup.sink.emit(EventKind::LeftoverProcesses { step: sup.step, count }).await;
+                Some(msg) => match msg[0] {
+                    b'P' => {
+                        main_pid = Some(message_value(&msg));
+                        shim.main_group = main_pid;
+                    }
+                    b'E' => exec_error = Some(message_value(&msg)),
+                    b'F' => setup_error = Some((message_value(&msg), msg[5])),
+                    b'R' => command_status = Some(message_value(&msg)),
+                    b'S' => {
+                        main_status = Some(message_value(&msg));
+                        if msg[5] == 1 {
+                            // The main process is done but others of the job live on.
+                            let count = signal_all(Signal::SIGKILL);
+                            reaping = true;
+                            if count > 0 && exec_error.is_none() {
+                                sup.sink.emit(EventKind::LeftoverProcesses { step: sup.step, count }).await;
+                            }
                         }
                     }
-                }
-                Some(msg) if msg[0] == b'R' => command_status = Some(message_value(&msg)),
-                Some(_) => {}
+                    _ => {}
+                },
                 None => status_open = false,
             },
             _ = tokio::time::sleep_until(sup.deadline), if main_running && stop.is_none() => {
@@ -195,6 +386,21 @@ pub(crate) async fn supervise(spec: ProcessSpec, sup: Supervision<'_>) -> io::Re
                 signal_all(Signal::SIGKILL);
             }
         }
+    }
+    shim.reap();
+    if let Some((errno, stage)) = setup_error {
+        return Err(SpawnError {
+            error: io::Error::from_raw_os_error(errno),
+            stage: Some(
+                shim::STAGES
+                    .get(stage as usize)
+                    .copied()
+                    .unwrap_or("setting up"),
+            ),
+        });
+    }
+    if let Some(errno) = exec_error {
+        return Err(io::Error::from_raw_os_error(errno).into());
     }
     if let Some(reason) = stop {
         return Ok(match reason {

@@ -1,16 +1,21 @@
-//! The code that runs between `fork` and `exec`.
+//! Starting a step's process: the shim and the code that runs before `exec`.
 //!
-//! Every job process is started under a small *shim*: the forked child becomes a session
-//! leader, joins the job's cgroups, marks itself a child subreaper, enters the requested
-//! namespaces and forks the real process (the *main* process). The shim then closes every
-//! descriptor but its status pipe and only waits: orphans of the job (a grandchild that
-//! called `setsid`, a daemonised server) are re-parented to it instead of to init, so the
-//! supervisor can always find them as the shim's descendants.
+//! Every step's process is started under a small *shim*, created with `clone(CLONE_VM)`
+//! on a stack of its own: no copy of the runner's page tables, so it costs little more
+//! than a thread. The shim becomes a session leader, joins the job's cgroups, marks itself
+//! a child subreaper, enters the requested namespaces and starts the step's *main* process
+//! with `clone(CLONE_VM | CLONE_VFORK)`, which runs until `exec` on a second stack (the
+//! same technique `posix_spawn` uses). The shim then closes every descriptor but its
+//! status pipe and only waits: orphans of the job (a grandchild that called `setsid`, a
+//! daemon) are re-parented to it instead of to init, so the supervisor always finds them
+//! among the shim's descendants.
 //!
-//! Status pipe protocol, fixed 6-byte messages written by the shim:
+//! Status pipe protocol, fixed 6-byte messages:
 //!
 //! ```text
 //! 'P' pid:i32            main process started with this pid (also its process group)
+//! 'E' errno:i32          exec of the step's program failed (the main process exits 127)
+//! 'F' errno:i32 stage:u8 the shim could not set the step up; nothing was started
 //! 'S' status:i32 left:u8 main process ended with this wait status; left = 1 when other
 //!                        processes of the job were still alive at that moment
 //! 'R' status:i32         (PID namespace only) the step's command ended with this status
@@ -18,35 +23,34 @@
 //!
 //! In a new PID namespace the main process is the namespace's init, which the kernel
 //! shields from signals sent inside the namespace (`kill -KILL $$` would do nothing). So
-//! there the main process stays a minimal init that runs the command as its child, reports
-//! the command's real status with an `'R'` message and exits, which makes the kernel kill
-//! whatever else is left in the namespace.
+//! there the main process is a real fork that stays a minimal init: it mounts a fresh
+//! `/proc`, runs the command as its child, reports the command's real status with an `'R'`
+//! message and exits, which makes the kernel kill whatever else is left in the namespace.
 //!
-//! The shim exits once it has no children left. Everything here runs in a forked copy of a
-//! multi-threaded process, so it only makes async-signal-safe system calls and never
-//! allocates.
+//! The shim and the main process share the runner's memory, so everything they run uses
+//! only the raw system calls of [`super::sys`]: no allocation, no `errno`, no panics.
 
-use std::ffi::CString;
-use std::io;
+use std::ffi::{CString, c_char};
 use std::os::fd::RawFd;
 
-/// A resource limit for `setrlimit`.
+use super::sys::{Stack, clone_with_stack, sys, syscall6};
+use std::ffi::c_long;
+
+/// A resource limit for `prlimit`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Rlimit {
     pub resource: libc::__rlimit_resource_t,
     pub value: u64,
 }
 
-/// Everything the shim and the main process do before `exec`, prepared in the parent.
+/// Isolation and limits applied before `exec`.
 #[derive(Debug, Default)]
 pub(crate) struct ShimPlan {
-    /// Write end of the status pipe (opened close-on-exec).
-    pub status_fd: RawFd,
-    /// `cgroup.procs` (or `tasks`) files to join, NUL-terminated.
+    /// `cgroup.procs` files to join.
     pub cgroup_procs: Vec<CString>,
     /// `unshare` flags for new namespaces.
     pub unshare_flags: libc::c_int,
-    /// Mount a fresh `/proc` in the main process (needs new PID and mount namespaces).
+    /// Mount a fresh `/proc` as init of a new PID namespace.
     pub mount_proc: bool,
     /// Host name inside a new UTS namespace.
     pub hostname: Option<CString>,
@@ -56,191 +60,333 @@ pub(crate) struct ShimPlan {
     pub credentials: Option<(libc::uid_t, libc::gid_t)>,
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
+/// Everything the shim reads, prepared by the parent and kept alive (with the stacks)
+/// until the shim has been reaped.
+pub(crate) struct SpawnRequest {
+    pub path: CString,
+    pub argv: Vec<CString>,
+    pub argv_ptrs: Vec<*const c_char>,
+    pub envp: Vec<CString>,
+    pub envp_ptrs: Vec<*const c_char>,
+    pub cwd: CString,
+    pub plan: ShimPlan,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    pub status: RawFd,
+    pub main_stack: Stack,
+}
+
+// SAFETY: the raw pointers point into the CStrings owned by the same value.
+unsafe impl Send for SpawnRequest {}
+unsafe impl Sync for SpawnRequest {}
+
+impl SpawnRequest {
+    /// Builds the pointer arrays `execve` needs.
+    pub(crate) fn finish_pointers(&mut self) {
+        self.argv_ptrs = self.argv.iter().map(|a| a.as_ptr()).collect();
+        self.argv_ptrs.push(std::ptr::null());
+        self.envp_ptrs = self.envp.iter().map(|e| e.as_ptr()).collect();
+        self.envp_ptrs.push(std::ptr::null());
     }
 }
 
-fn write_all(fd: RawFd, buf: &[u8]) {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: the buffer is valid for its length; write is async-signal-safe.
-        let n = unsafe { libc::write(fd, buf[done..].as_ptr().cast(), buf.len() - done) };
-        if n < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        done += n as usize;
-    }
-}
+/// Setup stages reported with an `'F'` message.
+pub(crate) const STAGES: [&str; 6] = [
+    "setsid",
+    "joining the job's cgroup",
+    "becoming a child subreaper",
+    "entering new namespaces",
+    "starting the step's process",
+    "preparing the namespace",
+];
+
+const CLOSE_RANGE_CLOEXEC: usize = 4;
 
 fn message(tag: u8, value: i32, extra: u8) -> [u8; 6] {
     let v = value.to_ne_bytes();
     [tag, v[0], v[1], v[2], v[3], extra]
 }
 
-/// Runs in the forked child before `exec`.
-///
-/// Returns `Ok(())` only in the main process, which then goes on to `exec`. The shim never
-/// returns.
-///
-/// # Safety
-/// Must only be called from `CommandExt::pre_exec`.
-pub(crate) unsafe fn run(plan: &ShimPlan) -> io::Result<()> {
-    // SAFETY (whole function): only async-signal-safe libc calls on memory prepared before
-    // the fork.
+unsafe fn send(fd: RawFd, msg: [u8; 6]) {
+    // SAFETY: writing our own buffer; 6 bytes to a pipe are written at once.
     unsafe {
-        check(libc::setsid())?;
-        for path in &plan.cgroup_procs {
-            let fd = check(libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC))?;
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = io::Error::last_os_error();
-            libc::close(fd);
-            if written != 1 {
-                return Err(err);
+        loop {
+            let n = sys!(libc::SYS_write, fd, msg.as_ptr(), msg.len());
+            if n != -(libc::EINTR as isize) {
+                break;
             }
         }
-        check(libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))?;
-        if plan.unshare_flags != 0 {
-            check(libc::unshare(plan.unshare_flags))?;
-        }
-        // Do not run the parent's signal handlers (a runtime's SIGCHLD handler, say) here.
-        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+    }
+}
 
-        let main = check(libc::fork())?;
-        if main == 0 {
-            return prepare_main(plan);
+unsafe fn fail(status: RawFd, errno: isize, stage: u8) -> isize {
+    // SAFETY: see `send`.
+    unsafe { send(status, message(b'F', (-errno) as i32, stage)) };
+    1
+}
+
+/// Entry of the shim; `arg` is a `*const SpawnRequest`.
+///
+/// # Safety
+/// Only for [`clone_with_stack`] from [`super::spawn`].
+pub(crate) unsafe extern "C" fn shim_entry(arg: usize) -> isize {
+    // SAFETY (whole function): the request outlives the shim; raw system calls only.
+    unsafe {
+        let req = &*(arg as *const SpawnRequest);
+        let status = req.status;
+        // Default dispositions everywhere (the runner's handlers must not run here), then
+        // unblock what the parent blocked around clone.
+        let zeroed = [0usize; 4];
+        for sig in 1..=64usize {
+            if sig != libc::SIGKILL as usize && sig != libc::SIGSTOP as usize {
+                sys!(libc::SYS_rt_sigaction, sig, zeroed.as_ptr(), 0, 8);
+            }
+        }
+        let empty = 0u64;
+        sys!(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            0,
+            8
+        );
+
+        let r = sys!(libc::SYS_setsid);
+        if r < 0 {
+            return fail(status, r, 0);
+        }
+        for path in &req.plan.cgroup_procs {
+            let fd = sys!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC
+            );
+            if fd < 0 {
+                return fail(status, fd, 1);
+            }
+            let w = sys!(libc::SYS_write, fd, b"0".as_ptr(), 1);
+            sys!(libc::SYS_close, fd);
+            if w < 0 {
+                return fail(status, w, 1);
+            }
+        }
+        let r = sys!(libc::SYS_prctl, libc::PR_SET_CHILD_SUBREAPER, 1);
+        if r < 0 {
+            return fail(status, r, 2);
+        }
+        if req.plan.unshare_flags != 0 {
+            let r = sys!(libc::SYS_unshare, req.plan.unshare_flags);
+            if r < 0 {
+                return fail(status, r, 3);
+            }
         }
 
-        // The shim: keep only the status pipe, so the job's output pipes and the parent's
-        // exec-error pipe see end-of-file as soon as the main process is done with them.
-        let fd = plan.status_fd;
-        if fd > 0 {
-            close_range(0, (fd - 1) as libc::c_uint);
+        let main = if req.plan.mount_proc {
+            // A real fork: the namespace's init stays alive, which a vfork child cannot.
+            let pid = sys!(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
+            if pid == 0 {
+                sys!(libc::SYS_exit, namespace_main(req));
+            }
+            pid
+        } else {
+            clone_with_stack(
+                (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as usize,
+                req.main_stack.top(),
+                main_entry,
+                arg,
+            )
+        };
+        if main < 0 {
+            return fail(status, main, 4);
         }
-        close_range((fd + 1) as libc::c_uint, libc::c_uint::MAX);
-        write_all(fd, &message(b'P', main, 0));
+        send(status, message(b'P', main as i32, 0));
 
-        let mut status: libc::c_int = 0;
+        // Keep only the status pipe, so the step's pipes see end-of-file as soon as the
+        // job's own processes are done with them.
+        if status > 0 {
+            sys!(libc::SYS_close_range, 0, status - 1, 0);
+        }
+        sys!(libc::SYS_close_range, status + 1, u32::MAX, 0);
+
+        let mut wstatus: libc::c_int = 0;
         let mut main_status = None;
         while main_status.is_none() {
-            let pid = libc::waitpid(-1, &mut status, 0);
+            let pid = sys!(
+                libc::SYS_wait4,
+                -1isize,
+                &mut wstatus as *mut libc::c_int,
+                0,
+                0
+            );
             if pid == main {
-                main_status = Some(status);
-            } else if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                main_status = Some(wstatus);
+            } else if pid < 0 && pid != -(libc::EINTR as isize) {
                 break;
             }
         }
         // Reap whatever already ended; anything still alive is a leftover.
         let left = loop {
-            let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
-            if pid > 0 {
+            let pid = sys!(
+                libc::SYS_wait4,
+                -1isize,
+                &mut wstatus as *mut libc::c_int,
+                libc::WNOHANG,
+                0
+            );
+            if pid > 0 || pid == -(libc::EINTR as isize) {
                 continue;
             }
-            if pid == 0 {
-                break true;
-            }
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            break false;
+            break pid == 0;
         };
-        write_all(fd, &message(b'S', main_status.unwrap_or(0), left as u8));
+        send(status, message(b'S', main_status.unwrap_or(0), left as u8));
         if left {
             // The supervisor kills the leftovers; reap them until none is left.
             loop {
-                let pid = libc::waitpid(-1, &mut status, 0);
-                if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                let pid = sys!(
+                    libc::SYS_wait4,
+                    -1isize,
+                    &mut wstatus as *mut libc::c_int,
+                    0,
+                    0
+                );
+                if pid < 0 && pid != -(libc::EINTR as isize) {
                     break;
                 }
             }
         }
-        libc::_exit(0)
+        0
     }
 }
 
-unsafe fn close_range(first: libc::c_uint, last: libc::c_uint) {
-    // SAFETY: close_range only closes descriptors of this process.
-    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
-    if ret < 0 {
-        // Kernels before 5.9: close one by one up to a sane bound.
-        let mut fd = first;
-        while fd <= last && fd < 65_536 {
-            // SAFETY: closing a descriptor number is always memory-safe.
-            unsafe { libc::close(fd as RawFd) };
-            fd += 1;
-        }
-    }
-}
-
-/// PID 1 of a new PID namespace: reaps everything, reports the command's status, exits.
-unsafe fn namespace_init(status_fd: RawFd, command: libc::pid_t) -> ! {
-    // SAFETY: async-signal-safe calls only.
+/// Entry of the main process (vfork-style child of the shim).
+unsafe extern "C" fn main_entry(arg: usize) -> isize {
+    // SAFETY: see `shim_entry`.
     unsafe {
-        if status_fd > 0 {
-            close_range(0, (status_fd - 1) as libc::c_uint);
-        }
-        close_range((status_fd + 1) as libc::c_uint, libc::c_uint::MAX);
-        let mut status: libc::c_int = 0;
-        loop {
-            let pid = libc::waitpid(-1, &mut status, 0);
-            if pid == command {
-                write_all(status_fd, &message(b'R', status, 0));
-                break;
-            }
-            if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
-        }
-        libc::_exit(0)
+        let req = &*(arg as *const SpawnRequest);
+        sys!(libc::SYS_setpgid, 0, 0);
+        exec_step(req)
     }
 }
 
-/// Runs in the main process before `exec`.
-unsafe fn prepare_main(plan: &ShimPlan) -> io::Result<()> {
-    // SAFETY: async-signal-safe calls on memory prepared before the fork.
+/// Main process of a step in a new PID namespace: PID 1, mounts `/proc`, forks the
+/// command, reports its status.
+unsafe fn namespace_main(req: &SpawnRequest) -> isize {
+    // SAFETY: see `shim_entry`; this is a full fork, so it owns its memory.
     unsafe {
-        check(libc::setpgid(0, 0))?;
-        if plan.mount_proc {
-            let command = check(libc::fork())?;
-            if command != 0 {
-                namespace_init(plan.status_fd, command);
-            }
-            check(libc::mount(
-                c"none".as_ptr(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
+        let status = req.status;
+        sys!(libc::SYS_setpgid, 0, 0);
+        let r = sys!(
+            libc::SYS_mount,
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            0,
+            libc::MS_REC | libc::MS_PRIVATE,
+            0
+        );
+        let r = if r < 0 {
+            r
+        } else {
+            sys!(
+                libc::SYS_mount,
                 c"proc".as_ptr(),
                 c"/proc".as_ptr(),
                 c"proc".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ))?;
+                0
+            )
+        };
+        if r < 0 {
+            send(status, message(b'E', (-r) as i32, 5));
+            return 127;
         }
-        if let Some(name) = &plan.hostname {
-            check(libc::sethostname(name.as_ptr(), name.as_bytes().len()))?;
+        let command = sys!(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
+        if command == 0 {
+            return exec_step(req);
         }
-        for limit in &plan.rlimits {
-            let value = libc::rlimit {
-                rlim_cur: limit.value,
-                rlim_max: limit.value,
-            };
-            check(libc::setrlimit(limit.resource, &value))?;
+        if command < 0 {
+            send(status, message(b'E', (-command) as i32, 5));
+            return 127;
         }
-        if let Some((uid, gid)) = plan.credentials {
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setgid(gid))?;
-            check(libc::setuid(uid))?;
+        sys!(libc::SYS_close_range, 0, status - 1, 0);
+        sys!(libc::SYS_close_range, status + 1, u32::MAX, 0);
+        let mut wstatus: libc::c_int = 0;
+        loop {
+            let pid = sys!(
+                libc::SYS_wait4,
+                -1isize,
+                &mut wstatus as *mut libc::c_int,
+                0,
+                0
+            );
+            if pid == command {
+                send(status, message(b'R', wstatus, 0));
+                break;
+            }
+            if pid < 0 && pid != -(libc::EINTR as isize) {
+                break;
+            }
         }
-        Ok(())
+        0
+    }
+}
+
+/// Applies limits and credentials, wires up stdio and execs the step's program. Returns
+/// only on failure (exit code 127), after reporting the errno.
+unsafe fn exec_step(req: &SpawnRequest) -> isize {
+    // SAFETY: see `shim_entry`.
+    unsafe {
+        let status = req.status;
+        let fail = |r: isize| -> isize {
+            send(status, message(b'E', (-r) as i32, 0));
+            127
+        };
+        if let Some(name) = &req.plan.hostname {
+            let r = sys!(libc::SYS_sethostname, name.as_ptr(), name.as_bytes().len());
+            if r < 0 {
+                return fail(r);
+            }
+        }
+        for limit in &req.plan.rlimits {
+            let value = [limit.value, limit.value];
+            let r = sys!(libc::SYS_prlimit64, 0, limit.resource, value.as_ptr(), 0);
+            if r < 0 {
+                return fail(r);
+            }
+        }
+        if let Some((uid, gid)) = req.plan.credentials {
+            let r = sys!(libc::SYS_setgroups, 0, 0);
+            if r < 0 {
+                return fail(r);
+            }
+            let r = sys!(libc::SYS_setgid, gid);
+            if r < 0 {
+                return fail(r);
+            }
+            let r = sys!(libc::SYS_setuid, uid);
+            if r < 0 {
+                return fail(r);
+            }
+        }
+        for (from, to) in [(req.stdin, 0), (req.stdout, 1), (req.stderr, 2)] {
+            let r = sys!(libc::SYS_dup3, from, to, 0);
+            if r < 0 {
+                return fail(r);
+            }
+        }
+        // Descriptors the runner's process left inheritable must not reach the job.
+        sys!(libc::SYS_close_range, 3, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        let r = sys!(libc::SYS_chdir, req.cwd.as_ptr());
+        if r < 0 {
+            return fail(r);
+        }
+        let r = sys!(
+            libc::SYS_execve,
+            req.path.as_ptr(),
+            req.argv_ptrs.as_ptr(),
+            req.envp_ptrs.as_ptr()
+        );
+        fail(r)
     }
 }
