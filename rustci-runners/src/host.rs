@@ -95,6 +95,7 @@ pub(crate) struct HostEngine {
     pub config: HostConfig,
     pub native: Option<NativePlan>,
     running: Arc<AtomicUsize>,
+    workspaces: Arc<WorkspacePool>,
 }
 
 fn executable(path: &Path) -> bool {
@@ -146,6 +147,7 @@ impl HostEngine {
         native: Option<NativePlan>,
     ) -> Self {
         HostEngine {
+            workspaces: Arc::new(WorkspacePool::new(config.workspace_root.clone())),
             info,
             caps,
             config,
@@ -198,24 +200,12 @@ impl HostEngine {
         let slot = self.acquire()?;
         let resources = effective_resources(&job.resources, self.native.as_ref());
 
-        let root = &self.config.workspace_root;
-        std::fs::create_dir_all(root).map_err(|e| {
-            Error::io(
-                format!("cannot create workspace root {}", root.display()),
-                e,
-            )
-        })?;
-        // One directory per execution, named after the job and the (unique) execution id.
-        let workspace = root.join(format!("{}-{id}", job.name));
-        std::fs::create_dir(&workspace).map_err(|e| {
-            Error::io(
-                format!("cannot create workspace {}", workspace.display()),
-                e,
-            )
-        })?;
+        let workspace = self.workspaces.acquire(self.config.keep_workspaces)?;
         let mut guard = WorkspaceGuard {
             path: Some(workspace.clone()),
             keep: self.config.keep_workspaces,
+            pool: self.workspaces.clone(),
+            fresh: None,
         };
         let cwd = match &job.workdir {
             Some(w) => workspace.join(w),
@@ -263,8 +253,10 @@ impl HostEngine {
             grace: self.config.termination_grace,
             cwd,
             workspace: guard.path.take().map(|path| WorkspaceGuard {
+                fresh: Fingerprint::of(&path),
                 path: Some(path),
                 keep: guard.keep,
+                pool: guard.pool.clone(),
             }),
             cgroup,
             native,
@@ -363,10 +355,13 @@ struct JobRun {
     slot: Option<Slot>,
 }
 
-/// Removes a workspace when dropped, unless it is to be kept.
+/// Gives a workspace back when dropped, unless it is to be kept.
 struct WorkspaceGuard {
     path: Option<PathBuf>,
     keep: bool,
+    pool: Arc<WorkspacePool>,
+    /// The directory's state when the job got it.
+    fresh: Option<Fingerprint>,
 }
 
 impl Drop for WorkspaceGuard {
@@ -374,12 +369,111 @@ impl Drop for WorkspaceGuard {
         if let Some(path) = self.path.take()
             && !self.keep
         {
-            // An empty workspace goes with one system call.
-            if std::fs::remove_dir(&path).is_err() {
-                let _ = std::fs::remove_dir_all(&path);
-            }
+            self.pool.release(path, self.fresh);
         }
     }
+}
+
+/// What must be unchanged for an emptied workspace to count as fresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Option<Fingerprint> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        meta.is_dir().then(|| Fingerprint {
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+}
+
+/// Workspace directories of one runner.
+///
+/// Each job gets a directory of its own that is empty when the job starts. When a job
+/// ends, its directory is deleted; but a directory the job left exactly as it got it
+/// (empty, same mode and owner, no extended attributes) is indistinguishable from a new
+/// one, so it is kept for the next job instead: on most file systems removing a directory
+/// costs several times more than everything else a short job's runner does. Dropping the
+/// runner deletes the kept directories.
+#[derive(Debug)]
+pub(crate) struct WorkspacePool {
+    root: PathBuf,
+    free: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+const POOLED_WORKSPACES: usize = 64;
+
+impl WorkspacePool {
+    fn new(root: PathBuf) -> Self {
+        WorkspacePool {
+            root,
+            free: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An empty directory for one job (a new one when `new_only`).
+    fn acquire(&self, new_only: bool) -> Result<PathBuf, Error> {
+        while !new_only {
+            let Some(path) = self.free.lock().expect("workspace pool").pop() else {
+                break;
+            };
+            // Someone may have removed it (or the whole root) meanwhile.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                return Ok(path);
+            }
+        }
+        std::fs::create_dir_all(&self.root).map_err(|e| {
+            Error::io(
+                format!("cannot create workspace root {}", self.root.display()),
+                e,
+            )
+        })?;
+        let path = self.root.join(format!("ws-{}", JobId::new()));
+        std::fs::create_dir(&path)
+            .map_err(|e| Error::io(format!("cannot create workspace {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    fn release(&self, path: PathBuf, fresh: Option<Fingerprint>) {
+        let untouched = fresh.is_some()
+            && Fingerprint::of(&path) == fresh
+            && std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none())
+            && !has_xattrs(&path);
+        if untouched {
+            let mut free = self.free.lock().expect("workspace pool");
+            if free.len() < POOLED_WORKSPACES {
+                free.push(path);
+                return;
+            }
+        }
+        if std::fs::remove_dir(&path).is_err() {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+impl Drop for WorkspacePool {
+    fn drop(&mut self) {
+        for path in self.free.get_mut().map(std::mem::take).unwrap_or_default() {
+            let _ = std::fs::remove_dir(path);
+        }
+    }
+}
+
+fn has_xattrs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return true;
+    };
+    // SAFETY: a size query with a null buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+    n != 0
 }
 
 /// Scripts up to this size are passed with `-c`; longer ones through a file.

@@ -114,16 +114,17 @@ async fn output_past_the_limit_is_dropped_behind_one_marker() {
 }
 
 #[tokio::test]
-async fn workspaces_are_removed_unless_kept() {
+async fn workspaces_are_fresh_and_removed_unless_kept() {
     let root = tempfile::tempdir().unwrap();
     let mut config = HostConfig::default();
     config.workspace_root = root.path().to_path_buf();
-    let t = local(config.clone());
+    let runner = LocalRunner::new(config.clone()).unwrap();
+    let t = Target::shared(std::sync::Arc::new(runner));
     let r = run(
         &t,
         Job::new(
             "ws",
-            vec![Step::run("echo $RUSTCI_WORKSPACE; pwd; touch f")],
+            vec![Step::run("echo $RUSTCI_WORKSPACE; pwd; touch f; mkdir d")],
         ),
     )
     .await;
@@ -136,8 +137,43 @@ async fn workspaces_are_removed_unless_kept() {
         "steps run in the workspace"
     );
     assert!(workspace.starts_with(root.path()));
-    assert!(!workspace.exists(), "workspace left behind");
-    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    assert!(!workspace.exists(), "a used workspace was left behind");
+
+    // A workspace left untouched may be handed to the next job, but always empty; one a
+    // job changed (here: its mode) is never reused.
+    let r = run(
+        &t,
+        Job::new("quiet", vec![Step::run("echo $RUSTCI_WORKSPACE")]),
+    )
+    .await;
+    let quiet = PathBuf::from(r.stdout_text().trim());
+    let r = run(
+        &t,
+        Job::new(
+            "chmod",
+            vec![Step::run("ls -A; echo $RUSTCI_WORKSPACE; chmod 700 .")],
+        ),
+    )
+    .await;
+    let text = r.stdout_text();
+    assert_eq!(
+        text.trim(),
+        quiet.to_str().unwrap(),
+        "not empty, or not reused: {text}"
+    );
+    assert!(!quiet.exists(), "a workspace whose mode changed was kept");
+    let r = run(
+        &t,
+        Job::new("after", vec![Step::run("ls -A; echo $RUSTCI_WORKSPACE")]),
+    )
+    .await;
+    assert_ne!(r.stdout_text().trim(), quiet.to_str().unwrap());
+    drop(t);
+    assert_eq!(
+        std::fs::read_dir(root.path()).unwrap().count(),
+        0,
+        "dropping the runner leaves nothing under its root"
+    );
 
     config.keep_workspaces = true;
     let t = local(config);

@@ -192,8 +192,8 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 struct Shim {
     pid: i32,
     reaped: bool,
-    _request: Box<SpawnRequest>,
-    _stack: Stack,
+    request: Option<Box<SpawnRequest>>,
+    stack: Option<Stack>,
     cgroup_procs: Vec<PathBuf>,
     main_group: Option<i32>,
 }
@@ -203,6 +203,13 @@ impl Shim {
         if !self.reaped {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
             self.reaped = true;
+            // Nothing runs on the stacks any more.
+            if let Some(stack) = self.stack.take() {
+                stack.give_back();
+            }
+            if let Some(request) = self.request.take() {
+                request.main_stack.give_back();
+            }
         }
     }
 }
@@ -224,6 +231,16 @@ impl Drop for Shim {
 
 const STACK_SIZE: usize = 64 * 1024;
 
+/// `/dev/null`, opened once per process (close-on-exec) and given to every step as stdin.
+fn dev_null() -> io::Result<std::os::fd::RawFd> {
+    static DEV_NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = DEV_NULL.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    let fd = above_stdio(OwnedFd::from(std::fs::File::open("/dev/null")?))?;
+    Ok(DEV_NULL.get_or_init(|| fd).as_raw_fd())
+}
+
 /// Starts the shim for `spec`. Returns it with the read ends of stdout, stderr and the
 /// status pipe.
 fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnError> {
@@ -231,7 +248,7 @@ fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnEr
     let (out_r, out_w) = make_pipe()?;
     let (err_r, err_w) = make_pipe()?;
     let (status_r, status_w) = make_pipe()?;
-    let devnull = above_stdio(OwnedFd::from(std::fs::File::open("/dev/null")?))?;
+    let devnull = dev_null()?;
     let mut argv = vec![cstring(spec.program.as_encoded_bytes())?];
     for a in &spec.args {
         argv.push(cstring(a.as_encoded_bytes())?);
@@ -249,14 +266,14 @@ fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnEr
         envp_ptrs: Vec::new(),
         cwd: cstring(spec.cwd.as_os_str().as_encoded_bytes())?,
         plan: spec.plan,
-        stdin: devnull.as_raw_fd(),
+        stdin: devnull,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
         status: status_w.as_raw_fd(),
-        main_stack: Stack::new(STACK_SIZE)?,
+        main_stack: Stack::take(STACK_SIZE)?,
     });
     request.finish_pointers();
-    let stack = Stack::new(STACK_SIZE)?;
+    let stack = Stack::take(STACK_SIZE)?;
 
     // Block every signal around clone so that none is handled in the child before it has
     // reset its dispositions; the child unblocks them itself.
@@ -288,12 +305,12 @@ fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnEr
     }
     // The shim has its own copy of the descriptor table: close the parent's write ends so
     // that end-of-file means the job is done with them.
-    drop((out_w, err_w, status_w, devnull));
+    drop((out_w, err_w, status_w));
     let shim = Shim {
         pid: pid as i32,
         reaped: false,
-        _request: request,
-        _stack: stack,
+        request: Some(request),
+        stack: Some(stack),
         cgroup_procs: spec.cgroup_procs,
         main_group: None,
     };
@@ -331,7 +348,7 @@ pub(crate) async fn supervise(
     let mut kill_at: Option<Instant> = None;
     let mut reaping = false;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
-    let mut rekill = tokio::time::interval(REKILL_INTERVAL);
+    let mut rekill: Option<tokio::time::Interval> = None;
     loop {
         // The shim writes its last message just before it exits: the pipe's end-of-file
         // means it is gone.
@@ -381,7 +398,7 @@ pub(crate) async fn supervise(
                 signal_all(Signal::SIGKILL);
                 reaping = true;
             }
-            _ = rekill.tick(), if reaping => {
+            _ = async { rekill.get_or_insert_with(|| tokio::time::interval(REKILL_INTERVAL)).tick().await }, if reaping => {
                 // Processes forked while the previous round was being sent.
                 signal_all(Signal::SIGKILL);
             }

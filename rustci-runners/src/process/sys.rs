@@ -128,7 +128,34 @@ pub(crate) struct Stack {
 unsafe impl Send for Stack {}
 unsafe impl Sync for Stack {}
 
+/// Stacks kept for reuse, so that starting a step costs no mapping calls.
+static POOL: std::sync::Mutex<Vec<Stack>> = std::sync::Mutex::new(Vec::new());
+const POOL_MAX: usize = 32;
+
 impl Stack {
+    /// A stack of `len` bytes from the pool, or a new mapping.
+    pub(crate) fn take(len: usize) -> std::io::Result<Stack> {
+        let reused = POOL.lock().ok().and_then(|mut pool| {
+            pool.iter()
+                .position(|s| s.len == len + 4096)
+                .map(|i| pool.swap_remove(i))
+        });
+        match reused {
+            Some(stack) => Ok(stack),
+            None => Stack::new(len),
+        }
+    }
+
+    /// Returns the stack to the pool (or unmaps it when the pool is full). Only for a
+    /// stack no child runs on any more.
+    pub(crate) fn give_back(self) {
+        if let Ok(mut pool) = POOL.lock()
+            && pool.len() < POOL_MAX
+        {
+            pool.push(self);
+        }
+    }
+
     /// Maps a stack of `len` bytes (plus a guard page).
     pub(crate) fn new(len: usize) -> std::io::Result<Stack> {
         let page = 4096;
