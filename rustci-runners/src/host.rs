@@ -420,13 +420,12 @@ impl WorkspacePool {
 
     /// An empty directory for one job (a new one when `new_only`).
     fn acquire(&self, new_only: bool) -> Result<PathBuf, Error> {
-        while !new_only {
-            let Some(path) = self.free.lock().expect("workspace pool").pop() else {
-                break;
-            };
-            // Someone may have removed it (or the whole root) meanwhile.
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-                return Ok(path);
+        if !new_only {
+            while let Some(path) = self.free.lock().expect("workspace pool").pop() {
+                // Someone may have removed it (or the whole root) meanwhile.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                    return Ok(path);
+                }
             }
         }
         std::fs::create_dir_all(&self.root).map_err(|e| {
