@@ -87,6 +87,8 @@ pub(crate) struct NativePlan {
     pub hostname: Option<String>,
     pub credentials: Option<(u32, u32)>,
     pub defaults: Resources,
+    /// Enforce `resources.memory` with `RLIMIT_AS` (no cgroup memory controller).
+    pub memory_rlimit: bool,
 }
 
 pub(crate) struct HostEngine {
@@ -314,8 +316,14 @@ fn effective_resources(job: &Resources, native: Option<&NativePlan>) -> Resource
 /// Limits enforced by rlimits on every host.
 pub(crate) const RLIMIT_LIMITS: [Limit; 3] = [Limit::CpuTime, Limit::OpenFiles, Limit::FileSize];
 
-fn rlimits(r: &Resources) -> Vec<Rlimit> {
+fn rlimits(r: &Resources, memory_rlimit: bool) -> Vec<Rlimit> {
     let mut out = Vec::new();
+    if memory_rlimit && let Some(bytes) = r.memory {
+        out.push(Rlimit {
+            resource: libc::RLIMIT_AS,
+            value: bytes,
+        });
+    }
     if let Some(t) = r.cpu_time {
         out.push(Rlimit {
             resource: libc::RLIMIT_CPU,
@@ -586,7 +594,7 @@ impl JobRun {
                     .hostname
                     .as_ref()
                     .and_then(|h| std::ffi::CString::new(h.as_str()).ok()),
-                rlimits: rlimits(&self.resources),
+                rlimits: rlimits(&self.resources, self.native.memory_rlimit),
                 credentials: self.native.credentials,
             };
             let spec = ProcessSpec {

@@ -12,6 +12,10 @@
 //! | `pids`       | cgroup pids controller               | when cgroups are usable          |
 //! | `cpus`       | cgroup CPU quota                     | when cgroups are usable          |
 //!
+//! Where no cgroup memory controller is usable, [`NativeConfig::address_space_fallback`]
+//! enforces `memory` as an address-space limit (`RLIMIT_AS`) instead; it is off by default
+//! because address space counts mapped but unused memory too.
+//!
 //! [`Capabilities::limits`] lists exactly the limits enforced on this host; a job asking
 //! for another one is refused before anything runs. Optional namespaces (PID with its own
 //! `/proc`, mount, IPC, UTS, network) are probed at construction and reported in
@@ -113,6 +117,9 @@ pub struct NativeConfig {
     pub run_as: Option<(u32, u32)>,
     /// Limits applied to every job; a job's own limit can only be lower.
     pub default_resources: Resources,
+    /// When cgroups cannot enforce `resources.memory`, enforce it as an address-space
+    /// limit (`RLIMIT_AS`) per process instead. Default false.
+    pub address_space_fallback: bool,
 }
 
 impl Default for NativeConfig {
@@ -124,6 +131,7 @@ impl Default for NativeConfig {
             cgroup_parent: "rustci".to_string(),
             run_as: None,
             default_resources: Resources::default(),
+            address_space_fallback: false,
         }
     }
 }
@@ -203,6 +211,11 @@ impl NativeRunner {
             if support != CgroupSupport::None {
                 plan.cgroups = Some(Arc::new(support));
             }
+        }
+        if config.address_space_fallback && !caps.limits.contains(&crate::Limit::Memory) {
+            caps.limits.insert(crate::Limit::Memory);
+            plan.memory_rlimit = true;
+            notes.push("memory as address space (RLIMIT_AS)".to_string());
         }
         // A runner-wide default limit the host cannot enforce would be skipped silently.
         let unenforced: Vec<&str> = crate::Limit::requested_by(&config.default_resources)

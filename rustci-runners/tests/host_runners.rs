@@ -330,6 +330,39 @@ async fn memory_limit_ends_in_an_oom_kill() {
 }
 
 #[tokio::test]
+async fn memory_as_address_space_without_cgroups() {
+    let runner = native_with(|c| {
+        c.cgroups = CgroupMode::Off;
+        c.address_space_fallback = true;
+    });
+    assert!(runner.capabilities().limits.contains(&Limit::Memory));
+    assert!(
+        runner.isolation().contains("RLIMIT_AS"),
+        "{}",
+        runner.isolation()
+    );
+    let t = Target::new(runner);
+    let job = Job::new(
+        "hog",
+        vec![Step::run(
+            "x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo survived",
+        )],
+    )
+    .with_resources(Resources {
+        memory: Some(64 << 20),
+        ..Resources::default()
+    });
+    let r = run(&t, job).await;
+    assert!(!r.outcome.is_success(), "{:?}", r.outcome);
+    assert!(!r.stdout_text().contains("survived"));
+    let ok = Job::new("small", vec![Step::run("echo fits")]).with_resources(Resources {
+        memory: Some(64 << 20),
+        ..Resources::default()
+    });
+    assert_eq!(run(&t, ok).await.stdout_text(), "fits\n");
+}
+
+#[tokio::test]
 async fn pids_limit_stops_a_fork_bomb() {
     let t = native();
     if !requires_limit(&t, Limit::Pids) {
