@@ -689,6 +689,14 @@ impl JobRun {
                     self.sink.emit(finish(StepStatus::TimedOut)).await;
                     return Outcome::TimedOut { step: Some(index) };
                 }
+                Ok(ProcessEnd::SupervisorLost) => {
+                    self.sink.emit(finish(StepStatus::NotStarted)).await;
+                    return Outcome::RunnerError {
+                        message: format!(
+                            "the supervisor of step {name:?} was killed or stopped; its processes were killed"
+                        ),
+                    };
+                }
                 Ok(ProcessEnd::Cancelled) => {
                     self.sink.emit(finish(StepStatus::Cancelled)).await;
                     return Outcome::Cancelled;
@@ -718,7 +726,16 @@ impl JobRun {
 }
 
 fn write_script(path: &Path, script: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    std::fs::write(path, script)?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // A new file only (never through a symlink), readable by its owner alone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(script.as_bytes())?;
     if let Some((uid, gid)) = owner {
         nix::unistd::chown(path, Some(uid.into()), Some(gid.into()))?;
     }

@@ -568,3 +568,41 @@ async fn cancelled_job_leaves_no_process() {
     assert_eq!(execution.wait().await, Outcome::Cancelled);
     assert_eq!(processes_of(&id), Vec::<i32>::new());
 }
+
+#[tokio::test]
+async fn a_job_that_kills_its_supervisor_is_a_runner_error() {
+    let t = local(HostConfig::default());
+    let r = run(
+        &t,
+        Job::new("parricide", vec![Step::run("kill -9 $PPID; echo after")]),
+    )
+    .await;
+    assert!(
+        matches!(&r.outcome, Outcome::RunnerError { message } if message.contains("supervisor")),
+        "{:?}",
+        r.outcome
+    );
+}
+
+#[tokio::test]
+async fn setup_failures_name_their_stage_and_are_runner_errors() {
+    let t = Target::new(native_with(|c| c.run_as = Some((65534, 65534))));
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    // The working directory below the workspace is made unreachable for the job's user.
+    let mut job = Job::new("no-entry", vec![Step::command(["true"])]);
+    job.workdir = Some("a/b".into());
+    let r = run(&t, job).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    let mut job = Job::new("bad-limit", vec![Step::command(["true"])]);
+    job.resources.open_files = Some(u64::MAX);
+    let r = run(&t, job).await;
+    match &r.outcome {
+        Outcome::RunnerError { message } => {
+            assert!(message.contains("resource limits"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

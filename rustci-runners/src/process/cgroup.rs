@@ -186,8 +186,18 @@ impl JobCgroup {
     ) -> Result<(), crate::Error> {
         match support {
             CgroupSupport::None => Ok(()),
-            CgroupSupport::V2 { parent, .. } => {
+            CgroupSupport::V2 {
+                parent,
+                memory,
+                pids,
+                cpu,
+            } => {
                 let dir = self.make(parent, name)?;
+                let l = CgroupLimits {
+                    memory: l.memory.filter(|_| *memory),
+                    pids: l.pids.filter(|_| *pids),
+                    cpus: l.cpus.filter(|_| *cpu),
+                };
                 if let Some(m) = l.memory {
                     write(&dir, "memory.max", &m.to_string())?;
                     if dir.join("memory.swap.max").exists() {

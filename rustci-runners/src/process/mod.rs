@@ -39,6 +39,7 @@ use sys::Stack;
 
 const READ_CHUNK: usize = 64 * 1024;
 const REKILL_INTERVAL: Duration = Duration::from_millis(10);
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
 
 /// One process to run.
 pub(crate) struct ProcessSpec {
@@ -86,6 +87,8 @@ pub(crate) enum ProcessEnd {
     Signalled(i32),
     TimedOut,
     Cancelled,
+    /// The step's supervisor (the shim) was killed or stopped answering.
+    SupervisorLost,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -199,11 +202,23 @@ struct Shim {
 }
 
 impl Shim {
-    fn reap(&mut self) {
-        if !self.reaped {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
-            self.reaped = true;
-            // Nothing runs on the stacks any more.
+    /// Waits for the shim to exit. Returns false if it could not be reaped.
+    fn wait(&mut self) -> bool {
+        while !self.reaped {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => self.reaped = true,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Reaps the shim once the status pipe has reached end-of-file: by then the main
+    /// process has exec'd or exited (it holds the pipe until then), so no child runs on the
+    /// stacks any more and they can be reused.
+    fn reap_after_eof(&mut self) {
+        if self.wait() {
             if let Some(stack) = self.stack.take() {
                 stack.give_back();
             }
@@ -216,7 +231,10 @@ impl Shim {
 
 impl Drop for Shim {
     fn drop(&mut self) {
-        if !self.reaped {
+        if self.request.is_some() {
+            // The supervision was abandoned midway: kill the job and its shim. A main
+            // process may still be running on its stack before exec, and SIGKILL takes
+            // effect asynchronously, so the stacks and the request are leaked, never reused.
             tree::signal_job(
                 self.pid,
                 self.main_group,
@@ -224,7 +242,9 @@ impl Drop for Shim {
                 Signal::SIGKILL,
             );
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGKILL);
-            self.reap();
+            self.wait();
+            std::mem::forget(self.stack.take());
+            std::mem::forget(self.request.take());
         }
     }
 }
@@ -243,12 +263,19 @@ fn dev_null() -> io::Result<std::os::fd::RawFd> {
 
 /// Starts the shim for `spec`. Returns it with the read ends of stdout, stderr and the
 /// status pipe.
-fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnError> {
+fn spawn(
+    spec: ProcessSpec,
+) -> Result<(Shim, pipe::Receiver, pipe::Receiver, pipe::Receiver), SpawnError> {
     let path = resolve_program(&spec.program, &spec.env, &spec.cwd)?;
     let (out_r, out_w) = make_pipe()?;
     let (err_r, err_w) = make_pipe()?;
     let (status_r, status_w) = make_pipe()?;
     let devnull = dev_null()?;
+    // Everything that can fail happens before the clone.
+    let (out_w, err_w, status_w) = (out_w, err_w, status_w);
+    let out_rx = pipe::Receiver::from_owned_fd_unchecked(out_r)?;
+    let err_rx = pipe::Receiver::from_owned_fd_unchecked(err_r)?;
+    let status_rx = pipe::Receiver::from_owned_fd_unchecked(status_r)?;
     let mut argv = vec![cstring(spec.program.as_encoded_bytes())?];
     for a in &spec.args {
         argv.push(cstring(a.as_encoded_bytes())?);
@@ -314,7 +341,7 @@ fn spawn(spec: ProcessSpec) -> Result<(Shim, OwnedFd, OwnedFd, OwnedFd), SpawnEr
         cgroup_procs: spec.cgroup_procs,
         main_group: None,
     };
-    Ok((shim, out_r, err_r, status_r))
+    Ok((shim, out_rx, err_rx, status_rx))
 }
 
 /// Runs one process to its end. `Err` only when it could not be started; the error
@@ -323,11 +350,8 @@ pub(crate) async fn supervise(
     spec: ProcessSpec,
     sup: Supervision<'_>,
 ) -> Result<ProcessEnd, SpawnError> {
-    let (mut shim, out_r, err_r, status_r) = spawn(spec)?;
+    let (mut shim, stdout, stderr, mut status_rx) = spawn(spec)?;
     let shim_pid = shim.pid;
-    let stdout = pipe::Receiver::from_owned_fd_unchecked(out_r)?;
-    let stderr = pipe::Receiver::from_owned_fd_unchecked(err_r)?;
-    let mut status_rx = pipe::Receiver::from_owned_fd_unchecked(status_r)?;
 
     let pumps = async {
         tokio::join!(
@@ -347,6 +371,10 @@ pub(crate) async fn supervise(
     let mut stop: Option<StopReason> = None;
     let mut kill_at: Option<Instant> = None;
     let mut reaping = false;
+    // When killed processes do not go away (stopped shim, uninterruptible sleep), stop
+    // waiting this long after the first SIGKILL.
+    let mut give_up_at: Option<Instant> = None;
+    let mut gave_up = false;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let mut rekill: Option<tokio::time::Interval> = None;
     loop {
@@ -355,8 +383,18 @@ pub(crate) async fn supervise(
         if pumps_done && !status_open {
             break;
         }
+        // Once the main process is reaped its group id may be reused: stop signalling it.
+        let group = if main_status.is_none() {
+            main_pid
+        } else {
+            None
+        };
         let signal_all =
-            |signal: Signal| tree::signal_job(shim_pid, main_pid, &shim.cgroup_procs, signal);
+            |signal: Signal| tree::signal_job(shim_pid, group, &shim.cgroup_procs, signal);
+        if reaping && give_up_at.is_none() {
+            give_up_at =
+                Some(Instant::now() + sup.grace.max(Duration::from_secs(1)) + GIVE_UP_AFTER);
+        }
         let main_running = main_status.is_none() && status_open;
         tokio::select! {
             _ = &mut pumps, if !pumps_done => pumps_done = true,
@@ -402,9 +440,22 @@ pub(crate) async fn supervise(
                 // Processes forked while the previous round was being sent.
                 signal_all(Signal::SIGKILL);
             }
+            _ = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), Signal::SIGKILL);
+                gave_up = true;
+                break;
+            }
         }
     }
-    shim.reap();
+    if gave_up {
+        // Drop (of `shim`) kills and reaps what it can and never reuses the stacks.
+        tracing::warn!(
+            shim = shim_pid,
+            "processes of a step did not die after SIGKILL; giving up on them"
+        );
+        return Ok(ProcessEnd::SupervisorLost);
+    }
+    shim.reap_after_eof();
     if let Some((errno, stage)) = setup_error {
         return Err(SpawnError {
             error: io::Error::from_raw_os_error(errno),
@@ -425,7 +476,9 @@ pub(crate) async fn supervise(
             StopReason::Cancelled => ProcessEnd::Cancelled,
         });
     }
-    let status = command_status.or(main_status).unwrap_or(0);
+    let Some(status) = command_status.or(main_status) else {
+        return Ok(ProcessEnd::SupervisorLost);
+    };
     Ok(if libc::WIFSIGNALED(status) {
         ProcessEnd::Signalled(libc::WTERMSIG(status))
     } else {

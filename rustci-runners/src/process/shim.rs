@@ -2,7 +2,7 @@
 //!
 //! Every step's process is started under a small *shim*, created with `clone(CLONE_VM)`
 //! on a stack of its own: no copy of the runner's page tables, so it costs little more
-//! than a thread. The shim becomes a session leader, joins the job's cgroups, marks itself
+//! than a thread. The shim becomes a session leader, marks itself
 //! a child subreaper, enters the requested namespaces and starts the step's *main* process
 //! with `clone(CLONE_VM | CLONE_VFORK)`, which runs until `exec` on a second stack (the
 //! same technique `posix_spawn` uses). The shim then closes every descriptor but its
@@ -92,13 +92,18 @@ impl SpawnRequest {
 }
 
 /// Setup stages reported with an `'F'` message.
-pub(crate) const STAGES: [&str; 6] = [
+pub(crate) const STAGES: [&str; 11] = [
     "setsid",
     "joining the job's cgroup",
     "becoming a child subreaper",
     "entering new namespaces",
     "starting the step's process",
-    "preparing the namespace",
+    "mounting /proc in the new PID namespace",
+    "setting the host name",
+    "setting resource limits",
+    "switching to the configured user",
+    "connecting standard streams",
+    "entering the working directory",
 ];
 
 const CLOSE_RANGE_CLOEXEC: usize = 4;
@@ -123,7 +128,7 @@ unsafe fn send(fd: RawFd, msg: [u8; 6]) {
 unsafe fn fail(status: RawFd, errno: isize, stage: u8) -> isize {
     // SAFETY: see `send`.
     unsafe { send(status, message(b'F', (-errno) as i32, stage)) };
-    1
+    127
 }
 
 /// Entry of the shim; `arg` is a `*const SpawnRequest`.
@@ -155,22 +160,6 @@ pub(crate) unsafe extern "C" fn shim_entry(arg: usize) -> isize {
         let r = sys!(libc::SYS_setsid);
         if r < 0 {
             return fail(status, r, 0);
-        }
-        for path in &req.plan.cgroup_procs {
-            let fd = sys!(
-                libc::SYS_openat,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC
-            );
-            if fd < 0 {
-                return fail(status, fd, 1);
-            }
-            let w = sys!(libc::SYS_write, fd, b"0".as_ptr(), 1);
-            sys!(libc::SYS_close, fd);
-            if w < 0 {
-                return fail(status, w, 1);
-            }
         }
         let r = sys!(libc::SYS_prctl, libc::PR_SET_CHILD_SUBREAPER, 1);
         if r < 0 {
@@ -298,16 +287,14 @@ unsafe fn namespace_main(req: &SpawnRequest) -> isize {
             )
         };
         if r < 0 {
-            send(status, message(b'E', (-r) as i32, 5));
-            return 127;
+            return fail(status, r, 5);
         }
         let command = sys!(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
         if command == 0 {
             return exec_step(req);
         }
         if command < 0 {
-            send(status, message(b'E', (-command) as i32, 5));
-            return 127;
+            return fail(status, command, 4);
         }
         sys!(libc::SYS_close_range, 0, status - 1, 0);
         sys!(libc::SYS_close_range, status + 1, u32::MAX, 0);
@@ -332,54 +319,74 @@ unsafe fn namespace_main(req: &SpawnRequest) -> isize {
     }
 }
 
-/// Applies limits and credentials, wires up stdio and execs the step's program. Returns
-/// only on failure (exit code 127), after reporting the errno.
+/// Joins the job's cgroups, applies limits and credentials, wires up stdio and execs the
+/// step's program. Returns only on failure: `'F'` with the stage for anything before
+/// `execve`, `'E'` for `execve` itself.
+///
+/// The cgroups are joined here, by the process about to exec, and not by the shim: the
+/// shim shares the runner's memory, and the kernel's out-of-memory killer, choosing a
+/// victim inside a job's cgroup, would otherwise see the runner's whole size and kill every
+/// process sharing it, the runner included. (A vfork-style child is never chosen; after
+/// `exec` the process has memory of its own.)
 unsafe fn exec_step(req: &SpawnRequest) -> isize {
     // SAFETY: see `shim_entry`.
     unsafe {
         let status = req.status;
-        let fail = |r: isize| -> isize {
-            send(status, message(b'E', (-r) as i32, 0));
-            127
-        };
+        for path in &req.plan.cgroup_procs {
+            let fd = sys!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC
+            );
+            if fd < 0 {
+                return fail(status, fd, 1);
+            }
+            let w = sys!(libc::SYS_write, fd, b"0".as_ptr(), 1);
+            sys!(libc::SYS_close, fd);
+            if w < 0 {
+                return fail(status, w, 1);
+            }
+        }
         if let Some(name) = &req.plan.hostname {
             let r = sys!(libc::SYS_sethostname, name.as_ptr(), name.as_bytes().len());
             if r < 0 {
-                return fail(r);
-            }
-        }
-        for limit in &req.plan.rlimits {
-            let value = [limit.value, limit.value];
-            let r = sys!(libc::SYS_prlimit64, 0, limit.resource, value.as_ptr(), 0);
-            if r < 0 {
-                return fail(r);
-            }
-        }
-        if let Some((uid, gid)) = req.plan.credentials {
-            let r = sys!(libc::SYS_setgroups, 0, 0);
-            if r < 0 {
-                return fail(r);
-            }
-            let r = sys!(libc::SYS_setgid, gid);
-            if r < 0 {
-                return fail(r);
-            }
-            let r = sys!(libc::SYS_setuid, uid);
-            if r < 0 {
-                return fail(r);
+                return fail(status, r, 6);
             }
         }
         for (from, to) in [(req.stdin, 0), (req.stdout, 1), (req.stderr, 2)] {
             let r = sys!(libc::SYS_dup3, from, to, 0);
             if r < 0 {
-                return fail(r);
+                return fail(status, r, 9);
+            }
+        }
+        // After stdio: a low open-files limit must not break the wiring above.
+        for limit in &req.plan.rlimits {
+            let value = [limit.value, limit.value];
+            let r = sys!(libc::SYS_prlimit64, 0, limit.resource, value.as_ptr(), 0);
+            if r < 0 {
+                return fail(status, r, 7);
+            }
+        }
+        if let Some((uid, gid)) = req.plan.credentials {
+            let r = sys!(libc::SYS_setgroups, 0, 0);
+            if r < 0 {
+                return fail(status, r, 8);
+            }
+            let r = sys!(libc::SYS_setgid, gid);
+            if r < 0 {
+                return fail(status, r, 8);
+            }
+            let r = sys!(libc::SYS_setuid, uid);
+            if r < 0 {
+                return fail(status, r, 8);
             }
         }
         // Descriptors the runner's process left inheritable must not reach the job.
         sys!(libc::SYS_close_range, 3, u32::MAX, CLOSE_RANGE_CLOEXEC);
         let r = sys!(libc::SYS_chdir, req.cwd.as_ptr());
         if r < 0 {
-            return fail(r);
+            return fail(status, r, 10);
         }
         let r = sys!(
             libc::SYS_execve,
@@ -387,6 +394,7 @@ unsafe fn exec_step(req: &SpawnRequest) -> isize {
             req.argv_ptrs.as_ptr(),
             req.envp_ptrs.as_ptr()
         );
-        fail(r)
+        send(status, message(b'E', (-r) as i32, 0));
+        127
     }
 }
