@@ -35,6 +35,11 @@ use crate::runner::{
 };
 
 /// Linux namespaces to put each step in.
+///
+/// With a PID namespace, each step's namespace init is a real `fork` of the runner (it
+/// must outlive the `exec` of the step's command), so starting a step copies the runner's
+/// page tables and the runner's memory is shared copy-on-write with it while the step runs;
+/// without one, steps start with no copy at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Namespaces {
