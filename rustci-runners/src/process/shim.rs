@@ -107,6 +107,23 @@ pub(crate) const STAGES: [&str; 11] = [
 ];
 
 const CLOSE_RANGE_CLOEXEC: usize = 4;
+/// How far the one-by-one fallbacks for kernels without `close_range` go.
+const FALLBACK_FD_LIMIT: i32 = 65_536;
+
+/// Closes every descriptor except `keep` (which is 3 or higher).
+unsafe fn close_all_but(keep: RawFd) {
+    // SAFETY: closing descriptors of this process only.
+    unsafe {
+        let low = sys!(libc::SYS_close_range, 0, keep - 1, 0);
+        let high = sys!(libc::SYS_close_range, keep + 1, u32::MAX, 0);
+        if low < 0 || high < 0 {
+            // Kernels before 5.9.
+            for fd in (0..FALLBACK_FD_LIMIT).filter(|fd| *fd != keep) {
+                sys!(libc::SYS_close, fd);
+            }
+        }
+    }
+}
 
 fn message(tag: u8, value: i32, extra: u8) -> [u8; 6] {
     let v = value.to_ne_bytes();
@@ -194,10 +211,7 @@ pub(crate) unsafe extern "C" fn shim_entry(arg: usize) -> isize {
 
         // Keep only the status pipe, so the step's pipes see end-of-file as soon as the
         // job's own processes are done with them.
-        if status > 0 {
-            sys!(libc::SYS_close_range, 0, status - 1, 0);
-        }
-        sys!(libc::SYS_close_range, status + 1, u32::MAX, 0);
+        close_all_but(status);
 
         let mut wstatus: libc::c_int = 0;
         let mut main_status = None;
@@ -296,8 +310,7 @@ unsafe fn namespace_main(req: &SpawnRequest) -> isize {
         if command < 0 {
             return fail(status, command, 4);
         }
-        sys!(libc::SYS_close_range, 0, status - 1, 0);
-        sys!(libc::SYS_close_range, status + 1, u32::MAX, 0);
+        close_all_but(status);
         let mut wstatus: libc::c_int = 0;
         loop {
             let pid = sys!(
@@ -383,7 +396,12 @@ unsafe fn exec_step(req: &SpawnRequest) -> isize {
             }
         }
         // Descriptors the runner's process left inheritable must not reach the job.
-        sys!(libc::SYS_close_range, 3, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        if sys!(libc::SYS_close_range, 3, u32::MAX, CLOSE_RANGE_CLOEXEC) < 0 {
+            // Kernels before 5.11: one descriptor at a time.
+            for fd in 3..FALLBACK_FD_LIMIT {
+                sys!(libc::SYS_fcntl, fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
         let r = sys!(libc::SYS_chdir, req.cwd.as_ptr());
         if r < 0 {
             return fail(status, r, 10);
