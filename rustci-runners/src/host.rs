@@ -12,9 +12,10 @@ use tokio::time::Instant;
 
 use crate::job::{Job, JobSpec, Resources, StepAction};
 use crate::mask::SecretSet;
+use crate::output::OutputBudget;
 use crate::process::{
-    self, CgroupLimits, CgroupSupport, JobCgroup, OutputBudget, ProcessEnd, ProcessSpec, Rlimit,
-    ShimPlan, Supervision,
+    self, CgroupLimits, CgroupSupport, JobCgroup, ProcessEnd, ProcessSpec, Rlimit, ShimPlan,
+    Supervision,
 };
 use crate::runner::{
     Capabilities, EventKind, Execution, ExecutionSink, Health, JobId, Outcome, OutputStream,

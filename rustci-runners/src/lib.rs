@@ -37,6 +37,7 @@ pub mod job;
 mod local;
 pub mod mask;
 mod native;
+pub mod output;
 mod process;
 pub mod runner;
 pub mod select;

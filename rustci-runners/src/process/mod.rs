@@ -19,17 +19,17 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
-use crate::mask::{Masker, SecretSet};
+use crate::mask::SecretSet;
+use crate::output::{OutputBudget, StreamWriter};
 use crate::runner::{EventKind, ExecutionSink, OutputStream};
 
 pub(crate) use cgroup::{CgroupLimits, CgroupSupport, JobCgroup};
@@ -50,24 +50,6 @@ pub(crate) struct ProcessSpec {
     pub plan: ShimPlan,
     /// `cgroup.procs` files of the job, to find its processes when killing.
     pub cgroup_procs: Vec<PathBuf>,
-}
-
-/// Output accounting shared by all steps of a job.
-#[derive(Debug)]
-pub(crate) struct OutputBudget {
-    limit: u64,
-    used: AtomicU64,
-    truncated: AtomicBool,
-}
-
-impl OutputBudget {
-    pub(crate) fn new(limit: u64) -> Self {
-        OutputBudget {
-            limit,
-            used: AtomicU64::new(0),
-            truncated: AtomicBool::new(false),
-        }
-    }
 }
 
 /// Where a supervised process reports to, and its limits.
@@ -487,55 +469,18 @@ pub(crate) async fn supervise(
 }
 
 async fn pump(mut reader: impl AsyncRead + Unpin, stream: OutputStream, sup: &Supervision<'_>) {
-    let mut masker = Masker::new(sup.secrets.clone());
+    let mut writer = StreamWriter::new(sup.sink, sup.step, stream, sup.secrets, sup.output);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         buf.reserve(READ_CHUNK);
         match reader.read_buf(&mut buf).await {
             Ok(0) => break,
-            Ok(_) => {
-                let out = masker.push(buf.split().freeze());
-                deliver(out, stream, sup).await;
-            }
+            Ok(_) => writer.write(buf.split().freeze()).await,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }
     }
-    let rest = masker.finish();
-    deliver(rest, stream, sup).await;
-}
-
-async fn deliver(mut data: Bytes, stream: OutputStream, sup: &Supervision<'_>) {
-    if data.is_empty() {
-        return;
-    }
-    let budget = sup.output;
-    let before = budget.used.fetch_add(data.len() as u64, Ordering::Relaxed);
-    if before >= budget.limit {
-        return;
-    }
-    let room = budget.limit - before;
-    let over = (data.len() as u64) > room;
-    if over {
-        data.truncate(room as usize);
-    }
-    if !data.is_empty() {
-        sup.sink
-            .emit(EventKind::Output {
-                step: sup.step,
-                stream,
-                data,
-            })
-            .await;
-    }
-    if over && !budget.truncated.swap(true, Ordering::Relaxed) {
-        sup.sink
-            .emit(EventKind::OutputTruncated {
-                step: sup.step,
-                limit: budget.limit,
-            })
-            .await;
-    }
+    writer.finish().await;
 }
 
 /// True when a child may enter new namespaces with `flags` (and, with `mount_proc`, mount
