@@ -18,7 +18,7 @@ enum Command {
     Run {
         /// Job file (YAML, or JSON when it ends in .json).
         file: PathBuf,
-        /// local, native or auto (the selector decides).
+        /// local, native, docker (with the `docker` feature) or auto (the selector decides).
         #[arg(long, default_value = "auto")]
         runner: RunnerChoice,
         /// Print one JSON event per line instead of the output.

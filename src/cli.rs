@@ -43,7 +43,7 @@ impl std::str::FromStr for RunnerChoice {
 
 /// The runners compiled in and constructible on this host, with the reason for each one
 /// that is not.
-pub fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
+pub async fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
     let mut runners: Vec<Arc<dyn Runner>> = Vec::new();
     let mut problems = Vec::new();
     match LocalRunner::new(HostConfig::named("local")) {
@@ -53,6 +53,15 @@ pub fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
     match NativeRunner::new(NativeConfig::default()) {
         Ok(r) => runners.push(Arc::new(r)),
         Err(e) => problems.push(format!("native: {e}")),
+    }
+    #[cfg(feature = "docker")]
+    match rustci_runners_docker::DockerRunner::connect(
+        rustci_runners_docker::DockerConfig::default(),
+    )
+    .await
+    {
+        Ok(r) => runners.push(Arc::new(r)),
+        Err(e) => problems.push(format!("docker: {e}")),
     }
     (runners, problems)
 }
@@ -95,7 +104,7 @@ pub fn validate_file(path: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i
 
 /// Lists the runners usable on this host with capabilities and health.
 pub async fn list_runners(json: bool, out: &mut dyn Write) -> i32 {
-    let (runners, problems) = host_runners();
+    let (runners, problems) = host_runners().await;
     for runner in &runners {
         let info = runner.info();
         let caps = runner.capabilities();
@@ -187,7 +196,7 @@ pub async fn run_file(
         Ok(job) => job,
         Err(_) => return validate_file(path, &mut std::io::sink(), err),
     };
-    let (runners, problems) = host_runners();
+    let (runners, problems) = host_runners().await;
     let runner = match choose_runner(&job, choice, &runners).await {
         Ok(r) => r,
         Err(reason) => {

@@ -1,0 +1,335 @@
+//! DockerRunner against the real engine of this machine: the conformance suite and the
+//! Docker-specific behaviour. The engine has no images and cannot pull, so the tests build
+//! `rustci-busybox:local` (`FROM scratch` + a static busybox) with the engine's CLI.
+//!
+//! Without a reachable engine every test prints `SKIPPED`; with `RUSTCI_REQUIRE_DOCKER`
+//! set (as `.ci/run` does) that is a failure instead.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use rustci_runners::job::Resources;
+use rustci_runners::testkit::{Target, run_job};
+use rustci_runners::{Error, Job, JobId, Outcome, Runner, Step};
+use rustci_runners_docker::{DockerConfig, DockerRunner, Engine, PullPolicy};
+
+const IMAGE: &str = "rustci-busybox:local";
+
+fn require() -> bool {
+    std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some()
+}
+
+/// Builds the test image unless the engine already has it. `None` when there is no
+/// engine (and the environment does not require one).
+fn image() -> Option<&'static str> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = BUILT.get_or_init(|| {
+        let have = Command::new("docker")
+            .args(["image", "inspect", IMAGE])
+            .output()
+            .map_err(|e| format!("docker CLI: {e}"))?;
+        if have.status.success() {
+            return Ok(());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or("no busybox binary (install Debian's busybox-static)")?;
+        std::fs::copy(busybox, dir.path().join("busybox")).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n",
+        )
+        .map_err(|e| e.to_string())?;
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", IMAGE])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("docker build: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("docker build failed: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    match result {
+        Ok(()) => Some(IMAGE),
+        Err(e) if require() => panic!("RUSTCI_REQUIRE_DOCKER is set but: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: no usable Docker engine: {e}");
+            None
+        }
+    }
+}
+
+fn config() -> DockerConfig {
+    let mut c = DockerConfig::default();
+    c.name = "docker-tests".into();
+    c.termination_grace = Duration::from_secs(1);
+    c.pull_policy = PullPolicy::Never;
+    c
+}
+
+async fn runner_with(f: impl FnOnce(&mut DockerConfig)) -> Option<DockerRunner> {
+    image()?;
+    let mut c = config();
+    f(&mut c);
+    match DockerRunner::connect(c).await {
+        Ok(r) => Some(r),
+        Err(e) if require() => panic!("RUSTCI_REQUIRE_DOCKER is set but: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
+async fn target() -> Option<Target> {
+    Some(Target::new(runner_with(|_| {}).await?).with_image(IMAGE))
+}
+
+rustci_runners::conformance_tests!(optional: target().await);
+
+fn containers_of(job: &JobId) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=rustci.job={job}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn job(steps: Vec<Step>) -> Job {
+    let mut j = Job::new("docker-test", steps);
+    j.image = Some(IMAGE.into());
+    j
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_image_under_each_pull_policy() {
+    let Some(never) = runner_with(|c| c.pull_policy = PullPolicy::Never).await else {
+        return;
+    };
+    let mut j = job(vec![Step::run("true")]);
+    j.image = Some("rustci-does-not-exist:never".into());
+    let err = never.start(&j, JobId::new()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("rustci-does-not-exist:never"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pull policy is never"), "{err}");
+
+    // Present locally: runs under every policy but `always`, which must pull and cannot here.
+    for policy in [PullPolicy::IfNotPresent, PullPolicy::Always] {
+        let runner = runner_with(|c| c.pull_policy = policy).await.unwrap();
+        let id = JobId::new();
+        let result = runner
+            .start(&job(vec![Step::run("echo ok")]), id.clone())
+            .await;
+        match policy {
+            PullPolicy::IfNotPresent => {
+                assert_eq!(result.unwrap().wait().await, Outcome::Succeeded)
+            }
+            _ => {
+                let err = result.unwrap_err();
+                assert!(
+                    err.to_string()
+                        .contains("cannot pull image rustci-busybox:local"),
+                    "{err}"
+                );
+            }
+        }
+        assert_eq!(containers_of(&id), 0);
+        // Missing and not pullable (no registry here): a clear pull error.
+        let mut j = job(vec![Step::run("true")]);
+        j.image = Some("rustci-does-not-exist:pull".into());
+        let err = runner.start(&j, JobId::new()).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot pull image rustci-does-not-exist:pull"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_any_container() {
+    let Some(runner) = runner_with(|_| {}).await else {
+        return;
+    };
+    let id = JobId::new();
+    let mut j = job(vec![Step::run("true")]);
+    j.image = Some("Not A Valid/Reference".into());
+    let err = runner.start(&j, id.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("invalid image reference"), "{err}");
+    let mut j = job(vec![Step::run("true")]);
+    j.image = None;
+    let err = runner.start(&j, id.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("no image"), "{err}");
+    assert_eq!(containers_of(&id), 0);
+
+    let mut bogus = config();
+    bogus.engine = Engine::Tls {
+        address: "tcp://127.0.0.1:1".into(),
+        ca: "/nonexistent/ca.pem".into(),
+        cert: "/nonexistent/cert.pem".into(),
+        key: "/nonexistent/key.pem".into(),
+    };
+    let err = DockerRunner::connect(bogus).await.err().unwrap();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_down_is_a_clear_error() {
+    if image().is_none() {
+        return;
+    }
+    // SAFETY: set before any thread of this test reads the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("no-engine.sock");
+    let mut c = config();
+    c.engine = Engine::Local;
+    let err = with_docker_host(&format!("unix://{}", socket.display()), || {
+        DockerRunner::connect(c)
+    })
+    .await;
+    let err = err
+        .err()
+        .expect("connected to a socket that does not exist");
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    assert!(
+        err.to_string().contains("docker engine unavailable"),
+        "{err}"
+    );
+}
+
+async fn with_docker_host<F, Fut, T>(host: &str, f: F) -> T
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    // nextest runs each test in its own process, and this test touches nothing else.
+    unsafe { std::env::set_var("DOCKER_HOST", host) };
+    let out = f().await;
+    unsafe { std::env::remove_var("DOCKER_HOST") };
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_is_an_oom_outcome() {
+    let Some(t) = target().await else { return };
+    let mut j = job(vec![Step::run(
+        "x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo survived",
+    )]);
+    j.resources = Resources {
+        memory: Some(64 << 20),
+        ..Resources::default()
+    };
+    let r = run_job(&t, &j).await.unwrap();
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Signalled {
+                signal: 9,
+                oom_killed: true,
+                ..
+            }
+        ),
+        "{:?}",
+        r.outcome
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pids_limit_stops_a_fork_bomb() {
+    let Some(t) = target().await else { return };
+    let mut j = job(vec![Step::run(
+        "i=0; while [ $i -lt 100 ]; do sleep 30 & i=$((i+1)); done; echo all-forked",
+    )]);
+    j.resources = Resources {
+        pids: Some(20),
+        ..Resources::default()
+    };
+    let r = run_job(&t, &j).await.unwrap();
+    assert!(!r.outcome.is_success(), "{:?}", r.outcome);
+    assert!(!r.stdout_text().contains("all-forked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_none_has_no_network() {
+    let Some(runner) = runner_with(|c| c.network_mode = "none".into()).await else {
+        return;
+    };
+    let t = Target::new(runner).with_image(IMAGE);
+    let r = run_job(&t, &job(vec![Step::run("ls /sys/class/net")]))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    assert_eq!(r.stdout_text(), "lo\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_of_a_crashed_owner_are_swept() {
+    if image().is_none() {
+        return;
+    }
+    // A container labelled as if a runner of this name had died with it.
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--label",
+            "rustci.managed=true",
+            "--label",
+            "rustci.runner.name=docker-sweep-test",
+            "--label",
+            "rustci.job=crashed",
+        ])
+        .arg("--label")
+        .arg(format!(
+            "rustci.owner={}/999999999",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap()
+                .trim()
+        ))
+        .args([IMAGE, "sleep", "300"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let runner = runner_with(|c| c.name = "docker-sweep-test".into())
+        .await
+        .unwrap();
+    let gone = Command::new("docker")
+        .args(["inspect", &id])
+        .output()
+        .unwrap();
+    assert!(
+        !gone.status.success(),
+        "the crashed owner's container is still there"
+    );
+    assert_eq!(runner.sweep().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_jobs() {
+    let Some(t) = target().await else { return };
+    let jobs: Vec<Job> = (0..20)
+        .map(|i| job(vec![Step::run(format!("echo job-{i}"))]))
+        .collect();
+    let runs = futures::future::join_all(jobs.iter().map(|j| run_job(&t, j))).await;
+    let mut seen = HashMap::new();
+    for (i, r) in runs.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(r.stdout_text(), format!("job-{i}\n"));
+        assert_eq!(containers_of(&r.id), 0);
+        seen.insert(r.id, ());
+    }
+    assert_eq!(seen.len(), 20);
+}
