@@ -25,4 +25,7 @@
 
 mod runner;
 
-pub use runner::{DockerConfig, DockerRunner, Engine, PullPolicy, RegistryAuth};
+pub use runner::{
+    DockerConfig, DockerRunner, Engine, LABEL_JOB, LABEL_MANAGED, LABEL_OWNER, LABEL_RUNNER,
+    LABEL_RUNNER_NAME, PullPolicy, RegistryAuth, WORKSPACE, WarmPool,
+};

@@ -16,7 +16,7 @@ use bollard::query_parameters::{
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures::StreamExt;
-use rustci_runners::job::{Job, JobSpec, StepAction};
+use rustci_runners::job::{Job, JobSpec, Resources, StepAction};
 use rustci_runners::mask::SecretSet;
 use rustci_runners::output::{OutputBudget, StreamWriter};
 use rustci_runners::{
@@ -138,6 +138,39 @@ pub struct DockerConfig {
     pub max_concurrency: Option<usize>,
     /// Events that may wait unread. Default 64.
     pub event_buffer: usize,
+    /// Pre-started containers for fast starts. Default none.
+    pub warm_pool: Option<WarmPool>,
+}
+
+/// A pool of pre-started containers per image.
+///
+/// A job whose image has a warm container and that asks for no `resources` of its own
+/// starts by executing its steps in that container, which skips container creation and
+/// start (the bulk of a cold job's latency). The container is discarded after the job,
+/// in the background, and a new one is started to replace it. Warm containers carry the
+/// label `rustci.job=warm-…` (they exist before their job); the job's id is in every step's
+/// environment. Containers idle for longer than `idle_timeout` are removed and only
+/// replaced when the image is used again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WarmPool {
+    /// Images to keep warm.
+    pub images: Vec<String>,
+    /// Warm containers per image (at most 64).
+    pub size: usize,
+    /// How long a warm container may wait for a job.
+    pub idle_timeout: Duration,
+}
+
+impl WarmPool {
+    /// `size` warm containers for each of `images`, reaped after 10 idle minutes.
+    pub fn new(images: impl IntoIterator<Item = impl Into<String>>, size: usize) -> Self {
+        WarmPool {
+            images: images.into_iter().map(Into::into).collect(),
+            size: size.min(64),
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for DockerConfig {
@@ -159,12 +192,17 @@ impl Default for DockerConfig {
             max_output_bytes: 512 << 20,
             max_concurrency: None,
             event_buffer: 64,
+            warm_pool: None,
         }
     }
 }
 
 /// Runs each job in its own container on a Docker engine.
 pub struct DockerRunner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     docker: Docker,
     info: RunnerInfo,
     caps: Capabilities,
@@ -172,6 +210,18 @@ pub struct DockerRunner {
     local: bool,
     running: Arc<AtomicUsize>,
     owner: String,
+    warm: std::sync::Mutex<HashMap<String, Vec<WarmContainer>>>,
+    warm_changed: tokio::sync::Notify,
+    /// Background work (refills, discards) that `shutdown` waits for.
+    tasks: tokio_util::task::TaskTracker,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// A started keep-alive container waiting for a job.
+struct WarmContainer {
+    id: String,
+    cleanup: Cleanup,
+    born: Instant,
 }
 
 fn unavailable(what: &str, e: bollard::errors::Error) -> Error {
@@ -256,9 +306,16 @@ pub(crate) fn check_image_reference(image: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs a single step as the container's own process (PID 1 is this `sh`): forwards
+/// SIGTERM to every process, waits for the step, exits with its status. When it exits,
+/// the kernel ends every other process of the container.
+const SINGLE_STEP: &str = "trap 'kill -TERM -1 2>/dev/null' TERM; \"$@\" & child=$!; \
+    while :; do wait \"$child\"; code=$?; kill -0 \"$child\" 2>/dev/null || exit \"$code\"; done";
+
 impl DockerRunner {
-    /// Connects to the engine, checks it answers, reads its capabilities, and removes
-    /// containers left by a crashed owner of a runner with the same name.
+    /// Connects to the engine, checks it answers, reads its capabilities, removes
+    /// containers left by a crashed owner of a runner with the same name, and starts the
+    /// warm pool if one is configured.
     ///
     /// Fails with [`Error::Unavailable`] ("docker engine unavailable: …") when the engine
     /// cannot be reached, and [`Error::InvalidConfig`] for unusable settings.
@@ -348,7 +405,12 @@ impl DockerRunner {
                 ))
             })?;
         }
-        let runner = DockerRunner {
+        if let Some(pool) = &config.warm_pool {
+            for image in &pool.images {
+                check_image_reference(image).map_err(Error::InvalidConfig)?;
+            }
+        }
+        let inner = Arc::new(Inner {
             docker,
             info: runner_info,
             caps,
@@ -356,14 +418,110 @@ impl DockerRunner {
             local,
             running: Arc::new(AtomicUsize::new(0)),
             owner: owner_label(),
-        };
-        runner.sweep().await;
-        Ok(runner)
+            warm: std::sync::Mutex::new(HashMap::new()),
+            warm_changed: tokio::sync::Notify::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        inner.sweep().await;
+        if let Some(pool) = inner.config.warm_pool.clone() {
+            for image in &pool.images {
+                inner.ensure_image(image).await?;
+                for _ in 0..pool.size {
+                    inner.clone().refill(image.clone());
+                }
+            }
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval(pool.idle_timeout / 2 + Duration::from_millis(1));
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    inner.reap_idle(pool.idle_timeout).await;
+                }
+            });
+        }
+        Ok(DockerRunner { inner })
     }
 
     /// Removes containers of this runner's name whose owning process (on this host) is
     /// gone. Returns how many were removed.
     pub async fn sweep(&self) -> usize {
+        self.inner.sweep().await
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DockerConfig {
+        &self.inner.config
+    }
+
+    /// Removes the warm containers and waits for background work (refills, discards of
+    /// used warm containers) to finish. Jobs still running are not affected; call this
+    /// when done with the runner, before the runtime goes away.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let warm: Vec<WarmContainer> = self
+            .inner
+            .warm
+            .lock()
+            .map(|mut w| w.drain().flat_map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        for w in warm {
+            w.cleanup.run().await;
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// Waits until every image of the warm pool has its full number of warm containers
+    /// (returns at once without a pool).
+    pub async fn warm_up(&self) {
+        let Some(pool) = self.inner.config.warm_pool.clone() else {
+            return;
+        };
+        loop {
+            let notified = self.inner.warm_changed.notified();
+            if pool.images.iter().all(|i| self.warm_ready(i) >= pool.size) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Warm containers ready now for `image`.
+    pub fn warm_ready(&self, image: &str) -> usize {
+        self.inner
+            .warm
+            .lock()
+            .expect("warm pool")
+            .get(image)
+            .map_or(0, Vec::len)
+    }
+}
+
+impl Drop for DockerRunner {
+    /// Best effort without [`DockerRunner::shutdown`]: warm containers are removed in the
+    /// background if a runtime is still there; the next start's sweep removes the rest.
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let warm: Vec<WarmContainer> = self
+            .inner
+            .warm
+            .lock()
+            .map(|mut w| w.drain().flat_map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        if warm.is_empty() {
+            return;
+        }
+        // Cleanup's own drop removes each container (in the background when a runtime is
+        // there); a crash leaves them to the next start's sweep.
+        drop(warm);
+    }
+}
+
+impl Inner {
+    async fn sweep(&self) -> usize {
         let filters = HashMap::from([(
             "label".to_string(),
             vec![
@@ -414,15 +572,14 @@ impl DockerRunner {
                             None::<bollard::query_parameters::RemoveVolumeOptions>,
                         )
                         .await;
+                } else {
+                    let _ = std::fs::remove_dir_all(
+                        self.config.workspace_root.join(format!("ws-{job}")),
+                    );
                 }
             }
         }
         removed
-    }
-
-    /// The configuration in use.
-    pub fn config(&self) -> &DockerConfig {
-        &self.config
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), Error> {
@@ -460,6 +617,174 @@ impl DockerRunner {
             }
         }
     }
+
+    /// A workspace for `key` (a job id or a warm container's name) and the cleanup that
+    /// removes it; returns the bind specification.
+    fn workspace(&self, key: &str) -> Result<(String, Cleanup), Error> {
+        let mut cleanup = Cleanup {
+            docker: self.docker.clone(),
+            container: None,
+            host_dir: None,
+            volume: None,
+        };
+        if self.local {
+            let dir = self.config.workspace_root.join(format!("ws-{key}"));
+            std::fs::create_dir(&dir).map_err(|e| {
+                Error::Unavailable(format!("cannot create workspace {}: {e}", dir.display()))
+            })?;
+            cleanup.host_dir = Some(dir.clone());
+            Ok((format!("{}:{WORKSPACE}", dir.display()), cleanup))
+        } else {
+            cleanup.volume = Some(format!("rustci-ws-{key}"));
+            Ok((format!("rustci-ws-{key}:{WORKSPACE}"), cleanup))
+        }
+    }
+
+    /// Creates (does not start) a job container.
+    #[allow(clippy::too_many_arguments)]
+    async fn create(
+        &self,
+        image: &str,
+        key: &str,
+        cmd: Vec<String>,
+        env: Vec<String>,
+        workdir: String,
+        r: &Resources,
+        cleanup: &mut Cleanup,
+        bind: String,
+    ) -> Result<String, Error> {
+        let host_config = HostConfig {
+            binds: Some(vec![bind]),
+            network_mode: Some(self.config.network_mode.clone()),
+            memory: r.memory.map(|m| m as i64),
+            // Swap equal to memory: no swap on top of the limit.
+            memory_swap: r.memory.map(|m| m as i64),
+            nano_cpus: r.cpus.map(|c| (c * 1e9) as i64),
+            pids_limit: r.pids.map(|p| p as i64),
+            privileged: Some(self.config.privileged),
+            security_opt: (!self.config.privileged)
+                .then(|| vec!["no-new-privileges:true".to_string()]),
+            readonly_rootfs: Some(self.config.read_only_rootfs),
+            cap_drop: (!self.config.cap_drop.is_empty()).then(|| self.config.cap_drop.clone()),
+            ..Default::default()
+        };
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_JOB.to_string(), key.to_string()),
+            (LABEL_RUNNER.to_string(), self.info.id.clone()),
+            (LABEL_RUNNER_NAME.to_string(), self.config.name.clone()),
+            (LABEL_OWNER.to_string(), self.owner.clone()),
+        ]);
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: Some(cmd),
+            entrypoint: Some(vec![]),
+            labels: Some(labels),
+            working_dir: Some(workdir),
+            user: self.config.user.clone(),
+            env: Some(env),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let name = format!("rustci-{key}");
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!("cannot create a container from {image}: {e}"))
+            })?;
+        cleanup.container = Some(created.id.clone());
+        Ok(created.id)
+    }
+
+    async fn start_container(&self, id: &str, image: &str) -> Result<(), Error> {
+        self.docker
+            .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+            .await
+            .map_err(|e| Error::Unavailable(format!("cannot start a container from {image}: {e}")))
+    }
+
+    /// A started keep-alive container for `image` with no job yet.
+    async fn keepalive(
+        &self,
+        image: &str,
+        key: &str,
+        env: Vec<String>,
+        r: &Resources,
+    ) -> Result<(String, Cleanup), Error> {
+        let (bind, mut cleanup) = self.workspace(key)?;
+        let id = self
+            .create(
+                image,
+                key,
+                vec!["/bin/sh".into(), "-c".into(), KEEPALIVE.into()],
+                env,
+                WORKSPACE.into(),
+                r,
+                &mut cleanup,
+                bind,
+            )
+            .await?;
+        self.start_container(&id, image).await?;
+        Ok((id, cleanup))
+    }
+
+    /// Starts one warm container for `image` in the background.
+    fn refill(self: Arc<Self>, image: String) {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
+            let key = format!("warm-{}", JobId::new());
+            match self
+                .keepalive(&image, &key, Vec::new(), &Resources::default())
+                .await
+            {
+                Ok((_, cleanup)) if self.closed.load(Ordering::SeqCst) => cleanup.run().await,
+                Ok((id, cleanup)) => {
+                    let mut warm = self.warm.lock().expect("warm pool");
+                    let list = warm.entry(image).or_default();
+                    let size = self.config.warm_pool.as_ref().map_or(0, |p| p.size);
+                    if list.len() < size {
+                        list.push(WarmContainer {
+                            id,
+                            cleanup,
+                            born: Instant::now(),
+                        });
+                    }
+                    // Otherwise `cleanup` drops here and removes the surplus container.
+                    drop(warm);
+                    self.warm_changed.notify_waiters();
+                }
+                Err(e) => tracing::warn!(%image, error = %e, "cannot start a warm container"),
+            }
+        });
+    }
+
+    async fn reap_idle(&self, idle: Duration) {
+        let expired: Vec<WarmContainer> = {
+            let mut warm = self.warm.lock().expect("warm pool");
+            let mut out = Vec::new();
+            for list in warm.values_mut() {
+                let (old, young): (Vec<_>, Vec<_>) =
+                    list.drain(..).partition(|w| w.born.elapsed() >= idle);
+                *list = young;
+                out.extend(old);
+            }
+            out
+        };
+        for w in expired {
+            w.cleanup.run().await;
+        }
+    }
+
+    fn take_warm(&self, image: &str) -> Option<WarmContainer> {
+        self.warm
+            .lock()
+            .expect("warm pool")
+            .get_mut(image)
+            .and_then(Vec::pop)
+    }
 }
 
 async fn remove_container(docker: &Docker, id: &str) -> bool {
@@ -481,156 +806,194 @@ impl Drop for Slot {
     }
 }
 
+/// The environment every step gets, before job, step and secret variables.
+fn base_env(id: &JobId, job: &Job, runner: &str) -> Vec<String> {
+    vec![
+        "CI=true".to_string(),
+        "RUSTCI=true".to_string(),
+        format!("RUSTCI_JOB_ID={id}"),
+        format!("RUSTCI_JOB_NAME={}", job.name),
+        format!("RUSTCI_RUNNER={runner}"),
+        format!("RUSTCI_WORKSPACE={WORKSPACE}"),
+    ]
+}
+
+fn step_env(base: &[String], job: &Job, step: &rustci_runners::Step) -> Vec<String> {
+    let mut env = base.to_vec();
+    for (k, v) in job.env.iter().chain(&step.env).chain(&job.secrets) {
+        env.push(format!("{k}={v}"));
+    }
+    env
+}
+
+fn step_argv(step: &rustci_runners::Step) -> Option<Vec<String>> {
+    match &step.action {
+        StepAction::Run(script) => Some(vec![
+            "/bin/sh".into(),
+            "-e".into(),
+            "-c".into(),
+            script.clone(),
+        ]),
+        StepAction::Command(argv) => Some(argv.clone()),
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl Runner for DockerRunner {
     fn info(&self) -> &RunnerInfo {
-        &self.info
+        &self.inner.info
     }
 
     fn capabilities(&self) -> &Capabilities {
-        &self.caps
+        &self.inner.caps
     }
 
     fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        self.inner.running.load(Ordering::SeqCst)
     }
 
     async fn health(&self) -> Health {
-        match tokio::time::timeout(Duration::from_secs(5), self.docker.version()).await {
-            Ok(Ok(v)) => {
-                let _ = v;
-                Health::Healthy
-            }
+        match tokio::time::timeout(Duration::from_secs(5), self.inner.docker.version()).await {
+            Ok(Ok(_)) => Health::Healthy,
             Ok(Err(e)) => Health::Unhealthy(format!("docker engine unavailable: {e}")),
             Err(_) => Health::Unhealthy("docker engine unavailable: no answer within 5s".into()),
         }
     }
 
     async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+        let inner = &self.inner;
         let mut job = spec.to_job();
         if job.image.is_none() {
-            job.image = self.config.default_image.clone();
+            job.image = inner.config.default_image.clone();
         }
         job.validate().map_err(Error::InvalidSpec)?;
-        let Some(image) = job.image.clone() else {
-            return Err(Error::Unsupported {
-                runner: self.info.name.clone(),
-                reasons: vec!["the job names no image and the runner has no default image".into()],
-            });
+        let unsupported = |reason: String| Error::Unsupported {
+            runner: inner.info.name.clone(),
+            reasons: vec![reason],
         };
-        check_image_reference(&image).map_err(|e| Error::Unsupported {
-            runner: self.info.name.clone(),
-            reasons: vec![e],
-        })?;
-        let reasons = self.caps.unmet(&job);
+        let Some(image) = job.image.clone() else {
+            return Err(unsupported(
+                "the job names no image and the runner has no default image".into(),
+            ));
+        };
+        check_image_reference(&image).map_err(unsupported)?;
+        if job.steps.iter().any(|s| step_argv(s).is_none()) {
+            return Err(unsupported("a step kind this runner does not know".into()));
+        }
+        let reasons = inner.caps.unmet(&job);
         if !reasons.is_empty() {
             return Err(Error::Unsupported {
-                runner: self.info.name.clone(),
+                runner: inner.info.name.clone(),
                 reasons,
             });
         }
-        let now = self.running.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot(self.running.clone());
-        if let Some(max) = self.caps.max_concurrency
+        let now = inner.running.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(inner.running.clone());
+        if let Some(max) = inner.caps.max_concurrency
             && now >= max
         {
             return Err(Error::Busy {
-                runner: self.info.name.clone(),
+                runner: inner.info.name.clone(),
                 running: now,
                 max,
             });
         }
-        self.ensure_image(&image).await?;
+        let base = base_env(&id, &job, &inner.info.name);
+        let workdir = match &job.workdir {
+            Some(w) => format!("{WORKSPACE}/{w}"),
+            None => WORKSPACE.to_string(),
+        };
 
-        // Workspace: a host directory bind-mounted (local engine) or a volume (remote).
-        let (bind, host_dir) = if self.local {
-            let dir = self.config.workspace_root.join(format!("ws-{id}"));
-            std::fs::create_dir(&dir).map_err(|e| {
-                Error::Unavailable(format!("cannot create workspace {}: {e}", dir.display()))
-            })?;
-            (format!("{}:{WORKSPACE}", dir.display()), Some(dir))
+        let warm = if job.resources.is_empty() && job.workdir.is_none() {
+            inner.take_warm(&image)
         } else {
-            (format!("rustci-ws-{id}:{WORKSPACE}"), None)
+            None
         };
-        let mut cleanup = Cleanup {
-            docker: self.docker.clone(),
-            container: None,
-            host_dir,
-            volume: (!self.local).then(|| format!("rustci-ws-{id}")),
+        let (container, cleanup, mode) = if let Some(w) = warm {
+            inner.clone().refill(image.clone());
+            (w.id, w.cleanup, Mode::Exec { warm: true })
+        } else {
+            inner.ensure_image(&image).await?;
+            if job.steps.len() == 1 {
+                // One step: it is the container's own process, as with `docker run`.
+                let step = &job.steps[0];
+                let mut cmd = vec![
+                    "/bin/sh".to_string(),
+                    "-c".into(),
+                    SINGLE_STEP.into(),
+                    "sh".into(),
+                ];
+                cmd.extend(step_argv(step).unwrap_or_default());
+                let (bind, mut cleanup) = inner.workspace(id.as_str())?;
+                let cid = inner
+                    .create(
+                        &image,
+                        id.as_str(),
+                        cmd,
+                        step_env(&base, &job, step),
+                        workdir.clone(),
+                        &job.resources,
+                        &mut cleanup,
+                        bind,
+                    )
+                    .await?;
+                let options = bollard::query_parameters::AttachContainerOptionsBuilder::new()
+                    .stream(true)
+                    .stdout(true)
+                    .stderr(true)
+                    .build();
+                let attached = inner
+                    .docker
+                    .attach_container(&cid, Some(options))
+                    .await
+                    .map_err(|e| {
+                        Error::Unavailable(format!(
+                            "cannot attach to the container of job {id}: {e}"
+                        ))
+                    })?;
+                inner.start_container(&cid, &image).await?;
+                (cid, cleanup, Mode::Single(attached.output))
+            } else {
+                let (cid, cleanup) = inner
+                    .keepalive(&image, id.as_str(), Vec::new(), &job.resources)
+                    .await?;
+                (cid, cleanup, Mode::Exec { warm: false })
+            }
         };
 
-        let r = &job.resources;
-        let host_config = HostConfig {
-            binds: Some(vec![bind]),
-            network_mode: Some(self.config.network_mode.clone()),
-            memory: r.memory.map(|m| m as i64),
-            // Swap equal to memory: no swap on top of the limit.
-            memory_swap: r.memory.map(|m| m as i64),
-            nano_cpus: r.cpus.map(|c| (c * 1e9) as i64),
-            pids_limit: r.pids.map(|p| p as i64),
-            privileged: Some(self.config.privileged),
-            security_opt: (!self.config.privileged)
-                .then(|| vec!["no-new-privileges:true".to_string()]),
-            readonly_rootfs: Some(self.config.read_only_rootfs),
-            cap_drop: (!self.config.cap_drop.is_empty()).then(|| self.config.cap_drop.clone()),
-            ..Default::default()
-        };
-        let labels = HashMap::from([
-            (LABEL_MANAGED.to_string(), "true".to_string()),
-            (LABEL_JOB.to_string(), id.to_string()),
-            (LABEL_RUNNER.to_string(), self.info.id.clone()),
-            (LABEL_RUNNER_NAME.to_string(), self.config.name.clone()),
-            (LABEL_OWNER.to_string(), self.owner.clone()),
-        ]);
-        let body = ContainerCreateBody {
-            image: Some(image.clone()),
-            cmd: Some(vec!["/bin/sh".into(), "-c".into(), KEEPALIVE.into()]),
-            entrypoint: Some(vec![]),
-            labels: Some(labels),
-            working_dir: Some(WORKSPACE.into()),
-            user: self.config.user.clone(),
-            env: Some(vec![format!("RUSTCI_JOB_ID={id}")]),
-            host_config: Some(host_config),
-            ..Default::default()
-        };
-        let name = format!("rustci-{id}");
-        let options = CreateContainerOptionsBuilder::new().name(&name).build();
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!("cannot create a container from {image}: {e}"))
-            })?;
-        cleanup.container = Some(created.id.clone());
-        self.docker
-            .start_container(
-                &created.id,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!("cannot start a container from {image}: {e}"))
-            })?;
-
-        let (execution, sink) = Execution::channel(id.clone(), self.config.event_buffer);
+        let (execution, sink) = Execution::channel(id.clone(), inner.config.event_buffer);
         let run = JobRun {
-            docker: self.docker.clone(),
-            container: created.id,
+            inner: inner.clone(),
+            container,
             secrets: SecretSet::new(job.secrets.values().map(String::as_str)),
-            budget: OutputBudget::new(self.config.max_output_bytes),
+            budget: OutputBudget::new(inner.config.max_output_bytes),
+            base,
+            workdir,
             job,
             sink,
-            info: self.info.clone(),
-            grace: self.config.termination_grace,
-            user: self.config.user.clone(),
-            local: self.local,
             cleanup: Some(cleanup),
             slot: Some(slot),
         };
-        tokio::spawn(run.run());
+        tokio::spawn(run.run(mode));
         Ok(execution)
     }
+}
+
+type LogStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>>
+            + Send,
+    >,
+>;
+
+/// How a job's steps run.
+enum Mode {
+    /// The only step is the container's process; its output is this attached stream.
+    Single(LogStream),
+    /// Steps are executed in a keep-alive container; a warm container is discarded in
+    /// the background after the job.
+    Exec { warm: bool },
 }
 
 /// Removes the container and workspace of a job when dropped.
@@ -686,16 +1049,14 @@ impl Drop for Cleanup {
 }
 
 struct JobRun {
-    docker: Docker,
+    inner: Arc<Inner>,
     container: String,
     job: Job,
     sink: ExecutionSink,
-    info: RunnerInfo,
     secrets: SecretSet,
     budget: OutputBudget,
-    grace: Duration,
-    user: Option<String>,
-    local: bool,
+    base: Vec<String>,
+    workdir: String,
     cleanup: Option<Cleanup>,
     slot: Option<Slot>,
 }
@@ -707,60 +1068,96 @@ enum StepEnd {
     Failed(String),
 }
 
+/// What pumping one output stream ended with.
+struct Pumped {
+    stop: Option<StepEnd>,
+    exec_failure: Option<String>,
+}
+
 impl JobRun {
-    async fn run(mut self) {
+    async fn run(mut self, mode: Mode) {
         self.sink
             .emit(EventKind::Started {
                 job_id: self.sink.job_id().to_string(),
-                runner_id: self.info.id.clone(),
-                runner_kind: self.info.kind,
+                runner_id: self.inner.info.id.clone(),
+                runner_kind: self.inner.info.kind,
             })
             .await;
-        let outcome = self.steps().await;
-        tracing::info!(job_id = %self.sink.job_id(), runner = %self.info.name, %outcome, "job ended");
+        let (outcome, warm) = match mode {
+            Mode::Single(output) => (self.single(output).await, false),
+            Mode::Exec { warm } => (self.steps().await, warm),
+        };
+        tracing::info!(job_id = %self.sink.job_id(), runner = %self.inner.info.name, %outcome, "job ended");
         if let Some(cleanup) = self.cleanup.take() {
-            cleanup.run().await;
+            if warm {
+                // Discarded after the outcome, replaced in the background already.
+                self.inner.tasks.spawn(cleanup.run());
+            } else {
+                cleanup.run().await;
+            }
         }
         self.slot.take();
         self.sink.finish(outcome).await;
     }
 
-    fn env(&self, step_env: &std::collections::BTreeMap<String, String>) -> Vec<String> {
-        let mut env = vec![
-            "CI=true".to_string(),
-            "RUSTCI=true".to_string(),
-            format!("RUSTCI_JOB_ID={}", self.sink.job_id()),
-            format!("RUSTCI_JOB_NAME={}", self.job.name),
-            format!("RUSTCI_RUNNER={}", self.info.name),
-            format!("RUSTCI_WORKSPACE={WORKSPACE}"),
-        ];
-        for (k, v) in self.job.env.iter().chain(step_env).chain(&self.job.secrets) {
-            env.push(format!("{k}={v}"));
-        }
-        env
+    async fn single(&mut self, output: LogStream) -> Outcome {
+        let deadline = Instant::now() + self.job.effective_timeout();
+        let step = self.job.steps[0].clone();
+        let name = step.display_name(0);
+        self.sink
+            .emit(EventKind::StepStarted {
+                step: 0,
+                name: name.clone(),
+            })
+            .await;
+        let started = Instant::now();
+        let deadline = match step.timeout {
+            Some(t) => deadline.min(started + t),
+            None => deadline,
+        };
+        let pumped = self.pump(0, output, deadline, None, "").await;
+        let end = match pumped.stop {
+            Some(end) => end,
+            None => {
+                let state = self
+                    .inner
+                    .docker
+                    .wait_container(
+                        &self.container,
+                        None::<bollard::query_parameters::WaitContainerOptions>,
+                    )
+                    .next()
+                    .await;
+                // bollard reports a non-zero exit as an error carrying the code.
+                match state {
+                    Some(Ok(r)) => StepEnd::Exited(r.status_code),
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError {
+                        code, ..
+                    })) => StepEnd::Exited(code),
+                    Some(Err(e)) => {
+                        StepEnd::Failed(format!("cannot read the exit code of the step: {e}"))
+                    }
+                    None => StepEnd::Failed("the engine reported no exit code".into()),
+                }
+            }
+        };
+        self.conclude(0, &name, &step, started, end)
+            .await
+            .unwrap_or(Outcome::Succeeded)
     }
 
     async fn steps(&mut self) -> Outcome {
         let deadline = Instant::now() + self.job.effective_timeout();
-        let workdir = match &self.job.workdir {
-            Some(w) => format!("{WORKSPACE}/{w}"),
-            None => WORKSPACE.to_string(),
-        };
         if self.job.workdir.is_some() {
-            // Create the working directory inside the container, as the step user.
+            let mkdir = vec!["mkdir".into(), "-p".into(), self.workdir.clone()];
             let end = self
-                .exec(
-                    usize::MAX,
-                    vec!["mkdir".into(), "-p".into(), workdir.clone()],
-                    Vec::new(),
-                    WORKSPACE.into(),
-                    deadline,
-                )
+                .exec(usize::MAX, mkdir, Vec::new(), WORKSPACE.into(), deadline)
                 .await;
             if !matches!(end, StepEnd::Exited(0)) {
                 return Outcome::RunnerError {
                     message: format!(
-                        "cannot create the working directory {workdir} in the container"
+                        "cannot create the working directory {} in the container",
+                        self.workdir
                     ),
                 };
             }
@@ -782,80 +1179,85 @@ impl JobRun {
                 Some(t) => deadline.min(started + t),
                 None => deadline,
             };
-            let argv = match &step.action {
-                StepAction::Run(script) => {
-                    vec!["/bin/sh".into(), "-e".into(), "-c".into(), script.clone()]
-                }
-                StepAction::Command(argv) => argv.clone(),
-                other => {
-                    return Outcome::RunnerError {
-                        message: format!("step kind {other:?} is not supported by this runner"),
-                    };
-                }
-            };
-            let env = self.env(&step.env);
+            let argv = step_argv(step).unwrap_or_default();
+            let env = step_env(&self.base, &self.job, step);
             let end = self
-                .exec(index, argv, env, workdir.clone(), step_deadline)
+                .exec(index, argv, env, self.workdir.clone(), step_deadline)
                 .await;
-            let finish = |status| EventKind::StepFinished {
-                step: index,
-                name: name.clone(),
-                status,
-                duration: started.elapsed(),
-            };
-            match end {
-                StepEnd::Exited(0) => self.sink.emit(finish(StepStatus::Exited(0))).await,
-                StepEnd::Exited(code) => {
-                    let (status, outcome) = if (129..=192).contains(&code) {
-                        let signal = (code - 128) as i32;
-                        let oom_killed = signal == 9 && self.oom_killed().await;
-                        (
-                            StepStatus::Signalled(signal),
-                            Outcome::Signalled {
-                                step: index,
-                                step_name: name.clone(),
-                                signal,
-                                oom_killed,
-                            },
-                        )
-                    } else {
-                        (
-                            StepStatus::Exited(code as i32),
-                            Outcome::Failed {
-                                step: index,
-                                step_name: name.clone(),
-                                exit_code: code as i32,
-                            },
-                        )
-                    };
-                    self.sink.emit(finish(status)).await;
-                    if !step.continue_on_error {
-                        return outcome;
-                    }
-                }
-                StepEnd::TimedOut => {
-                    self.sink.emit(finish(StepStatus::TimedOut)).await;
-                    return Outcome::TimedOut { step: Some(index) };
-                }
-                StepEnd::Cancelled => {
-                    self.sink.emit(finish(StepStatus::Cancelled)).await;
-                    return Outcome::Cancelled;
-                }
-                StepEnd::Failed(message) => {
-                    self.sink.emit(finish(StepStatus::NotStarted)).await;
-                    return Outcome::RunnerError {
-                        message: self.secrets.mask_str(&message),
-                    };
-                }
+            if let Some(outcome) = self.conclude(index, &name, step, started, end).await {
+                return outcome;
             }
         }
         Outcome::Succeeded
     }
 
+    /// Reports a step's end; returns the job's outcome when the job ends here.
+    async fn conclude(
+        &self,
+        index: usize,
+        name: &str,
+        step: &rustci_runners::Step,
+        started: Instant,
+        end: StepEnd,
+    ) -> Option<Outcome> {
+        let finish = |status| EventKind::StepFinished {
+            step: index,
+            name: name.to_string(),
+            status,
+            duration: started.elapsed(),
+        };
+        match end {
+            StepEnd::Exited(0) => {
+                self.sink.emit(finish(StepStatus::Exited(0))).await;
+                None
+            }
+            StepEnd::Exited(code) => {
+                let (status, outcome) = if (129..=192).contains(&code) {
+                    let signal = (code - 128) as i32;
+                    let oom_killed = signal == 9 && self.oom_killed().await;
+                    (
+                        StepStatus::Signalled(signal),
+                        Outcome::Signalled {
+                            step: index,
+                            step_name: name.to_string(),
+                            signal,
+                            oom_killed,
+                        },
+                    )
+                } else {
+                    (
+                        StepStatus::Exited(code as i32),
+                        Outcome::Failed {
+                            step: index,
+                            step_name: name.to_string(),
+                            exit_code: code as i32,
+                        },
+                    )
+                };
+                self.sink.emit(finish(status)).await;
+                (!step.continue_on_error).then_some(outcome)
+            }
+            StepEnd::TimedOut => {
+                self.sink.emit(finish(StepStatus::TimedOut)).await;
+                Some(Outcome::TimedOut { step: Some(index) })
+            }
+            StepEnd::Cancelled => {
+                self.sink.emit(finish(StepStatus::Cancelled)).await;
+                Some(Outcome::Cancelled)
+            }
+            StepEnd::Failed(message) => {
+                self.sink.emit(finish(StepStatus::NotStarted)).await;
+                Some(Outcome::RunnerError {
+                    message: self.secrets.mask_str(&message),
+                })
+            }
+        }
+    }
+
     /// True when the container's memory cgroup saw an OOM kill (local engine), or the
     /// engine says so.
     async fn oom_killed(&self) -> bool {
-        if self.local {
+        if self.inner.local {
             for file in [
                 format!(
                     "/sys/fs/cgroup/memory/docker/{}/memory.oom_control",
@@ -875,7 +1277,8 @@ impl JobRun {
                 }
             }
         }
-        self.docker
+        self.inner
+            .docker
             .inspect_container(
                 &self.container,
                 None::<bollard::query_parameters::InspectContainerOptions>,
@@ -889,9 +1292,112 @@ impl JobRun {
     async fn signal_container(&self, signal: &str) {
         let options = KillContainerOptionsBuilder::new().signal(signal).build();
         let _ = self
+            .inner
             .docker
             .kill_container(&self.container, Some(options))
             .await;
+    }
+
+    /// Streams one output to events until it ends, enforcing the deadline and cancel
+    /// (SIGTERM to every process of the container, then SIGKILL after the grace period).
+    /// With `exec_id`, also notices when the exec'd process has exited while background
+    /// processes hold its output open, and kills them.
+    async fn pump(
+        &self,
+        step: usize,
+        mut output: LogStream,
+        deadline: Instant,
+        exec_id: Option<&str>,
+        program: &str,
+    ) -> Pumped {
+        let visible = step != usize::MAX;
+        let mut out = StreamWriter::new(
+            &self.sink,
+            step,
+            OutputStream::Stdout,
+            &self.secrets,
+            &self.budget,
+        );
+        let mut err = StreamWriter::new(
+            &self.sink,
+            step,
+            OutputStream::Stderr,
+            &self.secrets,
+            &self.budget,
+        );
+        let mut stop: Option<StepEnd> = None;
+        let mut kill_at: Option<Instant> = None;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut check = tokio::time::interval_at(
+            Instant::now() + Duration::from_millis(200),
+            Duration::from_millis(200),
+        );
+        let mut leftovers_killed = exec_id.is_none();
+        // The engine reports a failed exec of the program as text on stdout.
+        let mut first = true;
+        let mut exec_failure: Option<String> = None;
+        loop {
+            tokio::select! {
+                chunk = output.next() => match chunk {
+                    Some(Ok(bollard::container::LogOutput::StdOut { message })) => {
+                        if std::mem::take(&mut first) && exec_id.is_some() && message.starts_with(b"OCI runtime exec failed") {
+                            exec_failure = Some(String::from_utf8_lossy(&message).trim().to_string());
+                        } else if visible {
+                            out.write(message).await
+                        }
+                    }
+                    Some(Ok(bollard::container::LogOutput::StdErr { message })) => if visible { err.write(message).await },
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+                _ = tokio::time::sleep_until(deadline), if stop.is_none() => {
+                    stop = Some(StepEnd::TimedOut);
+                    self.signal_container("SIGTERM").await;
+                    kill_at = Some(Instant::now() + self.inner.config.termination_grace);
+                }
+                _ = self.sink.cancelled(), if stop.is_none() => {
+                    stop = Some(StepEnd::Cancelled);
+                    self.signal_container("SIGTERM").await;
+                    kill_at = Some(Instant::now() + self.inner.config.termination_grace);
+                }
+                _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                    self.signal_container("SIGKILL").await;
+                    kill_at = None;
+                }
+                _ = check.tick(), if stop.is_none() && !leftovers_killed => {
+                    if let Some(exec_id) = exec_id
+                        && let Ok(state) = self.inner.docker.inspect_exec(exec_id).await
+                        && state.running == Some(false)
+                    {
+                        leftovers_killed = true;
+                        let kill = CreateExecOptions::<String> {
+                            cmd: Some(vec!["/bin/sh".into(), "-c".into(), "kill -KILL -1 2>/dev/null; true".into()]),
+                            ..Default::default()
+                        };
+                        if let Ok(k) = self.inner.docker.create_exec(&self.container, kill).await {
+                            let _ = self.inner.docker.start_exec(&k.id, Some(bollard::exec::StartExecOptions { detach: true, ..Default::default() })).await;
+                        }
+                        if visible {
+                            self.sink.emit(EventKind::LeftoverProcesses { step, count: 1 }).await;
+                        }
+                    }
+                }
+            }
+        }
+        out.finish().await;
+        if let Some(text) = &exec_failure
+            && visible
+        {
+            let missing = text.contains("no such file or directory") || text.contains("not found");
+            let message = if missing {
+                format!("rustci: command not found: {program}\n")
+            } else {
+                format!("rustci: cannot execute {program}: {text}\n")
+            };
+            err.write(message.into()).await;
+        }
+        err.finish().await;
+        Pumped { stop, exec_failure }
     }
 
     /// Runs one command in the container. `step == usize::MAX` for internal commands
@@ -911,127 +1417,38 @@ impl JobRun {
             cmd: Some(argv),
             env: Some(env),
             working_dir: Some(workdir),
-            user: self.user.clone(),
+            user: self.inner.config.user.clone(),
             ..Default::default()
         };
-        let exec = match self.docker.create_exec(&self.container, config).await {
+        let docker = &self.inner.docker;
+        let exec = match docker.create_exec(&self.container, config).await {
             Ok(e) => e,
             Err(e) => return StepEnd::Failed(format!("cannot create an exec for {program}: {e}")),
         };
-        let mut output = match self.docker.start_exec(&exec.id, None).await {
+        let output = match docker.start_exec(&exec.id, None).await {
             Ok(StartExecResults::Attached { output, .. }) => output,
             Ok(StartExecResults::Detached) => {
                 return StepEnd::Failed("exec started detached".into());
             }
             Err(e) => return StepEnd::Failed(format!("cannot start {program}: {e}")),
         };
-        let visible = step != usize::MAX;
-        let mut out = StreamWriter::new(
-            &self.sink,
-            step,
-            OutputStream::Stdout,
-            &self.secrets,
-            &self.budget,
-        );
-        let mut err = StreamWriter::new(
-            &self.sink,
-            step,
-            OutputStream::Stderr,
-            &self.secrets,
-            &self.budget,
-        );
-        let mut stop: Option<StepEnd> = None;
-        let mut kill_at: Option<Instant> = None;
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        // While output is open, check now and then whether the step's own process has
-        // exited: then background processes are holding its output open.
-        let mut check = tokio::time::interval_at(
-            Instant::now() + Duration::from_millis(200),
-            Duration::from_millis(200),
-        );
-        let mut leftovers_killed = false;
-        // The engine reports a failed exec of the program as text on stdout and code 126.
-        let mut first = true;
-        let mut exec_failure: Option<String> = None;
-        loop {
-            tokio::select! {
-                chunk = output.next() => match chunk {
-                    Some(Ok(bollard::container::LogOutput::StdOut { message })) => {
-                        if std::mem::take(&mut first) && message.starts_with(b"OCI runtime exec failed") {
-                            exec_failure = Some(String::from_utf8_lossy(&message).trim().to_string());
-                        } else if visible {
-                            out.write(message).await
-                        }
-                    }
-                    Some(Ok(bollard::container::LogOutput::StdErr { message })) => if visible { err.write(message).await },
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break,
-                },
-                _ = tokio::time::sleep_until(deadline), if stop.is_none() => {
-                    stop = Some(StepEnd::TimedOut);
-                    self.signal_container("SIGTERM").await;
-                    kill_at = Some(Instant::now() + self.grace);
-                }
-                _ = self.sink.cancelled(), if stop.is_none() => {
-                    stop = Some(StepEnd::Cancelled);
-                    self.signal_container("SIGTERM").await;
-                    kill_at = Some(Instant::now() + self.grace);
-                }
-                _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                    self.signal_container("SIGKILL").await;
-                    kill_at = None;
-                }
-                _ = check.tick(), if stop.is_none() && !leftovers_killed => {
-                    if let Ok(state) = self.docker.inspect_exec(&exec.id).await
-                        && state.running == Some(false)
-                    {
-                        leftovers_killed = true;
-                        let kill = CreateExecOptions::<String> {
-                            cmd: Some(vec!["/bin/sh".into(), "-c".into(), "kill -KILL -1 2>/dev/null; true".into()]),
-                            ..Default::default()
-                        };
-                        if let Ok(k) = self.docker.create_exec(&self.container, kill).await {
-                            let _ = self.docker.start_exec(&k.id, Some(bollard::exec::StartExecOptions { detach: true, ..Default::default() })).await;
-                        }
-                        if visible {
-                            self.sink.emit(EventKind::LeftoverProcesses { step, count: 1 }).await;
-                        }
-                    }
-                }
-            }
-        }
-        out.finish().await;
-        if let Some(end) = stop {
-            err.finish().await;
+        let pumped = self
+            .pump(step, output, deadline, Some(&exec.id), &program)
+            .await;
+        if let Some(end) = pumped.stop {
             return end;
         }
-        match self.docker.inspect_exec(&exec.id).await {
-            Ok(state) => match state.exit_code {
-                Some(code) if code == 126 || code == 127 => match exec_failure {
-                    Some(text) => {
-                        let missing = text.contains("no such file or directory")
-                            || text.contains("not found");
-                        let message = if missing {
-                            format!("rustci: command not found: {program}\n")
-                        } else {
-                            format!("rustci: cannot execute {program}: {text}\n")
-                        };
-                        if visible {
-                            err.write(message.into()).await;
-                        }
-                        err.finish().await;
-                        StepEnd::Exited(if missing { 127 } else { 126 })
-                    }
-                    None => {
-                        err.finish().await;
-                        StepEnd::Exited(code)
-                    }
-                },
-                Some(code) => {
-                    err.finish().await;
-                    StepEnd::Exited(code)
+        match docker.inspect_exec(&exec.id).await {
+            Ok(state) => match (state.exit_code, &pumped.exec_failure) {
+                (Some(126 | 127), Some(text)) => {
+                    let missing =
+                        text.contains("no such file or directory") || text.contains("not found");
+                    StepEnd::Exited(if missing { 127 } else { 126 })
                 }
-                None => StepEnd::Failed(format!("the engine reported no exit code for {program}")),
+                (Some(code), _) => StepEnd::Exited(code),
+                (None, _) => {
+                    StepEnd::Failed(format!("the engine reported no exit code for {program}"))
+                }
             },
             Err(e) => StepEnd::Failed(format!("cannot read the exit code of {program}: {e}")),
         }

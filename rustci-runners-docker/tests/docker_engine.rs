@@ -333,3 +333,86 @@ async fn twenty_concurrent_jobs() {
     }
     assert_eq!(seen.len(), 20);
 }
+
+fn container_ids(filter: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter", filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_starts_jobs_in_prestarted_containers() {
+    let Some(runner) = runner_with(|c| {
+        c.name = "docker-warm-test".into();
+        c.warm_pool = Some(rustci_runners_docker::WarmPool::new([IMAGE], 2));
+    })
+    .await
+    else {
+        return;
+    };
+    tokio::time::timeout(Duration::from_secs(60), runner.warm_up())
+        .await
+        .expect("pool filled");
+    assert_eq!(runner.warm_ready(IMAGE), 2);
+    let warm_before = container_ids("label=rustci.runner.name=docker-warm-test");
+    assert_eq!(warm_before.len(), 2);
+    let runner = std::sync::Arc::new(runner);
+    let t = Target::shared(runner.clone());
+    let r = run_job(&t, &job(vec![Step::run("hostname; echo $RUSTCI_JOB_ID")]))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    let text = r.stdout_text();
+    let mut lines = text.lines();
+    let host = lines.next().unwrap();
+    assert!(
+        warm_before.iter().any(|id| id.starts_with(host)),
+        "{host} is not a warm container: {warm_before:?}"
+    );
+    assert_eq!(lines.next().unwrap(), r.id.as_str());
+    // A job with its own limits gets a fresh container.
+    let mut limited = job(vec![Step::run("hostname")]);
+    limited.resources.pids = Some(50);
+    let r = run_job(&t, &limited).await.unwrap();
+    let host = r.stdout_text().trim().to_string();
+    assert!(!warm_before.iter().any(|id| id.starts_with(&host)));
+    drop(t);
+    runner.shutdown().await;
+    assert_eq!(
+        container_ids("label=rustci.runner.name=docker-warm-test"),
+        Vec::<String>::new(),
+        "shutdown left containers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_warm_containers_are_reaped() {
+    let Some(runner) = runner_with(|c| {
+        c.name = "docker-reap-test".into();
+        let mut pool = rustci_runners_docker::WarmPool::new([IMAGE], 1);
+        pool.idle_timeout = Duration::from_millis(500);
+        c.warm_pool = Some(pool);
+    })
+    .await
+    else {
+        return;
+    };
+    tokio::time::timeout(Duration::from_secs(60), runner.warm_up())
+        .await
+        .expect("pool filled");
+    // Wait (bounded) for the reaper to remove the idle container.
+    let reaped = tokio::time::timeout(Duration::from_secs(30), async {
+        while !container_ids("label=rustci.runner.name=docker-reap-test").is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(reaped.is_ok(), "the idle warm container was not reaped");
+    assert_eq!(runner.warm_ready(IMAGE), 0);
+    runner.shutdown().await;
+}
