@@ -61,7 +61,9 @@ pub enum PullPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Engine {
-    /// `DOCKER_HOST` if set, else the local socket (default).
+    /// `DOCKER_HOST` if set (with `DOCKER_TLS_VERIFY` and `DOCKER_CERT_PATH` for TLS, as
+    /// the docker CLI reads them), else the local socket (default). A `tcp://` host counts
+    /// as remote: workspaces are volumes on the engine.
     #[default]
     Local,
     /// A remote engine over TCP with TLS client certificates (how a Docker-in-Docker
@@ -322,8 +324,7 @@ impl DockerRunner {
     pub async fn connect(config: DockerConfig) -> Result<Self, Error> {
         let (docker, local) = match &config.engine {
             Engine::Local => (
-                Docker::connect_with_local_defaults()
-                    .map_err(|e| unavailable("cannot connect", e))?,
+                Docker::connect_with_defaults().map_err(|e| unavailable("cannot connect", e))?,
                 std::env::var("DOCKER_HOST").map_or(true, |h| h.starts_with("unix://")),
             ),
             Engine::Tls {

@@ -416,3 +416,122 @@ async fn idle_warm_containers_are_reaped() {
     assert_eq!(runner.warm_ready(IMAGE), 0);
     runner.shutdown().await;
 }
+
+/// A second engine reachable only over TLS (the environment of
+/// `scripts/runners/setup-dind-environment.sh`, started here on its own port, directory and
+/// bridge), driven through `Engine::Tls`: workspaces are volumes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_engine_over_tls() {
+    if image().is_none() {
+        return;
+    }
+    let root = nix_is_root();
+    if !root || Command::new("dockerd").arg("--version").output().is_err() {
+        if require() {
+            panic!(
+                "RUSTCI_REQUIRE_DOCKER is set but a second engine cannot be started here (needs root and dockerd)"
+            );
+        }
+        eprintln!("SKIPPED: a second engine needs root and dockerd");
+        return;
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let script = repo.join("scripts/runners/setup-dind-environment.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let env = [
+        (
+            "RUSTCI_DIND_DIR",
+            dir.path().join("dind").display().to_string(),
+        ),
+        ("RUSTCI_DIND_PORT", port.to_string()),
+        ("RUSTCI_DIND_BRIDGE", format!("rci{}", port)),
+        ("RUSTCI_DIND_SUBNET", "172.31.251".to_string()),
+    ];
+    let script_run = |verb: &str| {
+        let out = Command::new(&script)
+            .arg(verb)
+            .envs(env.clone())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    struct Cleanup<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for Cleanup<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let _cleanup = Cleanup(|| {
+        let _ = Command::new(&script)
+            .arg("cleanup")
+            .envs(env.clone())
+            .output();
+    });
+    let (ok, text) = script_run("start");
+    assert!(ok, "{text}");
+    let certs = dir.path().join("dind/certs");
+    let host = format!("tcp://127.0.0.1:{port}");
+    let built = Command::new(repo.join("scripts/build-test-image"))
+        .env("DOCKER_HOST", &host)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", &certs)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+
+    let runner = runner_with(|c| {
+        c.name = "docker-tls-test".into();
+        c.engine = Engine::Tls {
+            address: host.clone(),
+            ca: certs.join("ca.pem"),
+            cert: certs.join("cert.pem"),
+            key: certs.join("key.pem"),
+        };
+    })
+    .await
+    .expect("TLS engine");
+    let t = Target::new(runner).with_image(IMAGE);
+    let r = run_job(
+        &t,
+        &job(vec![
+            Step::run("echo remote > f; uname -s"),
+            Step::run("cat f; pwd"),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    assert_eq!(r.stdout_text(), "Linux\nremote\n/workspace\n");
+    // Without the client certificate the engine refuses the connection.
+    let mut c = config();
+    c.engine = Engine::Tls {
+        address: host.clone(),
+        ca: certs.join("ca.pem"),
+        cert: certs.join("server-cert.pem"),
+        key: certs.join("server-key.pem"),
+    };
+    assert!(
+        DockerRunner::connect(c).await.is_err(),
+        "a server certificate was accepted as a client's"
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
