@@ -388,6 +388,11 @@ impl DockerRunner {
         if info.cpu_cfs_quota.unwrap_or(false) {
             caps.limits.insert(Limit::Cpus);
         }
+        // Per-process limits through the container's ulimits, which every engine applies.
+        caps.limits
+            .extend([Limit::CpuTime, Limit::OpenFiles, Limit::FileSize]);
+        caps.cpus = info.ncpu.map(|n| n as f64);
+        caps.memory = info.mem_total.map(|m| m as u64);
         caps.gpus = info
             .runtimes
             .as_ref()
@@ -667,6 +672,7 @@ impl Inner {
                 .then(|| vec!["no-new-privileges:true".to_string()]),
             readonly_rootfs: Some(self.config.read_only_rootfs),
             cap_drop: (!self.config.cap_drop.is_empty()).then(|| self.config.cap_drop.clone()),
+            ulimits: ulimits(r),
             ..Default::default()
         };
         let labels = HashMap::from([
@@ -786,6 +792,27 @@ impl Inner {
             .get_mut(image)
             .and_then(Vec::pop)
     }
+}
+
+/// `resources.cpu_time`, `open_files` and `file_size` as container ulimits.
+fn ulimits(r: &Resources) -> Option<Vec<bollard::models::ResourcesUlimits>> {
+    let limit = |name: &str, value: u64| bollard::models::ResourcesUlimits {
+        name: Some(name.to_string()),
+        soft: Some(value as i64),
+        hard: Some(value as i64),
+    };
+    let mut out = Vec::new();
+    if let Some(t) = r.cpu_time {
+        out.push(limit("cpu", t.as_secs_f64().ceil().max(1.0) as u64));
+    }
+    if let Some(n) = r.open_files {
+        out.push(limit("nofile", n));
+    }
+    if let Some(bytes) = r.file_size {
+        // The engine takes fsize in bytes.
+        out.push(limit("fsize", bytes));
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 async fn remove_container(docker: &Docker, id: &str) -> bool {

@@ -257,6 +257,23 @@ async fn pids_limit_stops_a_fork_bomb() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ulimits_from_resources() {
+    let Some(t) = target().await else { return };
+    let mut j = job(vec![Step::run(
+        "ulimit -n; head -c 100000 /dev/zero > big; echo wrote",
+    )]);
+    j.resources = Resources {
+        open_files: Some(64),
+        file_size: Some(4096),
+        ..Resources::default()
+    };
+    let r = run_job(&t, &j).await.unwrap();
+    assert!(!r.outcome.is_success(), "{:?}", r.outcome);
+    assert!(r.stdout_text().starts_with("64\n"), "{}", r.stdout_text());
+    assert!(!r.stdout_text().contains("wrote"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_none_has_no_network() {
     let Some(runner) = runner_with(|c| c.network_mode = "none".into()).await else {
         return;

@@ -205,7 +205,7 @@ impl fmt::Display for Limit {
 
 /// What a runner can do, declared truthfully: a capability is listed only when the runner
 /// really provides it on this host.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Capabilities {
     /// Runs `run:` (shell script) steps.
@@ -226,6 +226,10 @@ pub struct Capabilities {
     pub platform: String,
     /// Number of GPUs a job can use.
     pub gpus: u32,
+    /// CPUs of the machine jobs run on, when known.
+    pub cpus: Option<f64>,
+    /// Memory of the machine jobs run on, in bytes, when known.
+    pub memory: Option<u64>,
 }
 
 impl Capabilities {
@@ -241,6 +245,10 @@ impl Capabilities {
             termination_grace: Duration::from_secs(10),
             platform: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
             gpus: 0,
+            cpus: std::thread::available_parallelism()
+                .ok()
+                .map(|n| n.get() as f64),
+            memory: host_memory(),
         }
     }
 
@@ -274,6 +282,19 @@ impl Capabilities {
         }
         reasons
     }
+}
+
+/// Total memory of this host from `/proc/meminfo`.
+fn host_memory() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 /// A runner's own view of its health.
