@@ -522,7 +522,8 @@ async fn remote_engine_over_tls() {
     })
     .await
     .expect("TLS engine");
-    let t = Target::new(runner).with_image(IMAGE);
+    let runner = std::sync::Arc::new(runner);
+    let t = Target::shared(runner.clone());
     let r = run_job(
         &t,
         &job(vec![
@@ -534,6 +535,26 @@ async fn remote_engine_over_tls() {
     .unwrap();
     assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
     assert_eq!(r.stdout_text(), "Linux\nremote\n/workspace\n");
+    assert_eq!(runner.health().await, rustci_runners::Health::Healthy);
+
+    // The engine goes away: health says so, and a job is a clear error, not a hang.
+    let (ok, text) = script_run("stop");
+    assert!(ok, "{text}");
+    let health = runner.health().await;
+    assert!(
+        matches!(&health, rustci_runners::Health::Unhealthy(r) if r.contains("docker engine unavailable")),
+        "{health:?}"
+    );
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        runner.start(&job(vec![Step::run("true")]), JobId::new()),
+    )
+    .await
+    .expect("start hung with the engine down")
+    .unwrap_err();
+    assert!(err.to_string().contains("docker engine unavailable"), "{err}");
+    let (ok, text) = script_run("start");
+    assert!(ok, "{text}");
     // Without the client certificate the engine refuses the connection.
     let mut c = config();
     c.engine = Engine::Tls {
