@@ -552,7 +552,10 @@ async fn remote_engine_over_tls() {
     .await
     .expect("start hung with the engine down")
     .unwrap_err();
-    assert!(err.to_string().contains("docker engine unavailable"), "{err}");
+    assert!(
+        err.to_string().contains("docker engine unavailable"),
+        "{err}"
+    );
     let (ok, text) = script_run("start");
     assert!(ok, "{text}");
     // Without the client certificate the engine refuses the connection.
