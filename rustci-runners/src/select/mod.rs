@@ -1,8 +1,23 @@
-//! Runner selection: the [`Selector`] trait and a first implementation, [`LeastLoaded`].
+//! Runner selection: the [`Selector`] trait, [`SelectionEngine`] built from [`Filter`]s and
+//! weighted [`Scorer`]s, and [`LeastLoaded`], the engine's default.
 //!
 //! Selection is pure and synchronous: it sees a job and snapshots of candidate runners,
 //! does no I/O, and either picks one runner or explains, with counts, why none fits
 //! ("2 runners lack label gpu; 1 is unhealthy").
+//!
+//! ```text
+//!   runners ──► filters (all must pass; the first failure is the runner's reason)
+//!           ──► scorers (each 0.0..=1.0, times its weight, summed)
+//!           ──► highest total wins; ties go to the earlier runner
+//! ```
+
+mod engine;
+
+pub use engine::{
+    BinPack, FastestStartup, Filter, FreeSlots, Healthy, ImageSupport, KindMatch, LabelAffinity,
+    LabelMatch, LeastLoadedScore, ResourcesFit, RoundRobin, Scorer, ScorerKind, SelectionConfig,
+    SelectionEngine, Spread, StepKinds,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +37,18 @@ pub struct RunnerSnapshot {
     pub health: Health,
     /// Jobs running on it.
     pub running: usize,
+    /// Labels that reserve the runner: it only takes jobs that ask for every one of them.
+    pub reserved_labels: std::collections::BTreeSet<String>,
+    /// CPUs asked for by the jobs running on it.
+    pub cpus_in_use: f64,
+    /// Memory asked for by the jobs running on it, in bytes.
+    pub memory_in_use: u64,
+    /// Measured job start-up time (median), when known.
+    pub startup: Option<std::time::Duration>,
+    /// Sequence number of the last assignment to it (larger is more recent).
+    pub last_assigned: Option<u64>,
+    /// Running jobs by job name.
+    pub running_by_name: BTreeMap<String, usize>,
 }
 
 impl RunnerSnapshot {
@@ -37,6 +64,12 @@ impl RunnerSnapshot {
             capabilities,
             health,
             running,
+            reserved_labels: Default::default(),
+            cpus_in_use: 0.0,
+            memory_in_use: 0,
+            startup: None,
+            last_assigned: None,
+            running_by_name: BTreeMap::new(),
         }
     }
 
@@ -84,33 +117,11 @@ pub trait Selector: Send + Sync {
     fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits>;
 }
 
-/// The first reason `runner` cannot take `job`, in words.
+/// The first reason `runner` cannot take `job` under the default filters, in words.
 pub fn rejection(job: &dyn JobSpec, runner: &RunnerSnapshot) -> Option<String> {
-    let runs_on = job.runs_on();
-    if let Some(kind) = runs_on.kind
-        && kind != runner.info.kind
-    {
-        return Some(format!("is not of kind {kind}"));
-    }
-    let missing: Vec<&str> = runs_on
-        .labels
+    engine::default_filters()
         .iter()
-        .filter(|l| !runner.info.labels.contains(*l))
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
-        return Some(format!("lacks label {}", missing.join(", ")));
-    }
-    if let Some(reason) = runner.capabilities.unmet(job).into_iter().next() {
-        return Some(reason);
-    }
-    if let Health::Unhealthy(_) = runner.health {
-        return Some("is unhealthy".to_string());
-    }
-    if runner.free_slots() == Some(0) {
-        return Some("is full".to_string());
-    }
-    None
+        .find_map(|f| f.check(job, runner).err())
 }
 
 /// Filters by kind, labels, step kinds, limits, health and free slots, then prefers the
@@ -124,27 +135,7 @@ pub struct LeastLoaded;
 
 impl Selector for LeastLoaded {
     fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits> {
-        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        let mut best: Option<(usize, (bool, f64))> = None;
-        let wants_image = job.image().is_some();
-        for (i, runner) in runners.iter().enumerate() {
-            if let Some(reason) = rejection(job, runner) {
-                *reasons.entry(reason).or_default() += 1;
-                continue;
-            }
-            let load = match runner.capabilities.max_concurrency {
-                Some(max) if max > 0 => runner.running as f64 / max as f64,
-                _ => runner.running as f64 / 1e6,
-            };
-            let key = (wants_image && !runner.capabilities.images, load);
-            if best.is_none_or(|(_, k)| key < k) {
-                best = Some((i, key));
-            }
-        }
-        best.map(|(i, _)| i).ok_or(NoRunnerFits {
-            reasons,
-            candidates: runners.len(),
-        })
+        SelectionEngine::default().select(job, runners)
     }
 }
 
