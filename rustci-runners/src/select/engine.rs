@@ -532,9 +532,10 @@ mod tests {
     }
 
     fn engine(kind: ScorerKind) -> SelectionEngine {
-        let mut c = SelectionConfig::default();
-        c.weights = BTreeMap::from([(kind, 1.0)]);
-        SelectionEngine::from_config(&c)
+        SelectionEngine::from_config(&SelectionConfig {
+            weights: BTreeMap::from([(kind, 1.0)]),
+            ..SelectionConfig::default()
+        })
     }
 
     #[test]
@@ -572,9 +573,11 @@ mod tests {
         rr[2].last_assigned = None;
         assert_eq!(engine(ScorerKind::RoundRobin).select(&job(), &rr), Ok(2));
 
-        let mut c = SelectionConfig::default();
-        c.weights = BTreeMap::from([(ScorerKind::LabelAffinity, 1.0)]);
-        c.preferred_labels = vec!["ssd".into()];
+        let c = SelectionConfig {
+            weights: BTreeMap::from([(ScorerKind::LabelAffinity, 1.0)]),
+            preferred_labels: vec!["ssd".into()],
+            ..SelectionConfig::default()
+        };
         let mut aff = runners.clone();
         aff[2].info.labels.insert("ssd".into());
         assert_eq!(SelectionEngine::from_config(&c).select(&job(), &aff), Ok(2));
@@ -585,11 +588,13 @@ mod tests {
         let mut runners = vec![snap("busy-fast", 3, Some(4)), snap("idle-slow", 0, Some(4))];
         runners[0].startup = Some(Duration::from_millis(10));
         runners[1].startup = Some(Duration::from_millis(100));
-        let mut c = SelectionConfig::default();
-        c.weights = BTreeMap::from([
-            (ScorerKind::LeastLoaded, 1.0),
-            (ScorerKind::FastestStartup, 0.1),
-        ]);
+        let mut c = SelectionConfig {
+            weights: BTreeMap::from([
+                (ScorerKind::LeastLoaded, 1.0),
+                (ScorerKind::FastestStartup, 0.1),
+            ]),
+            ..SelectionConfig::default()
+        };
         assert_eq!(
             SelectionEngine::from_config(&c).select(&job(), &runners),
             Ok(1)
@@ -640,7 +645,7 @@ mod tests {
         let host = snap("host", 0, None);
         let mut c: SelectionConfig = serde_json::from_str(r#"{"strict_images": true}"#).unwrap();
         let err = SelectionEngine::from_config(&c)
-            .select(&j, &[host.clone()])
+            .select(&j, std::slice::from_ref(&host))
             .unwrap_err();
         assert_eq!(err.reasons["cannot run images"], 1);
         c.strict_images = false;
