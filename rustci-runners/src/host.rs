@@ -500,13 +500,14 @@ impl JobRun {
             .await;
         let outcome = self.steps().await;
         tracing::info!(parent: &span, %outcome, "job ended");
-        self.cleanup();
+        self.cleanup().await;
         self.sink.finish(outcome).await;
     }
 
-    fn cleanup(&mut self) {
+    async fn cleanup(&mut self) {
         if let Some(mut cg) = self.cgroup.take() {
-            cg.remove();
+            // Removing a cgroup may wait for the kernel to let go of it: off the runtime.
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }
         for script in self.scripts.drain(..) {
             let _ = std::fs::remove_file(script);

@@ -286,14 +286,26 @@ fn spawn(
 
     // Block every signal around clone so that none is handled in the child before it has
     // reset its dispositions; the child unblocks them itself.
-    let all = nix::sys::signal::SigSet::all();
-    let mut previous = nix::sys::signal::SigSet::empty();
-    nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&all),
-        Some(&mut previous),
-    )
-    .map_err(io::Error::from)?;
+    // The raw call blocks every signal, including the two glibc keeps for itself.
+    let all: u64 = !0;
+    let mut previous: u64 = 0;
+    // SAFETY: both masks are valid 8-byte sigsets.
+    let r = unsafe {
+        sys::syscall6(
+            libc::SYS_rt_sigprocmask,
+            [
+                libc::SIG_SETMASK as usize,
+                &all as *const u64 as usize,
+                &mut previous as *mut u64 as usize,
+                8,
+                0,
+                0,
+            ],
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::from_raw_os_error(-r as i32).into());
+    }
     // SAFETY: the request and both stacks live in `Shim` until the shim is reaped; the
     // shim only makes raw system calls.
     let pid = unsafe {
@@ -304,11 +316,20 @@ fn spawn(
             &*request as *const SpawnRequest as usize,
         )
     };
-    let _ = nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&previous),
-        None,
-    );
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        sys::syscall6(
+            libc::SYS_rt_sigprocmask,
+            [
+                libc::SIG_SETMASK as usize,
+                &previous as *const u64 as usize,
+                0,
+                8,
+                0,
+                0,
+            ],
+        );
+    }
     if pid < 0 {
         return Err(io::Error::from_raw_os_error(-pid as i32).into());
     }
