@@ -2,7 +2,7 @@
 //! execution.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -41,6 +41,11 @@ pub const WORKSPACE: &str = "/workspace";
 
 /// First process of every job container: stays alive between steps, forwards SIGTERM to
 /// every other process of the container.
+/// How often an exec is checked for having exited while its output stays open.
+const LEFTOVER_CHECK: Duration = Duration::from_millis(200);
+/// How long to wait for output to end after SIGKILL before giving up on it.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+
 const KEEPALIVE: &str =
     "trap 'kill -TERM -1 2>/dev/null' TERM; while :; do sleep 86400 & wait $!; done";
 
@@ -66,6 +71,8 @@ pub enum Engine {
     /// as remote: workspaces are volumes on the engine.
     #[default]
     Local,
+    /// The engine listening on this Unix socket.
+    Socket(PathBuf),
     /// A remote engine over TCP with TLS client certificates (how a Docker-in-Docker
     /// engine is reached). Workspaces are volumes on that engine.
     Tls {
@@ -212,11 +219,28 @@ struct Inner {
     local: bool,
     running: Arc<AtomicUsize>,
     owner: String,
-    warm: std::sync::Mutex<HashMap<String, Vec<WarmContainer>>>,
+    warm: std::sync::Mutex<WarmState>,
     warm_changed: tokio::sync::Notify,
     /// Background work (refills, discards) that `shutdown` waits for.
     tasks: tokio_util::task::TaskTracker,
-    closed: std::sync::atomic::AtomicBool,
+}
+
+/// The warm pool's bookkeeping, under one lock.
+#[derive(Default)]
+struct WarmState {
+    /// Started containers per image, oldest first.
+    ready: HashMap<String, Vec<WarmContainer>>,
+    /// Containers being started per image.
+    pending: HashMap<String, usize>,
+    /// Set by shutdown or drop: nothing is added any more.
+    closed: bool,
+}
+
+impl WarmState {
+    fn close(&mut self) -> Vec<WarmContainer> {
+        self.closed = true;
+        self.ready.drain().flat_map(|(_, v)| v).collect()
+    }
 }
 
 /// A started keep-alive container waiting for a job.
@@ -240,11 +264,67 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
     )
 }
 
+/// Start time of a process (clock ticks since boot), which tells a process from a later
+/// one that reuses its pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// `host/pid/start-time` of this process.
 fn owner_label() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
-    format!("{host}/{}", std::process::id())
+    let pid = std::process::id();
+    format!("{host}/{pid}/{}", start_time(pid).unwrap_or(0))
+}
+
+/// True when the owner named by a label is a live process on this host.
+fn owner_alive(owner: &str, host: &str) -> bool {
+    let mut parts = owner.split('/');
+    let (Some(owner_host), Some(pid)) = (
+        parts.next(),
+        parts.next().and_then(|p| p.parse::<u32>().ok()),
+    ) else {
+        return false;
+    };
+    if owner_host != host {
+        return true; // Another host's: not ours to judge.
+    }
+    match (
+        start_time(pid),
+        parts.next().and_then(|t| t.parse::<u64>().ok()),
+    ) {
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// The registry host of an image reference (`docker.io` when it names none).
+pub(crate) fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
+        _ => "docker.io",
+    }
+}
+
+/// The reference with `:latest` added when it has neither tag nor digest.
+pub(crate) fn with_default_tag(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
 }
 
 /// Checks an image reference's syntax: `[registry/]name[:tag][@digest]`.
@@ -326,6 +406,15 @@ impl DockerRunner {
             Engine::Local => (
                 Docker::connect_with_defaults().map_err(|e| unavailable("cannot connect", e))?,
                 std::env::var("DOCKER_HOST").map_or(true, |h| h.starts_with("unix://")),
+            ),
+            Engine::Socket(path) => (
+                Docker::connect_with_unix(
+                    &path.display().to_string(),
+                    120,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| unavailable(&format!("cannot connect to {}", path.display()), e))?,
+                true,
             ),
             Engine::Tls {
                 address,
@@ -424,18 +513,15 @@ impl DockerRunner {
             local,
             running: Arc::new(AtomicUsize::new(0)),
             owner: owner_label(),
-            warm: std::sync::Mutex::new(HashMap::new()),
+            warm: std::sync::Mutex::new(WarmState::default()),
             warm_changed: tokio::sync::Notify::new(),
             tasks: tokio_util::task::TaskTracker::new(),
-            closed: std::sync::atomic::AtomicBool::new(false),
         });
         inner.sweep().await;
         if let Some(pool) = inner.config.warm_pool.clone() {
             for image in &pool.images {
                 inner.ensure_image(image).await?;
-                for _ in 0..pool.size {
-                    inner.clone().refill(image.clone());
-                }
+                inner.top_up(image);
             }
             let weak = Arc::downgrade(&inner);
             tokio::spawn(async move {
@@ -466,12 +552,11 @@ impl DockerRunner {
     /// used warm containers) to finish. Jobs still running are not affected; call this
     /// when done with the runner, before the runtime goes away.
     pub async fn shutdown(&self) {
-        self.inner.closed.store(true, Ordering::SeqCst);
-        let warm: Vec<WarmContainer> = self
+        let warm = self
             .inner
             .warm
             .lock()
-            .map(|mut w| w.drain().flat_map(|(_, v)| v).collect())
+            .map(|mut w| w.close())
             .unwrap_or_default();
         for w in warm {
             w.cleanup.run().await;
@@ -491,7 +576,11 @@ impl DockerRunner {
             if pool.images.iter().all(|i| self.warm_ready(i) >= pool.size) {
                 return;
             }
-            notified.await;
+            // Starts what is missing (again, after a failed start), then waits for news.
+            for image in &pool.images {
+                self.inner.top_up(image);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
         }
     }
 
@@ -501,6 +590,7 @@ impl DockerRunner {
             .warm
             .lock()
             .expect("warm pool")
+            .ready
             .get(image)
             .map_or(0, Vec::len)
     }
@@ -510,12 +600,11 @@ impl Drop for DockerRunner {
     /// Best effort without [`DockerRunner::shutdown`]: warm containers are removed in the
     /// background if a runtime is still there; the next start's sweep removes the rest.
     fn drop(&mut self) {
-        self.inner.closed.store(true, Ordering::SeqCst);
-        let warm: Vec<WarmContainer> = self
+        let warm = self
             .inner
             .warm
             .lock()
-            .map(|mut w| w.drain().flat_map(|(_, v)| v).collect())
+            .map(|mut w| w.close())
             .unwrap_or_default();
         if warm.is_empty() {
             return;
@@ -551,12 +640,7 @@ impl Inner {
                 .and_then(|l| l.get(LABEL_OWNER))
                 .cloned()
                 .unwrap_or_default();
-            let (owner_host, owner_pid) = owner.split_once('/').unwrap_or(("", ""));
-            let alive = owner_host == host
-                && owner_pid
-                    .parse::<u32>()
-                    .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-            if owner_host != host || alive || owner == self.owner {
+            if owner_alive(&owner, &host) || owner == self.owner {
                 continue;
             }
             if let Some(id) = c.id {
@@ -600,17 +684,29 @@ impl Inner {
             ))),
             (PullPolicy::Never, true) | (PullPolicy::IfNotPresent, true) => Ok(()),
             (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
-                let options = CreateImageOptionsBuilder::new().from_image(image).build();
-                let credentials =
-                    self.config
-                        .registry_auth
-                        .as_ref()
-                        .map(|a| bollard::auth::DockerCredentials {
-                            username: Some(a.username.clone()),
-                            password: Some(a.password.clone()),
-                            serveraddress: Some(a.server.clone()),
-                            ..Default::default()
-                        });
+                // Without a tag the engine would pull every tag of the repository.
+                let reference = with_default_tag(image);
+                let options = CreateImageOptionsBuilder::new()
+                    .from_image(&reference)
+                    .build();
+                // Credentials go only to the registry they are for.
+                let registry = registry_of(image);
+                let credentials = self
+                    .config
+                    .registry_auth
+                    .as_ref()
+                    .filter(|a| {
+                        a.server
+                            .trim_start_matches("https://")
+                            .trim_end_matches('/')
+                            == registry
+                    })
+                    .map(|a| bollard::auth::DockerCredentials {
+                        username: Some(a.username.clone()),
+                        password: Some(a.password.clone()),
+                        serveraddress: Some(a.server.clone()),
+                        ..Default::default()
+                    });
                 let mut pull = self.docker.create_image(Some(options), None, credentials);
                 while let Some(progress) = pull.next().await {
                     if let Err(e) = progress {
@@ -694,6 +790,9 @@ impl Inner {
             ..Default::default()
         };
         let name = format!("rustci-{key}");
+        // By name, before the call: a create that succeeds on the engine but fails on the
+        // way back is removed all the same.
+        cleanup.container = Some(name.clone());
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let created = self
             .docker
@@ -738,41 +837,71 @@ impl Inner {
         Ok((id, cleanup))
     }
 
-    /// Starts one warm container for `image` in the background.
-    fn refill(self: Arc<Self>, image: String) {
-        let tasks = self.tasks.clone();
-        tasks.spawn(async move {
-            let key = format!("warm-{}", JobId::new());
-            match self
-                .keepalive(&image, &key, Vec::new(), &Resources::default())
-                .await
-            {
-                Ok((_, cleanup)) if self.closed.load(Ordering::SeqCst) => cleanup.run().await,
-                Ok((id, cleanup)) => {
-                    let mut warm = self.warm.lock().expect("warm pool");
-                    let list = warm.entry(image).or_default();
-                    let size = self.config.warm_pool.as_ref().map_or(0, |p| p.size);
-                    if list.len() < size {
-                        list.push(WarmContainer {
-                            id,
-                            cleanup,
-                            born: Instant::now(),
-                        });
-                    }
-                    // Otherwise `cleanup` drops here and removes the surplus container.
-                    drop(warm);
-                    self.warm_changed.notify_waiters();
-                }
-                Err(e) => tracing::warn!(%image, error = %e, "cannot start a warm container"),
+    /// Starts, in the background, as many warm containers for `image` as the pool lacks
+    /// (counting those already starting). Does nothing for images the pool does not keep.
+    fn top_up(self: &Arc<Self>, image: &str) {
+        let Some(pool) = &self.config.warm_pool else {
+            return;
+        };
+        if !pool.images.iter().any(|i| i == image) {
+            return;
+        }
+        let missing = {
+            let mut warm = self.warm.lock().expect("warm pool");
+            if warm.closed {
+                return;
             }
-        });
+            let have = warm.ready.get(image).map_or(0, Vec::len)
+                + warm.pending.get(image).copied().unwrap_or(0);
+            let missing = pool.size.saturating_sub(have);
+            *warm.pending.entry(image.to_string()).or_default() += missing;
+            missing
+        };
+        for _ in 0..missing {
+            let inner = self.clone();
+            let image = image.to_string();
+            self.tasks.spawn(async move {
+                let key = format!("warm-{}", JobId::new());
+                let started = inner
+                    .keepalive(&image, &key, Vec::new(), &Resources::default())
+                    .await;
+                let surplus = {
+                    let mut warm = inner.warm.lock().expect("warm pool");
+                    if let Some(p) = warm.pending.get_mut(&image) {
+                        *p = p.saturating_sub(1);
+                    }
+                    match started {
+                        Ok((id, cleanup)) if !warm.closed => {
+                            warm.ready
+                                .entry(image.clone())
+                                .or_default()
+                                .push(WarmContainer {
+                                    id,
+                                    cleanup,
+                                    born: Instant::now(),
+                                });
+                            None
+                        }
+                        Ok((_, cleanup)) => Some(cleanup),
+                        Err(e) => {
+                            tracing::warn!(%image, error = %e, "cannot start a warm container");
+                            None
+                        }
+                    }
+                };
+                if let Some(cleanup) = surplus {
+                    cleanup.run().await;
+                }
+                inner.warm_changed.notify_waiters();
+            });
+        }
     }
 
     async fn reap_idle(&self, idle: Duration) {
         let expired: Vec<WarmContainer> = {
             let mut warm = self.warm.lock().expect("warm pool");
             let mut out = Vec::new();
-            for list in warm.values_mut() {
+            for list in warm.ready.values_mut() {
                 let (old, young): (Vec<_>, Vec<_>) =
                     list.drain(..).partition(|w| w.born.elapsed() >= idle);
                 *list = young;
@@ -785,12 +914,34 @@ impl Inner {
         }
     }
 
-    fn take_warm(&self, image: &str) -> Option<WarmContainer> {
-        self.warm
-            .lock()
-            .expect("warm pool")
-            .get_mut(image)
-            .and_then(Vec::pop)
+    /// The oldest warm container for `image` that is still running; dead ones are
+    /// discarded.
+    async fn take_warm(&self, image: &str) -> Option<WarmContainer> {
+        loop {
+            let candidate = {
+                let mut warm = self.warm.lock().expect("warm pool");
+                let list = warm.ready.get_mut(image)?;
+                if list.is_empty() {
+                    return None;
+                }
+                list.remove(0)
+            };
+            let running = self
+                .docker
+                .inspect_container(
+                    &candidate.id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+                .ok()
+                .and_then(|c| c.state)
+                .and_then(|s| s.running)
+                == Some(true);
+            if running {
+                return Some(candidate);
+            }
+            candidate.cleanup.run().await;
+        }
     }
 }
 
@@ -934,12 +1085,13 @@ impl Runner for DockerRunner {
         };
 
         let warm = if job.resources.is_empty() && job.workdir.is_none() {
-            inner.take_warm(&image)
+            inner.take_warm(&image).await
         } else {
             None
         };
+        // Replace what was taken, and refill a pool that idled away.
+        inner.top_up(&image);
         let (container, cleanup, mode) = if let Some(w) = warm {
-            inner.clone().refill(image.clone());
             (w.id, w.cleanup, Mode::Exec { warm: true })
         } else {
             inner.ensure_image(&image).await?;
@@ -1147,15 +1299,22 @@ impl JobRun {
         let end = match pumped.stop {
             Some(end) => end,
             None => {
-                let state = self
-                    .inner
-                    .docker
-                    .wait_container(
-                        &self.container,
-                        None::<bollard::query_parameters::WaitContainerOptions>,
-                    )
-                    .next()
-                    .await;
+                // The output ended, so the container's process has exited: its status
+                // comes at once (bounded all the same).
+                let mut wait = self.inner.docker.wait_container(
+                    &self.container,
+                    None::<bollard::query_parameters::WaitContainerOptions>,
+                );
+                let state = tokio::time::timeout(GIVE_UP_AFTER, wait.next())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Some(Err(bollard::errors::Error::IOError {
+                            err: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no exit status from the engine",
+                            ),
+                        }))
+                    });
                 // bollard reports a non-zero exit as an error carrying the code.
                 match state {
                     Some(Ok(r)) => StepEnd::Exited(r.status_code),
@@ -1327,7 +1486,9 @@ impl JobRun {
     }
 
     /// Streams one output to events until it ends, enforcing the deadline and cancel
-    /// (SIGTERM to every process of the container, then SIGKILL after the grace period).
+    /// (SIGTERM to every process of the container, then SIGKILL after the grace period, then
+    /// giving up on the stream after [`GIVE_UP_AFTER`]). Output is read by its own future, so
+    /// a consumer that reads events slowly never holds back the deadline or cancel.
     /// With `exec_id`, also notices when the exec'd process has exited while background
     /// processes hold its output open, and kills them.
     async fn pump(
@@ -1339,45 +1500,77 @@ impl JobRun {
         program: &str,
     ) -> Pumped {
         let visible = step != usize::MAX;
-        let mut out = StreamWriter::new(
-            &self.sink,
-            step,
-            OutputStream::Stdout,
-            &self.secrets,
-            &self.budget,
-        );
-        let mut err = StreamWriter::new(
-            &self.sink,
-            step,
-            OutputStream::Stderr,
-            &self.secrets,
-            &self.budget,
-        );
-        let mut stop: Option<StepEnd> = None;
-        let mut kill_at: Option<Instant> = None;
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let mut check = tokio::time::interval_at(
-            Instant::now() + Duration::from_millis(200),
-            Duration::from_millis(200),
-        );
-        let mut leftovers_killed = exec_id.is_none();
-        // The engine reports a failed exec of the program as text on stdout.
-        let mut first = true;
-        let mut exec_failure: Option<String> = None;
-        loop {
-            tokio::select! {
-                chunk = output.next() => match chunk {
-                    Some(Ok(bollard::container::LogOutput::StdOut { message })) => {
-                        if std::mem::take(&mut first) && exec_id.is_some() && message.starts_with(b"OCI runtime exec failed") {
-                            exec_failure = Some(String::from_utf8_lossy(&message).trim().to_string());
+        let reader = async {
+            let mut out = StreamWriter::new(
+                &self.sink,
+                step,
+                OutputStream::Stdout,
+                &self.secrets,
+                &self.budget,
+            );
+            let mut err = StreamWriter::new(
+                &self.sink,
+                step,
+                OutputStream::Stderr,
+                &self.secrets,
+                &self.budget,
+            );
+            // The engine reports a failed exec of the program as text on stdout.
+            let mut first = true;
+            let mut exec_failure: Option<String> = None;
+            let mut stream_error = None;
+            while let Some(chunk) = output.next().await {
+                match chunk {
+                    Ok(bollard::container::LogOutput::StdOut { message }) => {
+                        if std::mem::take(&mut first)
+                            && exec_id.is_some()
+                            && message.starts_with(b"OCI runtime exec failed")
+                        {
+                            exec_failure =
+                                Some(String::from_utf8_lossy(&message).trim().to_string());
                         } else if visible {
                             out.write(message).await
                         }
                     }
-                    Some(Ok(bollard::container::LogOutput::StdErr { message })) => if visible { err.write(message).await },
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break,
-                },
+                    Ok(bollard::container::LogOutput::StdErr { message }) => {
+                        if visible {
+                            err.write(message).await
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        stream_error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            out.finish().await;
+            if let Some(text) = &exec_failure
+                && visible
+            {
+                let missing =
+                    text.contains("no such file or directory") || text.contains("not found");
+                let message = if missing {
+                    format!("rustci: command not found: {program}\n")
+                } else {
+                    format!("rustci: cannot execute {program}: {text}\n")
+                };
+                err.write(message.into()).await;
+            }
+            err.finish().await;
+            (exec_failure, stream_error)
+        };
+        tokio::pin!(reader);
+        let mut stop: Option<StepEnd> = None;
+        let mut kill_at: Option<Instant> = None;
+        let mut give_up_at: Option<Instant> = None;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut check = tokio::time::interval_at(Instant::now() + LEFTOVER_CHECK, LEFTOVER_CHECK);
+        let mut leftovers_done = exec_id.is_none();
+        let mut exited_seen = false;
+        let (exec_failure, stream_error) = loop {
+            tokio::select! {
+                done = &mut reader => break done,
                 _ = tokio::time::sleep_until(deadline), if stop.is_none() => {
                     stop = Some(StepEnd::TimedOut);
                     self.signal_container("SIGTERM").await;
@@ -1391,41 +1584,66 @@ impl JobRun {
                 _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
                     self.signal_container("SIGKILL").await;
                     kill_at = None;
+                    give_up_at = Some(Instant::now() + GIVE_UP_AFTER);
                 }
-                _ = check.tick(), if stop.is_none() && !leftovers_killed => {
-                    if let Some(exec_id) = exec_id
-                        && let Ok(state) = self.inner.docker.inspect_exec(exec_id).await
-                        && state.running == Some(false)
-                    {
-                        leftovers_killed = true;
-                        let kill = CreateExecOptions::<String> {
-                            cmd: Some(vec!["/bin/sh".into(), "-c".into(), "kill -KILL -1 2>/dev/null; true".into()]),
-                            ..Default::default()
-                        };
-                        if let Ok(k) = self.inner.docker.create_exec(&self.container, kill).await {
-                            let _ = self.inner.docker.start_exec(&k.id, Some(bollard::exec::StartExecOptions { detach: true, ..Default::default() })).await;
-                        }
+                _ = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() => {
+                    // The engine never closed the stream after SIGKILL; the forced removal
+                    // that follows the job cleans up.
+                    tracing::warn!(container = %self.container, "output did not end after SIGKILL; giving up on it");
+                    break (None, None);
+                }
+                _ = check.tick(), if stop.is_none() && !leftovers_done => {
+                    let exited = match exec_id {
+                        Some(id) => self.inner.docker.inspect_exec(id).await.ok().and_then(|s| s.running) == Some(false),
+                        None => false,
+                    };
+                    // Two checks in a row: the engine marks an exec finished before its last
+                    // output has been read.
+                    if exited && exited_seen {
+                        leftovers_done = true;
+                        self.kill_leftovers().await;
                         if visible {
                             self.sink.emit(EventKind::LeftoverProcesses { step, count: 1 }).await;
                         }
                     }
+                    exited_seen = exited;
                 }
             }
-        }
-        out.finish().await;
-        if let Some(text) = &exec_failure
-            && visible
+        };
+        if stop.is_none()
+            && let Some(e) = &stream_error
         {
-            let missing = text.contains("no such file or directory") || text.contains("not found");
-            let message = if missing {
-                format!("rustci: command not found: {program}\n")
-            } else {
-                format!("rustci: cannot execute {program}: {text}\n")
-            };
-            err.write(message.into()).await;
+            // Without the stream there is no telling what the step does: stop it.
+            self.signal_container("SIGKILL").await;
+            stop = Some(StepEnd::Failed(format!(
+                "lost the output of the step from the engine: {e}"
+            )));
         }
-        err.finish().await;
         Pumped { stop, exec_failure }
+    }
+
+    /// Kills every process of the container but its PID 1, waiting until that is done.
+    async fn kill_leftovers(&self) {
+        let docker = &self.inner.docker;
+        let kill = CreateExecOptions::<String> {
+            cmd: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "kill -KILL -1 2>/dev/null; true".into(),
+            ]),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let Ok(k) = docker.create_exec(&self.container, kill).await else {
+            return;
+        };
+        if let Ok(StartExecResults::Attached { mut output, .. }) =
+            docker.start_exec(&k.id, None).await
+        {
+            let drain = async { while output.next().await.is_some() {} };
+            let _ = tokio::time::timeout(GIVE_UP_AFTER, drain).await;
+        }
     }
 
     /// Runs one command in the container. `step == usize::MAX` for internal commands
@@ -1499,6 +1717,23 @@ mod tests {
         ] {
             assert!(check_image_reference(ok).is_ok(), "{ok}");
         }
+        assert_eq!(super::registry_of("busybox"), "docker.io");
+        assert_eq!(super::registry_of("library/busybox"), "docker.io");
+        assert_eq!(
+            super::registry_of("registry.example.com:5000/a/b"),
+            "registry.example.com:5000"
+        );
+        assert_eq!(super::registry_of("localhost/x"), "localhost");
+        assert_eq!(super::with_default_tag("ubuntu"), "ubuntu:latest");
+        assert_eq!(
+            super::with_default_tag("reg:5000/ubuntu"),
+            "reg:5000/ubuntu:latest"
+        );
+        assert_eq!(super::with_default_tag("ubuntu:24.04"), "ubuntu:24.04");
+        assert_eq!(
+            super::with_default_tag("ubuntu@sha256:ab"),
+            "ubuntu@sha256:ab"
+        );
         for bad in [
             "",
             "Busybox",

@@ -38,7 +38,11 @@ cli() {
 
 make_certs() {
   mkdir -p "$certs"
-  [ -f "$certs/cert.pem" ] && return
+  # Reuse certificates only while they are valid for another day.
+  if [ -f "$certs/cert.pem" ] && openssl x509 -checkend 86400 -noout -in "$certs/cert.pem" >/dev/null 2>&1 \
+     && openssl x509 -checkend 86400 -noout -in "$certs/server-cert.pem" >/dev/null 2>&1; then
+    return
+  fi
   (
     cd "$certs"
     openssl genrsa -out ca-key.pem 2048 2>/dev/null
@@ -59,7 +63,11 @@ make_certs() {
 }
 
 running() {
-  [ -f "$dir/dockerd.pid" ] && kill -0 "$(cat "$dir/dockerd.pid")" 2>/dev/null
+  # The pid file must name a live dockerd (a reused pid is someone else).
+  [ -f "$dir/dockerd.pid" ] || return 1
+  local pid
+  pid=$(cat "$dir/dockerd.pid")
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]
 }
 
 start() {
@@ -82,7 +90,8 @@ start() {
       --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
       -H "$host" --tlsverify --tlscacert "$certs/ca.pem" \
       --tlscert "$certs/server-cert.pem" --tlskey "$certs/server-key.pem" \
-      --bridge "$bridge" --iptables=false --ip-masq=false --cgroup-parent rustci-dind \
+      --bridge "$bridge" --iptables=false --ip-masq=false --shutdown-timeout 10 \
+      --exec-opt native.cgroupdriver=cgroupfs --cgroup-parent rustci-dind \
       > "$dir/dockerd.log" 2>&1 < /dev/null &
     for _ in $(seq 1 100); do
       if cli version >/dev/null 2>&1; then break; fi
@@ -125,11 +134,19 @@ stop() {
   if running; then
     pid=$(cat "$dir/dockerd.pid")
     kill "$pid"
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # dockerd stops its containers (--shutdown-timeout 10) and its containerd first.
+    for _ in $(seq 1 250); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
+    rm -f "$dir/dockerd.pid"
     echo "stopped"
   else
     echo "not running"
+  fi
+  # A containerd left behind by a killed dockerd.
+  local cpid
+  cpid=$(cat "$dir/exec/containerd/containerd.pid" 2>/dev/null || true)
+  if [ -n "$cpid" ] && [ "$(cat "/proc/$cpid/comm" 2>/dev/null)" = containerd ]; then
+    kill -9 "$cpid" 2>/dev/null || true
   fi
 }
 
@@ -139,10 +156,11 @@ cleanup() {
       --tlskey "$certs/key.pem" -H "$host" rm -f >/dev/null 2>&1 || true
   fi
   stop
-  # The engine's own mounts under its data root go with it; unmount what is left.
-  { grep -o " $dir[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  rm -rf "$dir"
   ip link del "$bridge" 2>/dev/null || true
+  # The engine's own mounts under its data root go with it; unmount what is left.
+  { awk -v d="$dir" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/mounts || true; } \
+    | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  rm -rf "$dir" || true
   echo "removed $dir and the $bridge bridge"
 }
 
