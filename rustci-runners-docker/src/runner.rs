@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -341,10 +341,18 @@ pub(crate) fn check_image_reference(image: &str) -> Result<(), String> {
         None => (image, None),
     };
     if let Some(d) = digest
-        && !(d.contains(':')
-            && d.split_once(':').is_some_and(|(a, h)| {
-                !a.is_empty() && !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit())
-            }))
+        && !d.split_once(':').is_some_and(|(algorithm, hex)| {
+            !algorithm.is_empty()
+                && algorithm.chars().all(|c| {
+                    c.is_ascii_lowercase()
+                        || c.is_ascii_digit()
+                        || matches!(c, '+' | '.' | '_' | '-')
+                })
+                && hex.len() >= 32
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, 'a'..='f'))
+        })
     {
         return Err(bad());
     }
@@ -356,6 +364,7 @@ pub(crate) fn check_image_reference(image: &str) -> Result<(), String> {
     if let Some(t) = tag
         && (t.is_empty()
             || t.len() > 128
+            || t.starts_with(['.', '-'])
             || !t
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
@@ -377,10 +386,24 @@ pub(crate) fn check_image_reference(image: &str) -> Result<(), String> {
         } else {
             c
         };
-        // The first component may be a registry host (with a port, upper case allowed).
+        // The first component may be a registry host: letters, digits, dots and dashes,
+        // with an optional port.
+        let host_ok = |h: &str| {
+            let (host, port) = h.split_once(':').unwrap_or((h, "0"));
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+                && !host.starts_with(['.', '-'])
+                && !host.contains("..")
+                && !port.is_empty()
+                && port.len() <= 5
+                && port.chars().all(|c| c.is_ascii_digit())
+        };
         let registry = i == 0
             && components.len() > 1
-            && (c.contains('.') || c.contains(':') || c == "localhost");
+            && (c.contains('.') || c.contains(':') || c == "localhost")
+            && host_ok(c);
         if !(path_ok(c) || registry) {
             return Err(bad());
         }
@@ -390,7 +413,8 @@ pub(crate) fn check_image_reference(image: &str) -> Result<(), String> {
 
 /// Runs a single step as the container's own process (PID 1 is this `sh`): forwards
 /// SIGTERM to every process, waits for the step, exits with its status. When it exits,
-/// the kernel ends every other process of the container.
+/// the kernel ends every other process of the container. As a background job of a
+/// non-interactive shell, the step starts with SIGINT and SIGQUIT ignored.
 const SINGLE_STEP: &str = "trap 'kill -TERM -1 2>/dev/null' TERM; \"$@\" & child=$!; \
     while :; do wait \"$child\"; code=$?; kill -0 \"$child\" 2>/dev/null || exit \"$code\"; done";
 
@@ -735,6 +759,18 @@ impl Inner {
                 Error::Unavailable(format!("cannot create workspace {}: {e}", dir.display()))
             })?;
             cleanup.host_dir = Some(dir.clone());
+            if self.config.user.is_some() {
+                // Steps run as another user than the runner's: let them write.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).map_err(
+                    |e| {
+                        Error::Unavailable(format!(
+                            "cannot open workspace {} to the step user: {e}",
+                            dir.display()
+                        ))
+                    },
+                )?;
+            }
             Ok((format!("{}:{WORKSPACE}", dir.display()), cleanup))
         } else {
             cleanup.volume = Some(format!("rustci-ws-{key}"));
@@ -1154,6 +1190,7 @@ impl Runner for DockerRunner {
             sink,
             cleanup: Some(cleanup),
             slot: Some(slot),
+            oom_baseline: AtomicU64::new(0),
         };
         tokio::spawn(run.run(mode));
         Ok(execution)
@@ -1198,8 +1235,13 @@ impl Cleanup {
                 )
                 .await;
         }
-        if let Some(dir) = self.host_dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
+        if let Some(dir) = self.host_dir.take()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            // Typically files a container's root user made, below a runner that is not
+            // root: left for an administrator, named in the log.
+            tracing::warn!(workspace = %dir.display(), error = %e, "cannot remove a workspace");
         }
     }
 }
@@ -1239,6 +1281,8 @@ struct JobRun {
     workdir: String,
     cleanup: Option<Cleanup>,
     slot: Option<Slot>,
+    /// OOM kills in the container before the current step.
+    oom_baseline: AtomicU64,
 }
 
 enum StepEnd {
@@ -1368,6 +1412,9 @@ impl JobRun {
             };
             let argv = step_argv(step).unwrap_or_default();
             let env = step_env(&self.base, &self.job, step);
+            if let Some(count) = self.oom_kills() {
+                self.oom_baseline.store(count, Ordering::SeqCst);
+            }
             let end = self
                 .exec(index, argv, env, self.workdir.clone(), step_deadline)
                 .await;
@@ -1444,6 +1491,23 @@ impl JobRun {
     /// True when the container's memory cgroup saw an OOM kill (local engine), or the
     /// engine says so.
     async fn oom_killed(&self) -> bool {
+        if let Some(count) = self.oom_kills() {
+            return count > self.oom_baseline.load(Ordering::SeqCst);
+        }
+        self.inner
+            .docker
+            .inspect_container(
+                &self.container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()
+            .and_then(|c| c.state.and_then(|s| s.oom_killed))
+            .unwrap_or(false)
+    }
+
+    /// OOM kills so far in the container's memory cgroup (local engine only).
+    fn oom_kills(&self) -> Option<u64> {
         if self.inner.local {
             for file in [
                 format!(
@@ -1457,23 +1521,18 @@ impl JobRun {
                 format!("/sys/fs/cgroup/docker/{}/memory.events", self.container),
             ] {
                 if let Ok(text) = std::fs::read_to_string(&file) {
-                    return text.lines().any(|l| {
-                        let mut p = l.split_whitespace();
-                        p.next() == Some("oom_kill") && p.next().is_some_and(|n| n != "0")
-                    });
+                    return Some(
+                        text.lines()
+                            .find_map(|l| {
+                                let mut p = l.split_whitespace();
+                                (p.next() == Some("oom_kill")).then(|| p.next()?.parse().ok())?
+                            })
+                            .unwrap_or(0),
+                    );
                 }
             }
         }
-        self.inner
-            .docker
-            .inspect_container(
-                &self.container,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            )
-            .await
-            .ok()
-            .and_then(|c| c.state.and_then(|s| s.oom_killed))
-            .unwrap_or(false)
+        None
     }
 
     async fn signal_container(&self, signal: &str) {
@@ -1713,7 +1772,7 @@ mod tests {
             "library/alpine:3.20",
             "registry.example.com:5000/team/app:1.2.3",
             "localhost/x",
-            "ubuntu@sha256:0123456789abcdef",
+            "ubuntu@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ] {
             assert!(check_image_reference(ok).is_ok(), "{ok}");
         }
@@ -1735,6 +1794,11 @@ mod tests {
             "ubuntu@sha256:ab"
         );
         for bad in [
+            "ubuntu@sha256:0123456789abcdef",
+            "x:.tag",
+            "reg?x.io/a",
+            "reg..io/a",
+            "reg.io:99999999/a",
             "",
             "Busybox",
             "a b",
