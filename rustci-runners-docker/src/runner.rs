@@ -378,6 +378,11 @@ pub(crate) fn check_image_reference(image: &str) -> Result<(), String> {
             })
             && !s.starts_with(['.', '_', '-'])
             && !s.ends_with(['.', '_', '-'])
+            // Separators: one `.` or `_`, `__`, or any run of `-`; never mixed.
+            && s.as_bytes().windows(2).all(|w| {
+                let sep = |c: u8| matches!(c, b'.' | b'_' | b'-');
+                !(sep(w[0]) && sep(w[1])) || (w[0] == w[1] && w[0] != b'.')
+            })
     };
     let components: Vec<&str> = name.split('/').collect();
     for (i, c) in components.iter().enumerate() {
