@@ -25,6 +25,11 @@ fn require() -> bool {
 fn image() -> Option<&'static str> {
     static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let result = BUILT.get_or_init(|| {
+        // Test processes run in parallel: one builds, the others wait and find the image.
+        let lock = std::fs::File::create(std::env::temp_dir().join("rustci-test-image.lock"))
+            .map_err(|e| format!("lock file: {e}"))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
         let have = Command::new("docker")
             .args(["image", "inspect", IMAGE])
             .output()
@@ -40,7 +45,7 @@ fn image() -> Option<&'static str> {
         std::fs::copy(busybox, dir.path().join("busybox")).map_err(|e| e.to_string())?;
         std::fs::write(
             dir.path().join("Dockerfile"),
-            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n",
+            "FROM scratch\nLABEL rustci.test-image=true\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n",
         )
         .map_err(|e| e.to_string())?;
         let out = Command::new("docker")
