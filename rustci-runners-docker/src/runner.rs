@@ -602,6 +602,8 @@ impl DockerRunner {
         };
         loop {
             let notified = self.inner.warm_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if pool.images.iter().all(|i| self.warm_ready(i) >= pool.size) {
                 return;
             }

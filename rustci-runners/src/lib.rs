@@ -31,6 +31,7 @@
 
 #![deny(missing_docs)]
 
+pub mod control;
 pub mod error;
 mod host;
 pub mod job;

@@ -1,0 +1,307 @@
+//! The registry of runners: identity, reserved labels, status, health and assignment
+//! history, and the health checks that move runners between statuses.
+//!
+//! ```text
+//!  register ─► healthy ◄──► degraded          (health checks)
+//!                 ▲  │
+//!                 │  └───► unhealthy ─► back when a check passes
+//!  resume ◄── draining ◄── drain               (no new jobs; running ones finish)
+//!  remove ──► gone (its running jobs are lost)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::runner::{Health, Runner, RunnerInfo};
+use crate::select::RunnerSnapshot;
+
+/// Where a runner stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RunnerStatus {
+    /// Takes jobs.
+    Healthy,
+    /// Takes jobs; its last health check reported a problem.
+    Degraded,
+    /// Takes no jobs until a health check passes.
+    Unhealthy,
+    /// Takes no new jobs; running ones finish.
+    Draining,
+    /// Not answering at all (a remote runner that went away).
+    Offline,
+}
+
+impl RunnerStatus {
+    /// The status as a word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunnerStatus::Healthy => "healthy",
+            RunnerStatus::Degraded => "degraded",
+            RunnerStatus::Unhealthy => "unhealthy",
+            RunnerStatus::Draining => "draining",
+            RunnerStatus::Offline => "offline",
+        }
+    }
+
+    /// True when the runner may get new jobs.
+    pub fn takes_jobs(self) -> bool {
+        matches!(self, RunnerStatus::Healthy | RunnerStatus::Degraded)
+    }
+}
+
+/// Options for [`Registry::register`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct RegisterOptions {
+    /// Labels that reserve the runner for jobs asking for them.
+    pub reserved_labels: BTreeSet<String>,
+}
+
+/// A registered runner and what the control plane knows about it.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RunnerEntry {
+    /// The runner.
+    pub runner: Arc<dyn Runner>,
+    /// Its status.
+    pub status: RunnerStatus,
+    /// Its reserved labels.
+    pub reserved_labels: BTreeSet<String>,
+    /// The last health check's answer.
+    pub health: Health,
+    /// Sequence number of its last assignment.
+    pub last_assigned: Option<u64>,
+    /// Recent start-up times (start to first event), newest last.
+    pub startups: Vec<Duration>,
+    /// Health checks failed in a row.
+    pub failures: u32,
+    next_check: Instant,
+}
+
+impl RunnerEntry {
+    /// The runner's identity.
+    pub fn info(&self) -> &RunnerInfo {
+        self.runner.info()
+    }
+
+    /// Median of the recent start-up times.
+    pub fn startup(&self) -> Option<Duration> {
+        let mut s = self.startups.clone();
+        s.sort();
+        s.get(s.len() / 2).copied()
+    }
+}
+
+/// A change of a runner's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatusChange {
+    /// The runner's id.
+    pub runner_id: String,
+    /// Before.
+    pub from: Option<RunnerStatus>,
+    /// After; `None` when removed.
+    pub to: Option<RunnerStatus>,
+}
+
+/// Runners known to a control plane.
+#[derive(Default)]
+pub struct Registry {
+    entries: RwLock<BTreeMap<String, RunnerEntry>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// Adds a runner (healthy until a check says otherwise); returns its id.
+    pub fn register(&self, runner: Arc<dyn Runner>, options: RegisterOptions) -> String {
+        let id = runner.info().id.clone();
+        let entry = RunnerEntry {
+            runner,
+            status: RunnerStatus::Healthy,
+            reserved_labels: options.reserved_labels,
+            health: Health::Healthy,
+            last_assigned: None,
+            startups: Vec::new(),
+            failures: 0,
+            next_check: Instant::now(),
+        };
+        self.entries
+            .write()
+            .expect("registry")
+            .insert(id.clone(), entry);
+        id
+    }
+
+    fn set_status(
+        &self,
+        id: &str,
+        f: impl FnOnce(RunnerStatus) -> Option<RunnerStatus>,
+    ) -> Option<StatusChange> {
+        let mut entries = self.entries.write().expect("registry");
+        let entry = entries.get_mut(id)?;
+        let to = f(entry.status)?;
+        let from = entry.status;
+        entry.status = to;
+        (from != to).then(|| StatusChange {
+            runner_id: id.to_string(),
+            from: Some(from),
+            to: Some(to),
+        })
+    }
+
+    /// Stops giving the runner new jobs. `None` when unknown or unchanged.
+    pub fn drain(&self, id: &str) -> Option<StatusChange> {
+        self.set_status(id, |_| Some(RunnerStatus::Draining))
+    }
+
+    /// Gives a drained runner jobs again (its health decides between healthy and
+    /// degraded at the next check).
+    pub fn resume(&self, id: &str) -> Option<StatusChange> {
+        self.set_status(id, |s| {
+            (s == RunnerStatus::Draining).then_some(RunnerStatus::Healthy)
+        })
+    }
+
+    /// Removes a runner; returns it.
+    pub fn remove(&self, id: &str) -> Option<Arc<dyn Runner>> {
+        self.entries
+            .write()
+            .expect("registry")
+            .remove(id)
+            .map(|e| e.runner)
+    }
+
+    /// One runner's entry.
+    pub fn get(&self, id: &str) -> Option<RunnerEntry> {
+        self.entries.read().expect("registry").get(id).cloned()
+    }
+
+    /// Every entry, by id.
+    pub fn list(&self) -> Vec<RunnerEntry> {
+        self.entries
+            .read()
+            .expect("registry")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Records an assignment (for round-robin) and a measured start-up.
+    pub fn record_assignment(&self, id: &str, seq: u64) {
+        if let Some(e) = self.entries.write().expect("registry").get_mut(id) {
+            e.last_assigned = Some(seq);
+        }
+    }
+
+    /// Records a measured start-up time (kept: the last 16).
+    pub fn record_startup(&self, id: &str, startup: Duration) {
+        if let Some(e) = self.entries.write().expect("registry").get_mut(id) {
+            e.startups.push(startup);
+            if e.startups.len() > 16 {
+                e.startups.remove(0);
+            }
+        }
+    }
+
+    /// Snapshots of the runners that take jobs, for a selector; `running` gives each
+    /// runner's running jobs by job name.
+    pub fn snapshots(
+        &self,
+        running: &BTreeMap<String, BTreeMap<String, usize>>,
+    ) -> Vec<RunnerSnapshot> {
+        self.entries
+            .read()
+            .expect("registry")
+            .values()
+            .filter(|e| e.status.takes_jobs())
+            .map(|e| {
+                let by_name = running.get(&e.info().id).cloned().unwrap_or_default();
+                let mut snap = RunnerSnapshot::new(
+                    e.info().clone(),
+                    e.runner.capabilities().clone(),
+                    e.health.clone(),
+                    e.runner.running(),
+                );
+                snap.reserved_labels = e.reserved_labels.clone();
+                snap.last_assigned = e.last_assigned;
+                snap.startup = e.startup();
+                snap.running_by_name = by_name;
+                snap
+            })
+            .collect()
+    }
+
+    /// How many runners are out of service, by status (for explaining a pending job).
+    pub fn out_of_service(&self) -> BTreeMap<RunnerStatus, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.entries.read().expect("registry").values() {
+            if !e.status.takes_jobs() {
+                *out.entry(e.status).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Checks the health of every runner that is due, each within `timeout`; a runner
+    /// that keeps failing is checked less and less often (doubling up to 16 intervals).
+    /// Returns the status changes.
+    pub async fn check_health(&self, interval: Duration, timeout: Duration) -> Vec<StatusChange> {
+        let now = Instant::now();
+        let due: Vec<(String, Arc<dyn Runner>)> = self
+            .entries
+            .read()
+            .expect("registry")
+            .iter()
+            .filter(|(_, e)| e.next_check <= now && e.status != RunnerStatus::Draining)
+            .map(|(id, e)| (id.clone(), e.runner.clone()))
+            .collect();
+        let checks = due.into_iter().map(|(id, runner)| async move {
+            let health = match tokio::time::timeout(timeout, runner.health()).await {
+                Ok(h) => h,
+                Err(_) => Health::Unhealthy(format!("no health answer within {timeout:?}")),
+            };
+            (id, health)
+        });
+        let results = futures::future::join_all(checks).await;
+        let mut changes = Vec::new();
+        let mut entries = self.entries.write().expect("registry");
+        for (id, health) in results {
+            let Some(e) = entries.get_mut(&id) else {
+                continue;
+            };
+            if e.status == RunnerStatus::Draining {
+                continue;
+            }
+            let to = match &health {
+                Health::Healthy => RunnerStatus::Healthy,
+                Health::Degraded(_) => RunnerStatus::Degraded,
+                _ => RunnerStatus::Unhealthy,
+            };
+            e.failures = if to == RunnerStatus::Unhealthy {
+                e.failures.saturating_add(1)
+            } else {
+                0
+            };
+            e.next_check = Instant::now() + interval * 2u32.pow(e.failures.min(4));
+            e.health = health;
+            if e.status != to {
+                changes.push(StatusChange {
+                    runner_id: id.clone(),
+                    from: Some(e.status),
+                    to: Some(to),
+                });
+                e.status = to;
+            }
+        }
+        changes
+    }
+}

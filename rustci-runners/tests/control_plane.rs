@@ -1,0 +1,271 @@
+//! The in-process control plane with real local runners: dispatch order, why pending,
+//! retries on another runner, lost runners, cancel and drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustci_runners::control::{ControlEvent, ControlPlane, JobState, RegisterOptions};
+use rustci_runners::job::{RetryPolicy, RetryWhen};
+use rustci_runners::{HostConfig, Job, LeastLoaded, LocalRunner, Outcome, Runner, Step};
+
+fn local(name: &str, slots: Option<usize>) -> Arc<dyn Runner> {
+    let mut c = HostConfig::named(name);
+    c.max_concurrency = slots;
+    c.termination_grace = Duration::from_millis(200);
+    Arc::new(LocalRunner::new(c).unwrap())
+}
+
+fn plane() -> ControlPlane {
+    ControlPlane::new(LeastLoaded, Duration::from_secs(3600))
+}
+
+fn retry(max: u32, when: &[RetryWhen]) -> RetryPolicy {
+    let mut r = RetryPolicy::default();
+    r.max = max;
+    r.when = when.to_vec();
+    r
+}
+
+async fn wait_output(
+    events: &mut tokio::sync::broadcast::Receiver<ControlEvent>,
+    id: &rustci_runners::JobId,
+    want: &[u8],
+) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(ControlEvent::Job { id: got, event, .. }) = events.recv().await
+                && &got == id
+                && let rustci_runners::EventKind::Output { data, .. } = event.kind
+                && &data[..] == want
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("output seen");
+}
+
+async fn wait_state(cp: &ControlPlane, id: &rustci_runners::JobId, want: JobState) {
+    let mut events = cp.subscribe();
+    if cp.get(id).unwrap().state == want {
+        return;
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(ControlEvent::JobState { id: got, state }) = events.recv().await
+                && &got == id
+                && state == want
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("state reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_in_priority_then_fair_share_order() {
+    let cp = plane();
+    let mut events = cp.subscribe();
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
+    let submit = |name: &str, priority: i32, who: &str, script: &str| {
+        let mut j = Job::new(name, vec![Step::run(script)]);
+        j.priority = priority;
+        cp.submit(j, who).unwrap()
+    };
+    let blocker = format!(
+        "while [ ! -e {} ]; do sleep 0.02; done",
+        gate_file.display()
+    );
+    let ids = [
+        submit("a1", 0, "alice", &blocker),
+        submit("a2", 0, "alice", "true"),
+        submit("b1", 0, "bob", "true"),
+        submit("urgent", 9, "carol", "true"),
+    ];
+    // Two slots. First round: `urgent` (priority), then `a1` (FIFO: nobody runs anything).
+    // When `urgent` ends, alice has `a1` running and bob nothing: `b1` goes before `a2`.
+    cp.register(local("two-slots", Some(2)), RegisterOptions::default());
+    let mut assigned = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(60), async {
+        while assigned.len() < 4 {
+            if let ControlEvent::JobState {
+                id,
+                state: JobState::Assigned,
+            } = events.recv().await.unwrap()
+            {
+                assigned.push(cp.get(&id).unwrap().job.name.clone());
+            }
+        }
+    })
+    .await;
+    assert!(
+        collected.is_ok(),
+        "only {assigned:?} assigned: {:?}",
+        cp.list()
+    );
+    assert_eq!(assigned, ["urgent", "a1", "b1", "a2"]);
+    std::fs::write(&gate_file, b"").unwrap();
+    for id in &ids {
+        assert_eq!(cp.wait(id).await.unwrap().state, JobState::Succeeded);
+    }
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplaceable_jobs_say_why_and_drained_runners_get_nothing() {
+    let cp = plane();
+    let runner = cp.register(local("plain", None), RegisterOptions::default());
+    let mut gpu = Job::new("needs-gpu", vec![Step::run("true")]);
+    gpu.runs_on.labels = vec!["gpu".into()];
+    let id = cp.submit(gpu, "alice").unwrap();
+    let ok = cp
+        .submit(Job::new("fine", vec![Step::run("true")]), "alice")
+        .unwrap();
+    assert_eq!(cp.wait(&ok).await.unwrap().state, JobState::Succeeded);
+    let r = cp.get(&id).unwrap();
+    assert_eq!(r.state, JobState::Queued);
+    assert_eq!(
+        r.why_pending.as_deref(),
+        Some("no runner fits (1 runner: lacks label gpu)")
+    );
+
+    assert!(cp.drain(&runner));
+    let held = cp
+        .submit(Job::new("held", vec![Step::run("true")]), "bob")
+        .unwrap();
+    // Drained runners are not candidates at all; the reason says so.
+    let why = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(why) = cp.get(&held).unwrap().why_pending {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the dispatcher looked at the job");
+    assert_eq!(why, "no runner takes jobs; 1 runner is draining");
+    assert_eq!(cp.get(&held).unwrap().state, JobState::Queued);
+    assert!(cp.resume(&runner));
+    assert_eq!(cp.wait(&held).await.unwrap().state, JobState::Succeeded);
+    assert!(cp.cancel(&id));
+    assert_eq!(cp.wait(&id).await.unwrap().state, JobState::Cancelled);
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_retried_on_another_runner() {
+    let cp = plane();
+    cp.register(local("r1", None), RegisterOptions::default());
+    cp.register(local("r2", None), RegisterOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = Job::new(
+        "flaky",
+        vec![Step::run(format!(
+            "if mkdir {}/first 2>/dev/null; then exit 3; fi",
+            dir.path().display()
+        ))],
+    );
+    j.retry = retry(2, &[RetryWhen::Failure]);
+    let id = cp.submit(j, "alice").unwrap();
+    let r = cp.wait(&id).await.unwrap();
+    assert_eq!(r.state, JobState::Succeeded);
+    assert_eq!(r.attempts.len(), 2);
+    assert!(matches!(
+        r.attempts[0].outcome,
+        Some(Outcome::Failed { exit_code: 3, .. })
+    ));
+    assert_ne!(
+        r.attempts[0].runner_id, r.attempts[1].runner_id,
+        "the retry went to the same runner"
+    );
+
+    // Without a retry policy for failures, one attempt and done.
+    let id = cp
+        .submit(Job::new("fails", vec![Step::run("exit 4")]), "alice")
+        .unwrap();
+    let r = cp.wait(&id).await.unwrap();
+    assert_eq!(r.state, JobState::Failed);
+    assert_eq!(r.attempts.len(), 1);
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_runner_goes_away_is_lost_and_retried() {
+    let cp = plane();
+    let first = cp.register(local("doomed", None), RegisterOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = Job::new(
+        "long",
+        vec![Step::run(format!(
+            "if mkdir {}/first 2>/dev/null; then echo started; sleep 300; fi; echo done",
+            dir.path().display()
+        ))],
+    );
+    j.retry = retry(1, &[RetryWhen::Lost]);
+    let mut events = cp.subscribe();
+    let id = cp.submit(j, "alice").unwrap();
+    // Lose the runner only once the first attempt is past its `mkdir`.
+    wait_output(&mut events, &id, b"started\n").await;
+    cp.register(local("survivor", None), RegisterOptions::default());
+    assert!(cp.remove(&first));
+    let r = tokio::time::timeout(Duration::from_secs(20), cp.wait(&id))
+        .await
+        .unwrap_or_else(|_| panic!("not ended: {:?}", cp.get(&id)))
+        .unwrap();
+    assert_eq!(r.state, JobState::Succeeded, "{r:?}");
+    assert_eq!(r.attempts.len(), 2);
+    assert_eq!(r.attempts[0].outcome, Some(Outcome::Lost));
+    assert_eq!(r.attempts[0].runner_id, first);
+    assert_ne!(r.attempts[1].runner_id, first);
+
+    // Lost with no retry left: the job ends lost.
+    let second = r.attempts[1].runner_id.clone();
+    let id = cp
+        .submit(Job::new("orphan", vec![Step::run("sleep 300")]), "alice")
+        .unwrap();
+    wait_state(&cp, &id, JobState::Running).await;
+    assert!(cp.remove(&second));
+    let r = tokio::time::timeout(Duration::from_secs(20), cp.wait(&id))
+        .await
+        .unwrap_or_else(|_| panic!("not ended: {:?}", cp.get(&id)))
+        .unwrap();
+    assert_eq!(r.state, JobState::Lost);
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_and_output_reaches_followers() {
+    let cp = plane();
+    cp.register(local("r", None), RegisterOptions::default());
+    let mut events = cp.subscribe();
+    let id = cp
+        .submit(
+            Job::new("chatty", vec![Step::run("echo hello; sleep 300")]),
+            "alice",
+        )
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(ControlEvent::Job { id: got, event, .. }) = events.recv().await
+                && got == id
+                && let rustci_runners::EventKind::Output { data, .. } = event.kind
+            {
+                return data;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got[..], b"hello\n");
+    assert!(cp.cancel(&id));
+    let r = cp.wait(&id).await.unwrap();
+    assert_eq!(r.state, JobState::Cancelled);
+    assert_eq!(r.outcome, Some(Outcome::Cancelled));
+    assert!(!cp.cancel(&id), "cancelling an ended job");
+    cp.shutdown();
+}
