@@ -1,5 +1,5 @@
 //! The conformance suite: checks that every [`Runner`] must pass, chosen by its declared
-//! [`Capabilities`].
+//! [`Capabilities`](crate::Capabilities).
 //!
 //! Each check is a public async function taking a [`Target`] (a `&dyn Runner` plus the
 //! image to use for container runners). Jobs are POSIX `sh` scripts using only commands a
