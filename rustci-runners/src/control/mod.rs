@@ -19,4 +19,4 @@ mod registry;
 
 pub use dispatcher::{Attempt, ControlEvent, ControlPlane, JobRecord, JobState};
 pub use queue::{JobQueue, QueuedJob};
-pub use registry::{RegisterOptions, Registry, RunnerEntry, RunnerStatus};
+pub use registry::{RegisterOptions, Registry, RunnerEntry, RunnerStatus, StatusChange};

@@ -195,7 +195,7 @@ impl Registry {
             .collect()
     }
 
-    /// Records an assignment (for round-robin) and a measured start-up.
+    /// Records an assignment (for round-robin).
     pub fn record_assignment(&self, id: &str, seq: u64) {
         if let Some(e) = self.entries.write().expect("registry").get_mut(id) {
             e.last_assigned = Some(seq);
