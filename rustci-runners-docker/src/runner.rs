@@ -969,15 +969,8 @@ impl Inner {
                 }
                 list.remove(0)
             };
-            let running = self
-                .docker
-                .inspect_container(
-                    &candidate.id,
-                    None::<bollard::query_parameters::InspectContainerOptions>,
-                )
+            let running = container_state(&self.docker, &candidate.id)
                 .await
-                .ok()
-                .and_then(|c| c.state)
                 .and_then(|s| s.running)
                 == Some(true);
             if running {
@@ -1007,6 +1000,18 @@ fn ulimits(r: &Resources) -> Option<Vec<bollard::models::ResourcesUlimits>> {
         out.push(limit("fsize", bytes));
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// The engine's view of a container's state, when it answers.
+async fn container_state(docker: &Docker, id: &str) -> Option<bollard::models::ContainerState> {
+    docker
+        .inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .ok()?
+        .state
 }
 
 async fn remove_container(docker: &Docker, id: &str) -> bool {
@@ -1501,15 +1506,9 @@ impl JobRun {
         if let Some(count) = self.oom_kills() {
             return count > self.oom_baseline.load(Ordering::SeqCst);
         }
-        self.inner
-            .docker
-            .inspect_container(
-                &self.container,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            )
+        container_state(&self.inner.docker, &self.container)
             .await
-            .ok()
-            .and_then(|c| c.state.and_then(|s| s.oom_killed))
+            .and_then(|s| s.oom_killed)
             .unwrap_or(false)
     }
 
