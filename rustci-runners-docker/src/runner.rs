@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +21,7 @@ use rustci_runners::mask::SecretSet;
 use rustci_runners::output::{OutputBudget, StreamWriter};
 use rustci_runners::{
     Capabilities, Error, EventKind, Execution, ExecutionSink, Health, Isolation, JobId, Limit,
-    Outcome, OutputStream, Runner, RunnerInfo, RunnerKind, StepStatus,
+    Outcome, OutputStream, Runner, RunnerInfo, RunnerKind, SlotGuard, Slots, StepStatus,
 };
 use tokio::time::Instant;
 
@@ -217,7 +217,7 @@ struct Inner {
     caps: Capabilities,
     config: DockerConfig,
     local: bool,
-    running: Arc<AtomicUsize>,
+    running: Slots,
     owner: String,
     warm: std::sync::Mutex<WarmState>,
     warm_changed: tokio::sync::Notify,
@@ -540,7 +540,7 @@ impl DockerRunner {
             caps,
             config,
             local,
-            running: Arc::new(AtomicUsize::new(0)),
+            running: Slots::new(),
             owner: owner_label(),
             warm: std::sync::Mutex::new(WarmState::default()),
             warm_changed: tokio::sync::Notify::new(),
@@ -1025,14 +1025,6 @@ async fn remove_container(docker: &Docker, id: &str) -> bool {
     }
 }
 
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// The environment every step gets, before job, step and secret variables.
 fn base_env(id: &JobId, job: &Job, runner: &str) -> Vec<String> {
     vec![
@@ -1077,7 +1069,7 @@ impl Runner for DockerRunner {
     }
 
     fn running(&self) -> usize {
-        self.inner.running.load(Ordering::SeqCst)
+        self.inner.running.running()
     }
 
     async fn health(&self) -> Health {
@@ -1115,17 +1107,9 @@ impl Runner for DockerRunner {
                 reasons,
             });
         }
-        let now = inner.running.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot(inner.running.clone());
-        if let Some(max) = inner.caps.max_concurrency
-            && now >= max
-        {
-            return Err(Error::Busy {
-                runner: inner.info.name.clone(),
-                running: now,
-                max,
-            });
-        }
+        let slot = inner
+            .running
+            .acquire(&inner.info.name, inner.caps.max_concurrency)?;
         let base = base_env(&id, &job, &inner.info.name);
         let workdir = match &job.workdir {
             Some(w) => format!("{WORKSPACE}/{w}"),
@@ -1292,7 +1276,7 @@ struct JobRun {
     base: Vec<String>,
     workdir: String,
     cleanup: Option<Cleanup>,
-    slot: Option<Slot>,
+    slot: Option<SlotGuard>,
     /// OOM kills in the container before the current step.
     oom_baseline: AtomicU64,
 }
@@ -1336,21 +1320,33 @@ impl JobRun {
         self.sink.finish(outcome).await;
     }
 
-    async fn single(&mut self, output: LogStream) -> Outcome {
-        let deadline = Instant::now() + self.job.effective_timeout();
-        let step = self.job.steps[0].clone();
-        let name = step.display_name(0);
+    /// Announces step `index` and returns its name, start and deadline (the earlier of
+    /// the job's and the step's own).
+    async fn begin_step(
+        &self,
+        index: usize,
+        step: &rustci_runners::Step,
+        job_deadline: Instant,
+    ) -> (String, Instant, Instant) {
+        let name = step.display_name(index);
         self.sink
             .emit(EventKind::StepStarted {
-                step: 0,
+                step: index,
                 name: name.clone(),
             })
             .await;
         let started = Instant::now();
         let deadline = match step.timeout {
-            Some(t) => deadline.min(started + t),
-            None => deadline,
+            Some(t) => job_deadline.min(started + t),
+            None => job_deadline,
         };
+        (name, started, deadline)
+    }
+
+    async fn single(&mut self, output: LogStream) -> Outcome {
+        let step = self.job.steps[0].clone();
+        let job_deadline = Instant::now() + self.job.effective_timeout();
+        let (name, started, deadline) = self.begin_step(0, &step, job_deadline).await;
         let pumped = self.pump(0, output, deadline, None, "").await;
         let end = match pumped.stop {
             Some(end) => end,
@@ -1410,18 +1406,7 @@ impl JobRun {
             if self.sink.is_cancelled() {
                 return Outcome::Cancelled;
             }
-            let name = step.display_name(index);
-            self.sink
-                .emit(EventKind::StepStarted {
-                    step: index,
-                    name: name.clone(),
-                })
-                .await;
-            let started = Instant::now();
-            let step_deadline = match step.timeout {
-                Some(t) => deadline.min(started + t),
-                None => deadline,
-            };
+            let (name, started, step_deadline) = self.begin_step(index, step, deadline).await;
             let argv = step_argv(step).unwrap_or_default();
             let env = step_env(&self.base, &self.job, step);
             if let Some(count) = self.oom_kills() {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -21,7 +21,7 @@ use crate::runner::{
     Capabilities, EventKind, Execution, ExecutionSink, Health, JobId, Outcome, OutputStream,
     RunnerInfo, StepStatus,
 };
-use crate::{Error, Limit};
+use crate::{Error, Limit, SlotGuard, Slots};
 
 /// Settings shared by the host runners ([`crate::LocalRunner`], [`crate::NativeRunner`]).
 #[derive(Clone, Debug)]
@@ -97,7 +97,7 @@ pub(crate) struct HostEngine {
     pub caps: Capabilities,
     pub config: HostConfig,
     pub native: Option<NativePlan>,
-    running: Arc<AtomicUsize>,
+    running: Slots,
     workspaces: Arc<WorkspacePool>,
 }
 
@@ -134,14 +134,6 @@ fn check_workspace_root(root: &Path) -> Result<(), String> {
         .map_err(|e| format!("workspace root {} is not writable: {e}", root.display()))
 }
 
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl HostEngine {
     pub(crate) fn new(
         info: RunnerInfo,
@@ -155,12 +147,12 @@ impl HostEngine {
             caps,
             config,
             native,
-            running: Arc::new(AtomicUsize::new(0)),
+            running: Slots::new(),
         }
     }
 
     pub(crate) fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        self.running.running()
     }
 
     pub(crate) fn health(&self) -> Health {
@@ -175,21 +167,6 @@ impl HostEngine {
         }
     }
 
-    fn acquire(&self) -> Result<Slot, Error> {
-        let now = self.running.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot(self.running.clone());
-        if let Some(max) = self.caps.max_concurrency
-            && now >= max
-        {
-            return Err(Error::Busy {
-                runner: self.info.name.clone(),
-                running: now,
-                max,
-            });
-        }
-        Ok(slot)
-    }
-
     pub(crate) async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
         let job = spec.to_job();
         job.validate().map_err(Error::InvalidSpec)?;
@@ -200,7 +177,9 @@ impl HostEngine {
                 reasons,
             });
         }
-        let slot = self.acquire()?;
+        let slot = self
+            .running
+            .acquire(&self.info.name, self.caps.max_concurrency)?;
         let resources = effective_resources(&job.resources, self.native.as_ref());
 
         let workspace = self.workspaces.acquire(self.config.keep_workspaces)?;
@@ -361,7 +340,7 @@ struct JobRun {
     budget: OutputBudget,
     env: Vec<(String, String)>,
     scripts: Vec<PathBuf>,
-    slot: Option<Slot>,
+    slot: Option<SlotGuard>,
 }
 
 /// Gives a workspace back when dropped, unless it is to be kept.

@@ -53,6 +53,6 @@ pub use native::{CgroupMode, Namespaces, NativeConfig, NativeRunner};
 pub use runner::{
     Canceller, Capabilities, CollectedRun, Event, EventKind, Execution, ExecutionSink, Health,
     Isolation, JobId, Limit, Outcome, OutputStream, Runner, RunnerExt, RunnerInfo, RunnerKind,
-    StepStatus,
+    SlotGuard, Slots, StepStatus,
 };
 pub use select::{LeastLoaded, NoRunnerFits, RunnerSnapshot, Selector};

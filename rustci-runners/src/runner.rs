@@ -254,33 +254,83 @@ impl Capabilities {
 
     /// Every reason this runner cannot take `job`, in words; empty when it can.
     pub fn unmet(&self, job: &dyn JobSpec) -> Vec<String> {
-        let mut reasons = Vec::new();
+        self.unmet_step_kind(job)
+            .into_iter()
+            .chain(self.unmet_limits(&job.resources()))
+            .collect()
+    }
+
+    /// Why the runner cannot run some step of `job` (its kind), if it cannot.
+    pub fn unmet_step_kind(&self, job: &dyn JobSpec) -> Option<String> {
         let steps = job.steps();
-        if !self.run_steps
-            && steps
-                .iter()
-                .any(|s| matches!(s.action, crate::job::StepAction::Run(_)))
-        {
-            reasons.push("cannot run `run:` steps".to_string());
+        let has = |run: bool| {
+            steps.iter().any(|s| match &s.action {
+                crate::job::StepAction::Run(_) => run,
+                crate::job::StepAction::Command(_) => !run,
+            })
+        };
+        if !self.run_steps && has(true) {
+            Some("cannot run `run:` steps".to_string())
+        } else if !self.command_steps && has(false) {
+            Some("cannot run `command:` steps".to_string())
+        } else {
+            None
         }
-        if !self.command_steps
-            && steps
-                .iter()
-                .any(|s| matches!(s.action, crate::job::StepAction::Command(_)))
-        {
-            reasons.push("cannot run `command:` steps".to_string());
-        }
-        let missing: Vec<&str> = Limit::requested_by(&job.resources())
+    }
+
+    /// Which of the limits `resources` asks for this runner cannot enforce, in words.
+    pub fn unmet_limits(&self, resources: &crate::job::Resources) -> Option<String> {
+        let missing: Vec<&str> = Limit::requested_by(resources)
             .difference(&self.limits)
             .map(|l| l.as_str())
             .collect();
-        if !missing.is_empty() {
-            reasons.push(format!(
+        (!missing.is_empty()).then(|| {
+            format!(
                 "cannot enforce resources.{} on this host",
                 missing.join(", resources.")
-            ));
+            )
+        })
+    }
+}
+
+/// A runner's count of running jobs, checked against its concurrency limit.
+#[derive(Clone, Debug, Default)]
+pub struct Slots(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slots {
+    /// No job running.
+    pub fn new() -> Self {
+        Slots::default()
+    }
+
+    /// Jobs holding a slot now.
+    pub fn running(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes a slot for one job, or [`Error::Busy`] naming `runner` when `max` are taken.
+    /// The slot is given back when the guard drops.
+    pub fn acquire(&self, runner: &str, max: Option<usize>) -> Result<SlotGuard, Error> {
+        let now = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let guard = SlotGuard(self.0.clone());
+        match max {
+            Some(max) if now >= max => Err(Error::Busy {
+                runner: runner.to_string(),
+                running: now,
+                max,
+            }),
+            _ => Ok(guard),
         }
-        reasons
+    }
+}
+
+/// One job's slot (see [`Slots`]); released on drop.
+#[derive(Debug)]
+pub struct SlotGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -307,18 +307,8 @@ pub fn rss_bytes() -> u64 {
 /// Pids of processes on this host whose environment holds `RUSTCI_JOB_ID=<id>`.
 pub fn processes_of(id: &JobId) -> Vec<i32> {
     let needle = format!("RUSTCI_JOB_ID={id}");
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in crate::process::all_pids() {
         // Zombies have an empty environ; a zombie is not a running process.
         if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
             && env.split(|b| *b == 0).any(|var| var == needle.as_bytes())

@@ -36,6 +36,8 @@ pub(crate) use cgroup::{CgroupLimits, CgroupSupport, JobCgroup};
 use shim::SpawnRequest;
 pub(crate) use shim::{Rlimit, ShimPlan};
 use sys::Stack;
+#[cfg(feature = "testkit")]
+pub(crate) use tree::all_pids;
 
 const READ_CHUNK: usize = 64 * 1024;
 const REKILL_INTERVAL: Duration = Duration::from_millis(10);

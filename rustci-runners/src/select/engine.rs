@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{NoRunnerFits, RunnerSnapshot, Selector};
-use crate::job::{JobSpec, StepAction};
+use crate::job::JobSpec;
 use crate::runner::Health;
 
 /// A yes/no condition a runner must meet to take a job.
@@ -88,20 +88,7 @@ impl Filter for StepKinds {
         "step-kinds"
     }
     fn check(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String> {
-        let steps = job.steps();
-        if !runner.capabilities.run_steps
-            && steps.iter().any(|s| matches!(s.action, StepAction::Run(_)))
-        {
-            return Err("cannot run `run:` steps".into());
-        }
-        if !runner.capabilities.command_steps
-            && steps
-                .iter()
-                .any(|s| matches!(s.action, StepAction::Command(_)))
-        {
-            return Err("cannot run `command:` steps".into());
-        }
-        Ok(())
+        runner.capabilities.unmet_step_kind(job).map_or(Ok(()), Err)
     }
 }
 
@@ -137,17 +124,10 @@ impl Filter for ResourcesFit {
     }
     fn check(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String> {
         let caps = &runner.capabilities;
-        let missing: Vec<&str> = crate::runner::Limit::requested_by(&job.resources())
-            .difference(&caps.limits)
-            .map(|l| l.as_str())
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "cannot enforce resources.{} on this host",
-                missing.join(", resources.")
-            ));
-        }
         let r = job.resources();
+        if let Some(reason) = caps.unmet_limits(&r) {
+            return Err(reason);
+        }
         if let (Some(want), Some(total)) = (r.cpus, caps.cpus)
             && want > total - runner.cpus_in_use + 1e-9
         {
