@@ -1080,6 +1080,31 @@ impl Runner for DockerRunner {
         }
     }
 
+    async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_JOB}={id}")],
+        )]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .inner
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| Error::Unavailable(format!("docker engine unavailable: {e}")))?;
+        for c in containers {
+            if let Some(cid) = c.id
+                && remove_container(&self.inner.docker, &cid).await
+            {
+                tracing::info!(container = %cid, job_id = %id, "removed the container of an abandoned job");
+            }
+        }
+        Ok(())
+    }
+
     async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
         let inner = &self.inner;
         let mut job = spec.to_job();

@@ -155,6 +155,18 @@ impl HostEngine {
         self.running.running()
     }
 
+    /// Kills every process left of execution `id` (found by its `RUSTCI_JOB_ID`).
+    pub(crate) async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        let id = id.to_string();
+        let killed = tokio::task::spawn_blocking(move || crate::process::kill_execution(&id))
+            .await
+            .unwrap_or(0);
+        if killed > 0 {
+            tracing::info!(runner = %self.info.name, killed, "killed processes of an abandoned job");
+        }
+        Ok(())
+    }
+
     pub(crate) fn health(&self) -> Health {
         if let Some(shell) = self.config.shell.first()
             && !executable(Path::new(shell))

@@ -266,4 +266,7 @@ impl Runner for NativeRunner {
     async fn start(&self, job: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
         self.engine.start(job, id).await
     }
+    async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        self.engine.abandon(id).await
+    }
 }

@@ -638,6 +638,14 @@ pub trait Runner: Send + Sync {
     async fn health(&self) -> Health;
     /// Starts `job` under execution id `id` and returns its handle.
     async fn start(&self, job: &dyn JobSpec, id: JobId) -> Result<Execution, Error>;
+    /// Stops whatever is left of execution `id` started by an earlier process that is
+    /// gone (a control plane that crashed mid-job), so a retry never runs beside it.
+    /// Succeeds when nothing is left. The default does nothing, for runners whose jobs
+    /// cannot outlive the process that started them.
+    async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        let _ = id;
+        Ok(())
+    }
 }
 
 /// A running (or finished) job: its ordered events, cancel, and wait.
@@ -844,7 +852,7 @@ pub struct CollectedRun {
     pub outcome: Outcome,
 }
 
-mod system_time_millis {
+pub(crate) mod system_time_millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -306,17 +306,7 @@ pub fn rss_bytes() -> u64 {
 
 /// Pids of processes on this host whose environment holds `RUSTCI_JOB_ID=<id>`.
 pub fn processes_of(id: &JobId) -> Vec<i32> {
-    let needle = format!("RUSTCI_JOB_ID={id}");
-    let mut out = Vec::new();
-    for pid in crate::process::all_pids() {
-        // Zombies have an empty environ; a zombie is not a running process.
-        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
-            && env.split(|b| *b == 0).any(|var| var == needle.as_bytes())
-        {
-            out.push(pid);
-        }
-    }
-    out
+    crate::process::pids_with_env("RUSTCI_JOB_ID", id.as_str())
 }
 
 fn expect_outcome(record: &Record, what: &str, ok: impl Fn(&Outcome) -> bool) -> CheckResult {

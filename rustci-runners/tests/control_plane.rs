@@ -105,7 +105,7 @@ async fn jobs_run_in_priority_then_fair_share_order() {
     assert!(
         collected.is_ok(),
         "only {assigned:?} assigned: {:?}",
-        cp.list()
+        cp.list(&Default::default()).map(|p| p.jobs)
     );
     assert_eq!(assigned, ["urgent", "a1", "b1", "a2"]);
     std::fs::write(&gate_file, b"").unwrap();

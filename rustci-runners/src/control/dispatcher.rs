@@ -1,23 +1,26 @@
 //! [`ControlPlane`]: queue, dispatch, retries, cancel, lost runners, events.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
+use super::logs::{LogFollower, LogHub, safe_id};
 use super::queue::JobQueue;
-use super::registry::{RegisterOptions, Registry, RunnerStatus};
+use super::registry::{RegisterOptions, Registry, RunnerStatus, StatusChange};
+use super::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
 use crate::Error;
 use crate::job::{Job, RetryWhen};
 use crate::runner::{Canceller, Event, EventKind, JobId, Outcome, Runner};
 use crate::select::Selector;
 
 /// Where a job is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum JobState {
@@ -57,10 +60,31 @@ pub struct Attempt {
     pub number: u32,
     /// The runner it ran on.
     pub runner_id: String,
-    /// When it was assigned.
+    /// When it was assigned (milliseconds since the Unix epoch in JSON).
+    #[serde(with = "crate::runner::system_time_millis")]
     pub started_at: SystemTime,
+    /// When it ended.
+    #[serde(default, with = "opt_millis")]
+    pub ended_at: Option<SystemTime>,
     /// How it ended; `None` while it runs.
     pub outcome: Option<Outcome>,
+}
+
+mod opt_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(
+                &(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64),
+            ),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
+    }
 }
 
 /// Everything the control plane knows about a job.
@@ -81,8 +105,89 @@ pub struct JobRecord {
     pub why_pending: Option<String>,
     /// The final outcome.
     pub outcome: Option<Outcome>,
-    /// When it was submitted.
+    /// When it was submitted (milliseconds since the Unix epoch in JSON).
+    #[serde(with = "crate::runner::system_time_millis")]
     pub submitted_at: SystemTime,
+    /// When it reached its terminal state.
+    #[serde(default, with = "opt_millis")]
+    pub finished_at: Option<SystemTime>,
+}
+
+impl JobRecord {
+    /// The runner of the latest attempt.
+    pub fn runner_id(&self) -> Option<&str> {
+        self.attempts.last().map(|a| a.runner_id.as_str())
+    }
+}
+
+/// Receives the control plane's measurements (for metrics). Every method has an empty
+/// default; calls happen on the dispatching task and must return quickly.
+pub trait Observer: Send + Sync {
+    /// A selection decision took `elapsed`; `placed` tells whether a runner was found.
+    fn selection(&self, elapsed: Duration, placed: bool) {
+        let _ = (elapsed, placed);
+    }
+    /// A job was assigned to a runner of `runner_kind` after waiting `waited` in the queue.
+    fn picked(&self, runner_kind: &str, waited: Duration) {
+        let _ = (runner_kind, waited);
+    }
+    /// An attempt on a runner of `runner_kind` ended with `outcome` after `ran`.
+    fn attempt_ended(&self, runner_kind: &str, outcome: &Outcome, ran: Duration) {
+        let _ = (runner_kind, outcome, ran);
+    }
+    /// A job reached its terminal `state`; `runner_kind` of its last attempt, if any.
+    fn job_finished(&self, runner_kind: Option<&str>, state: JobState, total: Duration) {
+        let _ = (runner_kind, state, total);
+    }
+    /// A runner's status changed.
+    fn runner_status(&self, change: &StatusChange) {
+        let _ = change;
+    }
+}
+
+/// How a [`ControlPlane`] is built.
+#[non_exhaustive]
+pub struct ControlOptions {
+    /// How often each runner's health is checked (each check bounded by the same time).
+    pub health_interval: Duration,
+    /// Where jobs, runners and the audit log are kept.
+    pub store: Arc<dyn Store>,
+    /// Directory of job log files; `None` keeps logs in memory.
+    pub log_dir: Option<PathBuf>,
+    /// Receives measurements.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        ControlOptions {
+            health_interval: Duration::from_secs(30),
+            store: Arc::new(MemoryStore::new()),
+            log_dir: None,
+            observer: None,
+        }
+    }
+}
+
+impl ControlOptions {
+    /// Options with this store and log directory, the rest default.
+    pub fn durable(store: Arc<dyn Store>, log_dir: impl Into<PathBuf>) -> Self {
+        ControlOptions {
+            store,
+            log_dir: Some(log_dir.into()),
+            ..ControlOptions::default()
+        }
+    }
+}
+
+/// What [`ControlPlane::recover`] found in the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Jobs queued again (waiting ones, and interrupted ones with a retry left).
+    pub requeued: Vec<JobId>,
+    /// Interrupted jobs with no retry left, now `lost`.
+    pub lost: Vec<JobId>,
 }
 
 /// What happens in the control plane, for followers.
@@ -125,6 +230,12 @@ struct Running {
 struct State {
     registry: Registry,
     selector: Box<dyn Selector>,
+    store: Arc<dyn Store>,
+    logs: LogHub,
+    observer: Option<Arc<dyn Observer>>,
+    /// False once shutdown began: no submissions, no dispatch.
+    accepting: AtomicBool,
+    /// Jobs not yet ended (ended ones live only in the store).
     jobs: Mutex<BTreeMap<JobId, JobRecord>>,
     queue: Mutex<JobQueue>,
     running: Mutex<HashMap<JobId, Running>>,
@@ -153,10 +264,36 @@ impl ControlPlane {
     /// `health_interval` (each check bounded by the same duration). Must be created
     /// inside a Tokio runtime; it runs until [`ControlPlane::shutdown`].
     pub fn new(selector: impl Selector + 'static, health_interval: Duration) -> Self {
+        Self::with_options(
+            selector,
+            ControlOptions {
+                health_interval,
+                ..ControlOptions::default()
+            },
+        )
+        .expect("in-memory logs cannot fail")
+    }
+
+    /// A control plane with a store, log directory and observer. Must be created inside
+    /// a Tokio runtime. Call [`ControlPlane::recover`] after registering runners to pick
+    /// up what the store holds from a previous run.
+    pub fn with_options(
+        selector: impl Selector + 'static,
+        options: ControlOptions,
+    ) -> Result<Self, Error> {
+        let logs = match &options.log_dir {
+            Some(dir) => LogHub::in_dir(dir)?,
+            None => LogHub::in_memory(),
+        };
+        let health_interval = options.health_interval;
         let (events, _) = broadcast::channel(4096);
         let state = Arc::new(State {
             registry: Registry::new(),
             selector: Box::new(selector),
+            store: options.store,
+            logs,
+            observer: options.observer,
+            accepting: AtomicBool::new(true),
             jobs: Mutex::new(BTreeMap::new()),
             queue: Mutex::new(JobQueue::new()),
             running: Mutex::new(HashMap::new()),
@@ -171,7 +308,92 @@ impl ControlPlane {
         });
         tokio::spawn(dispatch_loop(state.clone()));
         tokio::spawn(health_loop(state.clone(), health_interval));
-        ControlPlane { state }
+        Ok(ControlPlane { state })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.state.store
+    }
+
+    /// Picks up the jobs a previous run left unfinished: queued ones are queued again;
+    /// ones that were assigned or running are interrupted attempts, marked `lost` — what
+    /// is left of them on any registered runner is stopped first ([`Runner::abandon`]),
+    /// then they are retried when their policy retries lost jobs and attempts remain,
+    /// otherwise they end `lost`.
+    pub async fn recover(&self) -> Result<Recovery, Error> {
+        let mut report = Recovery::default();
+        let runners: Vec<_> = self
+            .state
+            .registry
+            .list()
+            .into_iter()
+            .map(|e| e.runner)
+            .collect();
+        for mut record in self.state.store.unfinished_jobs()? {
+            if self
+                .state
+                .jobs
+                .lock()
+                .expect("jobs")
+                .contains_key(&record.id)
+            {
+                continue;
+            }
+            let id = record.id.clone();
+            let interrupted = record.state != JobState::Queued;
+            if interrupted {
+                let number = record.attempts.len() as u32;
+                let attempt_id = attempt_id(&id, number);
+                for runner in &runners {
+                    if let Err(e) = runner.abandon(&attempt_id).await {
+                        tracing::warn!(job_id = %id, runner = %runner.info().id, error = %e, "could not stop what is left of an interrupted attempt");
+                    }
+                }
+                if let Some(a) = record.attempts.last_mut() {
+                    a.outcome.get_or_insert(Outcome::Lost);
+                    a.ended_at.get_or_insert(SystemTime::now());
+                }
+                let retry = record.job.retry.when.contains(&RetryWhen::Lost)
+                    && number <= record.job.retry.max;
+                if !retry {
+                    record.state = JobState::Lost;
+                    record.outcome = Some(Outcome::Lost);
+                    record.finished_at = Some(SystemTime::now());
+                    self.state.store.put_job(&record)?;
+                    tracing::warn!(job_id = %id, "job was running when the control plane stopped; no retry left: lost");
+                    report.lost.push(id);
+                    continue;
+                }
+                if let Some(a) = record.attempts.last() {
+                    self.state
+                        .tried
+                        .lock()
+                        .expect("tried")
+                        .entry(id.clone())
+                        .or_default()
+                        .insert(a.runner_id.clone());
+                }
+                tracing::info!(job_id = %id, "job was running when the control plane stopped: retrying");
+            }
+            record.state = JobState::Queued;
+            self.state.store.put_job(&record)?;
+            self.state.logs.open(&id);
+            let (priority, submitter) = (record.job.priority, record.submitter.clone());
+            self.state
+                .jobs
+                .lock()
+                .expect("jobs")
+                .insert(id.clone(), record);
+            self.state
+                .queue
+                .lock()
+                .expect("queue")
+                .push(id.clone(), priority, submitter);
+            report.requeued.push(id);
+        }
+        self.state.wake.notify_one();
+        Ok(report)
     }
 
     /// The runners.
@@ -230,6 +452,11 @@ impl ControlPlane {
     /// Queues a job after validating it.
     pub fn submit(&self, job: Job, submitter: &str) -> Result<JobId, Error> {
         job.validate().map_err(Error::InvalidSpec)?;
+        if !self.state.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable(
+                "the control plane is shutting down and takes no new jobs".into(),
+            ));
+        }
         let id = JobId::new();
         let record = JobRecord {
             id: id.clone(),
@@ -239,13 +466,15 @@ impl ControlPlane {
             why_pending: None,
             outcome: None,
             submitted_at: SystemTime::now(),
+            finished_at: None,
             job: job.clone(),
         };
-        self.state
-            .jobs
-            .lock()
-            .expect("jobs")
-            .insert(id.clone(), record);
+        {
+            let mut jobs = self.state.jobs.lock().expect("jobs");
+            self.state.store.put_job(&record)?;
+            jobs.insert(id.clone(), record);
+        }
+        self.state.logs.open(&id);
         self.state
             .queue
             .lock()
@@ -259,20 +488,45 @@ impl ControlPlane {
         Ok(id)
     }
 
-    /// The job's record.
+    /// The job's record: live state for unfinished jobs, the store for the rest.
     pub fn get(&self, id: &JobId) -> Option<JobRecord> {
-        self.state.jobs.lock().expect("jobs").get(id).cloned()
+        if let Some(r) = self.state.jobs.lock().expect("jobs").get(id) {
+            return Some(r.clone());
+        }
+        if !safe_id(id.as_str()) {
+            return None;
+        }
+        match self.state.store.get_job(id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(job_id = %id, error = %e, "reading a job from the store");
+                None
+            }
+        }
     }
 
-    /// Every job's record.
-    pub fn list(&self) -> Vec<JobRecord> {
-        self.state
-            .jobs
-            .lock()
-            .expect("jobs")
-            .values()
-            .cloned()
-            .collect()
+    /// A page of jobs, newest first.
+    pub fn list(&self, query: &JobQuery) -> Result<JobPage, Error> {
+        self.state.store.list_jobs(query)
+    }
+
+    /// The states a job went through.
+    pub fn transitions(&self, id: &JobId) -> Result<Vec<Transition>, Error> {
+        self.state.store.transitions(id)
+    }
+
+    /// Jobs queued and jobs assigned or running, now.
+    pub fn counts(&self) -> (usize, usize) {
+        let queued = self.state.queue.lock().expect("queue").len();
+        let live = self.state.jobs.lock().expect("jobs").len();
+        (queued, live.saturating_sub(queued))
+    }
+
+    /// Follows a job's log from byte `offset`: what is stored, then the live tail until
+    /// the job ends. `None` when the job is unknown.
+    pub fn follow_log(&self, id: &JobId, offset: u64) -> Option<LogFollower> {
+        self.get(id)?;
+        Some(self.state.logs.follow(id, offset))
     }
 
     /// Cancels a queued or running job. False when unknown or already ended.
@@ -324,16 +578,70 @@ impl ControlPlane {
 
     /// Stops dispatching and health checks; running jobs are cancelled.
     pub fn shutdown(&self) {
+        self.state.accepting.store(false, Ordering::SeqCst);
         self.state.stop.cancel();
         for r in self.state.running.lock().expect("running").values() {
             r.canceller.cancel();
         }
     }
+
+    /// Graceful shutdown: takes no new jobs and starts none, lets running jobs finish for
+    /// up to `deadline`, then cancels the rest and waits for them to end. Queued jobs
+    /// stay queued in the store for the next run. Returns the ids of jobs it cancelled.
+    pub async fn shutdown_gracefully(&self, deadline: Duration) -> Vec<JobId> {
+        self.state.accepting.store(false, Ordering::SeqCst);
+        let until = tokio::time::Instant::now() + deadline;
+        let mut cancelled = Vec::new();
+        loop {
+            let notified = self.state.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy: Vec<JobId> = self
+                .state
+                .assigned
+                .lock()
+                .expect("assigned")
+                .keys()
+                .cloned()
+                .collect();
+            if busy.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= until {
+                for id in busy {
+                    if !cancelled.contains(&id) && self.cancel(&id) {
+                        tracing::info!(job_id = %id, "shutdown deadline passed: cancelling");
+                        cancelled.push(id);
+                    }
+                }
+                notified.await;
+                continue;
+            }
+            let _ = tokio::time::timeout_at(until, notified).await;
+        }
+        self.state.stop.cancel();
+        cancelled
+    }
+}
+
+fn attempt_id(id: &JobId, number: u32) -> JobId {
+    JobId::from(format!("{id}-{number}"))
+}
+
+/// Writes a record to the store; a failing store is logged, the job goes on.
+fn save(state: &State, record: &JobRecord) {
+    if let Err(e) = state.store.put_job(record) {
+        tracing::error!(job_id = %record.id, error = %e, "the store did not take a job's state");
+    }
 }
 
 fn set_state(state: &State, id: &JobId, to: JobState) {
-    if let Some(r) = state.jobs.lock().expect("jobs").get_mut(id) {
-        r.state = to;
+    {
+        let mut jobs = state.jobs.lock().expect("jobs");
+        if let Some(r) = jobs.get_mut(id) {
+            r.state = to;
+            save(state, r);
+        }
     }
     let _ = state.events.send(ControlEvent::JobState {
         id: id.clone(),
@@ -342,10 +650,25 @@ fn set_state(state: &State, id: &JobId, to: JobState) {
 }
 
 fn finish(state: &State, id: &JobId, to: JobState, outcome: Option<Outcome>) {
-    if let Some(r) = state.jobs.lock().expect("jobs").get_mut(id) {
+    let record = state.jobs.lock().expect("jobs").remove(id).map(|mut r| {
         r.state = to;
         r.outcome = outcome;
         r.why_pending = None;
+        r.finished_at = Some(SystemTime::now());
+        save(state, &r);
+        r
+    });
+    state.logs.close(id);
+    if let (Some(r), Some(o)) = (&record, &state.observer) {
+        let kind = r
+            .runner_id()
+            .and_then(|rid| state.registry.get(rid))
+            .map(|e| e.info().kind.as_str().to_string());
+        let total = r
+            .finished_at
+            .and_then(|f| f.duration_since(r.submitted_at).ok())
+            .unwrap_or_default();
+        o.job_finished(kind.as_deref(), to, total);
     }
     state.tried.lock().expect("tried").remove(id);
     state.cancel_requested.lock().expect("cancel").remove(id);
@@ -374,6 +697,9 @@ async fn health_loop(state: Arc<State>, interval: Duration) {
             _ = tick.tick() => {}
         }
         for change in state.registry.check_health(interval, interval).await {
+            if let Some(o) = &state.observer {
+                o.runner_status(&change);
+            }
             if change.to == Some(RunnerStatus::Unhealthy) {
                 lose_jobs_on(&state, &change.runner_id);
             }
@@ -394,7 +720,9 @@ async fn dispatch_loop(state: Arc<State>) {
             _ = state.stop.cancelled() => return,
             _ = state.wake.notified() => {}
         }
-        dispatch_round(&state);
+        if state.accepting.load(Ordering::SeqCst) {
+            dispatch_round(&state);
+        }
     }
 }
 
@@ -447,6 +775,7 @@ fn dispatch_round(state: &Arc<State>) {
             .filter(|s| !tried.contains(&s.info.id))
             .cloned()
             .collect();
+        let picked_at = Instant::now();
         let chosen = match state.selector.select(&job, &fresh) {
             Ok(i) => Ok(fresh[i].info.id.clone()),
             Err(_) if !tried.is_empty() => state
@@ -455,6 +784,9 @@ fn dispatch_round(state: &Arc<State>) {
                 .map(|i| snapshots[i].info.id.clone()),
             Err(e) => Err(e),
         };
+        if let Some(o) = &state.observer {
+            o.selection(picked_at.elapsed(), chosen.is_ok());
+        }
         let runner_id = match chosen {
             Ok(id) => id,
             Err(why) => {
@@ -468,6 +800,9 @@ fn dispatch_round(state: &Arc<State>) {
                     text.push_str(&format!("; {n} {noun} {}", status.as_str()));
                 }
                 if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&queued.id) {
+                    if r.why_pending.as_deref() != Some(text.as_str()) {
+                        tracing::info!(job_id = %queued.id, why = %text, "job waits");
+                    }
                     r.why_pending = Some(text);
                 }
                 continue;
@@ -491,14 +826,28 @@ fn dispatch_round(state: &Arc<State>) {
                 continue;
             };
             r.why_pending = None;
+            let now = SystemTime::now();
+            let since = r
+                .attempts
+                .last()
+                .and_then(|a| a.ended_at)
+                .unwrap_or(r.submitted_at);
+            if let Some(o) = &state.observer {
+                o.picked(
+                    entry.info().kind.as_str(),
+                    now.duration_since(since).unwrap_or_default(),
+                );
+            }
             r.attempts.push(Attempt {
                 number: r.attempts.len() as u32 + 1,
                 runner_id: runner_id.clone(),
-                started_at: SystemTime::now(),
+                started_at: now,
+                ended_at: None,
                 outcome: None,
             });
             r.attempts.len() as u32
         };
+        tracing::info!(job_id = %queued.id, runner = %runner_id, attempt = number, "job assigned");
         set_state(state, &queued.id, JobState::Assigned);
         tokio::spawn(run_attempt(
             state.clone(),
@@ -520,8 +869,14 @@ async fn run_attempt(
     number: u32,
 ) {
     let runner_id = runner.info().id.clone();
-    let attempt_id = JobId::from(format!("{id}-{number}"));
+    let attempt_id = attempt_id(&id, number);
     let started = tokio::time::Instant::now();
+    if number > 1 {
+        let marker = format!("\n[rustci] attempt {number} on runner {runner_id}\n");
+        if let Err(e) = state.logs.append(&id, marker.as_bytes()) {
+            tracing::error!(job_id = %id, error = %e, "writing the job log");
+        }
+    }
     let outcome = match runner.start(&job, attempt_id).await {
         Err(e) => Outcome::RunnerError {
             message: e.to_string(),
@@ -548,8 +903,14 @@ async fn run_attempt(
                 if std::mem::take(&mut first) {
                     state.registry.record_startup(&runner_id, started.elapsed());
                 }
-                if let EventKind::Finished { outcome: o } = &event.kind {
-                    outcome = o.clone();
+                match &event.kind {
+                    EventKind::Finished { outcome: o } => outcome = o.clone(),
+                    EventKind::Output { data, .. } => {
+                        if let Err(e) = state.logs.append(&id, data) {
+                            tracing::error!(job_id = %id, error = %e, "writing the job log");
+                        }
+                    }
+                    _ => {}
                 }
                 let _ = state.events.send(ControlEvent::Job {
                     id: id.clone(),
@@ -574,7 +935,12 @@ async fn run_attempt(
         && let Some(a) = r.attempts.last_mut()
     {
         a.outcome = Some(outcome.clone());
+        a.ended_at = Some(SystemTime::now());
     }
+    if let Some(o) = &state.observer {
+        o.attempt_ended(runner.info().kind.as_str(), &outcome, started.elapsed());
+    }
+    tracing::info!(job_id = %id, attempt = number, outcome = %outcome, "attempt ended");
     state.assigned.lock().expect("assigned").remove(&id);
     let cause = match &outcome {
         Outcome::Succeeded | Outcome::Cancelled => None,
@@ -585,7 +951,7 @@ async fn run_attempt(
     };
     let retry = cause.is_some_and(|c| job.retry.when.contains(&c))
         && number <= job.retry.max
-        && !state.stop.is_cancelled();
+        && state.accepting.load(Ordering::SeqCst);
     if retry {
         state
             .tried

@@ -11,12 +11,25 @@
 //!              └──── retry ◄──────────┴─► lost (runner removed / unhealthy mid-job)
 //! ```
 //!
-//! This is the in-memory core; durable storage, the HTTP API and metrics build on it.
+//! //! Everything that must outlive the process goes through a [`Store`] ([`MemoryStore`], or
+//! `SqliteStore` with feature `sqlite`); job output goes to a [`LogHub`] that any number of
+//! followers read from any offset. After a crash, [`ControlPlane::recover`] queues what was
+//! waiting and retries (or marks `lost`) what was running.
 
 mod dispatcher;
+mod logs;
 mod queue;
 mod registry;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+mod store;
 
-pub use dispatcher::{Attempt, ControlEvent, ControlPlane, JobRecord, JobState};
+pub use dispatcher::{
+    Attempt, ControlEvent, ControlOptions, ControlPlane, JobRecord, JobState, Observer, Recovery,
+};
+pub use logs::{LogChunk, LogFollower, LogHub};
 pub use queue::{JobQueue, QueuedJob};
 pub use registry::{RegisterOptions, Registry, RunnerEntry, RunnerStatus, StatusChange};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+pub use store::{AuditEntry, JobPage, JobQuery, MemoryStore, RunnerRecord, Store, Transition};

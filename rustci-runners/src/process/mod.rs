@@ -37,7 +37,7 @@ use shim::SpawnRequest;
 pub(crate) use shim::{Rlimit, ShimPlan};
 use sys::Stack;
 #[cfg(feature = "testkit")]
-pub(crate) use tree::all_pids;
+pub(crate) use tree::{kill_execution, pids_with_env};
 
 const READ_CHUNK: usize = 64 * 1024;
 const REKILL_INTERVAL: Duration = Duration::from_millis(10);

@@ -17,6 +17,36 @@ pub(crate) fn all_pids() -> Vec<i32> {
         .collect()
 }
 
+/// Pids of processes whose environment holds `key=value` (zombies have none).
+pub(crate) fn pids_with_env(key: &str, value: &str) -> Vec<i32> {
+    let needle = format!("{key}={value}");
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// Kills (SIGKILL) every process of execution `id`, found by its `RUSTCI_JOB_ID`, until
+/// none is left; gives up after a few rounds if new ones keep appearing.
+pub(crate) fn kill_execution(id: &str) -> usize {
+    let mut killed = 0;
+    for _ in 0..20 {
+        let pids = pids_with_env("RUSTCI_JOB_ID", id);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
 /// Process ids of all descendants of `root` (not `root` itself), from `/proc`.
 pub(crate) fn descendants(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();

@@ -1,0 +1,397 @@
+//! [`SqliteStore`]: the control plane's state in one SQLite file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::dispatcher::{JobRecord, JobState};
+use super::store::{AuditEntry, JobPage, JobQuery, RunnerRecord, Store, Transition};
+use crate::Error;
+use crate::runner::JobId;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL,
+    submitter    TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    submitted_at INTEGER NOT NULL,
+    record       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_submitter ON jobs(submitter, seq);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id     TEXT NOT NULL,
+    number     INTEGER NOT NULL,
+    runner_id  TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    outcome    TEXT,
+    PRIMARY KEY (job_id, number)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    job_id TEXT NOT NULL,
+    state  TEXT NOT NULL,
+    at     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+CREATE TABLE IF NOT EXISTS runners (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    config        TEXT NOT NULL,
+    registered_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT,
+    result     TEXT NOT NULL,
+    request_id TEXT
+);
+";
+
+/// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
+/// killed process loses no committed write).
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn db_err(path: &Path, e: rusqlite::Error) -> Error {
+    Error::Unavailable(format!("store {}: {e}", path.display()))
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+fn state_str(s: JobState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn parse_state(s: &str) -> Option<JobState> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
+impl SqliteStore {
+    /// Opens (creating when absent) the database at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref().to_path_buf();
+        let conn = Connection::open(&path).map_err(|e| db_err(&path, e))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| db_err(&path, e))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+            .map_err(|e| db_err(&path, e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+        Ok(SqliteStore {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: rusqlite::Error) -> Error {
+        db_err(&self.path, e)
+    }
+
+    fn decode(&self, text: &str) -> Result<JobRecord, Error> {
+        serde_json::from_str(text).map_err(|e| {
+            Error::Unavailable(format!(
+                "store {}: a job record does not decode: {e}",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn write_job(&self, record: &JobRecord, transition: bool) -> Result<(), Error> {
+        let text = serde_json::to_string(record)
+            .map_err(|e| Error::Unavailable(format!("job record does not encode: {e}")))?;
+        let mut conn = self.conn.lock().expect("store");
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let state = state_str(record.state);
+        let previous: Option<String> = tx
+            .query_row(
+                "SELECT state FROM jobs WHERE id = ?1",
+                [record.id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO jobs (id, name, submitter, state, submitted_at, record)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, record = excluded.record",
+            params![
+                record.id.as_str(),
+                record.job.name,
+                record.submitter,
+                state,
+                millis(record.submitted_at),
+                text
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        for a in &record.attempts {
+            let outcome = a
+                .outcome
+                .as_ref()
+                .and_then(|o| serde_json::to_string(o).ok());
+            tx.execute(
+                "INSERT INTO attempts (job_id, number, runner_id, started_at, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(job_id, number) DO UPDATE SET outcome = excluded.outcome",
+                params![
+                    record.id.as_str(),
+                    a.number,
+                    a.runner_id,
+                    millis(a.started_at),
+                    outcome
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        if previous.as_deref() != Some(state.as_str()) || (transition && previous.is_none()) {
+            tx.execute(
+                "INSERT INTO transitions (job_id, state, at) VALUES (?1, ?2, ?3)",
+                params![record.id.as_str(), state, millis(SystemTime::now())],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+impl Store for SqliteStore {
+    fn put_job(&self, record: &JobRecord) -> Result<(), Error> {
+        self.write_job(record, true)
+    }
+
+    fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, Error> {
+        let text: Option<String> = {
+            let conn = self.conn.lock().expect("store");
+            conn.query_row(
+                "SELECT record FROM jobs WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+        };
+        text.map(|t| self.decode(&t)).transpose()
+    }
+
+    fn list_jobs(&self, query: &JobQuery) -> Result<JobPage, Error> {
+        let limit = query.effective_limit();
+        let rows: Vec<(i64, String)> = {
+            let conn = self.conn.lock().expect("store");
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, record FROM jobs
+                     WHERE seq < ?1
+                       AND (?2 IS NULL OR state = ?2)
+                       AND (?3 IS NULL OR submitter = ?3)
+                       AND (?4 IS NULL OR name = ?4)
+                     ORDER BY seq DESC LIMIT ?5",
+                )
+                .map_err(|e| self.err(e))?;
+            let before = query.before.map(|b| b as i64).unwrap_or(i64::MAX);
+            stmt.query_map(
+                params![
+                    before,
+                    query.state.map(state_str),
+                    query.submitter,
+                    query.name,
+                    (limit + 1) as i64
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?
+        };
+        let mut page = JobPage::default();
+        let more = rows.len() > limit;
+        for (seq, text) in rows.into_iter().take(limit) {
+            page.jobs.push(self.decode(&text)?);
+            page.next = Some(seq as u64);
+        }
+        if !more {
+            page.next = None;
+        }
+        Ok(page)
+    }
+
+    fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, Error> {
+        let rows: Vec<String> = {
+            let conn = self.conn.lock().expect("store");
+            let mut stmt = conn
+                .prepare(
+                    "SELECT record FROM jobs WHERE state IN ('queued', 'assigned', 'running')
+                     ORDER BY seq",
+                )
+                .map_err(|e| self.err(e))?;
+            stmt.query_map([], |r| r.get(0))
+                .map_err(|e| self.err(e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?
+        };
+        rows.iter().map(|t| self.decode(t)).collect()
+    }
+
+    fn transitions(&self, id: &JobId) -> Result<Vec<Transition>, Error> {
+        let conn = self.conn.lock().expect("store");
+        let mut stmt = conn
+            .prepare_cached("SELECT state, at FROM transitions WHERE job_id = ?1 ORDER BY rowid")
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<(String, i64)> = stmt
+            .query_map([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, at)| {
+                parse_state(&s).map(|state| Transition {
+                    state,
+                    at: from_millis(at),
+                })
+            })
+            .collect())
+    }
+
+    fn count_by_state(&self) -> Result<BTreeMap<JobState, u64>, Error> {
+        let conn = self.conn.lock().expect("store");
+        let mut stmt = conn
+            .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<(String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, n)| parse_state(&s).map(|st| (st, n as u64)))
+            .collect())
+    }
+
+    fn put_runner(&self, record: &RunnerRecord) -> Result<(), Error> {
+        let conn = self.conn.lock().expect("store");
+        conn.execute(
+            "INSERT INTO runners (id, name, kind, config, registered_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, kind = excluded.kind,
+                                           config = excluded.config",
+            params![
+                record.id,
+                record.name,
+                record.kind,
+                record.config.to_string(),
+                millis(record.registered_at)
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn remove_runner(&self, id: &str) -> Result<bool, Error> {
+        let conn = self.conn.lock().expect("store");
+        let n = conn
+            .execute("DELETE FROM runners WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    fn runners(&self) -> Result<Vec<RunnerRecord>, Error> {
+        let conn = self.conn.lock().expect("store");
+        let mut stmt = conn
+            .prepare("SELECT id, name, kind, config, registered_at FROM runners ORDER BY registered_at, id")
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<(String, String, String, String, i64)> = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, kind, config, at)| RunnerRecord {
+                id,
+                name,
+                kind,
+                config: serde_json::from_str(&config).unwrap_or(serde_json::Value::Null),
+                registered_at: from_millis(at),
+            })
+            .collect())
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<u64, Error> {
+        let conn = self.conn.lock().expect("store");
+        conn.execute(
+            "INSERT INTO audit (at, actor, action, target, result, request_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                millis(entry.at),
+                entry.actor,
+                entry.action,
+                entry.target,
+                entry.result,
+                entry.request_id
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(conn.last_insert_rowid() as u64)
+    }
+
+    fn audit(&self, before: Option<u64>, limit: usize) -> Result<Vec<AuditEntry>, Error> {
+        let conn = self.conn.lock().expect("store");
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at, actor, action, target, result, request_id FROM audit
+                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let before = before.map(|b| b as i64).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![before, limit as i64], |r| {
+                Ok(AuditEntry {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    at: from_millis(r.get(1)?),
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    result: r.get(5)?,
+                    request_id: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+}
