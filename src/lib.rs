@@ -9,6 +9,7 @@
 //! | `k8s`      | `k8s`        | `rustci-runners-k8s`       |
 //! | `valkyrie` | `valkyrie`   | `rustci-runners-valkyrie`  |
 //! | `cli`      | [`cli`]      | the `rustci` command's behaviour (default) |
+//! | `server`   | [`server`]   | the control-plane server and HTTP API (default) |
 //!
 //! ```no_run
 //! use rustci::{HostConfig, Job, LocalRunner, RunnerExt, Step};
@@ -20,11 +21,17 @@
 //! ```
 
 #![deny(missing_docs)]
+// The OpenAPI document is one large `serde_json::json!` literal.
+#![recursion_limit = "512"]
 
 pub use rustci_runners::*;
 
 #[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "cli")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod server;
 
 /// The Docker backend.
 #[cfg(feature = "docker")]

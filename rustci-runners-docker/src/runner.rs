@@ -490,6 +490,7 @@ impl DockerRunner {
         let mut caps = Capabilities::host(Isolation::Container);
         caps.command_steps = true;
         caps.images = true;
+        caps.needs_image = config.default_image.is_none();
         caps.max_concurrency = config.max_concurrency;
         caps.termination_grace = config.termination_grace;
         caps.platform = format!(

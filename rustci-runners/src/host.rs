@@ -29,6 +29,8 @@ use crate::{Error, Limit, SlotGuard, Slots};
 pub struct HostConfig {
     /// Runner name.
     pub name: String,
+    /// Runner id; a fresh UUID when `None` (set it to keep one id across restarts).
+    pub id: Option<String>,
     /// Labels jobs can ask for.
     pub labels: Vec<String>,
     /// Shell for `run:` steps: program and leading arguments; the script file is appended.
@@ -66,6 +68,7 @@ impl Default for HostConfig {
     fn default() -> Self {
         HostConfig {
             name: "host".to_string(),
+            id: None,
             labels: Vec::new(),
             shell: vec!["/bin/sh".to_string(), "-e".to_string()],
             workspace_root: std::env::temp_dir().join("rustci"),

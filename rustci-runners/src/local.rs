@@ -34,6 +34,9 @@ impl LocalRunner {
     pub fn new(config: HostConfig) -> Result<Self, Error> {
         check_config(&config)?;
         let mut info = RunnerInfo::new(config.name.clone(), RunnerKind::Local);
+        if let Some(id) = &config.id {
+            info.id = id.clone();
+        }
         info.labels = host_labels(&config.labels);
         let mut caps = Capabilities::host(Isolation::Process);
         caps.max_concurrency = config.max_concurrency;

@@ -184,6 +184,9 @@ impl NativeRunner {
             notes.push(format!("uid {uid} gid {gid}"));
         }
         let mut info = RunnerInfo::new(config.host.name.clone(), RunnerKind::Native);
+        if let Some(id) = &config.host.id {
+            info.id = id.clone();
+        }
         info.labels = host_labels(&config.host.labels);
         let isolation = if config.namespaces.any() {
             Isolation::Namespaces

@@ -214,6 +214,9 @@ pub struct Capabilities {
     pub command_steps: bool,
     /// Honours a job's `image`.
     pub images: bool,
+    /// Runs only jobs that name an image (it has no default image of its own).
+    #[serde(default)]
+    pub needs_image: bool,
     /// Isolation level of a job.
     pub isolation: Isolation,
     /// Limits this runner enforces; a job asking for any other limit is refused.
@@ -239,6 +242,7 @@ impl Capabilities {
             run_steps: true,
             command_steps: false,
             images: false,
+            needs_image: false,
             isolation,
             limits: BTreeSet::new(),
             max_concurrency: None,
@@ -254,8 +258,11 @@ impl Capabilities {
 
     /// Every reason this runner cannot take `job`, in words; empty when it can.
     pub fn unmet(&self, job: &dyn JobSpec) -> Vec<String> {
+        let image = (self.needs_image && job.image().is_none())
+            .then(|| "needs a job image (it has no default image)".to_string());
         self.unmet_step_kind(job)
             .into_iter()
+            .chain(image)
             .chain(self.unmet_limits(&job.resources()))
             .collect()
     }

@@ -571,6 +571,11 @@ impl ControlPlane {
         }
     }
 
+    /// False once shutdown began (no new jobs are taken).
+    pub fn accepting(&self) -> bool {
+        self.state.accepting.load(Ordering::SeqCst)
+    }
+
     /// Follows everything that happens from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ControlEvent> {
         self.state.events.subscribe()
@@ -620,6 +625,7 @@ impl ControlPlane {
             let _ = tokio::time::timeout_at(until, notified).await;
         }
         self.state.stop.cancel();
+        self.state.logs.close_all();
         cancelled
     }
 }

@@ -159,6 +159,22 @@ impl LogHub {
         }
     }
 
+    /// Closes every open log (at shutdown: followers of jobs that will not run in this
+    /// process get the end).
+    pub fn close_all(&self) {
+        let open: Vec<JobId> = self
+            .inner
+            .live
+            .lock()
+            .expect("logs")
+            .keys()
+            .cloned()
+            .collect();
+        for id in open {
+            self.close(&id);
+        }
+    }
+
     /// Reads up to `max` bytes at `offset` of what is stored.
     pub fn read(&self, id: &JobId, offset: u64, max: usize) -> Result<Bytes, Error> {
         match self.path(id) {
@@ -225,6 +241,31 @@ impl LogFollower {
     /// The offset of the next byte this follower will get.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The next stored chunk without waiting: `None` when everything stored so far was
+    /// read (whether or not more may come).
+    pub fn try_next(&mut self) -> Option<Result<LogChunk, Error>> {
+        let len = match &self.rx {
+            Some(rx) => rx.borrow().0,
+            None => self.hub.stored_len(&self.id),
+        };
+        if self.offset >= len {
+            return None;
+        }
+        let want = (len - self.offset).min(CHUNK) as usize;
+        match self.hub.read(&self.id, self.offset, want) {
+            Ok(data) if data.is_empty() => None,
+            Ok(data) => {
+                let chunk = LogChunk {
+                    offset: self.offset,
+                    data,
+                };
+                self.offset += chunk.data.len() as u64;
+                Some(Ok(chunk))
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// The next chunk, or `None` once the log is closed and fully read.

@@ -92,6 +92,7 @@ impl Filter for StepKinds {
     }
 }
 
+/// A job without an image never goes to a runner that needs one.
 /// With `strict`, a job that names an image only goes to runners that run images. Without
 /// it (the default) host runners, which ignore `image`, may take it; scorers should then
 /// prefer image runners ([`SelectionEngine`] always does).
@@ -108,6 +109,9 @@ impl Filter for ImageSupport {
     fn check(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String> {
         if self.strict && job.image().is_some() && !runner.capabilities.images {
             return Err("cannot run images".into());
+        }
+        if runner.capabilities.needs_image && job.image().is_none() {
+            return Err("needs a job image".into());
         }
         Ok(())
     }

@@ -1,0 +1,221 @@
+//! A small client of the server's HTTP API (plain HTTP/1.1), used by the `rustci`
+//! command's server subcommands: JSON requests and server-sent-event streams.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// A client of one server, authenticating with one API key.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    base: String,
+    key: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A whole response.
+#[derive(Clone, Debug)]
+pub struct ApiResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl ApiResponse {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The envelope's error message, or the status line when there is none.
+    pub fn error_message(&self) -> String {
+        let v = self.json();
+        match (v["error"]["code"].as_str(), v["error"]["message"].as_str()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            _ => format!(
+                "HTTP {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            ),
+        }
+    }
+}
+
+/// One server-sent event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `event:` (default `message`).
+    pub event: String,
+    /// `id:`, when given.
+    pub id: Option<String>,
+    /// `data:` lines joined by newlines.
+    pub data: String,
+}
+
+/// Reads server-sent events from a response body.
+#[derive(Debug)]
+pub struct SseReader {
+    body: Incoming,
+    buf: Vec<u8>,
+    /// HTTP status of the response.
+    pub status: u16,
+}
+
+impl SseReader {
+    /// The next event; `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Result<SseEvent, String>> {
+        loop {
+            if let Some(end) = find_blank_line(&self.buf) {
+                let raw: Vec<u8> = self.buf.drain(..end.1).collect();
+                let text = String::from_utf8_lossy(&raw[..end.0]).into_owned();
+                let mut ev = SseEvent {
+                    event: "message".into(),
+                    ..SseEvent::default()
+                };
+                let mut data = Vec::new();
+                for line in text.lines() {
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "event" => ev.event = value.to_string(),
+                        "id" => ev.id = Some(value.to_string()),
+                        "data" => data.push(value.to_string()),
+                        _ => {}
+                    }
+                }
+                ev.data = data.join("\n");
+                return Some(Ok(ev));
+            }
+            match self.body.frame().await {
+                None => return None,
+                Some(Err(e)) => return Some(Err(format!("reading the event stream: {e}"))),
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        self.buf.extend_from_slice(d);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// End of the first event in `buf`: (length of its text, bytes to consume).
+fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
+    buf.windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2))
+}
+
+impl ApiClient {
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str, key: Option<String>) -> Result<Self, String> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(format!(
+                "server URL {base:?}: only http:// URLs are supported (e.g. http://127.0.0.1:8080)"
+            ));
+        }
+        Ok(ApiClient {
+            base,
+            key,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    fn build(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        headers: &[(&str, &str)],
+    ) -> Result<hyper::Request<Full<Bytes>>, String> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            req = req.header("x-api-key", k);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some((ctype, bytes)) => {
+                req = req.header("content-type", ctype);
+                Full::new(Bytes::from(bytes))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        req.body(body)
+            .map_err(|e| format!("building the request: {e}"))
+    }
+
+    async fn send(
+        &self,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<Incoming>, String> {
+        self.http
+            .request(req)
+            .await
+            .map_err(|e| format!("cannot reach the server at {}: {e}", self.base))
+    }
+
+    /// Sends a request and reads the whole response.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        headers: &[(&str, &str)],
+    ) -> Result<ApiResponse, String> {
+        let response = self.send(self.build(method, path, body, headers)?).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?
+            .to_bytes();
+        Ok(ApiResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> Result<ApiResponse, String> {
+        self.request("GET", path, None, &[]).await
+    }
+
+    /// POST `path` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<ApiResponse, String> {
+        self.request(
+            "POST",
+            path,
+            Some(("application/json", body.to_string().into_bytes())),
+            &[],
+        )
+        .await
+    }
+
+    /// Opens an event stream (GET with `Accept: text/event-stream` and extra headers).
+    pub async fn events(&self, path: &str, headers: &[(&str, &str)]) -> Result<SseReader, String> {
+        let mut all = vec![("accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        let response = self.send(self.build("GET", path, None, &all)?).await?;
+        Ok(SseReader {
+            status: response.status().as_u16(),
+            body: response.into_body(),
+            buf: Vec::new(),
+        })
+    }
+}

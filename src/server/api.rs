@@ -1,0 +1,1078 @@
+//! The HTTP API: routes, the error envelope, request ids, authentication, roles, rate
+//! limits, body limits and timeouts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::StreamExt;
+use rustci_runners::control::{
+    AuditEntry, ControlPlane, JobQuery, JobRecord, JobState, RegisterOptions, RunnerEntry,
+};
+use rustci_runners::{Job, JobId, Outcome};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{Keys, Principal, RateLimiter, Role};
+use super::config::{RunnerConfig, ServerConfig, check_runner};
+use super::metrics::Metrics;
+use super::runners::RunnerFactory;
+
+/// What every request handler shares.
+pub struct App {
+    /// The control plane.
+    pub plane: ControlPlane,
+    /// Accepted keys and the token secret.
+    pub keys: Keys,
+    /// Per-caller rate limits.
+    pub limiter: RateLimiter,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Settings.
+    pub config: ServerConfig,
+    /// Builds runners for registrations.
+    pub factory: RunnerFactory,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+/// An API error, answered as `{"error": {"code", "message", "details"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<Value>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+            retry_after: None,
+        }
+    }
+    fn details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+    fn job_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "JOB_NOT_FOUND",
+            format!("no job with id {id:?}"),
+        )
+    }
+    fn runner_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "RUNNER_NOT_FOUND",
+            format!("no runner with id {id:?}"),
+        )
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"code": self.code, "message": self.message});
+        if let Some(d) = self.details {
+            body["details"] = d;
+        }
+        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The request's correlation id (from `X-Request-ID`, or generated).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// The router of the whole API, ready to serve or to nest into another axum app.
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so rate limits
+/// can tell unauthenticated clients apart.
+pub fn router(app: Arc<App>) -> Router {
+    let viewer = Router::new()
+        .route("/api/jobs", get(list_jobs))
+        .route("/api/jobs/{id}", get(get_job))
+        .route("/api/jobs/{id}/logs", get(job_logs))
+        .route("/api/runners", get(list_runners))
+        .route("/api/runners/{id}", get(get_runner))
+        .route("/api/runners/{id}/status", get(runner_status))
+        .route_layer(middleware::from_fn(require_viewer));
+    let submitter = Router::new()
+        .route("/api/jobs", post(submit_job))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route_layer(middleware::from_fn(require_submitter));
+    let operator = Router::new()
+        .route("/api/runners/{id}", axum::routing::delete(delete_runner))
+        .route("/api/runners/{id}/drain", post(drain_runner))
+        .route("/api/runners/{id}/resume", post(resume_runner))
+        .route("/api/runners/{id}/health", post(check_runner_health))
+        .route_layer(middleware::from_fn(require_operator));
+    let admin = Router::new()
+        .route("/api/tokens", post(create_token))
+        .route("/api/audit", get(list_audit))
+        .route_layer(middleware::from_fn(require_admin));
+    let registrar = Router::new()
+        .route("/api/runners", post(register_runner))
+        .route_layer(middleware::from_fn(require_runner));
+    let open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/openapi.json", get(openapi));
+    let limit = app.config.max_body_bytes;
+    viewer
+        .merge(submitter)
+        .merge(operator)
+        .merge(admin)
+        .merge(registrar)
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .merge(open)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), envelope))
+        .with_state(app)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "this route does not take this method",
+    )
+}
+
+fn valid_request_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Outermost layer: request id, timeout, metrics, access log, and the envelope for
+/// bodies axum rejects before a handler runs.
+async fn envelope(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let too_large = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > app.config.max_body_bytes as u64);
+    let span = tracing::info_span!("request", request_id = %request_id, %method, route = %route);
+    let _guard = span.enter();
+    let mut response = if too_large {
+        payload_too_large(app.config.max_body_bytes)
+    } else {
+        match tokio::time::timeout(app.config.request_timeout(), next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TIMEOUT",
+                "the request took too long and was abandoned",
+            )
+            .into_response(),
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let status = response.status();
+    tracing::debug!(status = status.as_u16(), "answered");
+    app.metrics
+        .http(method.as_str(), &route, status.as_u16(), started.elapsed());
+    response
+}
+
+fn payload_too_large(limit: usize) -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        format!("the request body is larger than {limit} bytes"),
+    )
+    .into_response()
+}
+
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    } else {
+        ApiError::invalid(format!("the request body could not be read: {e}"))
+    }
+}
+
+fn audit(app: &App, actor: &str, action: &str, target: Option<&str>, result: &str, rid: &str) {
+    let entry = AuditEntry::new(
+        actor,
+        action,
+        target.map(str::to_string),
+        result,
+        Some(rid.to_string()),
+    );
+    if let Err(e) = app.plane.store().append_audit(&entry) {
+        tracing::error!(error = %e, "the audit log did not take an entry");
+    }
+}
+
+/// Authenticates `X-API-Key` or `Authorization: Bearer`, then applies the rate limit.
+async fn authenticate(
+    State(app): State<Arc<App>>,
+    Extension(rid): Extension<RequestId>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let credential = credential(req.headers());
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let principal = match credential {
+        None => Err("no API key given (use X-API-Key or Authorization: Bearer)".to_string()),
+        Some(c) => app.keys.authenticate(&c),
+    };
+    let limit_key = match &principal {
+        Ok(p) => p.name.clone(),
+        Err(_) => format!("ip:{peer}"),
+    };
+    if let Err(wait) = app.limiter.check(&limit_key) {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMIT_EXCEEDED",
+            "too many requests; slow down",
+        )
+        .details(json!({"retry_after_seconds": wait.as_secs_f64()}));
+        e.retry_after = Some(wait.as_secs().max(1));
+        return e.into_response();
+    }
+    match principal {
+        Ok(p) => {
+            let mut req = req;
+            req.extensions_mut().insert(p);
+            req.extensions_mut().insert(app.clone());
+            next.run(req).await
+        }
+        Err(why) => {
+            audit(
+                &app,
+                &format!("anonymous@{peer}"),
+                "auth.failed",
+                Some(&action),
+                "AUTHENTICATION_REQUIRED",
+                &rid.0,
+            );
+            tracing::warn!(request_id = %rid.0, %peer, "authentication failed: {why}");
+            ApiError::new(StatusCode::UNAUTHORIZED, "AUTHENTICATION_REQUIRED", why).into_response()
+        }
+    }
+}
+
+fn credential(headers: &HeaderMap) -> Option<String> {
+    if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim().to_string());
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, value) = auth.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| value.trim().to_string())
+}
+
+async fn require(role: Role, req: Request, next: Next) -> Response {
+    let Some(p) = req.extensions().get::<Principal>().cloned() else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "AUTHENTICATION_REQUIRED",
+            "no API key given",
+        )
+        .into_response();
+    };
+    if p.role.allows(role) {
+        return next.run(req).await;
+    }
+    if let (Some(app), Some(rid)) = (
+        req.extensions().get::<Arc<App>>().cloned(),
+        req.extensions().get::<RequestId>().cloned(),
+    ) {
+        let action = format!("{} {}", req.method(), req.uri().path());
+        audit(
+            &app,
+            &p.name,
+            "auth.denied",
+            Some(&action),
+            "AUTHORIZATION_FAILED",
+            &rid.0,
+        );
+    }
+    tracing::warn!(actor = %p.name, role = p.role.as_str(), needed = role.as_str(), "forbidden");
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "AUTHORIZATION_FAILED",
+        format!(
+            "role {} may not do this (needs {})",
+            p.role.as_str(),
+            role.as_str()
+        ),
+    )
+    .into_response()
+}
+
+async fn require_viewer(req: Request, next: Next) -> Response {
+    require(Role::Viewer, req, next).await
+}
+async fn require_submitter(req: Request, next: Next) -> Response {
+    require(Role::Submitter, req, next).await
+}
+async fn require_operator(req: Request, next: Next) -> Response {
+    require(Role::Operator, req, next).await
+}
+async fn require_admin(req: Request, next: Next) -> Response {
+    require(Role::Admin, req, next).await
+}
+async fn require_runner(req: Request, next: Next) -> Response {
+    require(Role::Runner, req, next).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Presentation
+
+fn state_name(s: JobState) -> Value {
+    serde_json::to_value(s).unwrap_or(Value::Null)
+}
+
+fn outcome_json(o: &Outcome) -> Value {
+    let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("summary".into(), Value::String(o.to_string()));
+    }
+    v
+}
+
+/// A job as the API shows it: secrets masked.
+fn job_json(r: &JobRecord, detail: bool) -> Value {
+    let mut job = serde_json::to_value(&r.job).unwrap_or(Value::Null);
+    if let Some(Value::Object(secrets)) = job.get_mut("secrets") {
+        for v in secrets.values_mut() {
+            *v = Value::String("***".into());
+        }
+    }
+    let attempts: Vec<Value> = r
+        .attempts
+        .iter()
+        .map(|a| {
+            let mut v = serde_json::to_value(a).unwrap_or(Value::Null);
+            if let Some(o) = &a.outcome {
+                v["outcome"] = outcome_json(o);
+            }
+            v
+        })
+        .collect();
+    let mut v = json!({
+        "id": r.id.as_str(),
+        "name": r.job.name,
+        "state": state_name(r.state),
+        "submitter": r.submitter,
+        "priority": r.job.priority,
+        "runner_id": r.runner_id(),
+        "attempts": attempts,
+        "submitted_at": millis(r.submitted_at),
+        "finished_at": r.finished_at.map(millis),
+        "outcome": r.outcome.as_ref().map(outcome_json),
+        "why_pending": r.why_pending,
+    });
+    if detail {
+        v["job"] = job;
+    }
+    v
+}
+
+fn millis(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn runner_json(e: &RunnerEntry) -> Value {
+    let info = e.info();
+    json!({
+        "id": info.id,
+        "name": info.name,
+        "kind": info.kind.as_str(),
+        "labels": info.labels,
+        "reserved_labels": e.reserved_labels,
+        "status": e.status.as_str(),
+        "health": e.health.to_string(),
+        "running": e.runner.running(),
+        "slots": e.runner.capabilities().max_concurrency,
+        "capabilities": e.runner.capabilities(),
+        "startup_ms": e.startup().map(|d| d.as_secs_f64() * 1000.0),
+    })
+}
+
+fn job_id(raw: &str) -> ApiResult<JobId> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(JobId::from(raw.to_string()))
+    } else {
+        Err(ApiError::job_not_found(raw))
+    }
+}
+
+fn find_job(app: &App, raw: &str) -> ApiResult<JobRecord> {
+    let id = job_id(raw)?;
+    app.plane
+        .get(&id)
+        .ok_or_else(|| ApiError::job_not_found(raw))
+}
+
+fn find_runner(app: &App, raw: &str) -> ApiResult<RunnerEntry> {
+    app.plane
+        .registry()
+        .get(raw)
+        .ok_or_else(|| ApiError::runner_not_found(raw))
+}
+
+// ---------------------------------------------------------------------------------------
+// Open routes
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let store = app.plane.store().count_by_state();
+    let runners = app
+        .plane
+        .registry()
+        .list()
+        .iter()
+        .filter(|e| e.status.takes_jobs())
+        .count();
+    match store {
+        Ok(_) if app.plane.accepting() => Json(json!({
+            "status": "ready",
+            "runners_taking_jobs": runners,
+        }))
+        .into_response(),
+        Ok(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NOT_READY",
+            "the server is shutting down",
+        )
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NOT_READY",
+            format!("the store does not answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.render(&app.plane);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn openapi() -> Json<Value> {
+    Json(super::openapi::document())
+}
+
+// ---------------------------------------------------------------------------------------
+// Jobs
+
+async fn submit_job(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(|e| body_error(e, app.config.max_body_bytes))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::invalid("the request body is not UTF-8 text"))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "the request body is empty; send a job document (JSON or YAML)",
+        ));
+    }
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let parsed = if ctype.contains("yaml") {
+        Job::from_yaml(text)
+    } else {
+        Job::from_json(text)
+    };
+    let job = parsed.map_err(|errors| {
+        let details: Vec<Value> = errors
+            .errors()
+            .iter()
+            .map(|e| {
+                json!({
+                    "field": e.path,
+                    "message": e.message,
+                    "line": e.position.map(|p| p.0),
+                    "column": e.position.map(|p| p.1),
+                })
+            })
+            .collect();
+        let first = errors
+            .errors()
+            .first()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        ApiError::invalid(format!("invalid job: {first}")).details(json!({ "problems": details }))
+    })?;
+    let submitter = p.name.clone();
+    let id = app.plane.submit(job, &submitter).map_err(|e| match e {
+        rustci_runners::Error::Unavailable(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", m)
+        }
+        other => ApiError::invalid(other.to_string()),
+    })?;
+    audit(&app, &p.name, "job.submit", Some(id.as_str()), "ok", &rid.0);
+    tracing::info!(job_id = %id, submitter = %submitter, "job submitted");
+    let state = app
+        .plane
+        .get(&id)
+        .map(|r| r.state)
+        .unwrap_or(JobState::Queued);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/jobs/{id}"))],
+        Json(json!({"id": id.as_str(), "state": state_name(state)})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    state: Option<String>,
+    submitter: Option<String>,
+    name: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<u64>,
+}
+
+async fn list_jobs(
+    State(app): State<Arc<App>>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    let state = params
+        .state
+        .map(|s| {
+            serde_json::from_value::<JobState>(Value::String(s.clone())).map_err(|_| {
+                ApiError::invalid(format!(
+                    "state: unknown state {s:?} (queued, assigned, running, succeeded, failed, cancelled, timed_out, lost)"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("limit: must be 1 to 500"));
+    }
+    let mut query = JobQuery::default();
+    query.state = state;
+    query.submitter = params.submitter;
+    query.name = params.name;
+    query.before = params.cursor;
+    query.limit = limit;
+    let page = app
+        .plane
+        .list(&query)
+        .map_err(|e| ApiError::internal(format!("listing jobs: {e}")))?;
+    Ok(Json(json!({
+        "jobs": page.jobs.iter().map(|r| job_json(r, false)).collect::<Vec<_>>(),
+        "next_cursor": page.next,
+    })))
+}
+
+async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let record = find_job(&app, &id)?;
+    let mut v = job_json(&record, true);
+    if let Ok(t) = app.plane.transitions(&record.id) {
+        v["transitions"] = serde_json::to_value(t).unwrap_or(Value::Null);
+    }
+    Ok(Json(v))
+}
+
+async fn cancel_job(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let record = find_job(&app, &id)?;
+    if p.role == Role::Submitter && record.submitter != p.name {
+        audit(
+            &app,
+            &p.name,
+            "job.cancel",
+            Some(&id),
+            "AUTHORIZATION_FAILED",
+            &rid.0,
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "AUTHORIZATION_FAILED",
+            "a submitter may cancel only its own jobs",
+        ));
+    }
+    if record.state.is_terminal() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "JOB_FINISHED",
+            format!("job {id} has already ended ({:?})", record.state),
+        )
+        .details(json!({"state": state_name(record.state)})));
+    }
+    app.plane.cancel(&record.id);
+    audit(&app, &p.name, "job.cancel", Some(&id), "ok", &rid.0);
+    tracing::info!(job_id = %id, actor = %p.name, "cancel requested");
+    let state = app.plane.get(&record.id).map_or(record.state, |r| r.state);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "state": state_name(state)})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    offset: Option<u64>,
+    follow: Option<bool>,
+}
+
+async fn job_logs(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    let record = find_job(&app, &id)?;
+    // A reconnecting event-stream client resumes after the last event it got.
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let offset = resume.or(params.offset).unwrap_or(0);
+    let mut follower = app
+        .plane
+        .follow_log(&record.id, offset)
+        .ok_or_else(|| ApiError::job_not_found(&id))?;
+    if !params.follow.unwrap_or(false) {
+        // What is stored now, without waiting for more.
+        let mut out = Vec::new();
+        let data = loop {
+            match follower.try_next() {
+                Some(Ok(chunk)) => out.extend_from_slice(&chunk.data),
+                Some(Err(e)) => return Err(ApiError::internal(e.to_string())),
+                None => break out,
+            }
+        };
+        let next = offset + data.len() as u64;
+        return Ok((
+            [
+                (
+                    header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8".to_string(),
+                ),
+                (
+                    header::HeaderName::from_static("x-next-offset"),
+                    next.to_string(),
+                ),
+            ],
+            data,
+        )
+            .into_response());
+    }
+    let plane = app.plane.clone();
+    let job = record.id.clone();
+    let stream = async_stream(follower, plane, job);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Server-sent events of a log: `event: log` with `id` = the offset after the chunk and
+/// `data` = `{"offset", "text"}`; then `event: end` with the job's final state. Text is
+/// cut only at UTF-8 character boundaries.
+fn async_stream(
+    follower: rustci_runners::control::LogFollower,
+    plane: ControlPlane,
+    job: JobId,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
+    struct S {
+        follower: rustci_runners::control::LogFollower,
+        carry: Vec<u8>,
+        carry_offset: u64,
+        done: bool,
+    }
+    let start = follower.offset();
+    let s = S {
+        follower,
+        carry: Vec::new(),
+        carry_offset: start,
+        done: false,
+    };
+    futures::stream::unfold((s, plane, job), |(mut s, plane, job)| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            match s.follower.next().await {
+                Some(Ok(chunk)) => {
+                    s.carry.extend_from_slice(&chunk.data);
+                    let valid = match std::str::from_utf8(&s.carry) {
+                        Ok(_) => s.carry.len(),
+                        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                        Err(_) => s.carry.len(),
+                    };
+                    if valid == 0 {
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&s.carry[..valid]).into_owned();
+                    let offset = s.carry_offset;
+                    s.carry_offset += valid as u64;
+                    s.carry.drain(..valid);
+                    let data = json!({"offset": offset, "text": text}).to_string();
+                    let event = format!("event: log\nid: {}\ndata: {data}\n\n", s.carry_offset);
+                    return Some((Ok(Bytes::from(event)), (s, plane, job)));
+                }
+                Some(Err(e)) => {
+                    s.done = true;
+                    let data = json!({"message": e.to_string()}).to_string();
+                    let event = format!("event: error\ndata: {data}\n\n");
+                    return Some((Ok(Bytes::from(event)), (s, plane, job)));
+                }
+                None => {
+                    s.done = true;
+                    let record = plane.get(&job);
+                    let mut data = json!({
+                        "state": record.as_ref().map(|r| state_name(r.state)),
+                        "offset": s.carry_offset + s.carry.len() as u64,
+                    });
+                    if !s.carry.is_empty() {
+                        data["text"] = Value::String(String::from_utf8_lossy(&s.carry).into());
+                    }
+                    let event = format!("event: end\ndata: {data}\n\n");
+                    return Some((Ok(Bytes::from(event)), (s, plane, job)));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+// ---------------------------------------------------------------------------------------
+// Runners
+
+async fn list_runners(State(app): State<Arc<App>>) -> Json<Value> {
+    let runners: Vec<Value> = app
+        .plane
+        .registry()
+        .list()
+        .iter()
+        .map(runner_json)
+        .collect();
+    Json(json!({ "runners": runners }))
+}
+
+async fn get_runner(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(runner_json(&find_runner(&app, &id)?)))
+}
+
+async fn runner_status(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let e = find_runner(&app, &id)?;
+    Ok(Json(json!({
+        "id": id,
+        "status": e.status.as_str(),
+        "health": e.health.to_string(),
+        "running": e.runner.running(),
+        "slots": e.runner.capabilities().max_concurrency,
+    })))
+}
+
+async fn check_runner_health(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let e = find_runner(&app, &id)?;
+    let health = match tokio::time::timeout(Duration::from_secs(10), e.runner.health()).await {
+        Ok(h) => h.to_string(),
+        Err(_) => "unhealthy: no answer within 10s".to_string(),
+    };
+    Ok(Json(json!({
+        "id": id,
+        "health": health,
+        "status": e.status.as_str(),
+    })))
+}
+
+async fn runner_action(
+    app: &App,
+    p: &Principal,
+    rid: &RequestId,
+    id: &str,
+    action: &str,
+) -> ApiResult<Json<Value>> {
+    find_runner(app, id)?;
+    match action {
+        "runner.drain" => {
+            app.plane.drain(id);
+        }
+        "runner.resume" => {
+            app.plane.resume(id);
+        }
+        _ => {
+            app.plane.remove(id);
+            if let Err(e) = app.plane.store().remove_runner(id) {
+                tracing::error!(runner = %id, error = %e, "removing a runner registration");
+            }
+        }
+    }
+    audit(app, &p.name, action, Some(id), "ok", &rid.0);
+    tracing::info!(runner = %id, actor = %p.name, "{action}");
+    let status = app
+        .plane
+        .registry()
+        .get(id)
+        .map_or("removed", |e| e.status.as_str());
+    Ok(Json(json!({"id": id, "status": status})))
+}
+
+async fn drain_runner(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    runner_action(&app, &p, &rid, &id, "runner.drain").await
+}
+
+async fn resume_runner(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    runner_action(&app, &p, &rid, &id, "runner.resume").await
+}
+
+async fn delete_runner(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    runner_action(&app, &p, &rid, &id, "runner.delete").await
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> ApiResult<T> {
+    let body = body.map_err(|e| body_error(e, limit))?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!("invalid JSON body: {e}"))
+            .details(json!({"line": e.line(), "column": e.column()}))
+    })
+}
+
+async fn register_runner(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let mut config: RunnerConfig = json_body(body, app.config.max_body_bytes)?;
+    check_runner(&config).map_err(ApiError::invalid)?;
+    for l in &p.token_labels {
+        if !config.labels.contains(l) {
+            config.labels.push(l.clone());
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let runner = app
+        .factory
+        .build(&config, Some(id.clone()))
+        .await
+        .map_err(|e| ApiError::invalid(format!("the runner cannot start here: {e}")))?;
+    let record = rustci_runners::control::RunnerRecord::new(
+        id.clone(),
+        config.name.clone(),
+        config.kind.clone(),
+        serde_json::to_value(&config).unwrap_or(Value::Null),
+    );
+    app.plane
+        .store()
+        .put_runner(&record)
+        .map_err(|e| ApiError::internal(format!("storing the registration: {e}")))?;
+    let mut options = RegisterOptions::default();
+    options.reserved_labels = config.reserved_labels.iter().cloned().collect();
+    let id = app.plane.register(runner, options);
+    audit(&app, &p.name, "runner.register", Some(&id), "ok", &rid.0);
+    tracing::info!(runner = %id, name = %config.name, kind = %config.kind, actor = %p.name, "runner registered");
+    let entry = find_runner(&app, &id)?;
+    Ok((StatusCode::CREATED, Json(runner_json(&entry))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    labels: Vec<String>,
+}
+
+async fn create_token(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let bytes = body.map_err(|e| body_error(e, app.config.max_body_bytes))?;
+    let req: TokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        TokenRequest {
+            ttl_seconds: None,
+            labels: Vec::new(),
+        }
+    } else {
+        json_body(Ok(bytes), app.config.max_body_bytes)?
+    };
+    let ttl = req.ttl_seconds.unwrap_or(3600);
+    if !(1..=30 * 86_400).contains(&ttl) {
+        return Err(ApiError::invalid("ttl_seconds: must be 1 to 2592000"));
+    }
+    let (token, claims) = app
+        .keys
+        .issue_token(&p.name, Duration::from_secs(ttl), req.labels)
+        .map_err(ApiError::internal)?;
+    audit(
+        &app,
+        &p.name,
+        "token.create",
+        Some(&claims.jti),
+        "ok",
+        &rid.0,
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "id": claims.jti,
+            "expires_at": claims.exp * 1000,
+            "labels": claims.labels,
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+async fn list_audit(
+    State(app): State<Arc<App>>,
+    params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit: must be 1 to 1000"));
+    }
+    let entries = app
+        .plane
+        .store()
+        .audit(params.before, limit)
+        .map_err(|e| ApiError::internal(format!("reading the audit log: {e}")))?;
+    let next = if entries.len() == limit {
+        entries.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "entries": entries, "next_before": next })))
+}

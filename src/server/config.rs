@@ -1,0 +1,237 @@
+//! Server settings: defaults, then a config file (TOML or YAML), then `RUSTCI_*`
+//! environment variables, then command-line flags — each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::auth::Role;
+
+/// Everything the server can be told.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Directory for the database, job logs and generated secrets. Default `./rustci-data`.
+    pub data_dir: PathBuf,
+    /// The admin API key. When neither this nor any `api_keys` entry with role admin is
+    /// set, one is generated on first start, stored in the data directory and printed once.
+    pub admin_key: Option<String>,
+    /// Further API keys.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Runners started with the server; when empty, a local and a native runner (and a
+    /// Docker runner when the `docker` feature is on and an engine answers).
+    pub runners: Vec<RunnerConfig>,
+    /// Largest request body, in bytes. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Requests per second each key (or each client address, before authentication) may
+    /// make on average. Default 50.
+    pub rate_limit_per_second: f64,
+    /// Requests a key may make at once above the average. Default 100.
+    pub rate_limit_burst: f64,
+    /// Longest time a request may take to be answered (streams excepted), in seconds.
+    /// Default 30.
+    pub request_timeout_secs: u64,
+    /// On shutdown, how long running jobs may go on before they are cancelled, in
+    /// seconds. Default 30.
+    pub shutdown_grace_secs: u64,
+    /// How often runner health is checked, in seconds. Default 10.
+    pub health_interval_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("rustci-data"),
+            admin_key: None,
+            api_keys: Vec::new(),
+            runners: Vec::new(),
+            max_body_bytes: 1 << 20,
+            rate_limit_per_second: 50.0,
+            rate_limit_burst: 100.0,
+            request_timeout_secs: 30,
+            shutdown_grace_secs: 30,
+            health_interval_secs: 10,
+        }
+    }
+}
+
+/// An API key and what it may do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ApiKeyConfig {
+    /// Name shown in the audit log.
+    pub name: String,
+    /// The key itself (at least 16 characters).
+    pub key: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// A runner the server runs in process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RunnerConfig {
+    /// Its name.
+    pub name: String,
+    /// `local`, `native` or (feature `docker`) `docker`.
+    pub kind: String,
+    /// Labels jobs can ask for.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Labels that reserve it for jobs asking for them.
+    #[serde(default)]
+    pub reserved_labels: Vec<String>,
+    /// Most jobs at once. Default 4.
+    #[serde(default)]
+    pub slots: Option<usize>,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Settings given on the command line (each `None` when absent).
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct Overrides {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--admin-key`.
+    pub admin_key: Option<String>,
+}
+
+impl ServerConfig {
+    /// Reads a config file: TOML when it ends in `.toml`, YAML otherwise.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("reading config {}: {e}", path.display())))?;
+        let parsed = if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            serde_saphyr::from_str(&text).map_err(|e| e.to_string())
+        };
+        let config: ServerConfig =
+            parsed.map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Defaults, then the config file (from `overrides.config` or `RUSTCI_CONFIG`), then
+    /// `env` (`RUSTCI_LISTEN`, `RUSTCI_DATA_DIR`, `RUSTCI_ADMIN_KEY`), then `overrides`.
+    pub fn resolve(
+        env: impl Fn(&str) -> Option<String>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let file = overrides
+            .config
+            .clone()
+            .or_else(|| env("RUSTCI_CONFIG").map(PathBuf::from));
+        let mut config = match file {
+            Some(path) => ServerConfig::from_file(&path)?,
+            None => ServerConfig::default(),
+        };
+        let listen = overrides.listen.clone().or_else(|| env("RUSTCI_LISTEN"));
+        if let Some(listen) = listen {
+            config.listen = listen.parse().map_err(|e| {
+                ConfigError(format!(
+                    "listen address {listen:?}: {e} (expected e.g. 127.0.0.1:8080)"
+                ))
+            })?;
+        }
+        if let Some(dir) = overrides
+            .data_dir
+            .clone()
+            .or_else(|| env("RUSTCI_DATA_DIR").map(PathBuf::from))
+        {
+            config.data_dir = dir;
+        }
+        if let Some(key) = overrides
+            .admin_key
+            .clone()
+            .or_else(|| env("RUSTCI_ADMIN_KEY"))
+        {
+            config.admin_key = Some(key);
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let short = |k: &str| k.len() < 16;
+        if self.admin_key.as_deref().is_some_and(short) {
+            return Err(ConfigError(
+                "admin_key: must be at least 16 characters".into(),
+            ));
+        }
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if short(&k.key) {
+                return Err(ConfigError(format!(
+                    "api_keys[{i}] ({}): key must be at least 16 characters",
+                    k.name
+                )));
+            }
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError("max_body_bytes: must be greater than 0".into()));
+        }
+        if !(self.rate_limit_per_second > 0.0) || !(self.rate_limit_burst >= 1.0) {
+            return Err(ConfigError(
+                "rate_limit_per_second must be > 0 and rate_limit_burst >= 1".into(),
+            ));
+        }
+        for (i, r) in self.runners.iter().enumerate() {
+            check_runner(r).map_err(|e| ConfigError(format!("runners[{i}]: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+}
+
+/// Checks a runner description (name and kind).
+pub fn check_runner(r: &RunnerConfig) -> Result<(), String> {
+    if r.name.is_empty()
+        || r.name.len() > 64
+        || !r
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "name {:?}: 1 to 64 letters, digits, '-', '_' or '.'",
+            r.name
+        ));
+    }
+    let kinds: &[&str] = if cfg!(feature = "docker") {
+        &["local", "native", "docker"]
+    } else {
+        &["local", "native"]
+    };
+    if !kinds.contains(&r.kind.as_str()) {
+        return Err(format!(
+            "kind {:?}: this server runs {}",
+            r.kind,
+            kinds.join(", ")
+        ));
+    }
+    if r.slots == Some(0) || r.slots.is_some_and(|s| s > 1024) {
+        return Err("slots: 1 to 1024".into());
+    }
+    Ok(())
+}

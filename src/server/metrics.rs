@@ -1,0 +1,285 @@
+//! Prometheus metrics of the control plane and the HTTP API.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rustci_runners::Outcome;
+use rustci_runners::control::{ControlPlane, JobState, Observer, RunnerStatus, StatusChange};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    state: String,
+    runner_kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    runner_kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunnerLabels {
+    runner: String,
+    name: String,
+    runner_kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: String,
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    jobs_finished: Family<OutcomeLabels, Counter>,
+    job_duration: Family<KindLabels, Histogram>,
+    queue_wait: Family<KindLabels, Histogram>,
+    attempts: Family<OutcomeLabels, Counter>,
+    selection: Histogram,
+    jobs_queued: Gauge,
+    jobs_running: Gauge,
+    runner_healthy: Family<RunnerLabels, Gauge>,
+    runner_slots_used: Family<RunnerLabels, Gauge>,
+    runner_slots: Family<RunnerLabels, Gauge>,
+    runner_transitions: Family<StatusLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<RouteLabels, Histogram>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms to ~9 h.
+    Histogram::new(exponential_buckets(0.001, 3.0, 16))
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// All metrics, registered under the `rustci` prefix.
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("rustci")),
+            jobs_finished: Family::default(),
+            job_duration: Family::new_with_constructor(seconds_histogram),
+            queue_wait: Family::new_with_constructor(seconds_histogram),
+            attempts: Family::default(),
+            selection: Histogram::new(exponential_buckets(0.000_001, 4.0, 12)),
+            jobs_queued: Gauge::default(),
+            jobs_running: Gauge::default(),
+            runner_healthy: Family::default(),
+            runner_slots_used: Family::default(),
+            runner_slots: Family::default(),
+            runner_transitions: Family::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(seconds_histogram),
+        };
+        {
+            let mut r = m.registry.lock().expect("metrics");
+            r.register(
+                "jobs_finished",
+                "Jobs that reached a terminal state, by state and runner kind",
+                m.jobs_finished.clone(),
+            );
+            r.register(
+                "job_duration_seconds",
+                "Time from submission to terminal state",
+                m.job_duration.clone(),
+            );
+            r.register(
+                "queue_wait_seconds",
+                "Time a job waited in the queue before a runner picked it up",
+                m.queue_wait.clone(),
+            );
+            r.register(
+                "attempts",
+                "Attempts that ended, by outcome and runner kind",
+                m.attempts.clone(),
+            );
+            r.register(
+                "selection_seconds",
+                "Time one runner-selection decision took",
+                m.selection.clone(),
+            );
+            r.register(
+                "jobs_queued",
+                "Jobs waiting for a runner",
+                m.jobs_queued.clone(),
+            );
+            r.register(
+                "jobs_running",
+                "Jobs assigned to a runner or running",
+                m.jobs_running.clone(),
+            );
+            r.register(
+                "runner_healthy",
+                "1 when the runner takes jobs (healthy or degraded), else 0",
+                m.runner_healthy.clone(),
+            );
+            r.register(
+                "runner_slots_used",
+                "Jobs running on the runner",
+                m.runner_slots_used.clone(),
+            );
+            r.register(
+                "runner_slots",
+                "Jobs the runner may run at once (0 when unbounded)",
+                m.runner_slots.clone(),
+            );
+            r.register(
+                "runner_status_changes",
+                "Runner status transitions, by the status entered",
+                m.runner_transitions.clone(),
+            );
+            r.register(
+                "http_requests",
+                "HTTP requests answered, by method, route and status",
+                m.http_requests.clone(),
+            );
+            r.register(
+                "http_request_duration_seconds",
+                "Time to answer an HTTP request",
+                m.http_duration.clone(),
+            );
+        }
+        m
+    }
+
+    /// Counts an answered HTTP request.
+    pub fn http(&self, method: &str, route: &str, status: u16, took: Duration) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&RouteLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The text exposition, with gauges read from `plane` now.
+    pub fn render(&self, plane: &ControlPlane) -> String {
+        let (queued, running) = plane.counts();
+        self.jobs_queued.set(queued as i64);
+        self.jobs_running.set(running as i64);
+        self.runner_healthy.clear();
+        self.runner_slots_used.clear();
+        self.runner_slots.clear();
+        for entry in plane.registry().list() {
+            let info = entry.info();
+            let labels = RunnerLabels {
+                runner: info.id.clone(),
+                name: info.name.clone(),
+                runner_kind: info.kind.as_str().to_string(),
+            };
+            self.runner_healthy
+                .get_or_create(&labels)
+                .set(i64::from(entry.status.takes_jobs()));
+            self.runner_slots_used
+                .get_or_create(&labels)
+                .set(entry.runner.running() as i64);
+            self.runner_slots
+                .get_or_create(&labels)
+                .set(entry.runner.capabilities().max_concurrency.unwrap_or(0) as i64);
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics");
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn outcome_state(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed { .. } | Outcome::Signalled { .. } => "failed",
+        Outcome::TimedOut { .. } => "timed_out",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Lost => "lost",
+        _ => "runner_error",
+    }
+}
+
+fn state_str(state: JobState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl Observer for Metrics {
+    fn selection(&self, elapsed: Duration, _placed: bool) {
+        self.selection.observe(elapsed.as_secs_f64());
+    }
+    fn picked(&self, runner_kind: &str, waited: Duration) {
+        self.queue_wait
+            .get_or_create(&KindLabels {
+                runner_kind: runner_kind.to_string(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+    fn attempt_ended(&self, runner_kind: &str, outcome: &Outcome, _ran: Duration) {
+        self.attempts
+            .get_or_create(&OutcomeLabels {
+                state: outcome_state(outcome).to_string(),
+                runner_kind: runner_kind.to_string(),
+            })
+            .inc();
+    }
+    fn job_finished(&self, runner_kind: Option<&str>, state: JobState, total: Duration) {
+        let kind = runner_kind.unwrap_or("none").to_string();
+        self.jobs_finished
+            .get_or_create(&OutcomeLabels {
+                state: state_str(state),
+                runner_kind: kind.clone(),
+            })
+            .inc();
+        self.job_duration
+            .get_or_create(&KindLabels { runner_kind: kind })
+            .observe(total.as_secs_f64());
+    }
+    fn runner_status(&self, change: &StatusChange) {
+        let status = change.to.map_or("removed", RunnerStatus::as_str);
+        self.runner_transitions
+            .get_or_create(&StatusLabels {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+}

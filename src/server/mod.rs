@@ -1,0 +1,312 @@
+//! The control-plane server: the control plane with a SQLite store and log files under a
+//! data directory, in-process runners, and the HTTP API ([`router`]) with API keys,
+//! roles, registration tokens, rate limits and Prometheus metrics.
+//!
+//! [`Server::start`] is what the `rustci-server` binary runs; an embedding project can
+//! use it the same way, or build an [`App`] and mount [`router`] in its own axum app.
+
+mod api;
+mod auth;
+mod config;
+mod metrics;
+mod openapi;
+mod runners;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustci_runners::control::{ControlOptions, ControlPlane, RegisterOptions, SqliteStore};
+use rustci_runners::select::SelectionEngine;
+use tokio::net::TcpListener;
+
+pub use api::{ApiError, App, RequestId, router};
+pub use auth::{Keys, Principal, RateLimiter, RegistrationClaims, Role, load_or_create_secret};
+pub use config::{ApiKeyConfig, ConfigError, Overrides, RunnerConfig, ServerConfig};
+pub use metrics::Metrics;
+pub use openapi::document as openapi_document;
+pub use runners::{DEFAULT_SLOTS, RunnerFactory};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The data directory, store or a runner failed.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+fn runtime(context: &str) -> impl FnOnce(String) -> ServerError + '_ {
+    move |e| ServerError::Runtime(format!("{context}: {e}"))
+}
+
+/// A started server.
+pub struct Server {
+    app: Arc<App>,
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    admin_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.addr).finish()
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| {
+            ServerError::Runtime(format!("creating data directory {}: {e}", path.display()))
+        })
+}
+
+impl Server {
+    /// Opens the data directory, starts the control plane and its runners, recovers
+    /// what a previous run left, and starts serving on `config.listen` (port 0 picks a
+    /// free port; see [`Server::addr`]).
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let data = config.data_dir.clone();
+        create_private_dir(&data)?;
+        let store = SqliteStore::open(data.join("rustci.db"))
+            .map_err(|e| runtime("opening the store")(e.to_string()))?;
+        let (secret, _) = load_or_create_secret(&data.join("token.secret"))
+            .map_err(|e| runtime("token secret")(e.to_string()))?;
+        let mut admin_key_file = None;
+        let mut keys: Vec<(String, String, Role)> = config
+            .api_keys
+            .iter()
+            .map(|k| (k.name.clone(), k.key.clone(), k.role))
+            .collect();
+        match &config.admin_key {
+            Some(k) => keys.push(("admin".into(), k.clone(), Role::Admin)),
+            None if !keys.iter().any(|k| k.2 == Role::Admin) => {
+                let path = data.join("admin.key");
+                let (key, created) = load_or_create_secret(&path)
+                    .map_err(|e| runtime("admin key")(e.to_string()))?;
+                if created {
+                    // Printed once, on the run that created it.
+                    println!("rustci-server: generated admin API key: {key}");
+                    println!(
+                        "rustci-server: it is stored in {} and will not be shown again",
+                        path.display()
+                    );
+                }
+                admin_key_file = Some(path);
+                keys.push(("admin".into(), key, Role::Admin));
+            }
+            None => {}
+        }
+        let keys = Keys::new(
+            keys.iter().map(|(n, k, r)| (n.as_str(), k.as_str(), *r)),
+            &secret,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let mut options = ControlOptions::durable(Arc::new(store), data.join("logs"));
+        options.health_interval = Duration::from_secs(config.health_interval_secs.max(1));
+        options.observer = Some(metrics.clone());
+        let plane = ControlPlane::with_options(SelectionEngine::default(), options)
+            .map_err(|e| runtime("starting the control plane")(e.to_string()))?;
+        let factory = RunnerFactory::new();
+        start_runners(&plane, &factory, &config).await?;
+        let recovery = plane
+            .recover()
+            .await
+            .map_err(|e| runtime("recovering jobs")(e.to_string()))?;
+        if !recovery.requeued.is_empty() || !recovery.lost.is_empty() {
+            tracing::info!(
+                requeued = recovery.requeued.len(),
+                lost = recovery.lost.len(),
+                "recovered jobs of the previous run"
+            );
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| runtime(&format!("listening on {}", config.listen))(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| runtime("listener")(e.to_string()))?;
+        let app = Arc::new(App {
+            plane: plane.clone(),
+            keys,
+            limiter: RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst),
+            metrics,
+            config,
+            factory,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, service).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "the HTTP server failed");
+            }
+        });
+        tracing::info!(%addr, "rustci-server listening");
+        Ok(Server {
+            app,
+            addr,
+            stop,
+            task,
+            admin_key_file,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (control plane, keys, metrics).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// The file holding the generated admin key, when one was generated.
+    pub fn admin_key_file(&self) -> Option<&Path> {
+        self.admin_key_file.as_deref()
+    }
+
+    /// Graceful shutdown: stops taking jobs, lets running ones finish until the
+    /// configured grace period, cancels the rest, stops serving and returns when every
+    /// state is stored.
+    pub async fn shutdown(self) {
+        let grace = Duration::from_secs(self.app.config.shutdown_grace_secs);
+        let cancelled = self.app.plane.shutdown_gracefully(grace).await;
+        if !cancelled.is_empty() {
+            tracing::info!(
+                cancelled = cancelled.len(),
+                "cancelled jobs still running at the end of the grace period"
+            );
+        }
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signalled(self) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+        tracing::info!("shutting down: running jobs get the grace period");
+        self.shutdown().await;
+    }
+}
+
+/// Logs to stderr at the level in `RUSTCI_LOG` (`error`, `warn`, `info` (default),
+/// `debug`, `trace`). Every line about a job carries its `job_id`, every line about a
+/// request its `request_id`.
+pub fn init_logging() {
+    let level = std::env::var("RUSTCI_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Starts the configured runners (or the defaults) and the ones registered over the
+/// API in an earlier run.
+async fn start_runners(
+    plane: &ControlPlane,
+    factory: &RunnerFactory,
+    config: &ServerConfig,
+) -> Result<(), ServerError> {
+    let configured = if config.runners.is_empty() {
+        default_runners().await
+    } else {
+        config.runners.clone()
+    };
+    for r in &configured {
+        let runner = factory
+            .build(r, Some(r.name.clone()))
+            .await
+            .map_err(|e| ServerError::Runtime(format!("runner {}: {e}", r.name)))?;
+        let mut options = RegisterOptions::default();
+        options.reserved_labels = r.reserved_labels.iter().cloned().collect();
+        plane.register(runner, options);
+    }
+    let registered = plane
+        .store()
+        .runners()
+        .map_err(|e| runtime("reading runner registrations")(e.to_string()))?;
+    for record in registered {
+        let Ok(r) = serde_json::from_value::<RunnerConfig>(record.config.clone()) else {
+            tracing::warn!(runner = %record.id, "a stored registration does not decode; skipped");
+            continue;
+        };
+        match factory.build(&r, Some(record.id.clone())).await {
+            Ok(runner) => {
+                let mut options = RegisterOptions::default();
+                options.reserved_labels = r.reserved_labels.iter().cloned().collect();
+                plane.register(runner, options);
+            }
+            Err(e) => {
+                tracing::warn!(runner = %record.id, error = %e, "a registered runner cannot start")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A local and a native runner, plus a Docker runner when the feature is on and an
+/// engine answers.
+async fn default_runners() -> Vec<RunnerConfig> {
+    let mut out = vec![
+        RunnerConfig {
+            name: "local".into(),
+            kind: "local".into(),
+            labels: Vec::new(),
+            reserved_labels: Vec::new(),
+            slots: None,
+        },
+        RunnerConfig {
+            name: "native".into(),
+            kind: "native".into(),
+            labels: Vec::new(),
+            reserved_labels: Vec::new(),
+            slots: None,
+        },
+    ];
+    #[cfg(feature = "docker")]
+    {
+        use rustci_runners::Runner;
+        let docker = rustci_runners_docker::DockerRunner::connect(
+            rustci_runners_docker::DockerConfig::default(),
+        )
+        .await;
+        if let Ok(d) = docker
+            && d.health().await.is_usable()
+        {
+            out.push(RunnerConfig {
+                name: "docker".into(),
+                kind: "docker".into(),
+                labels: Vec::new(),
+                reserved_labels: Vec::new(),
+                slots: None,
+            });
+        }
+    }
+    out
+}
