@@ -92,6 +92,24 @@ pub struct RunnerConfig {
     /// Most jobs at once. Default 4.
     #[serde(default)]
     pub slots: Option<usize>,
+    /// Directory under which host runners make job workspaces (default: the system's
+    /// temporary directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_root: Option<std::path::PathBuf>,
+}
+
+impl RunnerConfig {
+    /// A runner description with default labels and slots.
+    pub fn new(name: impl Into<String>, kind: impl Into<String>) -> Self {
+        RunnerConfig {
+            name: name.into(),
+            kind: kind.into(),
+            labels: Vec::new(),
+            reserved_labels: Vec::new(),
+            slots: None,
+            workspace_root: None,
+        }
+    }
 }
 
 /// Why a configuration cannot be used.
@@ -192,8 +210,15 @@ impl ServerConfig {
                 "rate_limit_per_second must be > 0 and rate_limit_burst >= 1".into(),
             ));
         }
+        let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.runners.iter().enumerate() {
             check_runner(r).map_err(|e| ConfigError(format!("runners[{i}]: {e}")))?;
+            if !names.insert(&r.name) {
+                return Err(ConfigError(format!(
+                    "runners[{i}]: name {:?} is used twice",
+                    r.name
+                )));
+            }
         }
         Ok(())
     }

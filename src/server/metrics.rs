@@ -225,6 +225,36 @@ impl Metrics {
     }
 }
 
+/// The same metrics in the Prometheus text format 0.0.4 (for clients that do not ask
+/// for OpenMetrics): counter families are named with their `_total` suffix, and the
+/// OpenMetrics-only `# UNIT` and `# EOF` lines are dropped.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match rewritten {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn outcome_state(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Succeeded => "succeeded",

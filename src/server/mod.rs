@@ -274,20 +274,8 @@ async fn start_runners(
 /// engine answers.
 async fn default_runners() -> Vec<RunnerConfig> {
     let mut out = vec![
-        RunnerConfig {
-            name: "local".into(),
-            kind: "local".into(),
-            labels: Vec::new(),
-            reserved_labels: Vec::new(),
-            slots: None,
-        },
-        RunnerConfig {
-            name: "native".into(),
-            kind: "native".into(),
-            labels: Vec::new(),
-            reserved_labels: Vec::new(),
-            slots: None,
-        },
+        RunnerConfig::new("local", "local"),
+        RunnerConfig::new("native", "native"),
     ];
     #[cfg(feature = "docker")]
     {
@@ -299,13 +287,7 @@ async fn default_runners() -> Vec<RunnerConfig> {
         if let Ok(d) = docker
             && d.health().await.is_usable()
         {
-            out.push(RunnerConfig {
-                name: "docker".into(),
-                kind: "docker".into(),
-                labels: Vec::new(),
-                reserved_labels: Vec::new(),
-                slots: None,
-            });
+            out.push(RunnerConfig::new("docker", "docker"));
         }
     }
     out

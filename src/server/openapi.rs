@@ -256,8 +256,8 @@ fn paths(
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics (OpenMetrics text)", "operationId": "metrics", "security": [],
-                "responses": {"200": {"description": "Metrics", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}}
+                "summary": "Prometheus metrics: OpenMetrics when asked for (Accept), else the text format 0.0.4", "operationId": "metrics", "security": [],
+                "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}, "application/openmetrics-text": {"schema": {"type": "string"}}}}}
             }
         },
         "/api/openapi.json": {

@@ -31,6 +31,9 @@ impl RunnerFactory {
         host.id = id;
         host.labels = config.labels.clone();
         host.max_concurrency = Some(config.slots.unwrap_or(DEFAULT_SLOTS));
+        if let Some(root) = &config.workspace_root {
+            host.workspace_root = root.clone();
+        }
         match config.kind.as_str() {
             "local" => Ok(Arc::new(LocalRunner::new(host)?)),
             "native" => {

@@ -431,6 +431,13 @@ impl ControlPlane {
     pub fn remove(&self, runner_id: &str) -> bool {
         let removed = self.state.registry.remove(runner_id).is_some();
         if removed {
+            if let Some(o) = &self.state.observer {
+                o.runner_status(&StatusChange {
+                    runner_id: runner_id.to_string(),
+                    from: None,
+                    to: None,
+                });
+            }
             lose_jobs_on(&self.state, runner_id);
             let _ = self.state.events.send(ControlEvent::Runner {
                 id: runner_id.to_string(),
@@ -441,6 +448,13 @@ impl ControlPlane {
     }
 
     fn announce(&self, runner_id: &str, status: Option<RunnerStatus>) {
+        if let (Some(o), Some(_)) = (&self.state.observer, status) {
+            o.runner_status(&StatusChange {
+                runner_id: runner_id.to_string(),
+                from: None,
+                to: status,
+            });
+        }
         if status.is_some() {
             let _ = self.state.events.send(ControlEvent::Runner {
                 id: runner_id.to_string(),

@@ -1,0 +1,987 @@
+//! End-to-end tests of the control-plane server: the real server on a loopback port,
+//! real runners, real HTTP.
+
+use std::path::{Path, PathBuf};
+
+use rustci::client::{ApiClient, ApiResponse, SseEvent};
+use rustci::server::{ApiKeyConfig, Role, RunnerConfig, Server, ServerConfig};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-key-0123456789abcdef";
+
+fn key_for(role: Role) -> String {
+    format!("{}-key-0123456789abcdef", role.as_str())
+}
+
+struct TestServer {
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+    base: String,
+}
+
+impl TestServer {
+    async fn start(tweak: impl FnOnce(&mut ServerConfig, &Path)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.data_dir = dir.path().join("data");
+        config.admin_key = Some(ADMIN.into());
+        for role in [Role::Operator, Role::Submitter, Role::Viewer] {
+            config.api_keys.push(api_key(role));
+        }
+        config.health_interval_secs = 1;
+        config.shutdown_grace_secs = 5;
+        config.runners = vec![runner("local-a", "local", Some(4), dir.path())];
+        tweak(&mut config, dir.path());
+        let server = Server::start(config).await.expect("server starts");
+        let base = format!("http://{}", server.addr());
+        TestServer {
+            server: Some(server),
+            dir,
+            base,
+        }
+    }
+
+    fn client(&self, key: Option<&str>) -> ApiClient {
+        ApiClient::new(&self.base, key.map(str::to_string)).unwrap()
+    }
+
+    fn admin(&self) -> ApiClient {
+        self.client(Some(ADMIN))
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+fn api_key(role: Role) -> ApiKeyConfig {
+    serde_json::from_value(json!({"name": role.as_str(), "key": key_for(role), "role": role}))
+        .unwrap()
+}
+
+fn runner(name: &str, kind: &str, slots: Option<usize>, root: &Path) -> RunnerConfig {
+    let mut r = RunnerConfig::new(name, kind);
+    r.slots = slots;
+    let ws = root.join(format!("ws-{name}"));
+    std::fs::create_dir_all(&ws).unwrap();
+    r.workspace_root = Some(ws);
+    r
+}
+
+async fn submit(client: &ApiClient, job: Value) -> String {
+    let r = client.post_json("/api/jobs", &job).await.unwrap();
+    assert_eq!(r.status, 201, "submit: {}", r.error_message());
+    assert_eq!(r.json()["state"], "queued");
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Follows a job's log to its end; returns the text and the `end` event's data.
+async fn follow_to_end(client: &ApiClient, id: &str) -> (String, Value) {
+    let mut events = client
+        .events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+        .await
+        .unwrap();
+    assert_eq!(events.status, 200);
+    let mut text = String::new();
+    while let Some(ev) = events.next().await {
+        let ev = ev.unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        match ev.event.as_str() {
+            "log" => text.push_str(data["text"].as_str().unwrap()),
+            "end" => return (text, data),
+            other => panic!("unexpected event {other}: {}", ev.data),
+        }
+    }
+    panic!("the stream ended without an end event; got {text:?}");
+}
+
+fn error_code(r: &ApiResponse) -> String {
+    r.json()["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn sh_job(name: &str, script: &str) -> Value {
+    json!({"name": name, "steps": [{"run": script}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_and_its_log_and_record_are_served() {
+    let t = TestServer::start(|_, _| {}).await;
+    let c = t.admin();
+    let yaml =
+        "name: hello\nsecrets:\n  TOKEN: s3cr3t-value\nsteps:\n  - run: echo \"hello $TOKEN\"\n";
+    let r = c
+        .request(
+            "POST",
+            "/api/jobs",
+            Some(("application/yaml", yaml.as_bytes().to_vec())),
+            &[("x-request-id", "test-req-1")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.error_message());
+    assert_eq!(r.headers["x-request-id"], "test-req-1");
+    let id = r.json()["id"].as_str().unwrap().to_string();
+
+    let (text, end) = follow_to_end(&c, &id).await;
+    assert_eq!(text, "hello ***\n");
+    assert_eq!(end["state"], "succeeded");
+
+    let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(job["runner_id"], "local-a");
+    assert_eq!(job["job"]["secrets"]["TOKEN"], "***", "secrets are masked");
+    let states: Vec<&str> = job["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["queued", "assigned", "running", "succeeded"]);
+
+    let logs = c.get(&format!("/api/jobs/{id}/logs")).await.unwrap();
+    assert_eq!(&logs.body[..], b"hello ***\n");
+    assert_eq!(logs.headers["x-next-offset"], "10");
+    let tail = c
+        .get(&format!("/api/jobs/{id}/logs?offset=6"))
+        .await
+        .unwrap();
+    assert_eq!(&tail.body[..], b"***\n");
+
+    let list = c.get("/api/jobs?state=succeeded").await.unwrap().json();
+    assert_eq!(list["jobs"][0]["id"], id.as_str());
+    let audit = c.get("/api/audit").await.unwrap().json();
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "job.submit" && e["request_id"] == "test-req-1"),
+        "{audit}"
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_listing_pages_and_filters() {
+    let t = TestServer::start(|_, _| {}).await;
+    let c = t.admin();
+    let sub = t.client(Some(&key_for(Role::Submitter)));
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let client = if i % 2 == 0 { &c } else { &sub };
+        let id = submit(client, sh_job(&format!("j{i}"), "true")).await;
+        follow_to_end(&c, &id).await;
+        ids.push(id);
+    }
+    let first = c.get("/api/jobs?limit=2").await.unwrap().json();
+    let page: Vec<&str> = first["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, [ids[4].as_str(), ids[3].as_str()]);
+    let cursor = first["next_cursor"].as_u64().unwrap();
+    let second = c
+        .get(&format!("/api/jobs?limit=2&cursor={cursor}"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(second["jobs"][0]["id"], ids[2].as_str());
+    let mine = c
+        .get("/api/jobs?submitter=key:submitter")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(mine["jobs"].as_array().unwrap().len(), 2);
+    assert!(mine["next_cursor"].is_null());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_gets_the_envelope_and_changes_nothing() {
+    let t = TestServer::start(|c, _| {
+        c.max_body_bytes = 4096;
+        c.rate_limit_per_second = 0.001;
+        c.rate_limit_burst = 40.0;
+    })
+    .await;
+    let c = t.admin();
+    let viewer = t.client(Some(&key_for(Role::Viewer)));
+    let count = |v: Value| v["jobs"].as_array().unwrap().len();
+    let before = count(c.get("/api/jobs").await.unwrap().json());
+
+    // 400: malformed JSON, a wrong field, malformed YAML.
+    let r = c
+        .request(
+            "POST",
+            "/api/jobs",
+            Some(("application/json", b"{\"name\": ".to_vec())),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (400, "INVALID_REQUEST")
+    );
+    let r = c
+        .post_json(
+            "/api/jobs",
+            &json!({"name": "x", "steps": [{"run": "true", "timeout": "-1s"}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"]["details"]["problems"][0]["field"],
+        "steps[0].timeout",
+        "{}",
+        r.json()
+    );
+    let r = c
+        .request(
+            "POST",
+            "/api/jobs",
+            Some(("application/yaml", b"name: [unclosed\nsteps: 3\n".to_vec())),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (400, "INVALID_REQUEST")
+    );
+    let r = c.get("/api/jobs?state=sideways").await.unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (400, "INVALID_REQUEST")
+    );
+    assert!(r.error_message().contains("state"));
+
+    // 404: unknown ids and path tricks.
+    for path in [
+        "/api/jobs/0123456789abcdef",
+        "/api/jobs/..%2F..%2Fetc%2Fpasswd",
+        "/api/jobs/..%2Frustci.db/logs",
+        "/api/jobs/%2e%2e/logs?follow=true",
+    ] {
+        let r = c.get(path).await.unwrap();
+        assert_eq!(
+            (r.status, error_code(&r).as_str()),
+            (404, "JOB_NOT_FOUND"),
+            "{path}"
+        );
+    }
+    let r = c.get("/api/runners/nope").await.unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "RUNNER_NOT_FOUND")
+    );
+    let r = c
+        .request("POST", "/api/runners/nope/drain", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "RUNNER_NOT_FOUND")
+    );
+    let r = c.get("/api/nothing-here").await.unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "NOT_FOUND"));
+
+    // 401 and 403.
+    let r = t.client(None).get("/api/jobs").await.unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (401, "AUTHENTICATION_REQUIRED")
+    );
+    let r = t
+        .client(Some("wrong-key-0123456789"))
+        .get("/api/jobs")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (401, "AUTHENTICATION_REQUIRED")
+    );
+    let r = viewer
+        .post_json("/api/jobs", &sh_job("v", "true"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (403, "AUTHORIZATION_FAILED")
+    );
+
+    // 413, with and without a declared length.
+    let big = sh_job("big", &"x".repeat(10_000));
+    let r = c.post_json("/api/jobs", &big).await.unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (413, "PAYLOAD_TOO_LARGE")
+    );
+
+    // 409: cancelling a finished job.
+    let id = submit(&c, sh_job("done", "true")).await;
+    follow_to_end(&c, &id).await;
+    let r = c
+        .request("POST", &format!("/api/jobs/{id}/cancel"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (409, "JOB_FINISHED"));
+
+    // Nothing above created or changed a job but the one submitted on purpose.
+    assert_eq!(count(c.get("/api/jobs").await.unwrap().json()), before + 1);
+    let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    assert_eq!(job["state"], "succeeded");
+
+    // 429: the viewer's bucket (40) runs dry; the admin's is separate.
+    let mut limited = None;
+    for _ in 0..60 {
+        let r = viewer.get("/api/runners").await.unwrap();
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200);
+    }
+    let r = limited.expect("the rate limit is reached");
+    assert_eq!(error_code(&r), "RATE_LIMIT_EXCEEDED");
+    assert!(r.headers.contains_key("retry-after"));
+
+    // 500: a damaged record in the store is reported, not hidden.
+    let db = t.dir.path().join("data/rustci.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE jobs SET record = 'not json' WHERE id = ?1", [&id])
+        .unwrap();
+    let r = c.get("/api/jobs").await.unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (500, "INTERNAL_ERROR"));
+
+    let audit = c.get("/api/audit?limit=1000").await.unwrap().json();
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions.iter().filter(|a| **a == "auth.failed").count(), 2);
+    assert!(actions.contains(&"auth.denied"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_against_every_route_class() {
+    let t = TestServer::start(|_, _| {}).await;
+    let admin = t.admin();
+    // A submitter's job (for job routes) and a registration token (for the runner role).
+    let id = submit(
+        &t.client(Some(&key_for(Role::Submitter))),
+        sh_job("r", "true"),
+    )
+    .await;
+    follow_to_end(&admin, &id).await;
+    let token = admin
+        .post_json("/api/tokens", &json!({"ttl_seconds": 600}))
+        .await
+        .unwrap();
+    assert_eq!(token.status, 201, "{}", token.error_message());
+    let token = token.json()["token"].as_str().unwrap().to_string();
+
+    // (method, path, body, roles allowed)
+    let job = sh_job("r2", "true");
+    let routes: Vec<(&str, String, Option<Value>, &[&str])> = vec![
+        (
+            "GET",
+            "/api/jobs".into(),
+            None,
+            &["admin", "operator", "submitter", "viewer"],
+        ),
+        (
+            "GET",
+            format!("/api/jobs/{id}"),
+            None,
+            &["admin", "operator", "submitter", "viewer"],
+        ),
+        (
+            "GET",
+            format!("/api/jobs/{id}/logs"),
+            None,
+            &["admin", "operator", "submitter", "viewer"],
+        ),
+        (
+            "GET",
+            "/api/runners".into(),
+            None,
+            &["admin", "operator", "submitter", "viewer"],
+        ),
+        (
+            "GET",
+            "/api/runners/local-a".into(),
+            None,
+            &["admin", "operator", "submitter", "viewer"],
+        ),
+        (
+            "GET",
+            "/api/runners/local-a/status".into(),
+            None,
+            &["admin", "operator", "submitter", "viewer"],
+        ),
+        (
+            "POST",
+            "/api/jobs".into(),
+            Some(job),
+            &["admin", "operator", "submitter"],
+        ),
+        (
+            "POST",
+            format!("/api/jobs/{id}/cancel"),
+            None,
+            &["admin", "operator", "submitter"],
+        ),
+        (
+            "POST",
+            "/api/runners/local-a/health".into(),
+            None,
+            &["admin", "operator"],
+        ),
+        (
+            "POST",
+            "/api/runners/local-a/drain".into(),
+            None,
+            &["admin", "operator"],
+        ),
+        (
+            "POST",
+            "/api/runners/local-a/resume".into(),
+            None,
+            &["admin", "operator"],
+        ),
+        (
+            "DELETE",
+            "/api/runners/not-there".into(),
+            None,
+            &["admin", "operator"],
+        ),
+        ("POST", "/api/tokens".into(), Some(json!({})), &["admin"]),
+        ("GET", "/api/audit".into(), None, &["admin"]),
+        (
+            "POST",
+            "/api/runners".into(),
+            Some(json!({"name": "x", "kind": "bogus"})),
+            &["admin", "runner"],
+        ),
+    ];
+    let callers: Vec<(&str, String)> = vec![
+        ("admin", ADMIN.to_string()),
+        ("operator", key_for(Role::Operator)),
+        ("submitter", key_for(Role::Submitter)),
+        ("viewer", key_for(Role::Viewer)),
+        ("runner", token),
+    ];
+    for (method, path, body, allowed) in &routes {
+        for (role, key) in &callers {
+            let c = t.client(Some(key));
+            let body = body
+                .as_ref()
+                .map(|b| ("application/json", b.to_string().into_bytes()));
+            let r = c.request(method, path, body, &[]).await.unwrap();
+            if allowed.contains(role) {
+                assert!(
+                    r.status != 401 && r.status != 403,
+                    "{role} {method} {path}: {} {}",
+                    r.status,
+                    r.error_message()
+                );
+            } else {
+                assert_eq!(
+                    r.status,
+                    403,
+                    "{role} {method} {path}: {}",
+                    r.error_message()
+                );
+                assert_eq!(error_code(&r), "AUTHORIZATION_FAILED");
+            }
+        }
+    }
+    // A submitter cannot cancel someone else's job.
+    let other = submit(&admin, sh_job("long", "sleep 30")).await;
+    let r = t
+        .client(Some(&key_for(Role::Submitter)))
+        .request("POST", &format!("/api/jobs/{other}/cancel"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    let r = admin
+        .request("POST", &format!("/api/jobs/{other}/cancel"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let (_, end) = follow_to_end(&admin, &other).await;
+    assert_eq!(end["state"], "cancelled");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_tokens_register_runners_and_expire() {
+    let t = TestServer::start(|_, _| {}).await;
+    let admin = t.admin();
+    let r = admin
+        .post_json(
+            "/api/tokens",
+            &json!({"ttl_seconds": 600, "labels": ["pool-a"]}),
+        )
+        .await
+        .unwrap();
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let as_runner = t.client(Some(&token));
+    let ws = t.dir.path().join("ws-reg");
+    std::fs::create_dir_all(&ws).unwrap();
+    let r = as_runner
+        .post_json(
+            "/api/runners",
+            &json!({"name": "reg-1", "kind": "native", "labels": ["fast"], "slots": 2, "workspace_root": ws}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.error_message());
+    let registered = r.json();
+    let rid = registered["id"].as_str().unwrap().to_string();
+    let labels: Vec<&str> = registered["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        labels.contains(&"fast") && labels.contains(&"pool-a"),
+        "{labels:?}"
+    );
+    // The token may not read or drain.
+    let r = as_runner.get("/api/runners").await.unwrap();
+    assert_eq!(r.status, 403);
+    // A job asking for the token's label goes to the new runner.
+    let id = submit(
+        &admin,
+        json!({"name": "on-reg", "runs_on": {"labels": ["pool-a"]}, "steps": [{"command": ["true"]}]}),
+    )
+    .await;
+    let (_, end) = follow_to_end(&admin, &id).await;
+    assert_eq!(end["state"], "succeeded");
+    let job = admin.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    assert_eq!(job["runner_id"], rid.as_str());
+
+    // Expired and forged tokens are refused.
+    let secret = std::fs::read_to_string(t.dir.path().join("data/token.secret")).unwrap();
+    let claims =
+        json!({"jti": "old", "sub": "runner-registration", "exp": 1000, "iat": 900, "iss": "test"});
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
+    )
+    .unwrap();
+    let r = t
+        .client(Some(&expired))
+        .post_json("/api/runners", &json!({"name": "late", "kind": "local"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert!(
+        r.error_message().contains("expired"),
+        "{}",
+        r.error_message()
+    );
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"jti": "f", "sub": "runner-registration", "exp": 4_000_000_000u64, "iat": 1, "iss": "x"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"not the secret"),
+    )
+    .unwrap();
+    let r = t
+        .client(Some(&forged))
+        .post_json("/api/runners", &json!({"name": "forged", "kind": "local"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    let runners = admin.get("/api/runners").await.unwrap().json();
+    assert_eq!(runners["runners"].as_array().unwrap().len(), 2);
+
+    // Registrations survive a restart with the same id.
+    let TestServer { server, dir, .. } = t;
+    server.unwrap().shutdown().await;
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.data_dir = dir.path().join("data");
+    config.admin_key = Some(ADMIN.into());
+    config.runners = vec![runner("local-a", "local", Some(4), dir.path())];
+    let again = Server::start(config).await.unwrap();
+    let c = ApiClient::new(&format!("http://{}", again.addr()), Some(ADMIN.into())).unwrap();
+    let r = c.get(&format!("/api/runners/{rid}")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    assert_eq!(r.json()["name"], "reg-1");
+    again.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_resume_from_the_last_event_id() {
+    let t = TestServer::start(|_, _| {}).await;
+    let c = t.admin();
+    let gate = t.dir.path().join("gate");
+    let script = format!(
+        "for i in $(seq 1 200); do echo \"line $i\"; done\nwhile [ ! -e '{}' ]; do sleep 0.02; done\necho tail-é-end",
+        gate.display()
+    );
+    let id = submit(&c, sh_job("resume", &script)).await;
+    // First follower: read until "line 200" arrives, remember the last id, hang up.
+    let mut events = c
+        .events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+        .await
+        .unwrap();
+    let mut first = String::new();
+    let mut last_id = None;
+    while !first.contains("line 200\n") {
+        let ev: SseEvent = events.next().await.unwrap().unwrap();
+        assert_eq!(ev.event, "log");
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        assert_eq!(data["offset"].as_u64().unwrap(), first.len() as u64);
+        first.push_str(data["text"].as_str().unwrap());
+        last_id = ev.id;
+    }
+    drop(events);
+    let last_id = last_id.unwrap();
+    assert_eq!(last_id, first.len().to_string());
+    // Resume with Last-Event-ID while the job still runs, then let it finish.
+    let mut resumed = c
+        .events(
+            &format!("/api/jobs/{id}/logs?follow=true"),
+            &[("last-event-id", &last_id)],
+        )
+        .await
+        .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let mut rest = String::new();
+    loop {
+        let ev = resumed.next().await.unwrap().unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        if ev.event == "end" {
+            assert_eq!(data["state"], "succeeded");
+            break;
+        }
+        rest.push_str(data["text"].as_str().unwrap());
+    }
+    let whole = c.get(&format!("/api/jobs/{id}/logs")).await.unwrap();
+    let whole = String::from_utf8(whole.body.to_vec()).unwrap();
+    assert_eq!(
+        format!("{first}{rest}"),
+        whole,
+        "nothing lost, nothing twice"
+    );
+    assert!(whole.ends_with("line 200\ntail-é-end\n"));
+    // The offset query parameter resumes too, on a finished job.
+    let (text, _) = {
+        let mut ev = c
+            .events(
+                &format!("/api/jobs/{id}/logs?follow=true&offset={last_id}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut text = String::new();
+        loop {
+            let e = ev.next().await.unwrap().unwrap();
+            let data: Value = serde_json::from_str(&e.data).unwrap();
+            if e.event == "end" {
+                break (text, data);
+            }
+            text.push_str(data["text"].as_str().unwrap());
+        }
+    };
+    assert_eq!(text, rest);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_followers_of_one_chatty_job_get_every_byte() {
+    let t = TestServer::start(|c, _| {
+        c.rate_limit_burst = 1000.0;
+    })
+    .await;
+    let c = t.admin();
+    let gate = t.dir.path().join("gate");
+    // ~170 kB of numbered lines, released once every follower is connected.
+    let script = format!(
+        "while [ ! -e '{}' ]; do sleep 0.02; done\nseq 1 30000",
+        gate.display()
+    );
+    let id = submit(&c, sh_job("chatty", &script)).await;
+    let mut followers = Vec::new();
+    for _ in 0..200 {
+        followers.push(
+            c.events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+                .await
+                .unwrap(),
+        );
+    }
+    // One more that never reads: it must not hold the job back.
+    let _stalled = c
+        .events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+        .await
+        .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let tasks: Vec<_> = followers
+        .into_iter()
+        .map(|mut f| {
+            tokio::spawn(async move {
+                let mut text = String::new();
+                loop {
+                    let ev = f.next().await.unwrap().unwrap();
+                    let data: Value = serde_json::from_str(&ev.data).unwrap();
+                    if ev.event == "end" {
+                        return (text, data["state"].as_str().unwrap().to_string());
+                    }
+                    text.push_str(data["text"].as_str().unwrap());
+                }
+            })
+        })
+        .collect();
+    let expected: String = (1..=30_000).map(|i| format!("{i}\n")).collect();
+    for task in tasks {
+        let (text, state) = task.await.unwrap();
+        assert_eq!(state, "succeeded");
+        assert!(
+            text == expected,
+            "a follower got {} of {} bytes",
+            text.len(),
+            expected.len()
+        );
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_runners_get_no_jobs_until_resumed() {
+    let t = TestServer::start(|c, dir| {
+        c.runners = vec![
+            runner("local-a", "local", Some(4), dir),
+            runner("local-b", "local", Some(4), dir),
+        ];
+    })
+    .await;
+    let op = t.client(Some(&key_for(Role::Operator)));
+    let r = op
+        .request("POST", "/api/runners/local-a/drain", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.json()["status"], "draining");
+    let status = op.get("/api/runners/local-a/status").await.unwrap().json();
+    assert_eq!(status["status"], "draining");
+    for i in 0..6 {
+        let id = submit(&op, sh_job(&format!("d{i}"), "true")).await;
+        follow_to_end(&op, &id).await;
+        let job = op.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+        assert_eq!(job["runner_id"], "local-b");
+    }
+    // Both drained: jobs wait and say why.
+    op.request("POST", "/api/runners/local-b/drain", None, &[])
+        .await
+        .unwrap();
+    let id = submit(&op, sh_job("waits", "true")).await;
+    let mut events = op
+        .events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+        .await
+        .unwrap();
+    let job = op.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    assert_eq!(job["state"], "queued");
+    op.request("POST", "/api/runners/local-a/resume", None, &[])
+        .await
+        .unwrap();
+    loop {
+        let ev = events.next().await.unwrap().unwrap();
+        if ev.event == "end" {
+            break;
+        }
+    }
+    let job = op.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    assert_eq!(job["runner_id"], "local-a");
+    assert_eq!(job["state"], "succeeded");
+    let audit = t.admin().get("/api/audit").await.unwrap().json();
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "runner.resume" && e["actor"] == "key:operator")
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_turning_unhealthy_mid_job_loses_it_and_it_is_retried_elsewhere() {
+    let t = TestServer::start(|c, dir| {
+        let mut a = runner("local-a", "local", Some(4), dir);
+        a.labels = vec!["first".into()];
+        c.runners = vec![a, runner("local-b", "local", Some(4), dir)];
+    })
+    .await;
+    let c = t.admin();
+    let gate = t.dir.path().join("gate");
+    // Drain b so the job lands on a; resume b once the job runs.
+    c.request("POST", "/api/runners/local-b/drain", None, &[])
+        .await
+        .unwrap();
+    let script = format!(
+        "echo started\nwhile [ ! -e '{}' ]; do sleep 0.02; done\necho finished",
+        gate.display()
+    );
+    let id = submit(
+        &c,
+        json!({"name": "moves", "retry": {"max": 1, "when": ["lost"]}, "steps": [{"run": script}]}),
+    )
+    .await;
+    let mut events = c
+        .events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+        .await
+        .unwrap();
+    let ev = events.next().await.unwrap().unwrap();
+    assert!(ev.data.contains("started"));
+    c.request("POST", "/api/runners/local-b/resume", None, &[])
+        .await
+        .unwrap();
+    // Runner a's workspace root turns into a file: its health check fails.
+    let root = t.dir.path().join("ws-local-a");
+    std::fs::rename(&root, t.dir.path().join("ws-local-a.moved")).unwrap();
+    std::fs::write(&root, b"not a directory").unwrap();
+    let mut text = String::new();
+    loop {
+        let ev = events.next().await.unwrap().unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        if ev.event == "end" {
+            assert_eq!(data["state"], "succeeded");
+            break;
+        }
+        text.push_str(data["text"].as_str().unwrap());
+        if text.contains("attempt 2 on runner local-b") && text.ends_with("started\n") {
+            std::fs::write(&gate, b"").unwrap();
+        }
+    }
+    let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["runner_id"], "local-a");
+    assert_eq!(attempts[0]["outcome"]["result"], "lost");
+    assert_eq!(attempts[1]["runner_id"], "local-b");
+    let status = c.get("/api/runners/local-a/status").await.unwrap().json();
+    assert_eq!(status["status"], "unhealthy");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_jobs_runners_and_requests_and_pass_promtool() {
+    let t = TestServer::start(|_, _| {}).await;
+    let c = t.admin();
+    let ok = submit(&c, sh_job("ok", "true")).await;
+    let bad = submit(&c, sh_job("bad", "exit 3")).await;
+    follow_to_end(&c, &ok).await;
+    follow_to_end(&c, &bad).await;
+    let r = t.client(None).get("/metrics").await.unwrap();
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    for needle in [
+        "rustci_jobs_finished_total{state=\"succeeded\",runner_kind=\"local\"} 1",
+        "rustci_jobs_finished_total{state=\"failed\",runner_kind=\"local\"} 1",
+        "rustci_job_duration_seconds_count{runner_kind=\"local\"} 2",
+        "rustci_queue_wait_seconds_count{runner_kind=\"local\"} 2",
+        "rustci_selection_seconds_count",
+        "rustci_jobs_queued 0",
+        "rustci_jobs_running 0",
+        "rustci_runner_healthy{runner=\"local-a\",name=\"local-a\",runner_kind=\"local\"} 1",
+        "rustci_runner_slots{runner=\"local-a\",name=\"local-a\",runner_kind=\"local\"} 4",
+        "rustci_http_requests_total{method=\"POST\",route=\"/api/jobs\",status=\"201\"} 2",
+        "rustci_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    promtool_check(&text, t.dir.path());
+    // OpenMetrics for clients that ask for it (as Prometheus does).
+    let om = t
+        .client(None)
+        .request(
+            "GET",
+            "/metrics",
+            None,
+            &[("accept", "application/openmetrics-text; version=1.0.0")],
+        )
+        .await
+        .unwrap();
+    let om = String::from_utf8(om.body.to_vec()).unwrap();
+    assert!(om.ends_with("# EOF\n"));
+    assert!(om.contains("# TYPE rustci_jobs_finished counter"));
+    t.stop().await;
+}
+
+fn promtool_check(text: &str, dir: &Path) {
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    let Some(promtool) = promtool else {
+        assert!(
+            std::env::var_os("RUSTCI_REQUIRE_PROMTOOL").is_none(),
+            "promtool is required (RUSTCI_REQUIRE_PROMTOOL) but not installed"
+        );
+        eprintln!("SKIPPED promtool check: promtool is not installed (Debian package prometheus)");
+        return;
+    };
+    let file = dir.join("scrape.txt");
+    std::fs::write(&file, text).unwrap();
+    let out = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_cancels_what_outlives_the_grace_period_and_stores_it() {
+    let t = TestServer::start(|c, _| c.shutdown_grace_secs = 1).await;
+    let c = t.admin();
+    let id = submit(&c, sh_job("forever", "echo up; exec sleep 600")).await;
+    let mut events = c
+        .events(&format!("/api/jobs/{id}/logs?follow=true"), &[])
+        .await
+        .unwrap();
+    events.next().await.unwrap().unwrap();
+    let data = t.dir.path().join("data");
+    let server = t.server.unwrap();
+    server.shutdown().await;
+    // The follower got the end.
+    let mut end = None;
+    while let Some(ev) = events.next().await {
+        let ev = ev.unwrap();
+        if ev.event == "end" {
+            end = Some(ev);
+        }
+    }
+    let end: Value = serde_json::from_str(&end.expect("end event").data).unwrap();
+    assert_eq!(end["state"], "cancelled");
+    let store = rustci::control::SqliteStore::open(data.join("rustci.db")).unwrap();
+    use rustci::control::Store;
+    let record = store
+        .get_job(&rustci::JobId::from(id.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, rustci::control::JobState::Cancelled);
+}
