@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use rustci::cli::{self, RunnerChoice};
+use rustci::cli::{self, RunnerChoice, remote};
 
 #[derive(Parser)]
 #[command(name = "rustci", version, about = "Run CI jobs on pluggable executors")]
@@ -30,11 +30,116 @@ enum Command {
         /// Job file.
         file: PathBuf,
     },
-    /// List the runners usable on this host, their capabilities and health.
+    /// Runners: without --server, the ones usable on this host; with it, the server's.
     Runners {
-        /// One JSON object per runner.
-        #[arg(long)]
+        #[command(subcommand)]
+        action: Option<RunnersCmd>,
+        /// Talk to this server instead of listing local runners (env RUSTCI_SERVER).
+        #[arg(long, global = true, env = "RUSTCI_SERVER")]
+        server: Option<String>,
+        /// API key (env RUSTCI_API_KEY).
+        #[arg(long, global = true, env = "RUSTCI_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// JSON output.
+        #[arg(long, global = true)]
         json: bool,
+    },
+    /// Submit a job file to a server; prints the job id, or with --follow streams its
+    /// log and exits with its result.
+    Submit {
+        /// Job file (YAML, or JSON when it ends in .json).
+        file: PathBuf,
+        /// Stream the log until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Jobs on a server.
+    Jobs {
+        #[command(subcommand)]
+        action: JobsCmd,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// JSON output.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// Server URL (env RUSTCI_SERVER).
+    #[arg(
+        long,
+        global = true,
+        env = "RUSTCI_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// API key (env RUSTCI_API_KEY).
+    #[arg(long, global = true, env = "RUSTCI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+impl RemoteArgs {
+    fn remote(self) -> remote::Remote {
+        remote::Remote {
+            server: self.server,
+            api_key: self.api_key,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// Recent jobs, newest first.
+    List {
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// A job's record: state, runner, attempts, timings, outcome, why pending.
+    Show {
+        /// Job id.
+        id: String,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// A job's log.
+    Logs {
+        /// Job id.
+        id: String,
+        /// Follow until the job ends; exits with its result.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunnersCmd {
+    /// List runners (the default).
+    List,
+    /// One runner (--server only).
+    Show {
+        /// Runner id.
+        id: String,
+    },
+    /// Stop giving a runner jobs (--server only).
+    Drain {
+        /// Runner id.
+        id: String,
+    },
+    /// Give a drained runner jobs again (--server only).
+    Resume {
+        /// Runner id.
+        id: String,
     },
 }
 
@@ -47,7 +152,50 @@ async fn main() {
             cli::run_file(&file, runner, json, &mut out, &mut err).await
         }
         Command::Validate { file } => cli::validate_file(&file, &mut out, &mut err),
-        Command::Runners { json } => cli::list_runners(json, &mut out).await,
+        Command::Runners {
+            action,
+            server,
+            api_key,
+            json,
+        } => {
+            let action = match action.unwrap_or(RunnersCmd::List) {
+                RunnersCmd::List => remote::RunnersAction::List,
+                RunnersCmd::Show { id } => remote::RunnersAction::Show(id),
+                RunnersCmd::Drain { id } => remote::RunnersAction::Drain(id),
+                RunnersCmd::Resume { id } => remote::RunnersAction::Resume(id),
+            };
+            match server {
+                Some(server) => {
+                    let r = remote::Remote { server, api_key };
+                    remote::runners(&r, action, json, &mut out, &mut err).await
+                }
+                None if matches!(action, remote::RunnersAction::List) => {
+                    cli::list_runners(json, &mut out).await
+                }
+                None => {
+                    eprintln!("rustci: this runners command needs --server URL");
+                    2
+                }
+            }
+        }
+        Command::Submit {
+            file,
+            follow,
+            remote: r,
+        } => remote::submit(&r.remote(), &file, follow, &mut out, &mut err).await,
+        Command::Jobs {
+            action,
+            remote: r,
+            json,
+        } => {
+            let action = match action {
+                JobsCmd::List { state, limit } => remote::JobsAction::List { state, limit },
+                JobsCmd::Show { id } => remote::JobsAction::Show(id),
+                JobsCmd::Cancel { id } => remote::JobsAction::Cancel(id),
+                JobsCmd::Logs { id, follow } => remote::JobsAction::Logs { id, follow },
+            };
+            remote::jobs(&r.remote(), action, json, &mut out, &mut err).await
+        }
     };
     std::process::exit(code);
 }

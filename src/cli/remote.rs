@@ -1,0 +1,376 @@
+//! The `rustci` subcommands that talk to a server: `submit`, `jobs …`, `runners … --server`.
+//!
+//! Exit codes: 0 on success; with `submit --follow` and `jobs logs -f`, the job's own
+//! result (0 succeeded, the failed step's exit code, 124 timed out, 130 cancelled, 1
+//! otherwise); 2 for an unreadable or invalid job file; 1 when the server refuses or
+//! cannot be reached (the envelope's code and message are printed).
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::client::{ApiClient, ApiResponse};
+
+/// Where the server is and how to authenticate.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub server: String,
+    /// API key.
+    pub api_key: Option<String>,
+}
+
+fn client(remote: &Remote) -> Result<ApiClient, String> {
+    ApiClient::new(&remote.server, remote.api_key.clone())
+}
+
+fn check(r: ApiResponse, err: &mut dyn Write) -> Option<Value> {
+    if (200..300).contains(&r.status) {
+        Some(r.json())
+    } else {
+        let _ = writeln!(err, "rustci: {}", r.error_message());
+        None
+    }
+}
+
+/// The exit code a finished job's record stands for.
+pub fn exit_code_of(job: &Value) -> i32 {
+    match job["state"].as_str() {
+        Some("succeeded") => 0,
+        Some("timed_out") => 124,
+        Some("cancelled") => 130,
+        Some("failed") => job["outcome"]["exit_code"]
+            .as_i64()
+            .map(|c| c as i32)
+            .filter(|c| *c != 0)
+            .unwrap_or(1),
+        _ => 1,
+    }
+}
+
+/// `rustci submit FILE`: sends the job; with `follow`, streams its log and exits with
+/// its result.
+pub async fn submit(
+    remote: &Remote,
+    file: &Path,
+    follow: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: cannot read {}: {e}", file.display());
+            return super::EXIT_INVALID;
+        }
+    };
+    let is_json = file.extension().is_some_and(|e| e == "json");
+    let ctype = if is_json {
+        "application/json"
+    } else {
+        "application/yaml"
+    };
+    let c = match client(remote) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    let r = match c
+        .request("POST", "/api/jobs", Some((ctype, text.into_bytes())), &[])
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    let invalid = r.status == 400;
+    let Some(v) = check(r, err) else {
+        return if invalid { super::EXIT_INVALID } else { 1 };
+    };
+    let id = v["id"].as_str().unwrap_or_default().to_string();
+    if !follow {
+        let _ = writeln!(out, "{id}");
+        return 0;
+    }
+    let _ = writeln!(err, "rustci: job {id} queued on {}", remote.server);
+    follow_logs(&c, &id, 0, out, err).await
+}
+
+async fn follow_logs(
+    c: &ApiClient,
+    id: &str,
+    offset: u64,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let mut events = match c
+        .events(
+            &format!("/api/jobs/{id}/logs?follow=true&offset={offset}"),
+            &[],
+        )
+        .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    if events.status != 200 {
+        let _ = writeln!(err, "rustci: HTTP {} following job {id}", events.status);
+        return 1;
+    }
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                let _ = writeln!(err, "rustci: {e}");
+                return 1;
+            }
+        };
+        let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+        if let Some(text) = data["text"].as_str() {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+        if ev.event == "end" {
+            break;
+        }
+    }
+    match c.get(&format!("/api/jobs/{id}")).await {
+        Ok(r) => match check(r, err) {
+            Some(job) => {
+                let _ = writeln!(
+                    err,
+                    "rustci: job {id} {}",
+                    job["state"].as_str().unwrap_or("?")
+                );
+                exit_code_of(&job)
+            }
+            None => 1,
+        },
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            1
+        }
+    }
+}
+
+/// What `rustci jobs` does.
+#[derive(Clone, Debug)]
+pub enum JobsAction {
+    /// List recent jobs, optionally in one state.
+    List {
+        /// Only this state.
+        state: Option<String>,
+        /// At most this many.
+        limit: usize,
+    },
+    /// One job's record.
+    Show(String),
+    /// Cancel a job.
+    Cancel(String),
+    /// A job's log; `follow` streams it to the end.
+    Logs {
+        /// Job id.
+        id: String,
+        /// Follow until the job ends.
+        follow: bool,
+    },
+}
+
+/// `rustci jobs …`.
+pub async fn jobs(
+    remote: &Remote,
+    action: JobsAction,
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let c = match client(remote) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    let result = match &action {
+        JobsAction::List { state, limit } => {
+            let mut path = format!("/api/jobs?limit={limit}");
+            if let Some(s) = state {
+                path.push_str(&format!("&state={s}"));
+            }
+            c.get(&path).await
+        }
+        JobsAction::Show(id) => c.get(&format!("/api/jobs/{id}")).await,
+        JobsAction::Cancel(id) => {
+            c.request("POST", &format!("/api/jobs/{id}/cancel"), None, &[])
+                .await
+        }
+        JobsAction::Logs { id, follow: true } => {
+            return follow_logs(&c, id, 0, out, err).await;
+        }
+        JobsAction::Logs { id, follow: false } => c.get(&format!("/api/jobs/{id}/logs")).await,
+    };
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    if let JobsAction::Logs { .. } = action {
+        if r.status == 200 {
+            let _ = out.write_all(&r.body);
+            return 0;
+        }
+        check(r, err);
+        return 1;
+    }
+    let Some(v) = check(r, err) else {
+        return 1;
+    };
+    if json {
+        let _ = writeln!(out, "{v}");
+        return 0;
+    }
+    match action {
+        JobsAction::List { .. } => {
+            let _ = writeln!(
+                out,
+                "{:<34} {:<24} {:<10} {:<20} RUNNER",
+                "ID", "NAME", "STATE", "SUBMITTER"
+            );
+            for j in v["jobs"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{:<34} {:<24} {:<10} {:<20} {}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["name"].as_str().unwrap_or(""),
+                    j["state"].as_str().unwrap_or(""),
+                    j["submitter"].as_str().unwrap_or(""),
+                    j["runner_id"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+        JobsAction::Show(_) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            );
+        }
+        JobsAction::Cancel(id) => {
+            let _ = writeln!(
+                out,
+                "job {id}: cancel requested ({})",
+                v["state"].as_str().unwrap_or("?")
+            );
+        }
+        JobsAction::Logs { .. } => {}
+    }
+    0
+}
+
+/// What `rustci runners … --server` does.
+#[derive(Clone, Debug)]
+pub enum RunnersAction {
+    /// List runners with status and load.
+    List,
+    /// One runner.
+    Show(String),
+    /// Stop giving it jobs.
+    Drain(String),
+    /// Give it jobs again.
+    Resume(String),
+}
+
+/// `rustci runners … --server URL`.
+pub async fn runners(
+    remote: &Remote,
+    action: RunnersAction,
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let c = match client(remote) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    let result = match &action {
+        RunnersAction::List => c.get("/api/runners").await,
+        RunnersAction::Show(id) => c.get(&format!("/api/runners/{id}")).await,
+        RunnersAction::Drain(id) => {
+            c.request("POST", &format!("/api/runners/{id}/drain"), None, &[])
+                .await
+        }
+        RunnersAction::Resume(id) => {
+            c.request("POST", &format!("/api/runners/{id}/resume"), None, &[])
+                .await
+        }
+    };
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            return 1;
+        }
+    };
+    let Some(v) = check(r, err) else {
+        return 1;
+    };
+    if json {
+        let _ = writeln!(out, "{v}");
+        return 0;
+    }
+    match action {
+        RunnersAction::List => {
+            let _ = writeln!(
+                out,
+                "{:<38} {:<16} {:<8} {:<10} {:<7} LABELS",
+                "ID", "NAME", "KIND", "STATUS", "SLOTS"
+            );
+            for r in v["runners"].as_array().into_iter().flatten() {
+                let slots = match r["slots"].as_u64() {
+                    Some(s) => format!("{}/{s}", r["running"]),
+                    None => format!("{}/-", r["running"]),
+                };
+                let labels: Vec<&str> = r["labels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "{:<38} {:<16} {:<8} {:<10} {:<7} {}",
+                    r["id"].as_str().unwrap_or(""),
+                    r["name"].as_str().unwrap_or(""),
+                    r["kind"].as_str().unwrap_or(""),
+                    r["status"].as_str().unwrap_or(""),
+                    slots,
+                    labels.join(",")
+                );
+            }
+        }
+        RunnersAction::Show(_) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            );
+        }
+        RunnersAction::Drain(id) | RunnersAction::Resume(id) => {
+            let _ = writeln!(out, "runner {id}: {}", v["status"].as_str().unwrap_or("?"));
+        }
+    }
+    0
+}
