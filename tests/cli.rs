@@ -178,7 +178,7 @@ fn missing_executable_and_unfit_runner_are_clear_errors() {
     let out = run(&["run", job.to_str().unwrap(), "--runner", "docker"]);
     assert_eq!(out.code, 1);
     if cfg!(feature = "docker") {
-        assert!(out.stderr.contains("names no image"), "{}", out.stderr);
+        assert!(out.stderr.contains("needs a job image"), "{}", out.stderr);
     } else {
         assert!(out.stderr.contains("no docker runner"), "{}", out.stderr);
     }

@@ -205,7 +205,9 @@ impl ServerConfig {
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes: must be greater than 0".into()));
         }
-        if !(self.rate_limit_per_second > 0.0) || !(self.rate_limit_burst >= 1.0) {
+        let rate_ok = self.rate_limit_per_second.is_finite() && self.rate_limit_per_second > 0.0;
+        let burst_ok = self.rate_limit_burst.is_finite() && self.rate_limit_burst >= 1.0;
+        if !rate_ok || !burst_ok {
             return Err(ConfigError(
                 "rate_limit_per_second must be > 0 and rate_limit_burst >= 1".into(),
             ));
