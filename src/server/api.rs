@@ -1014,7 +1014,7 @@ async fn register_runner(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::config::whole_number")]
     ttl_seconds: Option<u64>,
     #[serde(default)]
     labels: Vec<String>,

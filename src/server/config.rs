@@ -23,9 +23,13 @@ pub struct ServerConfig {
     pub admin_key: Option<String>,
     /// Further API keys.
     pub api_keys: Vec<ApiKeyConfig>,
-    /// Runners started with the server; when empty, a local and a native runner (and a
-    /// Docker runner when the `docker` feature is on and an engine answers).
+    /// Runners started with the server; when empty and `default_runners` is on, a local
+    /// and a native runner (and a Docker runner when the `docker` feature is on and an
+    /// engine answers).
     pub runners: Vec<RunnerConfig>,
+    /// Start the default runners when `runners` is empty. Default true; false starts
+    /// with no runner (runners then come only from registrations).
+    pub default_runners: bool,
     /// Largest request body, in bytes. Default 1 MiB.
     pub max_body_bytes: usize,
     /// Requests per second each key (or each client address, before authentication) may
@@ -51,6 +55,7 @@ impl Default for ServerConfig {
             admin_key: None,
             api_keys: Vec::new(),
             runners: Vec::new(),
+            default_runners: true,
             max_body_bytes: 1 << 20,
             rate_limit_per_second: 50.0,
             rate_limit_burst: 100.0,
@@ -90,7 +95,7 @@ pub struct RunnerConfig {
     #[serde(default)]
     pub reserved_labels: Vec<String>,
     /// Most jobs at once. Default 4.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub slots: Option<usize>,
     /// Directory under which host runners make job workspaces (default: the system's
     /// temporary directory).
@@ -110,6 +115,27 @@ impl RunnerConfig {
             workspace_root: None,
         }
     }
+}
+
+/// Deserializes an optional whole number, accepting JSON's `4.0` for `4`.
+pub(crate) fn whole_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let v: Option<serde_json::Value> = Option::deserialize(d)?;
+    let Some(v) = v else { return Ok(None) };
+    let n = v
+        .as_u64()
+        .or_else(|| {
+            v.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9_007_199_254_740_992.0)
+                .map(|f| f as u64)
+        })
+        .ok_or_else(|| serde::de::Error::custom(format!("expected a whole number, found {v}")))?;
+    T::try_from(n)
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{n} is too large")))
 }
 
 /// Why a configuration cannot be used.

@@ -233,7 +233,7 @@ async fn start_runners(
     factory: &RunnerFactory,
     config: &ServerConfig,
 ) -> Result<(), ServerError> {
-    let configured = if config.runners.is_empty() {
+    let configured = if config.runners.is_empty() && config.default_runners {
         default_runners().await
     } else {
         config.runners.clone()

@@ -74,11 +74,16 @@ pub fn document() -> Value {
             "413": err("The body is too large"),
         }),
     );
+    submit["responses"]["201"]["links"] = json!({
+        "GetJob": {"operationId": "getJob", "parameters": {"id": "$response.body#/id"}},
+        "JobLogs": {"operationId": "jobLogs", "parameters": {"id": "$response.body#/id"}},
+        "CancelJob": {"operationId": "cancelJob", "parameters": {"id": "$response.body#/id"}}
+    });
     submit["requestBody"] = json!({
         "required": true,
         "content": {
             "application/json": {"schema": r("JobDocument")},
-            "application/yaml": {"schema": {"type": "string"}}
+            "application/yaml": {"schema": r("JobDocument")}
         }
     });
     let mut register = op(
@@ -110,7 +115,7 @@ pub fn document() -> Value {
         "content": {"application/json": {"schema": r("TokenRequest")}}
     });
     json!({
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "rustci-runners control plane",
             "version": env!("CARGO_PKG_VERSION"),
@@ -126,6 +131,32 @@ pub fn document() -> Value {
             "schemas": schemas(&state_enum)
         }
     })
+}
+
+fn list_runners_op() -> Value {
+    let mut list = op(
+        "List runners",
+        "listRunners",
+        json!([]),
+        json!({
+            "200": ok("Runners", json!({"type": "object", "required": ["runners"], "properties": {"runners": {"type": "array", "items": r("Runner")}}})),
+        }),
+    );
+    let mut links = serde_json::Map::new();
+    for (name, id) in [
+        ("GetRunner", "getRunner"),
+        ("RunnerStatus", "runnerStatus"),
+        ("CheckRunnerHealth", "checkRunnerHealth"),
+        ("DrainRunner", "drainRunner"),
+        ("ResumeRunner", "resumeRunner"),
+    ] {
+        links.insert(
+            name.into(),
+            json!({"operationId": id, "parameters": {"id": "$response.body#/runners/0/id"}}),
+        );
+    }
+    list["responses"]["200"]["links"] = Value::Object(links);
+    list
 }
 
 fn paths(
@@ -147,6 +178,7 @@ fn paths(
             }),
         )
     };
+    let list_runners = list_runners_op();
     json!({
         "/api/jobs": {
             "get": op("List jobs, newest first", "listJobs", json!([
@@ -154,7 +186,7 @@ fn paths(
                 {"name": "submitter", "in": "query", "schema": {"type": "string"}},
                 {"name": "name", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-                {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+                {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_991u64}}
             ]), json!({
                 "200": ok("A page of jobs", r("JobPage")),
                 "400": err("Invalid query"),
@@ -180,7 +212,7 @@ fn paths(
                 "operationId": "jobLogs",
                 "parameters": [
                     job_id,
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_991u64}},
                     {"name": "follow", "in": "query", "schema": {"type": "boolean"}}
                 ],
                 "responses": common(json!({
@@ -188,7 +220,16 @@ fn paths(
                         "description": "Output from the offset",
                         "content": {
                             "text/plain": {"schema": {"type": "string"}},
-                            "text/event-stream": {"schema": {"type": "string"}}
+                            "text/event-stream": {"schema": {
+                                "description": "One server-sent event",
+                                "type": "object",
+                                "required": ["event", "data"],
+                                "properties": {
+                                    "event": {"type": "string", "enum": ["log", "end", "error"]},
+                                    "id": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "data": {"type": "string"}
+                                }
+                            }}
                         }
                     },
                     "400": err("Invalid query"),
@@ -197,9 +238,7 @@ fn paths(
             }
         },
         "/api/runners": {
-            "get": op("List runners", "listRunners", json!([]), json!({
-                "200": ok("Runners", json!({"type": "object", "required": ["runners"], "properties": {"runners": {"type": "array", "items": r("Runner")}}})),
-            })),
+            "get": list_runners,
             "post": register,
         },
         "/api/runners/{id}": {
@@ -233,7 +272,7 @@ fn paths(
         "/api/audit": {
             "get": op("The audit log, newest first (admin)", "listAudit", json!([
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_991u64}}
             ]), json!({
                 "200": ok("Entries", r("AuditPage")),
                 "400": err("Invalid query"),
@@ -286,35 +325,20 @@ fn schemas(state_enum: &Value) -> Value {
                 }
             }}
         },
-        "JobDocument": {
-            "type": "object", "required": ["name", "steps"],
-            "description": "A job as JOBS.md defines it",
-            "properties": {
-                "name": {"type": "string"},
-                "steps": {"type": "array", "items": {"type": "object"}},
-                "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                "secrets": {"type": "object", "additionalProperties": {"type": "string"}},
-                "timeout": {"type": "string"},
-                "workdir": {"type": "string"},
-                "image": {"type": "string"},
-                "resources": {"type": "object"},
-                "runs_on": {"type": "object"},
-                "retry": {"type": "object"},
-                "priority": {"type": "integer"}
-            }
-        },
+        "JobDocument": job_document(),
+        "Step": step(),
         "Submitted": {
             "type": "object", "required": ["id", "state"],
             "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": state_enum}}
         },
-        "Outcome": {"type": "object", "nullable": true},
+        "Outcome": {"type": ["object", "null"]},
         "Attempt": {
             "type": "object", "required": ["number", "runner_id", "started_at"],
             "properties": {
                 "number": {"type": "integer"},
                 "runner_id": {"type": "string"},
                 "started_at": {"type": "integer"},
-                "ended_at": {"type": "integer", "nullable": true},
+                "ended_at": {"type": ["integer", "null"]},
                 "outcome": r("Outcome")
             }
         },
@@ -327,12 +351,12 @@ fn schemas(state_enum: &Value) -> Value {
                 "state": {"type": "string", "enum": state_enum},
                 "submitter": {"type": "string"},
                 "priority": {"type": "integer"},
-                "runner_id": {"type": "string", "nullable": true},
+                "runner_id": {"type": ["string", "null"]},
                 "attempts": {"type": "array", "items": r("Attempt")},
                 "submitted_at": {"type": "integer"},
-                "finished_at": {"type": "integer", "nullable": true},
+                "finished_at": {"type": ["integer", "null"]},
                 "outcome": r("Outcome"),
-                "why_pending": {"type": "string", "nullable": true}
+                "why_pending": {"type": ["string", "null"]}
             }
         },
         "Job": {
@@ -351,7 +375,7 @@ fn schemas(state_enum: &Value) -> Value {
             "type": "object", "required": ["jobs"],
             "properties": {
                 "jobs": {"type": "array", "items": r("JobSummary")},
-                "next_cursor": {"type": "integer", "nullable": true}
+                "next_cursor": {"type": ["integer", "null"]}
             }
         },
         "Runner": {
@@ -365,9 +389,9 @@ fn schemas(state_enum: &Value) -> Value {
                 "status": {"type": "string"},
                 "health": {"type": "string"},
                 "running": {"type": "integer"},
-                "slots": {"type": "integer", "nullable": true},
+                "slots": {"type": ["integer", "null"]},
                 "capabilities": {"type": "object"},
-                "startup_ms": {"type": "number", "nullable": true}
+                "startup_ms": {"type": ["number", "null"]}
             }
         },
         "RunnerStatus": {
@@ -375,7 +399,7 @@ fn schemas(state_enum: &Value) -> Value {
             "properties": {
                 "id": {"type": "string"}, "status": {"type": "string"},
                 "health": {"type": "string"}, "running": {"type": "integer"},
-                "slots": {"type": "integer", "nullable": true}
+                "slots": {"type": ["integer", "null"]}
             }
         },
         "RunnerHealth": {
@@ -393,13 +417,14 @@ fn schemas(state_enum: &Value) -> Value {
                 "kind": {"type": "string", "enum": ["local", "native", "docker"]},
                 "labels": {"type": "array", "items": {"type": "string"}},
                 "reserved_labels": {"type": "array", "items": {"type": "string"}},
-                "slots": {"type": "integer", "minimum": 1, "maximum": 1024}
+                "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},
+                "workspace_root": {"type": "string", "minLength": 1}
             }
         },
         "TokenRequest": {
             "type": "object", "additionalProperties": false,
             "properties": {
-                "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 2592000},
+                "ttl_seconds": {"type": ["integer", "null"], "minimum": 1, "maximum": 2592000},
                 "labels": {"type": "array", "items": {"type": "string"}}
             }
         },
@@ -419,12 +444,110 @@ fn schemas(state_enum: &Value) -> Value {
                     "properties": {
                         "seq": {"type": "integer"}, "at": {"type": "integer"},
                         "actor": {"type": "string"}, "action": {"type": "string"},
-                        "target": {"type": "string", "nullable": true},
+                        "target": {"type": ["string", "null"]},
                         "result": {"type": "string"},
-                        "request_id": {"type": "string", "nullable": true}
+                        "request_id": {"type": ["string", "null"]}
                     }
                 }},
-                "next_before": {"type": "integer", "nullable": true}
+                "next_before": {"type": ["integer", "null"]}
+            }
+        }
+    })
+}
+
+fn duration() -> Value {
+    json!({"type": "string", "pattern": "^[1-9][0-9]{0,5}(ms|s|m|h)$"})
+}
+
+fn size() -> Value {
+    json!({
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": 1_099_511_627_776u64},
+            {"type": "string", "pattern": "^[1-9][0-9]{0,5}(Ki|Mi|Gi|k|M|G)?$"}
+        ]
+    })
+}
+
+fn env_map() -> Value {
+    json!({
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+        "additionalProperties": {"type": "string", "pattern": "^[^\\x00]*$"}
+    })
+}
+
+/// One step: exactly one of `run` and `command`.
+fn step() -> Value {
+    let common = json!({
+        "name": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]{1,128}$"},
+        "timeout": duration(),
+        "continue_on_error": {"type": "boolean"},
+        "env": env_map()
+    });
+    let with = |key: &str, schema: Value| {
+        let mut props = common.clone();
+        props[key] = schema;
+        json!({
+            "type": "object",
+            "required": [key],
+            "additionalProperties": false,
+            "properties": props
+        })
+    };
+    json!({
+        "oneOf": [
+            with("run", json!({"type": "string", "maxLength": 1_048_576, "pattern": "^[^\\x00]*$"})),
+            with("command", json!({
+                "type": "array", "minItems": 1, "maxItems": 1000,
+                "items": {"type": "string", "minLength": 1, "pattern": "^[^\\x00]+$"}
+            }))
+        ]
+    })
+}
+
+/// A job document as JOBS.md defines it (the server checks the same rules and names
+/// the field of any problem).
+fn job_document() -> Value {
+    json!({
+        "type": "object",
+        "required": ["name", "steps"],
+        "additionalProperties": false,
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+            "steps": {"type": "array", "minItems": 1, "maxItems": 100, "items": r("Step")},
+            "env": env_map(),
+            "secrets": env_map(),
+            "timeout": duration(),
+            "workdir": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,8}$"},
+            "image": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._/:@-]{0,254}$"},
+            "resources": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 4096},
+                    "memory": size(),
+                    "pids": {"type": "integer", "minimum": 1, "maximum": 4_194_304},
+                    "cpu_time": duration(),
+                    "open_files": {"type": "integer", "minimum": 1, "maximum": 1_048_576},
+                    "file_size": size()
+                }
+            },
+            "runs_on": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "kind": {"type": "string", "enum": ["local", "native", "docker", "kubernetes", "valkyrie"]},
+                    "labels": {"type": "array", "maxItems": 64, "items": {"type": "string", "pattern": "^[A-Za-z0-9._:/=-]{1,128}$"}}
+                }
+            },
+            "priority": {"type": "integer", "minimum": -2_147_483_648i64, "maximum": 2_147_483_647},
+            "retry": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "max": {"type": "integer", "minimum": 0, "maximum": 10},
+                    "when": {"type": "array", "items": {"type": "string", "enum": ["failure", "timeout", "runner_failure", "lost"]}}
+                }
             }
         }
     })

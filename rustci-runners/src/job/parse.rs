@@ -295,6 +295,8 @@ impl Walker {
     fn size(&mut self, path: &str, node: &SNode) -> Option<u64> {
         match &node.value {
             Node::Int(i) if *i >= 0 => Some(*i as u64),
+            // JSON has one number type: 512.0 is the integer 512.
+            Node::Float(f) if integral(*f) && *f >= 0.0 => Some(*f as u64),
             Node::Str(s) => match parse_size(s) {
                 Ok(v) => Some(v),
                 Err(e) => {
@@ -323,6 +325,7 @@ impl Walker {
     fn integer(&mut self, path: &str, node: &SNode) -> Option<i64> {
         match &node.value {
             Node::Int(i) => Some(*i),
+            Node::Float(f) if integral(*f) => Some(*f as i64),
             other => {
                 self.error(
                     path,
@@ -652,6 +655,11 @@ impl Walker {
     }
 }
 
+/// True for a float that is a whole number an `i64` holds exactly.
+fn integral(f: f64) -> bool {
+    f.is_finite() && f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0
+}
+
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -892,6 +900,24 @@ fn check_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_floats_are_integers_and_fractions_are_not() {
+        let job = parse_document(
+            r#"{"name": "f", "priority": 3.0, "resources": {"pids": 64.0, "memory": 1024.0},
+                "retry": {"max": 2.0}, "steps": [{"run": "true"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(job.priority, 3);
+        assert_eq!(job.resources.pids, Some(64));
+        assert_eq!(job.resources.memory, Some(1024));
+        assert_eq!(job.retry.max, 2);
+        let e = parse_document(
+            r#"{"name": "f", "resources": {"pids": 6.5}, "steps": [{"run": "true"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.errors()[0].path, "resources.pids");
+    }
 
     #[test]
     fn full_document_loads() {
