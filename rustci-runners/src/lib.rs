@@ -55,4 +55,4 @@ pub use runner::{
     Isolation, JobId, Limit, Outcome, OutputStream, Runner, RunnerExt, RunnerInfo, RunnerKind,
     SlotGuard, Slots, StepStatus,
 };
-pub use select::{LeastLoaded, NoRunnerFits, RunnerSnapshot, Selector};
+pub use select::{LeastLoaded, NoRunnerFits, RunnerPool, RunnerSnapshot, Selector};

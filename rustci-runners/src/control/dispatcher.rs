@@ -17,7 +17,7 @@ use super::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
 use crate::Error;
 use crate::job::{Job, RetryWhen};
 use crate::runner::{Canceller, Event, EventKind, JobId, Outcome, Runner};
-use crate::select::Selector;
+use crate::select::{RunnerPool, RunnerSnapshot, Selector};
 
 /// Where a job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -763,10 +763,21 @@ fn dispatch_round(state: &Arc<State>) {
         (by_submitter, by_runner)
     };
     let order = state.queue.lock().expect("queue").ordered(&by_submitter);
+    if order.is_empty() {
+        return;
+    }
     let mut assigned_to: HashMap<String, usize> = HashMap::new();
     for runner in state.assigned.lock().expect("assigned").values() {
         *assigned_to.entry(runner.clone()).or_default() += 1;
     }
+    // One snapshot of every runner per round, indexed by label; loads are updated in
+    // place as this round assigns jobs.
+    let mut snapshots = state.registry.snapshots(&by_runner);
+    for snap in &mut snapshots {
+        let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);
+        snap.running = snap.running.max(ours);
+    }
+    let mut pool = RunnerPool::new(snapshots);
     for queued in order {
         let Some(job) = state
             .jobs
@@ -777,11 +788,6 @@ fn dispatch_round(state: &Arc<State>) {
         else {
             continue;
         };
-        let mut snapshots = state.registry.snapshots(&by_runner);
-        for snap in &mut snapshots {
-            let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);
-            snap.running = snap.running.max(ours);
-        }
         // A retry prefers runners it has not failed on, when any of them fits.
         let tried = state
             .tried
@@ -790,25 +796,29 @@ fn dispatch_round(state: &Arc<State>) {
             .get(&queued.id)
             .cloned()
             .unwrap_or_default();
-        let fresh: Vec<_> = snapshots
-            .iter()
-            .filter(|s| !tried.contains(&s.info.id))
-            .cloned()
-            .collect();
         let picked_at = Instant::now();
-        let chosen = match state.selector.select(&job, &fresh) {
-            Ok(i) => Ok(fresh[i].info.id.clone()),
-            Err(_) if !tried.is_empty() => state
-                .selector
-                .select(&job, &snapshots)
-                .map(|i| snapshots[i].info.id.clone()),
-            Err(e) => Err(e),
+        let runners = pool.runners();
+        let chosen = if tried.is_empty() {
+            state.selector.select_in(&job, &pool)
+        } else {
+            let fresh: Vec<usize> = (0..runners.len())
+                .filter(|&i| !tried.contains(&runners[i].info.id))
+                .collect();
+            let subset: Vec<RunnerSnapshot> = fresh.iter().map(|&i| runners[i].clone()).collect();
+            match state.selector.select(&job, &subset) {
+                Ok(i) => Ok(fresh[i]),
+                Err(_) => state.selector.select_in(&job, &pool),
+            }
         };
+        let chosen = chosen.map(|i| (i, pool.runners()[i].info.id.clone()));
         if let Some(o) = &state.observer {
             o.selection(picked_at.elapsed(), chosen.is_ok());
         }
         let runner_id = match chosen {
-            Ok(id) => id,
+            Ok((index, id)) => {
+                pool.record_assignment(index, &job.name);
+                id
+            }
             Err(why) => {
                 let mut text = if why.candidates == 0 {
                     "no runner takes jobs".to_string()

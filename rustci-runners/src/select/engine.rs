@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{NoRunnerFits, RunnerSnapshot, Selector};
+use super::{NoRunnerFits, RunnerPool, RunnerSnapshot, Selector};
 use crate::job::JobSpec;
 use crate::runner::Health;
 
@@ -16,6 +16,11 @@ pub trait Filter: Send + Sync {
     /// `Err` with the reason in words ("lacks label gpu") when the runner cannot take the
     /// job. MUST be pure.
     fn check(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String>;
+    /// True when [`Filter::check`] would be `Ok`; implementations override it to answer
+    /// without building the reason. MUST agree with `check`.
+    fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        self.check(job, runner).is_ok()
+    }
 }
 
 /// A preference among runners that passed every filter.
@@ -25,6 +30,13 @@ pub trait Scorer: Send + Sync {
     /// How much this scorer likes `runners[index]` for `job`, from 0.0 to 1.0. `runners`
     /// holds only the runners that passed the filters. MUST be pure.
     fn score(&self, job: &dyn JobSpec, runners: &[&RunnerSnapshot], index: usize) -> f64;
+    /// Every runner's score, in order (`out` is cleared first). The default calls
+    /// [`Scorer::score`] for each; scorers that compare runners override it to do their
+    /// shared work once.
+    fn score_all(&self, job: &dyn JobSpec, runners: &[&RunnerSnapshot], out: &mut Vec<f64>) {
+        out.clear();
+        out.extend((0..runners.len()).map(|i| self.score(job, runners, i)));
+    }
 }
 
 /// `runs_on.kind` must match the runner's kind.
@@ -40,6 +52,9 @@ impl Filter for KindMatch {
             Some(kind) if kind != runner.info.kind => Err(format!("is not of kind {kind}")),
             _ => Ok(()),
         }
+    }
+    fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        job.runs_on().kind.is_none_or(|k| k == runner.info.kind)
     }
 }
 
@@ -77,6 +92,17 @@ impl Filter for LabelMatch {
         }
         Ok(())
     }
+    fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        let runs_on = job.runs_on();
+        runs_on
+            .labels
+            .iter()
+            .all(|l| runner.info.labels.contains(l) || runner.reserved_labels.contains(l))
+            && runner
+                .reserved_labels
+                .iter()
+                .all(|l| runs_on.labels.contains(l))
+    }
 }
 
 /// The runner must run every kind of step the job has.
@@ -89,6 +115,14 @@ impl Filter for StepKinds {
     }
     fn check(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String> {
         runner.capabilities.unmet_step_kind(job).map_or(Ok(()), Err)
+    }
+    fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        let caps = &runner.capabilities;
+        (caps.run_steps && caps.command_steps)
+            || job.steps().iter().all(|s| match &s.action {
+                crate::job::StepAction::Run(_) => caps.run_steps,
+                crate::job::StepAction::Command(_) => caps.command_steps,
+            })
     }
 }
 
@@ -114,6 +148,11 @@ impl Filter for ImageSupport {
             return Err("needs a job image".into());
         }
         Ok(())
+    }
+    fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        let caps = &runner.capabilities;
+        let image = job.image().is_some();
+        !(self.strict && image && !caps.images) && !(caps.needs_image && !image)
     }
 }
 
@@ -160,6 +199,9 @@ impl Filter for Healthy {
             _ => Ok(()),
         }
     }
+    fn passes(&self, _job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        !matches!(runner.health, Health::Unhealthy(_))
+    }
 }
 
 /// Full runners take no jobs.
@@ -177,9 +219,12 @@ impl Filter for FreeSlots {
             Ok(())
         }
     }
+    fn passes(&self, _job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        runner.free_slots() != Some(0)
+    }
 }
 
-fn load(r: &RunnerSnapshot) -> f64 {
+pub(crate) fn load(r: &RunnerSnapshot) -> f64 {
     match r.capabilities.max_concurrency {
         Some(max) if max > 0 => (r.running as f64 / max as f64).min(1.0),
         _ => r.running as f64 / (r.running as f64 + 8.0),
@@ -246,6 +291,15 @@ impl Scorer for FastestStartup {
             _ => 0.5,
         }
     }
+    fn score_all(&self, _job: &dyn JobSpec, runners: &[&RunnerSnapshot], out: &mut Vec<f64>) {
+        let fastest = runners.iter().filter_map(|r| r.startup).min();
+        out.clear();
+        out.extend(runners.iter().map(|r| match (r.startup, fastest) {
+            (Some(own), Some(best)) if !own.is_zero() => best.as_secs_f64() / own.as_secs_f64(),
+            (Some(_), Some(_)) => 1.0,
+            _ => 0.5,
+        }));
+    }
 }
 
 /// Prefers the runner assigned least recently (never assigned first).
@@ -270,6 +324,16 @@ impl Scorer for RoundRobin {
         }
         // Oldest assignment → just under 1, newest → 0.
         0.99 * (max - own) as f64 / (max - min) as f64
+    }
+    fn score_all(&self, _job: &dyn JobSpec, runners: &[&RunnerSnapshot], out: &mut Vec<f64>) {
+        let seqs = runners.iter().filter_map(|r| r.last_assigned);
+        let (min, max) = seqs.fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s), hi.max(s)));
+        out.clear();
+        out.extend(runners.iter().map(|r| match r.last_assigned {
+            None => 1.0,
+            Some(_) if max == min => 0.5,
+            Some(own) => 0.99 * (max - own) as f64 / (max - min) as f64,
+        }));
     }
 }
 
@@ -381,6 +445,9 @@ pub(crate) fn default_filters() -> Vec<Box<dyn Filter>> {
 pub struct SelectionEngine {
     filters: Vec<Box<dyn Filter>>,
     scorers: Vec<(Box<dyn Scorer>, f64)>,
+    /// The filters include [`LabelMatch`], so a pool's label index may narrow the
+    /// candidates.
+    has_label_filter: bool,
 }
 
 impl Default for SelectionEngine {
@@ -392,9 +459,11 @@ impl Default for SelectionEngine {
 impl SelectionEngine {
     /// An engine with the given filters and no scorers.
     pub fn new(filters: Vec<Box<dyn Filter>>) -> Self {
+        let has_label_filter = filters.iter().any(|f| f.name() == LabelMatch.name());
         SelectionEngine {
             filters,
             scorers: Vec::new(),
+            has_label_filter,
         }
     }
 
@@ -430,6 +499,12 @@ impl SelectionEngine {
         engine
     }
 
+    /// True when the only scorer is [`LeastLoadedScore`]: the best runner is then the
+    /// least loaded one that passes.
+    fn least_loaded_only(&self) -> bool {
+        matches!(self.scorers.as_slice(), [(s, w)] if s.name() == LeastLoadedScore.name() && *w > 0.0)
+    }
+
     /// Names of the scorers in use, in order.
     pub fn scorer_names(&self) -> Vec<&'static str> {
         self.scorers.iter().map(|(s, _)| s.name()).collect()
@@ -438,38 +513,54 @@ impl SelectionEngine {
     /// Every runner's total score for `job` (`None` for runners filtered out), for
     /// explaining a choice.
     pub fn scores(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Vec<Option<f64>> {
-        let passing: Vec<(usize, &RunnerSnapshot)> = runners
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| self.filters.iter().all(|f| f.check(job, r).is_ok()))
+        let passing: Vec<usize> = (0..runners.len())
+            .filter(|&i| self.passes(job, &runners[i]))
             .collect();
-        let refs: Vec<&RunnerSnapshot> = passing.iter().map(|(_, r)| *r).collect();
+        let totals = self.totals(job, runners, &passing);
         let mut out = vec![None; runners.len()];
-        for (pos, (i, _)) in passing.iter().enumerate() {
-            let total = self
-                .scorers
-                .iter()
-                .map(|(s, w)| w * s.score(job, &refs, pos).clamp(0.0, 1.0))
-                .sum();
-            out[*i] = Some(total);
+        for (pos, i) in passing.iter().enumerate() {
+            out[*i] = Some(totals[pos]);
         }
         out
     }
-}
 
-impl Selector for SelectionEngine {
-    fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits> {
-        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        for r in runners {
-            if let Some(reason) = self.filters.iter().find_map(|f| f.check(job, r).err()) {
-                *reasons.entry(reason).or_default() += 1;
+    fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
+        self.filters.iter().all(|f| f.passes(job, runner))
+    }
+
+    /// Summed weighted scores of `passing` (indices into `runners`, ascending).
+    fn totals(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot], passing: &[usize]) -> Vec<f64> {
+        let refs: Vec<&RunnerSnapshot> = passing.iter().map(|&i| &runners[i]).collect();
+        let mut totals = vec![0.0; refs.len()];
+        let mut scores = Vec::with_capacity(refs.len());
+        for (scorer, weight) in &self.scorers {
+            scorer.score_all(job, &refs, &mut scores);
+            for (t, s) in totals.iter_mut().zip(&scores) {
+                *t += weight * s.clamp(0.0, 1.0);
             }
         }
-        let scores = self.scores(job, runners);
+        totals
+    }
+
+    /// The best of `candidates` (ascending indices into `runners`) that passes every
+    /// filter, or `None`.
+    fn choose(
+        &self,
+        job: &dyn JobSpec,
+        runners: &[RunnerSnapshot],
+        candidates: impl Iterator<Item = usize>,
+    ) -> Option<usize> {
+        let passing: Vec<usize> = candidates
+            .filter(|&i| self.passes(job, &runners[i]))
+            .collect();
+        if passing.len() <= 1 {
+            return passing.first().copied();
+        }
+        let totals = self.totals(job, runners, &passing);
         let wants_image = job.image().is_some();
         let mut best: Option<(usize, bool, f64)> = None;
-        for (i, score) in scores.iter().enumerate() {
-            let Some(score) = *score else { continue };
+        for (pos, &i) in passing.iter().enumerate() {
+            let score = totals[pos];
             let image_ok = !wants_image || runners[i].capabilities.images;
             let better = match best {
                 None => true,
@@ -482,10 +573,59 @@ impl Selector for SelectionEngine {
                 best = Some((i, image_ok, score));
             }
         }
-        best.map(|(i, _, _)| i).ok_or(NoRunnerFits {
+        best.map(|(i, _, _)| i)
+    }
+
+    /// Why no runner fits: each runner counted under its first failing filter's reason.
+    fn explain(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> NoRunnerFits {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for r in runners {
+            if let Some(reason) = self.filters.iter().find_map(|f| f.check(job, r).err()) {
+                *reasons.entry(reason).or_default() += 1;
+            }
+        }
+        NoRunnerFits {
             reasons,
             candidates: runners.len(),
-        })
+        }
+    }
+}
+
+impl Selector for SelectionEngine {
+    fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits> {
+        self.choose(job, runners, 0..runners.len())
+            .ok_or_else(|| self.explain(job, runners))
+    }
+
+    fn select_in(&self, job: &dyn JobSpec, pool: &RunnerPool) -> Result<usize, NoRunnerFits> {
+        let runners = pool.runners();
+        let chosen = match pool.label_candidates(job) {
+            // Only runners carrying every label the job asks for pass the label filter.
+            Some(candidates) if self.has_label_filter => {
+                self.choose(job, runners, candidates.iter().map(|&i| i as usize))
+            }
+            _ if self.least_loaded_only() => {
+                // The least loaded runner that passes wins (ties to the lower index, as
+                // in `choose`); a job naming an image takes an image runner if any passes.
+                let wants_image = job.image().is_some();
+                let mut fallback = None;
+                let mut found = None;
+                for i in pool.by_load() {
+                    let r = &runners[i];
+                    if !self.passes(job, r) {
+                        continue;
+                    }
+                    if !wants_image || r.capabilities.images {
+                        found = Some(i);
+                        break;
+                    }
+                    fallback.get_or_insert(i);
+                }
+                found.or(fallback)
+            }
+            _ => self.choose(job, runners, 0..runners.len()),
+        };
+        chosen.ok_or_else(|| self.explain(job, runners))
     }
 }
 
@@ -636,5 +776,105 @@ mod tests {
         assert_eq!(SelectionEngine::from_config(&c).select(&j, &[host]), Ok(0));
         assert!(serde_json::from_str::<SelectionConfig>(r#"{"weights": {"fastest": 1}}"#).is_err());
         assert!(serde_json::from_str::<SelectionConfig>(r#"{"colour": 1}"#).is_err());
+    }
+
+    /// A pool's label index and the batch scorers change nothing: `select_in` and
+    /// `select` agree, and `scores` matches per-runner `score`, on varied runners.
+    #[test]
+    fn indexed_selection_agrees_with_the_plain_scan() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut all = BTreeMap::new();
+        for kind in [
+            ScorerKind::LeastLoaded,
+            ScorerKind::BinPack,
+            ScorerKind::Spread,
+            ScorerKind::FastestStartup,
+            ScorerKind::RoundRobin,
+            ScorerKind::LabelAffinity,
+        ] {
+            all.insert(kind, 1.0 + (next() % 3) as f64);
+        }
+        let engines = [
+            SelectionEngine::default(),
+            SelectionEngine::from_config(&SelectionConfig {
+                weights: all,
+                strict_images: false,
+                preferred_labels: vec!["l1".into(), "l2".into()],
+            }),
+        ];
+        for round in 0..200 {
+            let runners: Vec<RunnerSnapshot> = (0..(1 + next() % 40))
+                .map(|i| {
+                    let mut s = snap(&format!("r{i}"), (next() % 4) as usize, Some(3));
+                    s.info.labels = (0..next() % 4)
+                        .map(|_| format!("l{}", next() % 6))
+                        .collect();
+                    if next() % 5 == 0 {
+                        s.reserved_labels.insert(format!("l{}", next() % 6));
+                    }
+                    if next() % 7 == 0 {
+                        s.health = Health::Unhealthy("down".into());
+                    }
+                    s.startup = (next() % 3 > 0).then(|| Duration::from_micros(next() % 900 + 1));
+                    s.last_assigned = (next() % 3 > 0).then(|| next() % 50);
+                    s.capabilities.images = next() % 3 == 0;
+                    s
+                })
+                .collect();
+            let mut job = job();
+            job.runs_on.labels = (0..next() % 3)
+                .map(|_| format!("l{}", next() % 6))
+                .collect();
+            if next() % 3 == 0 {
+                job.image = Some("busybox".into());
+            }
+            let mut pool = RunnerPool::new(runners.clone());
+            let mut runners = runners;
+            for engine in &engines {
+                // A few decisions in a row, each recorded in the pool as the dispatcher does.
+                for _ in 0..3 {
+                    let chosen = engine.select_in(&job, &pool);
+                    assert_eq!(chosen, engine.select(&job, &runners), "round {round}");
+                    let Ok(i) = chosen else { break };
+                    pool.record_assignment(i, &job.name);
+                    runners[i].running += 1;
+                    *runners[i]
+                        .running_by_name
+                        .entry(job.name.clone())
+                        .or_default() += 1;
+                }
+                let passing: Vec<&RunnerSnapshot> = runners
+                    .iter()
+                    .filter(|r| engine.filters.iter().all(|f| f.check(&job, r).is_ok()))
+                    .collect();
+                let expected: Vec<f64> = (0..passing.len())
+                    .map(|i| {
+                        engine
+                            .scorers
+                            .iter()
+                            .map(|(s, w)| w * s.score(&job, &passing, i).clamp(0.0, 1.0))
+                            .sum()
+                    })
+                    .collect();
+                let got: Vec<f64> = engine
+                    .scores(&job, &runners)
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                assert_eq!(got.len(), expected.len());
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(
+                        (g - e).abs() < 1e-9,
+                        "round {round}: {got:?} vs {expected:?}"
+                    );
+                }
+            }
+        }
     }
 }

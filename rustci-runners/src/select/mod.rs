@@ -115,6 +115,101 @@ impl std::error::Error for NoRunnerFits {}
 pub trait Selector: Send + Sync {
     /// Returns the index into `runners` of the chosen runner, or why none fits.
     fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits>;
+
+    /// The same decision over a [`RunnerPool`], whose label index lets a selector skip
+    /// runners that cannot match (the default ignores the index). MUST return what
+    /// `select(job, pool.runners())` returns.
+    fn select_in(&self, job: &dyn JobSpec, pool: &RunnerPool) -> Result<usize, NoRunnerFits> {
+        self.select(job, pool.runners())
+    }
+}
+
+/// Runner snapshots prepared for many decisions: an index from each label (ordinary or
+/// reserved) to the runners carrying it. Build it once per dispatch round and update
+/// loads in place as jobs are assigned.
+#[derive(Clone, Debug, Default)]
+pub struct RunnerPool {
+    runners: Vec<RunnerSnapshot>,
+    by_label: std::collections::HashMap<String, Vec<u32>>,
+    /// Every runner by (load, index), least loaded first; load as ordered `f64` bits.
+    by_load: std::collections::BTreeSet<(u64, u32)>,
+}
+
+/// A runner's load (running jobs relative to its slots, 0.0 to 1.0) as bits that order
+/// like the value.
+fn load_key(r: &RunnerSnapshot) -> u64 {
+    engine::load(r).to_bits()
+}
+
+impl RunnerPool {
+    /// Indexes `runners`.
+    pub fn new(runners: Vec<RunnerSnapshot>) -> Self {
+        let mut by_label: std::collections::HashMap<String, Vec<u32>> =
+            std::collections::HashMap::new();
+        for (i, r) in runners.iter().enumerate() {
+            for l in r.info.labels.iter().chain(&r.reserved_labels) {
+                let list = by_label.entry(l.clone()).or_default();
+                if list.last() != Some(&(i as u32)) {
+                    list.push(i as u32);
+                }
+            }
+        }
+        let by_load = runners
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (load_key(r), i as u32))
+            .collect();
+        RunnerPool {
+            runners,
+            by_label,
+            by_load,
+        }
+    }
+
+    /// Runner indices from least to most loaded (ties by index).
+    pub fn by_load(&self) -> impl Iterator<Item = usize> + '_ {
+        self.by_load.iter().map(|&(_, i)| i as usize)
+    }
+
+    /// The snapshots, in the order given.
+    pub fn runners(&self) -> &[RunnerSnapshot] {
+        &self.runners
+    }
+
+    /// Records one more job (named `job_name`, counted for spreading) on runner `index`.
+    pub fn record_assignment(&mut self, index: usize, job_name: &str) {
+        if let Some(r) = self.runners.get_mut(index) {
+            self.by_load.remove(&(load_key(r), index as u32));
+            r.running += 1;
+            *r.running_by_name.entry(job_name.to_string()).or_default() += 1;
+            self.by_load.insert((load_key(r), index as u32));
+        }
+    }
+
+    /// Ascending indices of the runners carrying every label the job asks for (as an
+    /// ordinary or reserved label); `None` when it asks for none.
+    pub fn label_candidates(&self, job: &dyn JobSpec) -> Option<Vec<u32>> {
+        let runs_on = job.runs_on();
+        let mut lists: Vec<&[u32]> = runs_on
+            .labels
+            .iter()
+            .map(|l| self.by_label.get(l).map_or(&[][..], Vec::as_slice))
+            .collect();
+        lists.sort_by_key(|l| l.len());
+        let (first, rest) = lists.split_first()?;
+        let mut out: Vec<u32> = first.to_vec();
+        for list in rest {
+            // Both ascending: a merge keeps what is in both.
+            let mut j = 0;
+            out.retain(|&i| {
+                while j < list.len() && list[j] < i {
+                    j += 1;
+                }
+                j < list.len() && list[j] == i
+            });
+        }
+        Some(out)
+    }
 }
 
 /// The first reason `runner` cannot take `job` under the default filters, in words.
@@ -136,6 +231,9 @@ pub struct LeastLoaded;
 impl Selector for LeastLoaded {
     fn select(&self, job: &dyn JobSpec, runners: &[RunnerSnapshot]) -> Result<usize, NoRunnerFits> {
         SelectionEngine::default().select(job, runners)
+    }
+    fn select_in(&self, job: &dyn JobSpec, pool: &RunnerPool) -> Result<usize, NoRunnerFits> {
+        SelectionEngine::default().select_in(job, pool)
     }
 }
 
