@@ -273,13 +273,14 @@ async fn start_runners(
 /// A local and a native runner, plus a Docker runner when the feature is on and an
 /// engine answers.
 async fn default_runners() -> Vec<RunnerConfig> {
-    let mut out = vec![
+    let out = vec![
         RunnerConfig::new("local", "local"),
         RunnerConfig::new("native", "native"),
     ];
     #[cfg(feature = "docker")]
-    {
+    let out = {
         use rustci_runners::Runner;
+        let mut out = out;
         let docker = rustci_runners_docker::DockerRunner::connect(
             rustci_runners_docker::DockerConfig::default(),
         )
@@ -289,6 +290,7 @@ async fn default_runners() -> Vec<RunnerConfig> {
         {
             out.push(RunnerConfig::new("docker", "docker"));
         }
-    }
+        out
+    };
     out
 }

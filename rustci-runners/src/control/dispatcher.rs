@@ -242,6 +242,8 @@ struct State {
     /// Attempts assigned and not yet ended, by job: the runner they went to. Counted as
     /// running on that runner from the moment of assignment, before the runner knows.
     assigned: Mutex<HashMap<JobId, String>>,
+    /// Why queued jobs wait when the last round stopped early (no free slot anywhere).
+    waiting_reason: Mutex<Option<String>>,
     /// Cancels asked for while a job was being started.
     cancel_requested: Mutex<BTreeSet<JobId>>,
     /// Runners each queued job has already failed on (a retry prefers others).
@@ -298,6 +300,7 @@ impl ControlPlane {
             queue: Mutex::new(JobQueue::new()),
             running: Mutex::new(HashMap::new()),
             cancel_requested: Mutex::new(BTreeSet::new()),
+            waiting_reason: Mutex::new(None),
             assigned: Mutex::new(HashMap::new()),
             tried: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -505,7 +508,11 @@ impl ControlPlane {
     /// The job's record: live state for unfinished jobs, the store for the rest.
     pub fn get(&self, id: &JobId) -> Option<JobRecord> {
         if let Some(r) = self.state.jobs.lock().expect("jobs").get(id) {
-            return Some(r.clone());
+            let mut r = r.clone();
+            if r.state == JobState::Queued && r.why_pending.is_none() {
+                r.why_pending = self.state.waiting_reason.lock().expect("waiting").clone();
+            }
+            return Some(r);
         }
         if !safe_id(id.as_str()) {
             return None;
@@ -762,8 +769,17 @@ fn dispatch_round(state: &Arc<State>) {
         }
         (by_submitter, by_runner)
     };
-    let order = state.queue.lock().expect("queue").ordered(&by_submitter);
-    if order.is_empty() {
+    // The queue's order, taken in batches so a long queue is not cloned and sorted whole
+    // every round; the lock is not held while selecting.
+    let batch = |skip: usize, take: usize| -> Vec<super::queue::QueuedJob> {
+        let queue = state.queue.lock().expect("queue");
+        queue
+            .iter_ordered(&by_submitter)
+            .skip(skip)
+            .take(take)
+            .collect()
+    };
+    if state.queue.lock().expect("queue").is_empty() {
         return;
     }
     let mut assigned_to: HashMap<String, usize> = HashMap::new();
@@ -778,116 +794,161 @@ fn dispatch_round(state: &Arc<State>) {
         snap.running = snap.running.max(ours);
     }
     let mut pool = RunnerPool::new(snapshots);
-    for queued in order {
-        let Some(job) = state
-            .jobs
-            .lock()
-            .expect("jobs")
-            .get(&queued.id)
-            .map(|r| r.job.clone())
-        else {
-            continue;
-        };
-        // A retry prefers runners it has not failed on, when any of them fits.
-        let tried = state
-            .tried
-            .lock()
-            .expect("tried")
-            .get(&queued.id)
-            .cloned()
-            .unwrap_or_default();
-        let picked_at = Instant::now();
-        let runners = pool.runners();
-        let chosen = if tried.is_empty() {
-            state.selector.select_in(&job, &pool)
-        } else {
-            let fresh: Vec<usize> = (0..runners.len())
-                .filter(|&i| !tried.contains(&runners[i].info.id))
-                .collect();
-            let subset: Vec<RunnerSnapshot> = fresh.iter().map(|&i| runners[i].clone()).collect();
-            match state.selector.select(&job, &subset) {
-                Ok(i) => Ok(fresh[i]),
-                Err(_) => state.selector.select_in(&job, &pool),
-            }
-        };
-        let chosen = chosen.map(|i| (i, pool.runners()[i].info.id.clone()));
-        if let Some(o) = &state.observer {
-            o.selection(picked_at.elapsed(), chosen.is_ok());
+    // Free slots left among the runners taking jobs; `None` when one has no bound. Once
+    // none is left, the rest of the queue waits without a selection each.
+    let mut free: Option<usize> = pool
+        .runners()
+        .iter()
+        .try_fold(0usize, |sum, r| r.free_slots().map(|f| sum + f));
+    *state.waiting_reason.lock().expect("waiting") = None;
+    let mut skip = 0usize;
+    'round: loop {
+        let chunk = batch(skip, free.map_or(64, |f| f + 8));
+        if chunk.is_empty() {
+            break;
         }
-        let runner_id = match chosen {
-            Ok((index, id)) => {
-                pool.record_assignment(index, &job.name);
-                id
-            }
-            Err(why) => {
-                let mut text = if why.candidates == 0 {
-                    "no runner takes jobs".to_string()
+        for queued in chunk {
+            if free == Some(0) {
+                // The rest waits; `get` reports this reason for jobs without their own.
+                let text = if pool.runners().is_empty() {
+                    with_out_of_service(state, "no runner takes jobs".to_string())
                 } else {
-                    why.to_string()
+                    with_out_of_service(state, "every runner taking jobs is full".to_string())
                 };
-                for (status, n) in state.registry.out_of_service() {
-                    let noun = if n == 1 { "runner is" } else { "runners are" };
-                    text.push_str(&format!("; {n} {noun} {}", status.as_str()));
-                }
-                if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&queued.id) {
-                    if r.why_pending.as_deref() != Some(text.as_str()) {
-                        tracing::info!(job_id = %queued.id, why = %text, "job waits");
-                    }
-                    r.why_pending = Some(text);
-                }
-                continue;
+                *state.waiting_reason.lock().expect("waiting") = Some(text);
+                break 'round;
             }
-        };
-        let Some(entry) = state.registry.get(&runner_id) else {
-            continue;
-        };
-        state.queue.lock().expect("queue").remove(&queued.id);
-        *assigned_to.entry(runner_id.clone()).or_default() += 1;
-        state
-            .assigned
-            .lock()
-            .expect("assigned")
-            .insert(queued.id.clone(), runner_id.clone());
-        let seq = state.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        state.registry.record_assignment(&runner_id, seq);
-        let number = {
-            let mut jobs = state.jobs.lock().expect("jobs");
-            let Some(r) = jobs.get_mut(&queued.id) else {
+            let Some(job) = state
+                .jobs
+                .lock()
+                .expect("jobs")
+                .get(&queued.id)
+                .map(|r| r.job.clone())
+            else {
+                skip += 1;
                 continue;
             };
-            r.why_pending = None;
-            let now = SystemTime::now();
-            let since = r
-                .attempts
-                .last()
-                .and_then(|a| a.ended_at)
-                .unwrap_or(r.submitted_at);
+            // A retry prefers runners it has not failed on, when any of them fits.
+            let tried = state
+                .tried
+                .lock()
+                .expect("tried")
+                .get(&queued.id)
+                .cloned()
+                .unwrap_or_default();
+            let picked_at = Instant::now();
+            let runners = pool.runners();
+            let chosen = if tried.is_empty() {
+                state.selector.select_in(&job, &pool)
+            } else {
+                let fresh: Vec<usize> = (0..runners.len())
+                    .filter(|&i| !tried.contains(&runners[i].info.id))
+                    .collect();
+                let subset: Vec<RunnerSnapshot> =
+                    fresh.iter().map(|&i| runners[i].clone()).collect();
+                match state.selector.select(&job, &subset) {
+                    Ok(i) => Ok(fresh[i]),
+                    Err(_) => state.selector.select_in(&job, &pool),
+                }
+            };
+            let chosen = chosen.map(|i| (i, pool.runners()[i].info.id.clone()));
             if let Some(o) = &state.observer {
-                o.picked(
-                    entry.info().kind.as_str(),
-                    now.duration_since(since).unwrap_or_default(),
-                );
+                o.selection(picked_at.elapsed(), chosen.is_ok());
             }
-            r.attempts.push(Attempt {
-                number: r.attempts.len() as u32 + 1,
-                runner_id: runner_id.clone(),
-                started_at: now,
-                ended_at: None,
-                outcome: None,
-            });
-            r.attempts.len() as u32
-        };
-        tracing::info!(job_id = %queued.id, runner = %runner_id, attempt = number, "job assigned");
-        set_state(state, &queued.id, JobState::Assigned);
-        tokio::spawn(run_attempt(
-            state.clone(),
-            queued.id.clone(),
-            queued.submitter.clone(),
-            job,
-            entry.runner.clone(),
-            number,
-        ));
+            let runner_id = match chosen {
+                Ok((index, id)) => {
+                    pool.record_assignment(index, &job.name);
+                    id
+                }
+                Err(why) => {
+                    let text = with_out_of_service(
+                        state,
+                        if why.candidates == 0 {
+                            "no runner takes jobs".to_string()
+                        } else {
+                            why.to_string()
+                        },
+                    );
+                    if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&queued.id) {
+                        if r.why_pending.as_deref() != Some(text.as_str()) {
+                            tracing::info!(job_id = %queued.id, why = %text, "job waits");
+                        }
+                        r.why_pending = Some(text);
+                    }
+                    skip += 1;
+                    continue;
+                }
+            };
+            // Checked again at assignment: a drain or removal since the round's snapshot
+            // wins.
+            let Some(entry) = state
+                .registry
+                .get(&runner_id)
+                .filter(|e| e.status.takes_jobs())
+            else {
+                skip += 1;
+                continue;
+            };
+            if let Some(f) = free.as_mut() {
+                *f = f.saturating_sub(1);
+            }
+            state.queue.lock().expect("queue").remove(&queued.id);
+            *assigned_to.entry(runner_id.clone()).or_default() += 1;
+            state
+                .assigned
+                .lock()
+                .expect("assigned")
+                .insert(queued.id.clone(), runner_id.clone());
+            let seq = state.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            state.registry.record_assignment(&runner_id, seq);
+            let number = {
+                let mut jobs = state.jobs.lock().expect("jobs");
+                let Some(r) = jobs.get_mut(&queued.id) else {
+                    continue;
+                };
+                r.why_pending = None;
+                let now = SystemTime::now();
+                let since = r
+                    .attempts
+                    .last()
+                    .and_then(|a| a.ended_at)
+                    .unwrap_or(r.submitted_at);
+                if let Some(o) = &state.observer {
+                    o.picked(
+                        entry.info().kind.as_str(),
+                        now.duration_since(since).unwrap_or_default(),
+                    );
+                }
+                r.attempts.push(Attempt {
+                    number: r.attempts.len() as u32 + 1,
+                    runner_id: runner_id.clone(),
+                    started_at: now,
+                    ended_at: None,
+                    outcome: None,
+                });
+                r.attempts.len() as u32
+            };
+            tracing::info!(job_id = %queued.id, runner = %runner_id, attempt = number, "job assigned");
+            set_state(state, &queued.id, JobState::Assigned);
+            tokio::spawn(run_attempt(
+                state.clone(),
+                queued.id.clone(),
+                queued.submitter.clone(),
+                job,
+                entry.runner.clone(),
+                number,
+            ));
+        }
     }
+}
+
+/// `text` followed by the runners out of service, by status ("; 1 runner is draining").
+fn with_out_of_service(state: &State, mut text: String) -> String {
+    for (status, n) in state.registry.out_of_service() {
+        let noun = if n == 1 { "runner is" } else { "runners are" };
+        text.push_str(&format!("; {n} {noun} {}", status.as_str()));
+    }
+    text
 }
 
 async fn run_attempt(

@@ -1,7 +1,8 @@
 //! The job queue: higher priority first, fair share between submitters within a priority
 //! (the submitter with the fewest running jobs goes first), FIFO otherwise.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use crate::runner::JobId;
 
@@ -19,10 +20,12 @@ pub struct QueuedJob {
     pub seq: u64,
 }
 
-/// Jobs waiting for a runner.
+/// Jobs waiting for a runner: by priority, then per submitter in submission order.
 #[derive(Debug, Default)]
 pub struct JobQueue {
-    jobs: Vec<QueuedJob>,
+    /// Priority (highest first) → submitter → sequence → job.
+    levels: BTreeMap<Reverse<i32>, HashMap<String, BTreeMap<u64, JobId>>>,
+    index: HashMap<JobId, (i32, String, u64)>,
     next_seq: u64,
 }
 
@@ -34,43 +37,97 @@ impl JobQueue {
 
     /// Adds a job at the end of its priority.
     pub fn push(&mut self, id: JobId, priority: i32, submitter: impl Into<String>) {
+        let submitter = submitter.into();
+        if self.index.contains_key(&id) {
+            return;
+        }
         self.next_seq += 1;
-        self.jobs.push(QueuedJob {
-            id,
-            priority,
-            submitter: submitter.into(),
-            seq: self.next_seq,
-        });
+        let seq = self.next_seq;
+        self.levels
+            .entry(Reverse(priority))
+            .or_default()
+            .entry(submitter.clone())
+            .or_default()
+            .insert(seq, id.clone());
+        self.index.insert(id, (priority, submitter, seq));
     }
 
     /// Removes a job; true when it was queued.
     pub fn remove(&mut self, id: &JobId) -> bool {
-        let before = self.jobs.len();
-        self.jobs.retain(|j| &j.id != id);
-        before != self.jobs.len()
+        let Some((priority, submitter, seq)) = self.index.remove(id) else {
+            return false;
+        };
+        if let Some(level) = self.levels.get_mut(&Reverse(priority)) {
+            if let Some(fifo) = level.get_mut(&submitter) {
+                fifo.remove(&seq);
+                if fifo.is_empty() {
+                    level.remove(&submitter);
+                }
+            }
+            if level.is_empty() {
+                self.levels.remove(&Reverse(priority));
+            }
+        }
+        true
     }
 
     /// Number of queued jobs.
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.index.len()
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.index.is_empty()
     }
 
-    /// The queue in dispatch order, given how many jobs each submitter has running.
+    /// The queue in dispatch order, given how many jobs each submitter has running:
+    /// higher priority first; within a priority, jobs of submitters with fewer running
+    /// jobs first, then submission order.
     pub fn ordered(&self, running_by_submitter: &HashMap<String, usize>) -> Vec<QueuedJob> {
-        let mut jobs = self.jobs.clone();
-        jobs.sort_by_key(|j| {
-            (
-                std::cmp::Reverse(j.priority),
-                running_by_submitter.get(&j.submitter).copied().unwrap_or(0),
-                j.seq,
-            )
-        });
-        jobs
+        self.iter_ordered(running_by_submitter).collect()
+    }
+
+    /// [`JobQueue::ordered`] lazily: producing the first `n` jobs costs about
+    /// `n log(submitters)`, not a sort of the whole queue.
+    pub fn iter_ordered<'a>(
+        &'a self,
+        running_by_submitter: &'a HashMap<String, usize>,
+    ) -> impl Iterator<Item = QueuedJob> + 'a {
+        self.levels
+            .iter()
+            .flat_map(move |(Reverse(priority), level)| {
+                // A k-way merge of the submitters' FIFOs by (running jobs, sequence).
+                let mut fifos: Vec<(
+                    &String,
+                    std::iter::Peekable<std::collections::btree_map::Iter<'a, u64, JobId>>,
+                )> = level
+                    .iter()
+                    .map(|(s, fifo)| (s, fifo.iter().peekable()))
+                    .collect();
+                let mut heap = BinaryHeap::new();
+                for (i, (submitter, fifo)) in fifos.iter_mut().enumerate() {
+                    if let Some((seq, _)) = fifo.peek() {
+                        let running = running_by_submitter.get(*submitter).copied().unwrap_or(0);
+                        heap.push(Reverse((running, **seq, i)));
+                    }
+                }
+                let priority = *priority;
+                std::iter::from_fn(move || {
+                    let Reverse((running, _, i)) = heap.pop()?;
+                    let (submitter, fifo) = &mut fifos[i];
+                    let (seq, id) = fifo.next()?;
+                    if let Some((next, _)) = fifo.peek() {
+                        heap.push(Reverse((running, **next, i)));
+                    }
+                    Some(QueuedJob {
+                        id: id.clone(),
+                        priority,
+                        submitter: (*submitter).clone(),
+                        seq: *seq,
+                    })
+                })
+            })
     }
 }
 
