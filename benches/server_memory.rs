@@ -11,7 +11,7 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustci::client::ApiClient;
-use rustci::control::{JobRecord, Store};
+use rustci::control::JobRecord;
 use rustci::server::{Server, ServerConfig};
 use serde_json::json;
 
