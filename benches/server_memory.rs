@@ -38,13 +38,13 @@ fn finished_record(i: usize) -> JobRecord {
         "id": format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15),
         "job": {"name": format!("job-{}", i % 500), "steps": [{"run": "make test"}]},
         "submitter": format!("key:team-{}", i % 20),
-        "state": if i % 10 == 0 { "failed" } else { "succeeded" },
+        "state": if i.is_multiple_of(10) { "failed" } else { "succeeded" },
         "attempts": [{
             "number": 1,
             "runner_id": format!("runner-{}", i % RUNNERS),
             "started_at": now - 5_000,
             "ended_at": now - 1_000,
-            "outcome": if i % 10 == 0 {
+            "outcome": if i.is_multiple_of(10) {
                 json!({"result": "failed", "step": 0, "step_name": "step-1", "exit_code": 2})
             } else {
                 json!({"result": "succeeded"})

@@ -288,3 +288,90 @@ pub fn check_runner(r: &RunnerConfig) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("server.toml");
+        std::fs::write(
+            &toml,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/srv/rustci\"\nmax_body_bytes = 2048\n\n[[runners]]\nname = \"fast\"\nkind = \"native\"\nslots = 8\n",
+        )
+        .unwrap();
+        let env = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        };
+        let mut flags = Overrides {
+            config: Some(toml.clone()),
+            ..Overrides::default()
+        };
+        let c = ServerConfig::resolve(env(&[]), &flags).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/rustci"));
+        assert_eq!(c.max_body_bytes, 2048);
+        assert_eq!(c.runners[0].slots, Some(8));
+        // The environment overrides the file; flags override both.
+        let c = ServerConfig::resolve(
+            env(&[
+                ("RUSTCI_LISTEN", "127.0.0.1:9100"),
+                ("RUSTCI_DATA_DIR", "/env"),
+            ]),
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(c.data_dir, PathBuf::from("/env"));
+        flags.listen = Some("127.0.0.1:9200".into());
+        let c = ServerConfig::resolve(env(&[("RUSTCI_LISTEN", "127.0.0.1:9100")]), &flags).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9200");
+
+        // YAML too, found through RUSTCI_CONFIG.
+        let yaml = dir.path().join("server.yaml");
+        std::fs::write(&yaml, "listen: 127.0.0.1:9300\nrate_limit_burst: 5\n").unwrap();
+        let c = ServerConfig::resolve(
+            env(&[("RUSTCI_CONFIG", yaml.to_str().unwrap())]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9300");
+        assert_eq!(c.rate_limit_burst, 5.0);
+    }
+
+    #[test]
+    fn bad_settings_name_their_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bad.yaml");
+        std::fs::write(&f, "listen: 127.0.0.1:1\nlisten_port: 3\n").unwrap();
+        let e = ServerConfig::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("listen_port"), "{e}");
+        let mut flags = Overrides {
+            listen: Some("not-an-address".into()),
+            ..Overrides::default()
+        };
+        let e = ServerConfig::resolve(|_| None, &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not-an-address"), "{e}");
+        flags.listen = None;
+        flags.admin_key = Some("short".into());
+        let e = ServerConfig::resolve(|_| None, &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_key"), "{e}");
+        std::fs::write(
+            &f,
+            "runners:\n  - {name: a, kind: local}\n  - {name: a, kind: native}\n",
+        )
+        .unwrap();
+        let e = ServerConfig::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::logs::{LogFollower, LogHub, safe_id};
 use super::queue::JobQueue;
@@ -930,14 +931,20 @@ fn dispatch_round(state: &Arc<State>) {
             };
             tracing::info!(job_id = %queued.id, runner = %runner_id, attempt = number, "job assigned");
             set_state(state, &queued.id, JobState::Assigned);
-            tokio::spawn(run_attempt(
-                state.clone(),
-                queued.id.clone(),
-                queued.submitter.clone(),
-                job,
-                entry.runner.clone(),
-                number,
-            ));
+            // Everything logged while the attempt runs (the runner's lines included)
+            // carries the job's id.
+            let span = tracing::info_span!("job", job_id = %queued.id, attempt = number);
+            tokio::spawn(
+                run_attempt(
+                    state.clone(),
+                    queued.id.clone(),
+                    queued.submitter.clone(),
+                    job,
+                    entry.runner.clone(),
+                    number,
+                )
+                .instrument(span),
+            );
         }
     }
 }

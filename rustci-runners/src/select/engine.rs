@@ -152,7 +152,7 @@ impl Filter for ImageSupport {
     fn passes(&self, job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
         let caps = &runner.capabilities;
         let image = job.image().is_some();
-        !(self.strict && image && !caps.images) && !(caps.needs_image && !image)
+        (image || !caps.needs_image) && (!self.strict || !image || caps.images)
     }
 }
 
