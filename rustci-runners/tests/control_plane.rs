@@ -269,3 +269,23 @@ async fn cancel_stops_a_running_job_and_output_reaches_followers() {
     assert!(!cp.cancel(&id), "cancelling an ended job");
     cp.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_a_runners_labels_places_waiting_jobs() {
+    let cp = plane();
+    let runner = cp.register(local("plain", None), RegisterOptions::default());
+    let mut gpu = Job::new("needs-gpu", vec![Step::run("true")]);
+    gpu.runs_on.labels = vec!["gpu".into()];
+    let id = cp.submit(gpu, "alice").unwrap();
+    // No runner carries the label: it cannot have been placed.
+    assert_eq!(cp.get(&id).unwrap().state, JobState::Queued);
+    let mut options = RegisterOptions::default();
+    options.labels.insert("gpu".into());
+    assert!(cp.update(&runner, options));
+    assert!(!cp.update("unknown", RegisterOptions::default()));
+    let record = cp.wait(&id).await.unwrap();
+    assert_eq!(record.state, JobState::Succeeded);
+    assert_eq!(record.attempts[0].runner_id, runner);
+    assert!(cp.registry().get(&runner).unwrap().labels().contains("gpu"));
+    cp.shutdown();
+}

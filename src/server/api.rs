@@ -451,7 +451,7 @@ fn runner_json(e: &RunnerEntry) -> Value {
         "id": info.id,
         "name": info.name,
         "kind": info.kind.as_str(),
-        "labels": info.labels,
+        "labels": e.labels(),
         "reserved_labels": e.reserved_labels,
         "status": e.status.as_str(),
         "health": e.health.to_string(),

@@ -416,6 +416,16 @@ impl ControlPlane {
         id
     }
 
+    /// Replaces a runner's added and reserved labels (its own labels stay) and looks for
+    /// work for it. False when it is unknown.
+    pub fn update(&self, runner_id: &str, options: RegisterOptions) -> bool {
+        let updated = self.state.registry.update(runner_id, options);
+        if updated {
+            self.state.wake.notify_one();
+        }
+        updated
+    }
+
     /// Stops giving a runner new jobs.
     pub fn drain(&self, runner_id: &str) -> bool {
         let change = self.state.registry.drain(runner_id);

@@ -60,6 +60,8 @@ impl RunnerStatus {
 pub struct RegisterOptions {
     /// Labels that reserve the runner for jobs asking for them.
     pub reserved_labels: BTreeSet<String>,
+    /// Labels added to the runner's own (from its [`RunnerInfo`]).
+    pub labels: BTreeSet<String>,
 }
 
 /// A registered runner and what the control plane knows about it.
@@ -72,6 +74,8 @@ pub struct RunnerEntry {
     pub status: RunnerStatus,
     /// Its reserved labels.
     pub reserved_labels: BTreeSet<String>,
+    /// Labels added to the runner's own.
+    pub extra_labels: BTreeSet<String>,
     /// The last health check's answer.
     pub health: Health,
     /// Sequence number of its last assignment.
@@ -87,6 +91,15 @@ impl RunnerEntry {
     /// The runner's identity.
     pub fn info(&self) -> &RunnerInfo {
         self.runner.info()
+    }
+
+    /// Every label jobs can ask for: the runner's own and the added ones.
+    pub fn labels(&self) -> BTreeSet<String> {
+        self.info()
+            .labels
+            .union(&self.extra_labels)
+            .cloned()
+            .collect()
     }
 
     /// Median of the recent start-up times.
@@ -128,6 +141,7 @@ impl Registry {
             runner,
             status: RunnerStatus::Healthy,
             reserved_labels: options.reserved_labels,
+            extra_labels: options.labels,
             health: Health::Healthy,
             last_assigned: None,
             startups: Vec::new(),
@@ -156,6 +170,17 @@ impl Registry {
             from: Some(from),
             to: Some(to),
         })
+    }
+
+    /// Replaces a runner's added and reserved labels. False when it is unknown.
+    pub fn update(&self, id: &str, options: RegisterOptions) -> bool {
+        let mut entries = self.entries.write().expect("registry");
+        let Some(e) = entries.get_mut(id) else {
+            return false;
+        };
+        e.reserved_labels = options.reserved_labels;
+        e.extra_labels = options.labels;
+        true
     }
 
     /// Stops giving the runner new jobs. `None` when unknown or unchanged.
@@ -225,8 +250,10 @@ impl Registry {
             .filter(|e| e.status.takes_jobs())
             .map(|e| {
                 let by_name = running.get(&e.info().id).cloned().unwrap_or_default();
+                let mut info = e.info().clone();
+                info.labels.extend(e.extra_labels.iter().cloned());
                 let mut snap = RunnerSnapshot::new(
-                    e.info().clone(),
+                    info,
                     e.runner.capabilities().clone(),
                     e.health.clone(),
                     e.runner.running(),

@@ -128,7 +128,7 @@ impl SqliteStore {
         })
     }
 
-    fn write_job(&self, record: &JobRecord, transition: bool) -> Result<(), Error> {
+    fn write_job(&self, record: &JobRecord) -> Result<(), Error> {
         let text = serde_json::to_string(record)
             .map_err(|e| Error::Unavailable(format!("job record does not encode: {e}")))?;
         let mut conn = self.conn.lock().expect("store");
@@ -175,7 +175,7 @@ impl SqliteStore {
             )
             .map_err(|e| self.err(e))?;
         }
-        if previous.as_deref() != Some(state.as_str()) || (transition && previous.is_none()) {
+        if previous.as_deref() != Some(state.as_str()) {
             tx.execute(
                 "INSERT INTO transitions (job_id, state, at) VALUES (?1, ?2, ?3)",
                 params![record.id.as_str(), state, millis(SystemTime::now())],
@@ -188,7 +188,7 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn put_job(&self, record: &JobRecord) -> Result<(), Error> {
-        self.write_job(record, true)
+        self.write_job(record)
     }
 
     fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, Error> {

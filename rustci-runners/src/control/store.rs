@@ -146,14 +146,11 @@ impl AuditEntry {
 ///
 /// Contract: every method is atomic; after `put_job` returns, a process crash loses
 /// nothing it wrote. `put_job` replaces the whole record (attempts included) and keeps
-/// the job's position in submission order from its first put.
+/// the job's position in submission order from its first put; a put whose state differs
+/// from the stored one records a [`Transition`].
 pub trait Store: Send + Sync {
     /// Inserts or replaces a job's record.
     fn put_job(&self, record: &JobRecord) -> Result<(), Error>;
-    /// Records a transition and the record it led to, in one step.
-    fn transition(&self, record: &JobRecord) -> Result<(), Error> {
-        self.put_job(record)
-    }
     /// One job's record.
     fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, Error>;
     /// A page of jobs, newest first.
