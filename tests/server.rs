@@ -543,10 +543,19 @@ async fn registration_tokens_register_runners_and_expire() {
     let as_runner = t.client(Some(&token));
     let ws = t.dir.path().join("ws-reg");
     std::fs::create_dir_all(&ws).unwrap();
+    // A token may not pick a path on the server.
     let r = as_runner
         .post_json(
             "/api/runners",
-            &json!({"name": "reg-1", "kind": "native", "labels": ["fast"], "slots": 2, "workspace_root": ws}),
+            &json!({"name": "reg-0", "kind": "native", "workspace_root": ws}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    let r = as_runner
+        .post_json(
+            "/api/runners",
+            &json!({"name": "reg-1", "kind": "native", "labels": ["fast"], "slots": 2}),
         )
         .await
         .unwrap();
@@ -984,4 +993,20 @@ async fn graceful_shutdown_cancels_what_outlives_the_grace_period_and_stores_it(
         .unwrap()
         .unwrap();
     assert_eq!(record.state, rustci::control::JobState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_per_data_directory() {
+    let t = TestServer::start(|_, _| {}).await;
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.data_dir = t.dir.path().join("data");
+    config.admin_key = Some(ADMIN.into());
+    config.runners = vec![runner("local-x", "local", Some(1), t.dir.path())];
+    let e = Server::start(config).await.unwrap_err().to_string();
+    assert!(e.contains("in use by another rustci-server"), "{e}");
+    // The first one is untouched.
+    let id = submit(&t.admin(), sh_job("still-here", "true")).await;
+    assert_eq!(follow_to_end(&t.admin(), &id).await.1["state"], "succeeded");
+    t.stop().await;
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use rustci_runners::control::{
 use rustci_runners::{Job, JobId, Outcome};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::auth::{Keys, Principal, RateLimiter, Role};
 use super::config::{RunnerConfig, ServerConfig, check_runner};
@@ -113,6 +114,9 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// Most log bytes one plain (not followed) log response carries.
+const MAX_LOG_RESPONSE: usize = 1 << 20;
 
 /// The request's correlation id (from `X-Request-ID`, or generated).
 #[derive(Clone, Debug)]
@@ -208,11 +212,11 @@ async fn envelope(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|n| n > app.config.max_body_bytes as u64);
     let span = tracing::info_span!("request", request_id = %request_id, %method, route = %route);
-    let _guard = span.enter();
     let mut response = if too_large {
         payload_too_large(app.config.max_body_bytes)
     } else {
-        match tokio::time::timeout(app.config.request_timeout(), next.run(req)).await {
+        let run = next.run(req).instrument(span.clone());
+        match tokio::time::timeout(app.config.request_timeout(), run).await {
             Ok(r) => r,
             Err(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -226,9 +230,20 @@ async fn envelope(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
         response.headers_mut().insert("x-request-id", v);
     }
     let status = response.status();
-    tracing::debug!(status = status.as_u16(), "answered");
+    span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
+    // Methods outside the standard set share one label, so requests cannot mint series.
+    let method_label = match method {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH
+        | Method::HEAD
+        | Method::OPTIONS => method.as_str(),
+        _ => "OTHER",
+    };
     app.metrics
-        .http(method.as_str(), &route, status.as_u16(), started.elapsed());
+        .http(method_label, &route, status.as_u16(), started.elapsed());
     response
 }
 
@@ -710,7 +725,24 @@ async fn cancel_job(
         )
         .details(json!({"state": state_name(record.state)})));
     }
-    app.plane.cancel(&record.id);
+    if !app.plane.cancel(&record.id) {
+        // It ended between the look above and the cancel.
+        let state = app.plane.get(&record.id).map_or(record.state, |r| r.state);
+        audit(
+            &app,
+            &p.name,
+            "job.cancel",
+            Some(&id),
+            "JOB_FINISHED",
+            &rid.0,
+        );
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "JOB_FINISHED",
+            format!("job {id} has already ended"),
+        )
+        .details(json!({"state": state_name(state)})));
+    }
     audit(&app, &p.name, "job.cancel", Some(&id), "ok", &rid.0);
     tracing::info!(job_id = %id, actor = %p.name, "cancel requested");
     let state = app.plane.get(&record.id).map_or(record.state, |r| r.state);
@@ -747,9 +779,13 @@ async fn job_logs(
         .follow_log(&record.id, offset)
         .ok_or_else(|| ApiError::job_not_found(&id))?;
     if !params.follow.unwrap_or(false) {
-        // What is stored now, without waiting for more.
+        // What is stored now, without waiting for more, at most MAX_LOG_RESPONSE bytes;
+        // `X-Next-Offset` says where the next page starts.
         let mut out = Vec::new();
         let data = loop {
+            if out.len() >= MAX_LOG_RESPONSE {
+                break out;
+            }
             match follower.try_next() {
                 Some(Ok(chunk)) => out.extend_from_slice(&chunk.data),
                 Some(Err(e)) => return Err(ApiError::internal(e.to_string())),
@@ -981,6 +1017,21 @@ async fn register_runner(
 ) -> ApiResult<Response> {
     let mut config: RunnerConfig = json_body(body, app.config.max_body_bytes)?;
     check_runner(&config).map_err(ApiError::invalid)?;
+    if p.role == Role::Runner && config.workspace_root.is_some() {
+        audit(
+            &app,
+            &p.name,
+            "runner.register",
+            None,
+            "AUTHORIZATION_FAILED",
+            &rid.0,
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "AUTHORIZATION_FAILED",
+            "a registration token may not choose workspace_root (a path on the server); an admin may",
+        ));
+    }
     for l in &p.token_labels {
         if !config.labels.contains(l) {
             config.labels.push(l.clone());
@@ -992,6 +1043,8 @@ async fn register_runner(
         .build(&config, Some(id.clone()))
         .await
         .map_err(|e| ApiError::invalid(format!("the runner cannot start here: {e}")))?;
+    // Stored under the id the runner has (a Docker runner chooses its own).
+    let id = runner.info().id.clone();
     let record = rustci_runners::control::RunnerRecord::new(
         id.clone(),
         config.name.clone(),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// What a caller may do. Each role includes the ones listed after it, except `runner`,
-/// which may only register runners and read them.
+/// which may only register runners.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -100,7 +100,8 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-/// A new random secret: 256 bits from the OS, as 64 hex digits.
+/// A new random secret: two random (version 4) UUIDs, 244 random bits from the OS, as
+/// 64 hex digits.
 pub fn random_secret() -> String {
     let a = uuid::Uuid::new_v4().simple().to_string();
     let b = uuid::Uuid::new_v4().simple().to_string();
@@ -238,7 +239,7 @@ impl RateLimiter {
             *tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+            Err(Duration::try_from_secs_f64((1.0 - *tokens) / self.rate).unwrap_or(Duration::MAX))
         }
     }
 }

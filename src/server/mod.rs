@@ -77,6 +77,13 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let data = config.data_dir.clone();
         create_private_dir(&data)?;
+        // One server per data directory: a second one would take the first one's
+        // running jobs for interrupted ones and stop them.
+        let lock = lock_data_dir(&data)?;
+        // Bound before anything starts, so a taken port fails the start cleanly.
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| runtime(&format!("listening on {}", config.listen))(e.to_string()))?;
         let store = SqliteStore::open(data.join("rustci.db"))
             .map_err(|e| runtime("opening the store")(e.to_string()))?;
         let (secret, _) = load_or_create_secret(&data.join("token.secret"))
@@ -117,11 +124,20 @@ impl Server {
         let plane = ControlPlane::with_options(SelectionEngine::default(), options)
             .map_err(|e| runtime("starting the control plane")(e.to_string()))?;
         let factory = RunnerFactory::new();
-        start_runners(&plane, &factory, &config).await?;
-        let recovery = plane
-            .recover()
-            .await
-            .map_err(|e| runtime("recovering jobs")(e.to_string()))?;
+        let recovery = match start_runners(&plane, &factory, &config).await {
+            Ok(()) => plane
+                .recover()
+                .await
+                .map_err(|e| runtime("recovering jobs")(e.to_string())),
+            Err(e) => Err(e),
+        };
+        let recovery = match recovery {
+            Ok(r) => r,
+            Err(e) => {
+                plane.shutdown();
+                return Err(e);
+            }
+        };
         if !recovery.requeued.is_empty() || !recovery.lost.is_empty() {
             tracing::info!(
                 requeued = recovery.requeued.len(),
@@ -129,9 +145,6 @@ impl Server {
                 "recovered jobs of the previous run"
             );
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| runtime(&format!("listening on {}", config.listen))(e.to_string()))?;
         let addr = listener
             .local_addr()
             .map_err(|e| runtime("listener")(e.to_string()))?;
@@ -152,6 +165,7 @@ impl Server {
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "the HTTP server failed");
             }
+            drop(lock);
         });
         tracing::info!(%addr, "rustci-server listening");
         Ok(Server {
@@ -224,6 +238,23 @@ pub fn init_logging() {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Takes an exclusive lock on `<data>/lock` for as long as the returned file lives.
+fn lock_data_dir(data: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServerError> {
+    let path = data.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ServerError::Runtime(format!("opening {}: {e}", path.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        ServerError::Runtime(format!(
+            "data directory {} is in use by another rustci-server ({e})",
+            data.display()
+        ))
+    })
 }
 
 /// Starts the configured runners (or the defaults) and the ones registered over the

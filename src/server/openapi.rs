@@ -1,4 +1,4 @@
-//! The OpenAPI 3.0 description of the HTTP API, served at `/api/openapi.json`.
+//! The OpenAPI 3.1 description of the HTTP API, served at `/api/openapi.json`.
 
 use serde_json::{Value, json};
 

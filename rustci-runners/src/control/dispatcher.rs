@@ -122,7 +122,8 @@ impl JobRecord {
 }
 
 /// Receives the control plane's measurements (for metrics). Every method has an empty
-/// default; calls happen on the dispatching task and must return quickly.
+/// default; calls come from the dispatcher, attempt tasks, the health checks and API
+/// calls, and must return quickly.
 pub trait Observer: Send + Sync {
     /// A selection decision took `elapsed`; `placed` tells whether a runner was found.
     fn selection(&self, elapsed: Duration, placed: bool) {
@@ -497,12 +498,18 @@ impl ControlPlane {
             finished_at: None,
             job: job.clone(),
         };
+        // The log is open before the job can be seen, so a follower never finds a known
+        // job without its live log.
+        self.state.logs.open(&id);
         {
             let mut jobs = self.state.jobs.lock().expect("jobs");
-            self.state.store.put_job(&record)?;
+            if let Err(e) = self.state.store.put_job(&record) {
+                drop(jobs);
+                self.state.logs.close(&id);
+                return Err(e);
+            }
             jobs.insert(id.clone(), record);
         }
-        self.state.logs.open(&id);
         self.state
             .queue
             .lock()
@@ -576,16 +583,21 @@ impl ControlPlane {
             r.canceller.cancel();
             return true;
         }
-        // Assigned but still starting: the attempt cancels itself once it runs.
-        let starting = self.get(id).is_some_and(|r| r.state == JobState::Assigned);
-        if starting {
-            self.state
-                .cancel_requested
-                .lock()
-                .expect("cancel")
-                .insert(id.clone());
+        // Being assigned or starting: the attempt cancels itself once it runs.
+        let live = self.state.jobs.lock().expect("jobs").contains_key(id);
+        if !live {
+            return false;
         }
-        starting
+        self.state
+            .cancel_requested
+            .lock()
+            .expect("cancel")
+            .insert(id.clone());
+        // It may have started between the two looks: cancel it directly too.
+        if let Some(r) = self.state.running.lock().expect("running").get(id) {
+            r.canceller.cancel();
+        }
+        true
     }
 
     /// Waits until the job has ended and returns its record.
@@ -900,10 +912,13 @@ fn dispatch_round(state: &Arc<State>) {
                 skip += 1;
                 continue;
             };
+            // Cancelled since it was read from the queue: nothing to start.
+            if !state.queue.lock().expect("queue").remove(&queued.id) {
+                continue;
+            }
             if let Some(f) = free.as_mut() {
                 *f = f.saturating_sub(1);
             }
-            state.queue.lock().expect("queue").remove(&queued.id);
             *assigned_to.entry(runner_id.clone()).or_default() += 1;
             state
                 .assigned
@@ -1059,7 +1074,8 @@ async fn run_attempt(
     };
     let retry = cause.is_some_and(|c| job.retry.when.contains(&c))
         && number <= job.retry.max
-        && state.accepting.load(Ordering::SeqCst);
+        && state.accepting.load(Ordering::SeqCst)
+        && state.jobs.lock().expect("jobs").contains_key(&id);
     if retry {
         state
             .tried

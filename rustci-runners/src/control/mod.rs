@@ -11,7 +11,7 @@
 //!              └──── retry ◄──────────┴─► lost (runner removed / unhealthy mid-job)
 //! ```
 //!
-//! //! Everything that must outlive the process goes through a [`Store`] ([`MemoryStore`], or
+//! Everything that must outlive the process goes through a [`Store`] ([`MemoryStore`], or
 //! `SqliteStore` with feature `sqlite`); job output goes to a [`LogHub`] that any number of
 //! followers read from any offset. After a crash, [`ControlPlane::recover`] queues what was
 //! waiting and retries (or marks `lost`) what was running.

@@ -1,7 +1,8 @@
 //! Where the control plane keeps what must survive it: jobs with their attempts and state
 //! transitions, runner registrations and the audit log.
 //!
-//! [`Store`] is synchronous and called with short critical sections: an embedded database
+//! [`Store`] is synchronous: the control plane calls it while it holds its own job table,
+//! so every write is ordered with the state change it records. An embedded database
 //! answers in microseconds. [`MemoryStore`] keeps everything in memory (embedding, tests);
 //! `SqliteStore` (feature `sqlite`) keeps it in one SQLite file and is what the server uses.
 

@@ -36,8 +36,9 @@ pub(crate) use cgroup::{CgroupLimits, CgroupSupport, JobCgroup};
 use shim::SpawnRequest;
 pub(crate) use shim::{Rlimit, ShimPlan};
 use sys::Stack;
+pub(crate) use tree::kill_execution;
 #[cfg(feature = "testkit")]
-pub(crate) use tree::{kill_execution, pids_with_env};
+pub(crate) use tree::pids_with_env;
 
 const READ_CHUNK: usize = 64 * 1024;
 const REKILL_INTERVAL: Duration = Duration::from_millis(10);
