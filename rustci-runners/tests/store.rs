@@ -148,3 +148,12 @@ fn an_unusable_database_path_is_a_clear_error() {
     let e = SqliteStore::open(dir.path().join("missing/dir/state.db")).unwrap_err();
     assert!(e.to_string().contains("missing/dir/state.db"), "{e}");
 }
+
+#[test]
+fn state_names_match_their_json() {
+    for s in JobState::ALL {
+        assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+        assert_eq!(JobState::from_name(s.as_str()), Some(s));
+    }
+    assert_eq!(JobState::from_name("sideways"), None);
+}

@@ -9,7 +9,8 @@
 #   RUSTCI_SERVER     server URL                  (default http://127.0.0.1:8080)
 #   RUSTCI_ADMIN_KEY  admin API key               (default: read from $RUSTCI_DATA_DIR/admin.key)
 #   RUSTCI_DATA_DIR   the server's data directory (default ./rustci-data)
-#   RUNNER_NAME       name of the runner to register   (default <hostname>-<kind>)
+#   RUNNER_NAME       name of the runner to register   (default registered-<kind>); it runs
+#                     inside the server process, on the server's host
 #   RUNNER_KIND       local, native or docker          (default native)
 #   RUNNER_LABELS     comma-separated labels           (default none)
 #   RUNNER_SLOTS      jobs at once                     (default 4)
@@ -19,7 +20,7 @@ set -euo pipefail
 SERVER="${RUSTCI_SERVER:-http://127.0.0.1:8080}"
 DATA_DIR="${RUSTCI_DATA_DIR:-rustci-data}"
 KIND="${RUNNER_KIND:-native}"
-NAME="${RUNNER_NAME:-$(hostname -s 2>/dev/null || echo host)-$KIND}"
+NAME="${RUNNER_NAME:-registered-$KIND}"
 SLOTS="${RUNNER_SLOTS:-4}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-60}"
 

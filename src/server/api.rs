@@ -405,7 +405,7 @@ async fn require_runner(req: Request, next: Next) -> Response {
 // Presentation
 
 fn state_name(s: JobState) -> Value {
-    serde_json::to_value(s).unwrap_or(Value::Null)
+    Value::String(s.as_str().into())
 }
 
 fn outcome_json(o: &Outcome) -> Value {
@@ -659,7 +659,7 @@ async fn list_jobs(
     let state = params
         .state
         .map(|s| {
-            serde_json::from_value::<JobState>(Value::String(s.clone())).map_err(|_| {
+            JobState::from_name(&s).ok_or_else(|| {
                 ApiError::invalid(format!(
                     "state: unknown state {s:?} (queued, assigned, running, succeeded, failed, cancelled, timed_out, lost)"
                 ))

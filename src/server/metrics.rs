@@ -266,13 +266,6 @@ fn outcome_state(outcome: &Outcome) -> &'static str {
     }
 }
 
-fn state_str(state: JobState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 impl Observer for Metrics {
     fn selection(&self, elapsed: Duration, _placed: bool) {
         self.selection.observe(elapsed.as_secs_f64());
@@ -296,7 +289,7 @@ impl Observer for Metrics {
         let kind = runner_kind.unwrap_or("none").to_string();
         self.jobs_finished
             .get_or_create(&OutcomeLabels {
-                state: state_str(state),
+                state: state.as_str().to_string(),
                 runner_kind: kind.clone(),
             })
             .inc();

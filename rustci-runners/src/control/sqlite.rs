@@ -83,17 +83,6 @@ fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
-fn state_str(s: JobState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-fn parse_state(s: &str) -> Option<JobState> {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
-}
-
 impl SqliteStore {
     /// Opens (creating when absent) the database at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
@@ -133,7 +122,7 @@ impl SqliteStore {
             .map_err(|e| Error::Unavailable(format!("job record does not encode: {e}")))?;
         let mut conn = self.conn.lock().expect("store");
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let state = state_str(record.state);
+        let state = record.state.as_str();
         let previous: Option<String> = tx
             .query_row(
                 "SELECT state FROM jobs WHERE id = ?1",
@@ -175,7 +164,7 @@ impl SqliteStore {
             )
             .map_err(|e| self.err(e))?;
         }
-        if previous.as_deref() != Some(state.as_str()) {
+        if previous.as_deref() != Some(state) {
             tx.execute(
                 "INSERT INTO transitions (job_id, state, at) VALUES (?1, ?2, ?3)",
                 params![record.id.as_str(), state, millis(SystemTime::now())],
@@ -223,7 +212,7 @@ impl Store for SqliteStore {
             stmt.query_map(
                 params![
                     before,
-                    query.state.map(state_str),
+                    query.state.map(JobState::as_str),
                     query.submitter,
                     query.name,
                     (limit + 1) as i64
@@ -276,7 +265,7 @@ impl Store for SqliteStore {
         Ok(rows
             .into_iter()
             .filter_map(|(s, at)| {
-                parse_state(&s).map(|state| Transition {
+                JobState::from_name(&s).map(|state| Transition {
                     state,
                     at: from_millis(at),
                 })
@@ -296,7 +285,7 @@ impl Store for SqliteStore {
             .map_err(|e| self.err(e))?;
         Ok(rows
             .into_iter()
-            .filter_map(|(s, n)| parse_state(&s).map(|st| (st, n as u64)))
+            .filter_map(|(s, n)| JobState::from_name(&s).map(|st| (st, n as u64)))
             .collect())
     }
 
