@@ -132,16 +132,18 @@ fn native(slots: usize) -> NativeRunner {
     NativeRunner::new(config).unwrap()
 }
 
+/// An in-memory control plane with one NativeRunner of `SLOTS` slots.
+fn plane_with_native() -> ControlPlane {
+    let plane =
+        ControlPlane::with_options(SelectionEngine::default(), ControlOptions::default()).unwrap();
+    plane.register(Arc::new(native(SLOTS)), RegisterOptions::default());
+    plane
+}
+
 fn dispatch(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let job = Job::new("true", vec![Step::command(["/bin/true"])]);
-    let plane = rt.block_on(async {
-        let plane =
-            ControlPlane::with_options(SelectionEngine::default(), ControlOptions::default())
-                .unwrap();
-        plane.register(Arc::new(native(SLOTS)), RegisterOptions::default());
-        plane
-    });
+    let plane = rt.block_on(async { plane_with_native() });
     let dir = tempfile::tempdir().unwrap();
     let server = rt.block_on(async {
         let mut config = rustci::server::ServerConfig::default();
@@ -210,13 +212,7 @@ fn dispatch(c: &mut Criterion) {
 
 fn pickup(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let plane = rt.block_on(async {
-        let plane =
-            ControlPlane::with_options(SelectionEngine::default(), ControlOptions::default())
-                .unwrap();
-        plane.register(Arc::new(native(SLOTS)), RegisterOptions::default());
-        plane
-    });
+    let plane = rt.block_on(async { plane_with_native() });
     let job = Job::new("echo", vec![Step::command(["/bin/echo", "x"])]);
     let mut group = c.benchmark_group("pickup");
     group.bench_function("raw/spawn_first_byte", |b| {

@@ -25,6 +25,15 @@ fn client(remote: &Remote) -> Result<ApiClient, String> {
     ApiClient::new(&remote.server, remote.api_key.clone())
 }
 
+/// The client, or `None` after printing why there is none.
+fn client_or_report(remote: &Remote, err: &mut dyn Write) -> Option<ApiClient> {
+    client(remote)
+        .map_err(|e| {
+            let _ = writeln!(err, "rustci: {e}");
+        })
+        .ok()
+}
+
 fn check(r: ApiResponse, err: &mut dyn Write) -> Option<Value> {
     if (200..300).contains(&r.status) {
         Some(r.json())
@@ -71,12 +80,8 @@ pub async fn submit(
     } else {
         "application/yaml"
     };
-    let c = match client(remote) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = writeln!(err, "rustci: {e}");
-            return 1;
-        }
+    let Some(c) = client_or_report(remote, err) else {
+        return 1;
     };
     let r = match c
         .request("POST", "/api/jobs", Some((ctype, text.into_bytes())), &[])
@@ -192,12 +197,8 @@ pub async fn jobs(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> i32 {
-    let c = match client(remote) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = writeln!(err, "rustci: {e}");
-            return 1;
-        }
+    let Some(c) = client_or_report(remote, err) else {
+        return 1;
     };
     let result = match &action {
         JobsAction::List { state, limit } => {
@@ -298,12 +299,8 @@ pub async fn runners(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> i32 {
-    let c = match client(remote) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = writeln!(err, "rustci: {e}");
-            return 1;
-        }
+    let Some(c) = client_or_report(remote, err) else {
+        return 1;
     };
     let result = match &action {
         RunnersAction::List => c.get("/api/runners").await,
