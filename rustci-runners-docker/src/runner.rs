@@ -264,49 +264,6 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
     )
 }
 
-/// Start time of a process (clock ticks since boot), which tells a process from a later
-/// one that reuses its pid.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
-/// `host/pid/start-time` of this process.
-fn owner_label() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    let pid = std::process::id();
-    format!("{host}/{pid}/{}", start_time(pid).unwrap_or(0))
-}
-
-/// True when the owner named by a label is a live process on this host.
-fn owner_alive(owner: &str, host: &str) -> bool {
-    let mut parts = owner.split('/');
-    let (Some(owner_host), Some(pid)) = (
-        parts.next(),
-        parts.next().and_then(|p| p.parse::<u32>().ok()),
-    ) else {
-        return false;
-    };
-    if owner_host != host {
-        return true; // Another host's: not ours to judge.
-    }
-    match (
-        start_time(pid),
-        parts.next().and_then(|t| t.parse::<u64>().ok()),
-    ) {
-        (Some(now), Some(then)) => now == then,
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
-}
-
 /// The registry host of an image reference (`docker.io` when it names none).
 pub(crate) fn registry_of(image: &str) -> &str {
     match image.split_once('/') {
@@ -542,7 +499,7 @@ impl DockerRunner {
             config,
             local,
             running: Slots::new(),
-            owner: owner_label(),
+            owner: rustci_runners::owner::owner_token(),
             warm: std::sync::Mutex::new(WarmState::default()),
             warm_changed: tokio::sync::Notify::new(),
             tasks: tokio_util::task::TaskTracker::new(),
@@ -672,7 +629,9 @@ impl Inner {
                 .and_then(|l| l.get(LABEL_OWNER))
                 .cloned()
                 .unwrap_or_default();
-            if owner_alive(&owner, &host) || owner == self.owner {
+            if rustci_runners::owner::owner_alive(&owner, &host).unwrap_or(true)
+                || owner == self.owner
+            {
                 continue;
             }
             if let Some(id) = c.id {

@@ -39,6 +39,7 @@ mod local;
 pub mod mask;
 mod native;
 pub mod output;
+pub mod owner;
 mod process;
 pub mod runner;
 pub mod select;

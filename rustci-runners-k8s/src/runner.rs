@@ -1,0 +1,1252 @@
+//! The Kubernetes runner: connection, start-up checks and sweep, and one job's life from
+//! its Pod's creation to its deletion.
+//!
+//! One job:
+//!
+//! ```text
+//!  start(): build Secret + Pod ─► create Secret ─► create Pod ─► (job task)
+//!  job task:  Pending ──container started──► Running: follow logs (stdout, stderr)
+//!               │  (unschedulable / image pull     │  markers ─► StepStarted/StepFinished
+//!               │   failing past pending_timeout:  │  container terminated ─► Outcome
+//!               │   RunnerError with the reason)   │
+//!               ▼                                  ▼
+//!  timeout / cancel: delete Pod with the grace period (SIGTERM, grace, SIGKILL)
+//!  always: delete Pod, wait until it is gone, delete Secret, then Finished(outcome)
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::AsyncReadExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use rustci_runners::job::{Job, JobSpec};
+use rustci_runners::mask::SecretSet;
+use rustci_runners::output::{OutputBudget, StreamWriter};
+use rustci_runners::{
+    Capabilities, Error, EventKind, Execution, ExecutionSink, Health, Isolation, JobId, Limit,
+    Outcome, OutputStream, Runner, RunnerInfo, RunnerKind, SlotGuard, Slots, StepStatus,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::{Connection, KubernetesConfig, LogStreams};
+use crate::pod::{
+    self, ANNOTATION_OWNER, CONTAINER, JobObjects, LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER,
+    LABEL_RUNNER_NAME, Owner,
+};
+use crate::script::{Mark, MarkerParser, Piece, Tag};
+use crate::watch::{PodState, PodWatch, Subscription};
+
+/// How long deletion of a pod may take beyond its grace period before the runner stops
+/// waiting for it (and leaves it to the cluster and the next sweep).
+const DELETE_WAIT: Duration = Duration::from_secs(60);
+/// How long to wait for the container's final status once its output has ended.
+const STATUS_WAIT: Duration = Duration::from_secs(60);
+/// Attempts of a create or delete request that the API answered with a 5xx or 429.
+const ATTEMPTS: u32 = 4;
+
+/// Whether this cluster separates stdout and stderr in pod logs, as far as seen.
+const SPLIT_UNKNOWN: u8 = 0;
+const SPLIT_YES: u8 = 1;
+const SPLIT_NO: u8 = 2;
+
+/// Runs each job in its own Pod on a Kubernetes cluster.
+pub struct KubernetesRunner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: kube::Client,
+    pods: Api<Pod>,
+    secrets: Api<Secret>,
+    namespace: String,
+    info: RunnerInfo,
+    caps: Capabilities,
+    config: KubernetesConfig,
+    running: Slots,
+    owner: String,
+    watch: PodWatch,
+    split: AtomicU8,
+}
+
+/// An API error in words, keeping the cluster's own message.
+fn api_error(what: &str, e: &kube::Error) -> Error {
+    match e {
+        kube::Error::Api(status) => {
+            let text = format!(
+                "{what}: {} ({} {})",
+                status.message, status.code, status.reason
+            );
+            match status.code {
+                401 | 403 | 404 | 422 => Error::InvalidConfig(text),
+                _ => Error::Unavailable(text),
+            }
+        }
+        other => Error::Unavailable(format!(
+            "{what}: the Kubernetes API is unreachable: {other}"
+        )),
+    }
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// True for failures worth another attempt: the server's own trouble or throttling, or
+/// no answer at all.
+fn retryable(e: &kube::Error) -> bool {
+    match status_code(e) {
+        Some(code) => code >= 500 || code == 429,
+        None => matches!(
+            e,
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_)
+        ),
+    }
+}
+
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+}
+
+impl KubernetesRunner {
+    /// Connects to the cluster and checks, before any job: the configuration (quantities,
+    /// names, that the pod patch applies), that the namespace exists and pods in it can be
+    /// listed, and reads node capacity where allowed. Then removes pods and secrets that an
+    /// earlier runner of the same name left (see [`KubernetesConfig::name`]) and starts the
+    /// shared pod watch.
+    pub async fn connect(config: KubernetesConfig) -> Result<Self, Error> {
+        config.check()?;
+        let kube_config = match &config.connection {
+            Connection::Infer => kube::Config::infer().await.map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "no Kubernetes configuration found (kubeconfig or in-cluster): {e}"
+                ))
+            })?,
+            Connection::Kubeconfig { path, context } => {
+                let file = match path {
+                    Some(p) => kube::config::Kubeconfig::read_from(p).map_err(|e| {
+                        Error::InvalidConfig(format!("kubeconfig {}: {e}", p.display()))
+                    })?,
+                    None => kube::config::Kubeconfig::read().map_err(|e| {
+                        Error::InvalidConfig(format!(
+                            "kubeconfig ($KUBECONFIG or ~/.kube/config): {e}"
+                        ))
+                    })?,
+                };
+                let options = kube::config::KubeConfigOptions {
+                    context: context.clone(),
+                    ..Default::default()
+                };
+                kube::Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| {
+                        let which = context
+                            .as_deref()
+                            .map(|c| format!(" (context {c:?})"))
+                            .unwrap_or_default();
+                        Error::InvalidConfig(format!("kubeconfig{which}: {e}"))
+                    })?
+            }
+            Connection::InCluster => kube::Config::incluster()
+                .map_err(|e| Error::InvalidConfig(format!("in-cluster configuration: {e}")))?,
+        };
+        let namespace = config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| kube_config.default_namespace.clone());
+        let rate = tower::limit::RateLimitLayer::new(
+            u64::from(config.requests_per_second),
+            Duration::from_secs(1),
+        );
+        let client = kube::client::ClientBuilder::try_from(kube_config)
+            .map_err(|e| Error::InvalidConfig(format!("cannot build a Kubernetes client: {e}")))?
+            .with_layer(&rate)
+            .build();
+
+        // The namespace must exist. A runner allowed only into its namespace may not read
+        // the Namespace object: listing pods there then stands in for it.
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        match namespaces.get(&namespace).await {
+            Ok(_) => {}
+            Err(e) if status_code(&e) == Some(404) => {
+                return Err(Error::InvalidConfig(format!(
+                    "kubernetes runner {}: namespace {namespace:?} does not exist",
+                    config.name
+                )));
+            }
+            Err(e) if status_code(&e) == Some(403) => {}
+            Err(e) => {
+                return Err(api_error(
+                    &format!("cannot read namespace {namespace:?}"),
+                    &e,
+                ));
+            }
+        }
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+
+        let info = RunnerInfo::new(config.name.clone(), RunnerKind::Kubernetes)
+            .with_labels(config.labels.iter().cloned());
+        let mut caps = Capabilities::host(Isolation::Pod);
+        caps.command_steps = true;
+        caps.images = true;
+        caps.needs_image = config.default_image.is_none();
+        caps.limits = BTreeSet::from([Limit::Cpus, Limit::Memory]);
+        caps.max_concurrency = config.max_concurrency;
+        caps.termination_grace = config.termination_grace;
+        caps.platform = "linux".into();
+        caps.cpus = None;
+        caps.memory = None;
+        // Node capacity, when the runner may read nodes: the largest node bounds a job.
+        let nodes: Api<Node> = Api::all(client.clone());
+        if let Ok(list) = nodes.list(&ListParams::default()).await {
+            for node in list.items {
+                let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
+                if let Some(v) = allocatable
+                    .get("cpu")
+                    .and_then(|q| crate::quantity::quantity_value(&q.0))
+                {
+                    caps.cpus = Some(caps.cpus.unwrap_or(0.0).max(v));
+                }
+                if let Some(v) = allocatable
+                    .get("memory")
+                    .and_then(|q| crate::quantity::quantity_value(&q.0))
+                {
+                    caps.memory = Some(caps.memory.unwrap_or(0).max(v as u64));
+                }
+            }
+        }
+
+        let owner = rustci_runners::owner::owner_token();
+        // The patch must apply to a job's pod: try it on a sample before any job.
+        let sample = Job::new("sample", vec![rustci_runners::Step::run("true")]);
+        pod::build(
+            &config,
+            &Owner {
+                runner_id: &info.id,
+                runner_name: &info.name,
+                owner: &owner,
+                namespace: &namespace,
+            },
+            &sample,
+            config.default_image.as_deref().unwrap_or("busybox"),
+            &JobId::new(),
+        )?;
+
+        let selector = format!(
+            "{LABEL_MANAGED}=true,{LABEL_RUNNER}={}",
+            pod::label_safe(&info.id)
+        );
+        let watch = PodWatch::start(pods.clone(), &selector);
+        let inner = Arc::new(Inner {
+            client,
+            pods,
+            secrets,
+            namespace,
+            info,
+            caps,
+            config,
+            running: Slots::new(),
+            owner,
+            watch,
+            split: AtomicU8::new(SPLIT_UNKNOWN),
+        });
+        inner.sweep().await?;
+        Ok(KubernetesRunner { inner })
+    }
+
+    /// The namespace jobs run in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The configuration the runner was connected with.
+    pub fn config(&self) -> &KubernetesConfig {
+        &self.inner.config
+    }
+
+    /// Removes pods and secrets of this runner's name whose owner is gone; returns how many
+    /// objects were removed. [`KubernetesRunner::connect`] does this once.
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        self.inner.sweep().await
+    }
+}
+
+impl Inner {
+    async fn sweep(&self) -> Result<usize, Error> {
+        let selector = format!(
+            "{LABEL_MANAGED}=true,{LABEL_RUNNER_NAME}={}",
+            pod::label_safe(&self.info.name)
+        );
+        let lp = ListParams::default().labels(&selector);
+        let host = rustci_runners::owner::this_host();
+        // Alive on this host, and not this process: another runner of the same name here.
+        let keep = |owner: Option<&String>| match owner {
+            Some(o) if *o == self.owner => true,
+            Some(o) => rustci_runners::owner::owner_alive(o, &host) == Some(true),
+            None => false,
+        };
+        let mut removed = 0;
+        let pods = self.pods.list(&lp).await.map_err(|e| {
+            api_error(
+                &format!("cannot list pods in namespace {:?}", self.namespace),
+                &e,
+            )
+        })?;
+        for p in pods.items {
+            if keep(
+                p.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_OWNER)),
+            ) {
+                continue;
+            }
+            if let Some(name) = p.metadata.name {
+                tracing::info!(pod = %name, "removing a pod left by an earlier runner");
+                if self.delete_pod(&name, Some(0)).await {
+                    removed += 1;
+                }
+            }
+        }
+        let secrets = self.secrets.list(&lp).await.map_err(|e| {
+            api_error(
+                &format!("cannot list secrets in namespace {:?}", self.namespace),
+                &e,
+            )
+        })?;
+        for s in secrets.items {
+            if keep(
+                s.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_OWNER)),
+            ) {
+                continue;
+            }
+            if let Some(name) = s.metadata.name
+                && self.delete_secret(&name).await
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a pod; `grace` in seconds, `None` for the pod's own. True when the pod is
+    /// being deleted or was already gone.
+    async fn delete_pod(&self, name: &str, grace: Option<u32>) -> bool {
+        let dp = DeleteParams {
+            grace_period_seconds: grace,
+            ..DeleteParams::default()
+        };
+        for attempt in 0..ATTEMPTS {
+            match self.pods.delete(name, &dp).await {
+                Ok(_) => return true,
+                Err(e) if status_code(&e) == Some(404) => return true,
+                Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => backoff(attempt).await,
+                Err(e) => {
+                    tracing::error!(pod = %name, error = %e, "cannot delete a job pod; its activeDeadlineSeconds and the next sweep remove it");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    async fn delete_secret(&self, name: &str) -> bool {
+        for attempt in 0..ATTEMPTS {
+            match self.secrets.delete(name, &DeleteParams::default()).await {
+                Ok(_) => return true,
+                Err(e) if status_code(&e) == Some(404) => return true,
+                Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => backoff(attempt).await,
+                Err(e) => {
+                    tracing::error!(secret = %name, error = %e, "cannot delete a job secret; the next sweep removes it");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Creates an object, retrying what the server failed at. A `409` after such a retry
+    /// is the earlier attempt having succeeded: `exists` confirms it is ours.
+    async fn create<K, F, Fut>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        kind: &str,
+        name: &str,
+        exists: F,
+    ) -> Result<(), Error>
+    where
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let what = format!(
+            "cannot create {kind} {name:?} in namespace {:?}",
+            self.namespace
+        );
+        for attempt in 0..ATTEMPTS {
+            match api.create(&PostParams::default(), object).await {
+                Ok(_) => return Ok(()),
+                Err(e) if status_code(&e) == Some(409) && attempt > 0 && exists().await => {
+                    return Ok(());
+                }
+                Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => backoff(attempt).await,
+                Err(e) => return Err(api_error(&what, &e)),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+#[async_trait]
+impl Runner for KubernetesRunner {
+    fn info(&self) -> &RunnerInfo {
+        &self.inner.info
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    fn running(&self) -> usize {
+        self.inner.running.running()
+    }
+
+    async fn health(&self) -> Health {
+        let inner = &self.inner;
+        let lp = ListParams::default().limit(1);
+        let probe = inner.pods.list_metadata(&lp);
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(_)) => match inner.watch.error() {
+                Some(e) => Health::Degraded(format!("the pod watch is reconnecting: {e}")),
+                None => Health::Healthy,
+            },
+            Ok(Err(e)) => Health::Unhealthy(format!(
+                "cannot list pods in namespace {:?}: {e}",
+                inner.namespace
+            )),
+            Err(_) => Health::Unhealthy("the Kubernetes API gave no answer within 5s".into()),
+        }
+    }
+
+    async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        let inner = &self.inner;
+        let lp = ListParams::default().labels(&format!(
+            "{LABEL_MANAGED}=true,{LABEL_JOB}={}",
+            pod::label_safe(id.as_str())
+        ));
+        let pods = inner
+            .pods
+            .list_metadata(&lp)
+            .await
+            .map_err(|e| api_error("cannot list pods", &e))?;
+        for p in pods.items {
+            if let Some(name) = p.metadata.name {
+                inner.delete_pod(&name, Some(0)).await;
+            }
+        }
+        let secrets = inner
+            .secrets
+            .list_metadata(&lp)
+            .await
+            .map_err(|e| api_error("cannot list secrets", &e))?;
+        for s in secrets.items {
+            if let Some(name) = s.metadata.name {
+                inner.delete_secret(&name).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+        let inner = &self.inner;
+        let mut job = spec.to_job();
+        if job.image.is_none() {
+            job.image = inner.config.default_image.clone();
+        }
+        job.validate().map_err(Error::InvalidSpec)?;
+        let Some(image) = job.image.clone() else {
+            return Err(Error::Unsupported {
+                runner: inner.info.name.clone(),
+                reasons: vec!["the job names no image and the runner has no default image".into()],
+            });
+        };
+        let mut reasons = inner.caps.unmet(&job);
+        if !job.steps.iter().all(crate::script::known_step) {
+            reasons.push("a step kind this runner does not know".into());
+        }
+        if !reasons.is_empty() {
+            return Err(Error::Unsupported {
+                runner: inner.info.name.clone(),
+                reasons,
+            });
+        }
+        let owner = Owner {
+            runner_id: &inner.info.id,
+            runner_name: &inner.info.name,
+            owner: &inner.owner,
+            namespace: &inner.namespace,
+        };
+        let JobObjects {
+            pod,
+            secret,
+            name,
+            nonce,
+        } = pod::build(&inner.config, &owner, &job, &image, &id)?;
+        let slot = inner
+            .running
+            .acquire(&inner.info.name, inner.caps.max_concurrency)?;
+        let subscription = inner.watch.subscribe(&name);
+        let ours = |labels: Option<&std::collections::BTreeMap<String, String>>| {
+            labels.and_then(|l| l.get(LABEL_JOB)).map(String::as_str)
+                == Some(pod::label_safe(id.as_str()).as_str())
+        };
+        if let Some(secret) = &secret {
+            inner
+                .create(&inner.secrets, secret, "secret", &name, || async {
+                    inner
+                        .secrets
+                        .get_metadata(&name)
+                        .await
+                        .is_ok_and(|s| ours(s.metadata.labels.as_ref()))
+                })
+                .await?;
+        }
+        let created = inner
+            .create(&inner.pods, &pod, "pod", &name, || async {
+                inner
+                    .pods
+                    .get_metadata(&name)
+                    .await
+                    .is_ok_and(|p| ours(p.metadata.labels.as_ref()))
+            })
+            .await;
+        if let Err(e) = created {
+            if secret.is_some() {
+                inner.delete_secret(&name).await;
+            }
+            return Err(e);
+        }
+        tracing::debug!(pod = %name, job_id = %id, "created the job pod");
+
+        let (execution, sink) = Execution::channel(id, inner.config.event_buffer);
+        let run = JobRun {
+            inner: inner.clone(),
+            secrets: SecretSet::new(job.secrets.values().map(String::as_str)),
+            budget: OutputBudget::new(inner.config.max_output_bytes),
+            has_secret: secret.is_some(),
+            name,
+            nonce,
+            job,
+            sink,
+            pod: subscription,
+            _slot: slot,
+        };
+        tokio::spawn(run.run());
+        Ok(execution)
+    }
+}
+
+/// What a log reader sends.
+enum LogItem {
+    Piece(Piece),
+    /// The request failed; `code` is the API's status when it answered.
+    Failed {
+        code: Option<u16>,
+        message: String,
+    },
+}
+
+/// Follows the job container's log (`stream`: `Stdout`, `Stderr`, or all when `None`).
+async fn read_log(
+    client: kube::Client,
+    path: String,
+    stream: Option<&'static str>,
+    nonce: String,
+    tx: mpsc::Sender<LogItem>,
+) {
+    let mut url = format!("{path}/log?container={CONTAINER}&follow=true");
+    if let Some(s) = stream {
+        url.push_str("&stream=");
+        url.push_str(s);
+    }
+    let request = match http::Request::get(url).body(Vec::new()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx
+                .send(LogItem::Failed {
+                    code: None,
+                    message: e.to_string(),
+                })
+                .await;
+            return;
+        }
+    };
+    let mut body = match client.request_stream(request).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = tx
+                .send(LogItem::Failed {
+                    code: status_code(&e),
+                    message: e.to_string(),
+                })
+                .await;
+            return;
+        }
+    };
+    let mut parser = MarkerParser::new(&nonce);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pieces = Vec::new();
+    loop {
+        match body.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => parser.push(&buf[..n], &mut pieces),
+            Err(e) => {
+                parser.finish(&mut pieces);
+                for p in pieces.drain(..) {
+                    let _ = tx.send(LogItem::Piece(p)).await;
+                }
+                let _ = tx
+                    .send(LogItem::Failed {
+                        code: None,
+                        message: e.to_string(),
+                    })
+                    .await;
+                return;
+            }
+        }
+        for p in pieces.drain(..) {
+            if tx.send(LogItem::Piece(p)).await.is_err() {
+                return;
+            }
+        }
+    }
+    parser.finish(&mut pieces);
+    for p in pieces.drain(..) {
+        let _ = tx.send(LogItem::Piece(p)).await;
+    }
+}
+
+/// One log stream being read.
+struct Reader {
+    rx: mpsc::Receiver<LogItem>,
+    task: tokio::task::JoinHandle<()>,
+    /// The output stream its bytes belong to.
+    stream: OutputStream,
+    /// Which markers count on it.
+    tag: Tag,
+    /// The step its output belongs to now.
+    step: Option<usize>,
+    /// Waiting at the end of this step for the other stream.
+    blocked: Option<usize>,
+    done: bool,
+    /// Output was delivered from it.
+    delivered: bool,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the pod's status says about the job container.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    /// The container started (running or terminated).
+    started: bool,
+    /// Exit code and reason once terminated.
+    terminated: Option<(i32, String)>,
+    /// Pod phase Failed with this reason (DeadlineExceeded, NodeLost, Evicted, …).
+    pod_failed: Option<(String, String)>,
+    /// Why it is still pending, in the cluster's words.
+    pending: Option<String>,
+    /// Pending for a reason that cannot resolve by waiting.
+    hopeless: bool,
+    gone: bool,
+}
+
+fn seen(state: &PodState) -> Seen {
+    let mut s = Seen::default();
+    let pod = match state {
+        PodState::Unknown => return s,
+        PodState::Gone => {
+            s.gone = true;
+            return s;
+        }
+        PodState::Present(p) => p,
+    };
+    let Some(status) = &pod.status else {
+        return s;
+    };
+    if status.phase.as_deref() == Some("Failed") {
+        s.pod_failed = Some((
+            status.reason.clone().unwrap_or_default(),
+            status.message.clone().unwrap_or_default(),
+        ));
+    }
+    let container = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER);
+    if let Some(state) = container.and_then(|c| c.state.as_ref()) {
+        if state.running.is_some() {
+            s.started = true;
+        }
+        if let Some(t) = &state.terminated {
+            s.started = true;
+            s.terminated = Some((t.exit_code, t.reason.clone().unwrap_or_default()));
+        }
+        if let Some(w) = &state.waiting {
+            let reason = w.reason.clone().unwrap_or_default();
+            s.hopeless = matches!(reason.as_str(), "InvalidImageName" | "ErrImageNeverPull");
+            s.pending = Some(match &w.message {
+                Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+                _ => reason,
+            });
+        }
+    }
+    if s.pending.is_none()
+        && !s.started
+        && let Some(c) = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        s.pending = Some(format!(
+            "{}: {}",
+            c.reason.as_deref().unwrap_or("Unschedulable"),
+            c.message
+                .as_deref()
+                .unwrap_or("the pod cannot be scheduled")
+        ));
+    }
+    s
+}
+
+/// Why the runner is ending the job itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    TimedOut,
+    Cancelled,
+}
+
+struct JobRun {
+    inner: Arc<Inner>,
+    name: String,
+    nonce: String,
+    job: Job,
+    sink: ExecutionSink,
+    secrets: SecretSet,
+    budget: OutputBudget,
+    has_secret: bool,
+    pod: Subscription,
+    _slot: SlotGuard,
+}
+
+/// Per-step bookkeeping of the job loop.
+struct Steps {
+    started: usize,
+    started_at: Vec<Option<Instant>>,
+    finished: Vec<bool>,
+    /// Exit status of each step, from its end marker.
+    codes: Vec<Option<i32>>,
+    /// The first step that failed the job, with its status.
+    failure: Option<(usize, i32)>,
+}
+
+impl JobRun {
+    async fn run(mut self) {
+        self.sink
+            .emit(EventKind::Started {
+                job_id: self.sink.job_id().to_string(),
+                runner_id: self.inner.info.id.clone(),
+                runner_kind: self.inner.info.kind,
+            })
+            .await;
+        let outcome = self.drive().await;
+        self.cleanup().await;
+        tracing::debug!(pod = %self.name, %outcome, "job finished");
+        self.sink.finish(outcome).await;
+    }
+
+    /// Deletes the pod and waits until it is gone, then deletes the secret.
+    async fn cleanup(&mut self) {
+        let gone = matches!(*self.pod.rx.borrow(), PodState::Gone);
+        if !gone {
+            let deleting = match &*self.pod.rx.borrow() {
+                PodState::Present(p) => p.metadata.deletion_timestamp.is_some(),
+                _ => false,
+            };
+            if deleting || self.inner.delete_pod(&self.name, None).await {
+                let limit = self.inner.config.termination_grace + DELETE_WAIT;
+                let wait = self.pod.rx.wait_for(|s| matches!(s, PodState::Gone));
+                if tokio::time::timeout(limit, wait).await.is_err() {
+                    tracing::warn!(pod = %self.name, "the job pod was not gone {limit:?} after its deletion");
+                }
+            }
+        }
+        if self.has_secret {
+            self.inner.delete_secret(&self.name).await;
+        }
+    }
+
+    fn start_reader(&self, stream: Option<&'static str>, out: OutputStream, tag: Tag) -> Reader {
+        let (tx, rx) = mpsc::channel(16);
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{}",
+            self.inner.namespace, self.name
+        );
+        let task = tokio::spawn(read_log(
+            self.inner.client.clone(),
+            path,
+            stream,
+            self.nonce.clone(),
+            tx,
+        ));
+        Reader {
+            rx,
+            task,
+            stream: out,
+            tag,
+            step: None,
+            blocked: None,
+            done: false,
+            delivered: false,
+        }
+    }
+
+    fn readers(&self) -> Vec<Reader> {
+        let split = match self.inner.config.log_streams {
+            LogStreams::Split => true,
+            LogStreams::Combined => false,
+            LogStreams::Auto => self.inner.split.load(Ordering::Relaxed) != SPLIT_NO,
+        };
+        if split {
+            vec![
+                self.start_reader(Some("Stdout"), OutputStream::Stdout, Tag::Out),
+                self.start_reader(Some("Stderr"), OutputStream::Stderr, Tag::Err),
+            ]
+        } else {
+            vec![self.start_reader(None, OutputStream::Stdout, Tag::Out)]
+        }
+    }
+
+    /// Drives the job to its outcome; the pod may still exist afterwards.
+    async fn drive(&mut self) -> Outcome {
+        let started = Instant::now();
+        let job_deadline = started + self.job.effective_timeout();
+        let pending_deadline = started + self.inner.config.pending_timeout;
+        let n = self.job.steps.len();
+        let mut steps = Steps {
+            started: 0,
+            started_at: vec![None; n],
+            finished: vec![false; n],
+            codes: vec![None; n],
+            failure: None,
+        };
+        let mut readers: Vec<Reader> = Vec::new();
+        let mut writers: Vec<Option<StreamWriter<'_>>> = vec![None, None];
+        let mut stop: Option<(Stop, Instant)> = None;
+        let mut state = seen(&self.pod.rx.borrow_and_update());
+        let mut logs_broke: Option<String> = None;
+        let mut output_done_at: Option<Instant> = None;
+        let sink = &self.sink;
+        let budget = &self.budget;
+        let secrets = &self.secrets;
+        let far = started + Duration::from_secs(100 * 365 * 86400);
+
+        loop {
+            // Follow the logs once the container has started.
+            if readers.is_empty() && state.started && output_done_at.is_none() {
+                readers = self.readers();
+            }
+            let reading = readers.iter().any(|r| !r.done);
+            if !reading && !readers.is_empty() && output_done_at.is_none() {
+                output_done_at = Some(Instant::now());
+            }
+            // The end: output read, and the container's end (or the pod's) known.
+            let ended = state.terminated.is_some() || state.gone || state.pod_failed.is_some();
+            if ended && !reading {
+                break;
+            }
+            if state.gone && stop.is_none() && !reading {
+                break;
+            }
+            if let Some(at) = output_done_at
+                && at.elapsed() > STATUS_WAIT
+            {
+                break;
+            }
+            if stop.is_none() && !state.started && !ended {
+                if state.hopeless {
+                    return self.not_started(&state);
+                }
+                if Instant::now() >= pending_deadline {
+                    return self.not_started(&state);
+                }
+            }
+            let step_deadline = (steps.started > 0)
+                .then(|| {
+                    let i = steps.started - 1;
+                    match (
+                        steps.finished[i],
+                        steps.started_at[i],
+                        self.job.steps[i].timeout,
+                    ) {
+                        (false, Some(at), Some(t)) => Some(at + t),
+                        _ => None,
+                    }
+                })
+                .flatten();
+            let timeout_at = step_deadline.map_or(job_deadline, |d| d.min(job_deadline));
+            let stop_wait =
+                stop.map(|(_, at)| at + self.inner.config.termination_grace + DELETE_WAIT);
+            let pending_at = (!state.started).then_some(pending_deadline);
+            let status_at = output_done_at.map(|at| at + STATUS_WAIT);
+
+            // Pick the next reader item, keeping the streams of one step together.
+            let (r0, r1) = match readers.as_mut_slice() {
+                [a, b] => (Some(a), Some(b)),
+                [a] => (Some(a), None),
+                _ => (None, None),
+            };
+            let can0 = r0.as_ref().is_some_and(|r| !r.done && r.blocked.is_none());
+            let can1 = r1.as_ref().is_some_and(|r| !r.done && r.blocked.is_none());
+            let (rx0, rx1) = (r0.map(|r| &mut r.rx), r1.map(|r| &mut r.rx));
+            enum Wake {
+                Item(usize, Option<LogItem>),
+                Pod(bool),
+                Timeout,
+                Cancel,
+                Wait,
+            }
+            let wake = tokio::select! {
+                item = async { rx0.unwrap().recv().await }, if can0 => Wake::Item(0, item),
+                item = async { rx1.unwrap().recv().await }, if can1 => Wake::Item(1, item),
+                changed = self.pod.rx.changed() => Wake::Pod(changed.is_ok()),
+                _ = tokio::time::sleep_until(timeout_at), if stop.is_none() => Wake::Timeout,
+                _ = sink.cancelled(), if stop.is_none() => Wake::Cancel,
+                _ = tokio::time::sleep_until(
+                    [stop_wait, pending_at, status_at].into_iter().flatten().min().unwrap_or(far)
+                ) => Wake::Wait,
+            };
+            match wake {
+                Wake::Pod(true) => state = seen(&self.pod.rx.borrow_and_update()),
+                Wake::Pod(false) => {
+                    // The watch is gone (the runner is being dropped).
+                    state.gone = true;
+                    break;
+                }
+                Wake::Timeout => {
+                    stop = Some((Stop::TimedOut, Instant::now()));
+                    self.inner
+                        .delete_pod(
+                            &self.name,
+                            Some(self.inner.config.termination_grace.as_secs() as u32),
+                        )
+                        .await;
+                }
+                Wake::Cancel => {
+                    stop = Some((Stop::Cancelled, Instant::now()));
+                    self.inner
+                        .delete_pod(
+                            &self.name,
+                            Some(self.inner.config.termination_grace.as_secs() as u32),
+                        )
+                        .await;
+                }
+                Wake::Wait => {
+                    if let Some((_, at)) = stop
+                        && at.elapsed() >= self.inner.config.termination_grace + DELETE_WAIT
+                    {
+                        tracing::warn!(pod = %self.name, "the job pod did not stop in time");
+                        break;
+                    }
+                }
+                Wake::Item(i, item) => {
+                    let item = match item {
+                        Some(item) => item,
+                        None => {
+                            readers[i].done = true;
+                            if let Some(w) = writers[i].take() {
+                                w.finish().await;
+                            }
+                            self.barrier(&mut readers, &mut steps).await;
+                            continue;
+                        }
+                    };
+                    match item {
+                        LogItem::Failed { code, message } => {
+                            let refused = matches!(code, Some(400) | Some(422));
+                            if readers.len() == 2
+                                && refused
+                                && self.inner.config.log_streams == LogStreams::Auto
+                                && !readers.iter().any(|r| r.delivered)
+                            {
+                                // The cluster refuses split streams: one combined one.
+                                self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
+                                writers = vec![None, None];
+                                readers =
+                                    vec![self.start_reader(None, OutputStream::Stdout, Tag::Out)];
+                                continue;
+                            }
+                            tracing::warn!(pod = %self.name, error = %message, "reading the job's log failed");
+                            logs_broke.get_or_insert(message);
+                            readers[i].done = true;
+                            if let Some(w) = writers[i].take() {
+                                w.finish().await;
+                            }
+                            self.barrier(&mut readers, &mut steps).await;
+                        }
+                        LogItem::Piece(Piece::Output(data)) => {
+                            let step = readers[i].step.unwrap_or(0);
+                            readers[i].delivered = true;
+                            let w = writers[i].get_or_insert_with(|| {
+                                StreamWriter::new(sink, step, readers[i].stream, secrets, budget)
+                            });
+                            w.write(data).await;
+                        }
+                        LogItem::Piece(Piece::Marker(tag, mark)) => {
+                            if tag != readers[i].tag {
+                                if readers.len() == 2 {
+                                    // Both requests got both streams: the cluster ignores
+                                    // `stream`. Keep the stdout request as the combined one.
+                                    self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
+                                    readers.truncate(1);
+                                    writers[1] = None;
+                                    readers[0].stream = OutputStream::Stdout;
+                                }
+                                continue;
+                            }
+                            if readers.len() == 2 {
+                                self.inner.split.store(SPLIT_YES, Ordering::Relaxed);
+                            }
+                            match mark {
+                                Mark::Start(step) if step < n => {
+                                    readers[i].step = Some(step);
+                                    if let Some(w) = writers[i].take() {
+                                        w.finish().await;
+                                    }
+                                    writers[i] = Some(StreamWriter::new(
+                                        sink,
+                                        step,
+                                        readers[i].stream,
+                                        secrets,
+                                        budget,
+                                    ));
+                                    if step >= steps.started {
+                                        steps.started = step + 1;
+                                        steps.started_at[step] = Some(Instant::now());
+                                        sink.emit(EventKind::StepStarted {
+                                            step,
+                                            name: self.job.steps[step].display_name(step),
+                                        })
+                                        .await;
+                                    }
+                                }
+                                Mark::End(step, code) if step < n => {
+                                    if let Some(w) = writers[i].take() {
+                                        w.finish().await;
+                                    }
+                                    readers[i].blocked = Some(step);
+                                    if i == 0 || readers.len() == 1 {
+                                        self.record_end(&mut steps, step, code);
+                                    }
+                                    self.barrier(&mut readers, &mut steps).await;
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for w in writers.into_iter().flatten() {
+            w.finish().await;
+        }
+        drop(readers);
+        let current = steps.started.checked_sub(1);
+        let unfinished = current.filter(|i| !steps.finished[*i]);
+        if let Some((why, _)) = stop {
+            return match why {
+                Stop::TimedOut => {
+                    self.end_unfinished(&steps, unfinished, StepStatus::TimedOut)
+                        .await;
+                    Outcome::TimedOut { step: current }
+                }
+                Stop::Cancelled => {
+                    self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
+                        .await;
+                    Outcome::Cancelled
+                }
+            };
+        }
+        let oom = state
+            .terminated
+            .as_ref()
+            .is_some_and(|(_, reason)| reason == "OOMKilled");
+        if let Some((reason, message)) = &state.pod_failed
+            && reason == "DeadlineExceeded"
+        {
+            self.end_unfinished(&steps, unfinished, StepStatus::TimedOut)
+                .await;
+            tracing::info!(pod = %self.name, %message, "the cluster ended the job pod at its deadline");
+            return Outcome::TimedOut { step: current };
+        }
+        if let Some((step, code)) = steps.failure {
+            return self.step_outcome(step, code, oom);
+        }
+        if steps.started == n && steps.finished.iter().all(|f| *f) {
+            return match state.terminated {
+                // Every step passed but the container did not: its first process was killed.
+                Some((code, _)) if code != 0 || oom => self.step_outcome(n - 1, code, oom),
+                _ => Outcome::Succeeded,
+            };
+        }
+        // The container or the pod ended before the steps did.
+        match (&state.terminated, &state.pod_failed) {
+            (Some((code, _)), None) if *code != 0 || oom => {
+                let step = current.unwrap_or(0);
+                let status = if oom { 137 } else { *code };
+                self.end_unfinished(&steps, unfinished, step_status(status))
+                    .await;
+                self.step_outcome(step, status, oom)
+            }
+            (_, Some((reason, message))) => {
+                self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
+                    .await;
+                tracing::warn!(pod = %self.name, %reason, %message, "the job pod failed underneath the job");
+                Outcome::Lost
+            }
+            _ if state.gone => {
+                self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
+                    .await;
+                tracing::warn!(pod = %self.name, "the job pod was deleted underneath the job");
+                Outcome::Lost
+            }
+            _ => {
+                self.end_unfinished(&steps, unfinished, StepStatus::NotStarted)
+                    .await;
+                Outcome::RunnerError {
+                    message: match logs_broke {
+                        Some(e) => format!("the output of pod {} broke off: {e}", self.name),
+                        None => format!(
+                            "the job container of pod {} ended before its steps did",
+                            self.name
+                        ),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Emits `StepFinished` for a step that was still running when the job ended.
+    async fn end_unfinished(&self, steps: &Steps, step: Option<usize>, status: StepStatus) {
+        if let Some(i) = step {
+            self.sink
+                .emit(EventKind::StepFinished {
+                    step: i,
+                    name: self.job.steps[i].display_name(i),
+                    status,
+                    duration: steps.started_at[i].map(|t| t.elapsed()).unwrap_or_default(),
+                })
+                .await;
+        }
+    }
+
+    /// Notes a step's end (from the stream whose markers count first).
+    fn record_end(&self, steps: &mut Steps, step: usize, code: i32) {
+        steps.codes[step] = Some(code);
+        if code != 0 && steps.failure.is_none() && !self.job.steps[step].continue_on_error {
+            steps.failure = Some((step, code));
+        }
+    }
+
+    /// Emits `StepFinished` once every stream has passed a step's end, then lets them go on.
+    async fn barrier(&self, readers: &mut [Reader], steps: &mut Steps) {
+        let Some(step) = readers.iter().filter_map(|r| r.blocked).min() else {
+            return;
+        };
+        if !readers.iter().all(|r| r.done || r.blocked == Some(step)) {
+            return;
+        }
+        // The status comes from the end marker seen; a stream that ended without one
+        // (output cut off) leaves the decision to the container's status.
+        if !steps.finished[step] {
+            steps.finished[step] = true;
+            let code = steps.codes[step].unwrap_or(0);
+            self.sink
+                .emit(EventKind::StepFinished {
+                    step,
+                    name: self.job.steps[step].display_name(step),
+                    status: step_status(code),
+                    duration: steps.started_at[step]
+                        .map(|t| t.elapsed())
+                        .unwrap_or_default(),
+                })
+                .await;
+        }
+        for r in readers.iter_mut() {
+            if r.blocked == Some(step) {
+                r.blocked = None;
+            }
+        }
+    }
+
+    fn step_outcome(&self, step: usize, code: i32, oom: bool) -> Outcome {
+        let step_name = self.job.steps[step].display_name(step);
+        if (129..=192).contains(&code) || oom {
+            Outcome::Signalled {
+                step,
+                step_name,
+                signal: if oom { 9 } else { code - 128 },
+                oom_killed: oom,
+            }
+        } else {
+            Outcome::Failed {
+                step,
+                step_name,
+                exit_code: code,
+            }
+        }
+    }
+
+    fn not_started(&self, state: &Seen) -> Outcome {
+        let reason = state
+            .pending
+            .clone()
+            .unwrap_or_else(|| "no status from the cluster".into());
+        Outcome::RunnerError {
+            message: self.secrets.mask_str(&format!(
+                "pod {} did not start within {:?}: {reason}",
+                self.name, self.inner.config.pending_timeout
+            )),
+        }
+    }
+}
+
+fn step_status(code: i32) -> StepStatus {
+    if (129..=192).contains(&code) {
+        StepStatus::Signalled(code - 128)
+    } else {
+        StepStatus::Exited(code)
+    }
+}
