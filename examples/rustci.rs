@@ -18,7 +18,9 @@ enum Command {
     Run {
         /// Job file (YAML, or JSON when it ends in .json).
         file: PathBuf,
-        /// local, native, docker (with the `docker` feature) or auto (the selector decides).
+        /// local, native, docker (with the `docker` feature), kubernetes (with the `k8s`
+        /// feature; kubeconfig as kubectl finds it, RUSTCI_K8S_NAMESPACE, RUSTCI_K8S_IMAGE)
+        /// or auto (the selector decides).
         #[arg(long, default_value = "auto")]
         runner: RunnerChoice,
         /// Print one JSON event per line instead of the output.

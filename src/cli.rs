@@ -65,6 +65,29 @@ pub async fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
         Ok(r) => runners.push(Arc::new(r)),
         Err(e) => problems.push(format!("docker: {e}")),
     }
+    #[cfg(feature = "k8s")]
+    {
+        let home_config = std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(".kube/config").exists())
+            .unwrap_or(false);
+        let configured = std::env::var_os("KUBECONFIG").is_some()
+            || home_config
+            || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        if configured {
+            let config = rustci_runners_k8s::KubernetesConfig::from_env();
+            let connect = rustci_runners_k8s::KubernetesRunner::connect(config);
+            match tokio::time::timeout(std::time::Duration::from_secs(15), connect).await {
+                Ok(Ok(r)) => runners.push(Arc::new(r)),
+                Ok(Err(e)) => problems.push(format!("kubernetes: {e}")),
+                Err(_) => problems.push("kubernetes: the cluster gave no answer within 15s".into()),
+            }
+        } else {
+            problems.push(
+                "kubernetes: no kubeconfig ($KUBECONFIG or ~/.kube/config) and not in a cluster"
+                    .into(),
+            );
+        }
+    }
     (runners, problems)
 }
 

@@ -96,7 +96,7 @@ pub enum PodPatch {
 }
 
 /// The security context of job pods.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SecurityOptions {
     /// `runAsNonRoot`.
@@ -113,20 +113,6 @@ pub struct SecurityOptions {
     pub read_only_root_filesystem: bool,
     /// Capabilities to drop (e.g. `ALL`).
     pub drop_capabilities: Vec<String>,
-}
-
-impl Default for SecurityOptions {
-    fn default() -> Self {
-        SecurityOptions {
-            run_as_non_root: None,
-            run_as_user: None,
-            run_as_group: None,
-            fs_group: None,
-            allow_privilege_escalation: false,
-            read_only_root_filesystem: false,
-            drop_capabilities: Vec::new(),
-        }
-    }
 }
 
 /// Options of every job's Pod.
@@ -241,6 +227,27 @@ impl Default for KubernetesConfig {
 }
 
 impl KubernetesConfig {
+    /// The defaults, with what the environment sets: the kubeconfig as `kubectl` finds it
+    /// (`$KUBECONFIG`, `~/.kube/config`, else in-cluster), `RUSTCI_K8S_CONTEXT` (a context
+    /// other than the current one), `RUSTCI_K8S_NAMESPACE` and `RUSTCI_K8S_IMAGE` (the
+    /// image of jobs that name none).
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let connection = match var("RUSTCI_K8S_CONTEXT") {
+            Some(context) => Connection::Kubeconfig {
+                path: None,
+                context: Some(context),
+            },
+            None => Connection::Infer,
+        };
+        KubernetesConfig {
+            connection,
+            namespace: var("RUSTCI_K8S_NAMESPACE"),
+            default_image: var("RUSTCI_K8S_IMAGE"),
+            ..KubernetesConfig::default()
+        }
+    }
+
     /// Every problem with this configuration that can be seen without the cluster.
     pub(crate) fn check(&self) -> Result<(), Error> {
         let mut problems = Vec::new();

@@ -42,7 +42,7 @@ pub fn validate_quantity(s: &str) -> Result<(), String> {
 /// `cpus` (fractions of a CPU) as a quantity in millicores, rounded up.
 pub(crate) fn cpu_quantity(cpus: f64) -> String {
     let milli = (cpus * 1000.0).ceil().max(1.0) as u64;
-    if milli % 1000 == 0 {
+    if milli.is_multiple_of(1000) {
         (milli / 1000).to_string()
     } else {
         format!("{milli}m")

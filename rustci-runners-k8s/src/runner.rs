@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::AsyncReadExt;
+use futures::AsyncBufReadExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use rustci_runners::job::{Job, JobSpec};
@@ -311,7 +311,7 @@ impl Inner {
             }
             if let Some(name) = p.metadata.name {
                 tracing::info!(pod = %name, "removing a pod left by an earlier runner");
-                if self.delete_pod(&name, Some(0)).await {
+                if self.delete_pod_and_wait(&name, p.metadata.uid).await {
                     removed += 1;
                 }
             }
@@ -359,6 +359,32 @@ impl Inner {
             }
         }
         false
+    }
+
+    /// Deletes a pod with its own grace period and waits (through a watch of that pod)
+    /// until it is gone, so nothing of it runs on.
+    async fn delete_pod_and_wait(&self, name: &str, uid: Option<String>) -> bool {
+        if !self.delete_pod(name, None).await {
+            return false;
+        }
+        let uid = uid.unwrap_or_default();
+        let gone = kube::runtime::wait::await_condition(
+            self.pods.clone(),
+            name,
+            kube::runtime::conditions::is_deleted(&uid),
+        );
+        let limit = self.config.termination_grace + DELETE_WAIT;
+        match tokio::time::timeout(limit, gone).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(pod = %name, error = %e, "cannot follow the deletion of a pod");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(pod = %name, "a deleted pod was not gone after {limit:?}");
+                false
+            }
+        }
     }
 
     async fn delete_secret(&self, name: &str) -> bool {
@@ -455,9 +481,10 @@ impl Runner for KubernetesRunner {
             .list_metadata(&lp)
             .await
             .map_err(|e| api_error("cannot list pods", &e))?;
+        // Deleted one after another: there is normally one pod per execution.
         for p in pods.items {
             if let Some(name) = p.metadata.name {
-                inner.delete_pod(&name, Some(0)).await;
+                inner.delete_pod_and_wait(&name, p.metadata.uid).await;
             }
         }
         let secrets = inner
@@ -597,7 +624,7 @@ async fn read_log(
             return;
         }
     };
-    let mut body = match client.request_stream(request).await {
+    let body = match client.request_stream(request).await {
         Ok(b) => b,
         Err(e) => {
             let _ = tx
@@ -610,12 +637,13 @@ async fn read_log(
         }
     };
     let mut parser = MarkerParser::new(&nonce);
-    let mut buf = vec![0u8; 64 << 10];
     let mut pieces = Vec::new();
+    let mut body = Box::pin(body);
     loop {
-        match body.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => parser.push(&buf[..n], &mut pieces),
+        // Parse the body's chunks where they lie, without copying them first.
+        let chunk = match body.fill_buf().await {
+            Ok([]) => break,
+            Ok(chunk) => chunk,
             Err(e) => {
                 parser.finish(&mut pieces);
                 for p in pieces.drain(..) {
@@ -629,7 +657,10 @@ async fn read_log(
                     .await;
                 return;
             }
-        }
+        };
+        let n = chunk.len();
+        parser.push(chunk, &mut pieces);
+        body.consume_unpin(n);
         for p in pieces.drain(..) {
             if tx.send(LogItem::Piece(p)).await.is_err() {
                 return;
@@ -672,8 +703,13 @@ struct Seen {
     started: bool,
     /// Exit code and reason once terminated.
     terminated: Option<(i32, String)>,
-    /// Pod phase Failed with this reason (DeadlineExceeded, NodeLost, Evicted, …).
+    /// Pod phase Failed with this pod-level reason (DeadlineExceeded, NodeLost, Evicted, …).
     pod_failed: Option<(String, String)>,
+    /// The pod is done: phase Succeeded or Failed, or its job container ended while other
+    /// containers (added by a patch) may run on.
+    done: bool,
+    /// Someone deleted the pod (it has a deletion timestamp).
+    deleting: bool,
     /// Why it is still pending, in the cluster's words.
     pending: Option<String>,
     /// Pending for a reason that cannot resolve by waiting.
@@ -691,14 +727,16 @@ fn seen(state: &PodState) -> Seen {
         }
         PodState::Present(p) => p,
     };
+    s.deleting = pod.metadata.deletion_timestamp.is_some();
     let Some(status) = &pod.status else {
         return s;
     };
-    if status.phase.as_deref() == Some("Failed") {
-        s.pod_failed = Some((
-            status.reason.clone().unwrap_or_default(),
-            status.message.clone().unwrap_or_default(),
-        ));
+    let phase = status.phase.as_deref();
+    s.done = matches!(phase, Some("Succeeded" | "Failed"));
+    if phase == Some("Failed")
+        && let Some(reason) = status.reason.as_ref().filter(|r| !r.is_empty())
+    {
+        s.pod_failed = Some((reason.clone(), status.message.clone().unwrap_or_default()));
     }
     let container = status
         .container_statuses
@@ -712,6 +750,8 @@ fn seen(state: &PodState) -> Seen {
         if let Some(t) = &state.terminated {
             s.started = true;
             s.terminated = Some((t.exit_code, t.reason.clone().unwrap_or_default()));
+            let containers = pod.spec.as_ref().map_or(1, |spec| spec.containers.len());
+            s.done |= containers > 1;
         }
         if let Some(w) = &state.waiting {
             let reason = w.reason.clone().unwrap_or_default();
@@ -883,11 +923,8 @@ impl JobRun {
                 output_done_at = Some(Instant::now());
             }
             // The end: output read, and the container's end (or the pod's) known.
-            let ended = state.terminated.is_some() || state.gone || state.pod_failed.is_some();
+            let ended = state.done || state.gone;
             if ended && !reading {
-                break;
-            }
-            if state.gone && stop.is_none() && !reading {
                 break;
             }
             if let Some(at) = output_done_at
@@ -1033,6 +1070,7 @@ impl JobRun {
                                     readers.truncate(1);
                                     writers[1] = None;
                                     readers[0].stream = OutputStream::Stdout;
+                                    self.barrier(&mut readers, &mut steps).await;
                                 }
                                 continue;
                             }
@@ -1111,6 +1149,21 @@ impl JobRun {
             tracing::info!(pod = %self.name, %message, "the cluster ended the job pod at its deadline");
             return Outcome::TimedOut { step: current };
         }
+        // Deleted or failed underneath the job (a lost node, an eviction): whatever the
+        // steps reported as the container was killed, the job was lost.
+        if state.gone || state.deleting || state.pod_failed.is_some() {
+            self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
+                .await;
+            match &state.pod_failed {
+                Some((reason, message)) => {
+                    tracing::warn!(pod = %self.name, %reason, %message, "the job pod failed underneath the job")
+                }
+                None => {
+                    tracing::warn!(pod = %self.name, "the job pod was deleted underneath the job")
+                }
+            }
+            return Outcome::Lost;
+        }
         if let Some((step, code)) = steps.failure {
             return self.step_outcome(step, code, oom);
         }
@@ -1121,26 +1174,14 @@ impl JobRun {
                 _ => Outcome::Succeeded,
             };
         }
-        // The container or the pod ended before the steps did.
-        match (&state.terminated, &state.pod_failed) {
-            (Some((code, _)), None) if *code != 0 || oom => {
+        // The container ended before the steps did.
+        match &state.terminated {
+            Some((code, _)) if *code != 0 || oom => {
                 let step = current.unwrap_or(0);
                 let status = if oom { 137 } else { *code };
                 self.end_unfinished(&steps, unfinished, step_status(status))
                     .await;
                 self.step_outcome(step, status, oom)
-            }
-            (_, Some((reason, message))) => {
-                self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
-                    .await;
-                tracing::warn!(pod = %self.name, %reason, %message, "the job pod failed underneath the job");
-                Outcome::Lost
-            }
-            _ if state.gone => {
-                self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
-                    .await;
-                tracing::warn!(pod = %self.name, "the job pod was deleted underneath the job");
-                Outcome::Lost
             }
             _ => {
                 self.end_unfinished(&steps, unfinished, StepStatus::NotStarted)

@@ -1,0 +1,9 @@
+//! The conformance suite: KubernetesRunner against the fake cluster, whose kubelet runs
+//! every pod on this machine's Docker engine. Each check gets a cluster of its own.
+//!
+//! Without a reachable engine every test prints `SKIPPED`; with `RUSTCI_REQUIRE_DOCKER`
+//! set (as `.ci/run` does) that is a failure instead.
+
+mod common;
+
+rustci_runners::conformance_tests!(optional: common::target().await);
