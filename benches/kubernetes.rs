@@ -62,7 +62,11 @@ fn k8s_latency(c: &mut Criterion) {
         let n = cluster
             .requests()
             .iter()
-            .filter(|r| !r.query.contains("watch=true") && !r.query.contains("watch=1"))
+            .filter(|r| {
+                !r.query.contains("watch=true")
+                    && !r.query.contains("watch=1")
+                    && !r.query.contains("labelSelector=rustci.managed")
+            })
             .count();
         counts.push(format!(
             "{steps} step(s){}: {n}",
@@ -80,7 +84,7 @@ fn k8s_latency(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(20));
     group.bench_function("fake_kubelet/direct", |b| {
         b.to_async(&rt).iter(|| async {
-            let code = run_container_direct(&docker, IMAGE, vec!["true".into()])
+            let code = run_container_direct(&docker, IMAGE, vec!["true".into()], "none")
                 .await
                 .unwrap();
             assert_eq!(code, 0);

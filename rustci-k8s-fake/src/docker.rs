@@ -152,14 +152,21 @@ pub(crate) async fn remove_all(docker: &Docker, cluster_id: &str) {
 /// The kubelet's container path used directly, without the API: creates a container of
 /// `image` running `command` (as the entrypoint; the image's entrypoint when empty),
 /// attaches before starting, drains its output, waits for its exit, removes it and returns
-/// the exit code. The baseline for benchmarks of the Kubernetes runner against the fake.
+/// the exit code. `network_mode` is the Docker network mode, as
+/// [`FakeConfig::network_mode`](crate::FakeConfig::network_mode) sets it for pods. The
+/// baseline for benchmarks of the Kubernetes runner against the fake.
 pub async fn run_container_direct(
     docker: &Docker,
     image: &str,
     command: Vec<String>,
+    network_mode: &str,
 ) -> Result<i64, FakeError> {
     let body = ContainerCreateBody {
         image: Some(image.to_string()),
+        host_config: Some(bollard::models::HostConfig {
+            network_mode: Some(network_mode.to_string()),
+            ..Default::default()
+        }),
         entrypoint: (!command.is_empty()).then_some(command),
         attach_stdout: Some(true),
         attach_stderr: Some(true),

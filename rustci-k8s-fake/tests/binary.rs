@@ -30,6 +30,11 @@ async fn binary_serves_until_sigterm() {
         first.starts_with("listening on https://127.0.0.1:"),
         "{first}"
     );
+    let cluster = lines.next().unwrap().unwrap();
+    assert!(
+        cluster.starts_with("cluster ") && cluster.contains("rustci.fake-cluster="),
+        "{cluster}"
+    );
     let second = lines.next().unwrap().unwrap();
     assert_eq!(
         second,

@@ -1072,7 +1072,7 @@ async fn direct_container_path() {
     }
     let docker = bollard::Docker::connect_with_defaults().unwrap();
     let cmd = ["sh", "-c", "echo hi; exit 7"].map(String::from).to_vec();
-    let code = rustci_k8s_fake::run_container_direct(&docker, IMAGE, cmd)
+    let code = rustci_k8s_fake::run_container_direct(&docker, IMAGE, cmd, "bridge")
         .await
         .unwrap();
     assert_eq!(code, 7);

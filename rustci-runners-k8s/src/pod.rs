@@ -27,8 +27,9 @@ pub const ANNOTATION_JOB_ID: &str = "rustci.job-id";
 /// Name of the job container in every pod.
 pub const CONTAINER: &str = "job";
 
-/// Largest entry script (all steps together) a pod spec carries.
-pub const MAX_SCRIPT_BYTES: usize = 512 << 10;
+/// Largest entry script (all steps together): it is one argument of `/bin/sh -c`, and
+/// Linux takes at most 128 KiB in one argument.
+pub const MAX_SCRIPT_BYTES: usize = 120 << 10;
 
 /// Who is creating the objects.
 pub(crate) struct Owner<'a> {
@@ -121,12 +122,16 @@ pub(crate) fn build(
 ) -> Result<JobObjects, Error> {
     let name = object_name(id);
     let nonce = JobId::new().as_str().to_string();
-    let script = entry_script(job, &nonce);
+    let shared_workspace = matches!(
+        config.pod.workspace,
+        WorkspaceVolume::PersistentVolumeClaim { .. }
+    );
+    let script = entry_script(job, &nonce, shared_workspace);
     if script.len() > MAX_SCRIPT_BYTES {
         return Err(Error::Unsupported {
             runner: owner.runner_name.to_string(),
             reasons: vec![format!(
-                "the job's steps take {} KiB of script; a pod spec carries at most {} KiB",
+                "the job's steps take {} KiB of script; a job pod runs at most {} KiB",
                 script.len() >> 10,
                 MAX_SCRIPT_BYTES >> 10
             )],

@@ -35,8 +35,8 @@ use tokio::time::Instant;
 
 use crate::config::{Connection, KubernetesConfig, LogStreams};
 use crate::pod::{
-    self, ANNOTATION_OWNER, CONTAINER, JobObjects, LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER,
-    LABEL_RUNNER_NAME, Owner,
+    self, ANNOTATION_JOB_ID, ANNOTATION_OWNER, CONTAINER, JobObjects, LABEL_JOB, LABEL_MANAGED,
+    LABEL_RUNNER, LABEL_RUNNER_NAME, Owner,
 };
 use crate::script::{Mark, MarkerParser, Piece, Tag};
 use crate::watch::{PodState, PodWatch, Subscription};
@@ -161,6 +161,10 @@ impl KubernetesRunner {
             .namespace
             .clone()
             .unwrap_or_else(|| kube_config.default_namespace.clone());
+        // The runner retries what is safe to retry itself, through the rate limit; kube's own
+        // retry layer sits below it and would multiply requests unseen.
+        let mut kube_config = kube_config;
+        kube_config.default_retry = false;
         let rate = tower::limit::RateLimitLayer::new(
             u64::from(config.requests_per_second),
             Duration::from_secs(1),
@@ -192,6 +196,7 @@ impl KubernetesRunner {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
 
+        let owner = rustci_runners::owner::owner_token();
         let info = RunnerInfo::new(config.name.clone(), RunnerKind::Kubernetes)
             .with_labels(config.labels.iter().cloned());
         let mut caps = Capabilities::host(Isolation::Pod);
@@ -224,10 +229,12 @@ impl KubernetesRunner {
             }
         }
 
-        let owner = rustci_runners::owner::owner_token();
-        // The patch must apply to a job's pod: try it on a sample before any job.
-        let sample = Job::new("sample", vec![rustci_runners::Step::run("true")]);
-        pod::build(
+        // A job's objects must be acceptable: build a sample (the patch must apply), then
+        // have the API server check it without storing it (`dryRun`): the namespace, the
+        // right to create pods and secrets, admission and quotas.
+        let sample = Job::new("sample", vec![rustci_runners::Step::run("true")])
+            .with_secret("RUSTCI_SAMPLE", "x");
+        let objects = pod::build(
             &config,
             &Owner {
                 runner_id: &info.id,
@@ -239,6 +246,30 @@ impl KubernetesRunner {
             config.default_image.as_deref().unwrap_or("busybox"),
             &JobId::new(),
         )?;
+        let dry = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        if let Some(secret) = &objects.secret {
+            secrets.create(&dry, secret).await.map_err(|e| {
+                api_error(
+                    &format!("cannot create secrets in namespace {namespace:?}"),
+                    &e,
+                )
+            })?;
+        }
+        pods.create(&dry, &objects.pod)
+            .await
+            .map_err(|e| match status_code(&e) {
+                Some(404) => Error::InvalidConfig(format!(
+                    "kubernetes runner {}: namespace {namespace:?} does not exist",
+                    config.name
+                )),
+                _ => api_error(
+                    &format!("cannot create pods in namespace {namespace:?}"),
+                    &e,
+                ),
+            })?;
 
         let selector = format!(
             "{LABEL_MANAGED}=true,{LABEL_RUNNER}={}",
@@ -300,22 +331,26 @@ impl Inner {
                 &e,
             )
         })?;
-        for p in pods.items {
-            if keep(
-                p.metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_OWNER)),
-            ) {
-                continue;
+        // Every leftover is deleted at once, and then waited for: a retry must never run
+        // beside what is left of an earlier attempt.
+        let deletions = pods.items.into_iter().filter_map(|p| {
+            let owner = p
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_OWNER));
+            if keep(owner) {
+                return None;
             }
-            if let Some(name) = p.metadata.name {
-                tracing::info!(pod = %name, "removing a pod left by an earlier runner");
-                if self.delete_pod_and_wait(&name, p.metadata.uid).await {
-                    removed += 1;
-                }
-            }
-        }
+            let name = p.metadata.name?;
+            tracing::info!(pod = %name, "removing a pod left by an earlier runner");
+            Some(async move { self.delete_pod_and_wait(&name, p.metadata.uid).await })
+        });
+        removed += futures::future::join_all(deletions)
+            .await
+            .into_iter()
+            .filter(|gone| *gone)
+            .count();
         let secrets = self.secrets.list(&lp).await.map_err(|e| {
             api_error(
                 &format!("cannot list secrets in namespace {:?}", self.namespace),
@@ -343,8 +378,10 @@ impl Inner {
     /// Deletes a pod; `grace` in seconds, `None` for the pod's own. True when the pod is
     /// being deleted or was already gone.
     async fn delete_pod(&self, name: &str, grace: Option<u32>) -> bool {
+        // Zero would be a force deletion: the object goes at once while its containers
+        // may still run on the node.
         let dp = DeleteParams {
-            grace_period_seconds: grace,
+            grace_period_seconds: grace.map(|g| g.max(1)),
             ..DeleteParams::default()
         };
         for attempt in 0..ATTEMPTS {
@@ -403,7 +440,9 @@ impl Inner {
     }
 
     /// Creates an object, retrying what the server failed at. A `409` after such a retry
-    /// is the earlier attempt having succeeded: `exists` confirms it is ours.
+    /// is the earlier attempt having succeeded: `exists` confirms it is ours. On failure,
+    /// the flag says whether the object may exist all the same (a request whose answer was
+    /// a server error or none may have been carried out).
     async fn create<K, F, Fut>(
         &self,
         api: &Api<K>,
@@ -411,7 +450,7 @@ impl Inner {
         kind: &str,
         name: &str,
         exists: F,
-    ) -> Result<(), Error>
+    ) -> Result<(), (Error, bool)>
     where
         K: kube::Resource
             + Clone
@@ -425,14 +464,21 @@ impl Inner {
             "cannot create {kind} {name:?} in namespace {:?}",
             self.namespace
         );
+        let mut ambiguous = false;
         for attempt in 0..ATTEMPTS {
             match api.create(&PostParams::default(), object).await {
                 Ok(_) => return Ok(()),
-                Err(e) if status_code(&e) == Some(409) && attempt > 0 && exists().await => {
+                Err(e) if status_code(&e) == Some(409) && ambiguous && exists().await => {
                     return Ok(());
                 }
-                Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => backoff(attempt).await,
-                Err(e) => return Err(api_error(&what, &e)),
+                Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => {
+                    ambiguous = true;
+                    backoff(attempt).await
+                }
+                Err(e) => {
+                    let maybe = ambiguous || retryable(&e);
+                    return Err((api_error(&what, &e), maybe));
+                }
             }
         }
         unreachable!("the last attempt returns")
@@ -476,23 +522,28 @@ impl Runner for KubernetesRunner {
             "{LABEL_MANAGED}=true,{LABEL_JOB}={}",
             pod::label_safe(id.as_str())
         ));
+        // The label is a safe form of the id; the annotation holds it exactly.
+        let of_id = |meta: &kube::api::ObjectMeta| is_execution(meta, id);
         let pods = inner
             .pods
             .list_metadata(&lp)
             .await
             .map_err(|e| api_error("cannot list pods", &e))?;
-        // Deleted one after another: there is normally one pod per execution.
-        for p in pods.items {
-            if let Some(name) = p.metadata.name {
-                inner.delete_pod_and_wait(&name, p.metadata.uid).await;
-            }
-        }
+        let deletions = pods
+            .items
+            .into_iter()
+            .filter(|p| of_id(&p.metadata))
+            .filter_map(|p| {
+                let name = p.metadata.name?;
+                Some(async move { inner.delete_pod_and_wait(&name, p.metadata.uid).await })
+            });
+        futures::future::join_all(deletions).await;
         let secrets = inner
             .secrets
             .list_metadata(&lp)
             .await
             .map_err(|e| api_error("cannot list secrets", &e))?;
-        for s in secrets.items {
+        for s in secrets.items.into_iter().filter(|s| of_id(&s.metadata)) {
             if let Some(name) = s.metadata.name {
                 inner.delete_secret(&name).await;
             }
@@ -538,37 +589,64 @@ impl Runner for KubernetesRunner {
         let slot = inner
             .running
             .acquire(&inner.info.name, inner.caps.max_concurrency)?;
-        let subscription = inner.watch.subscribe(&name);
-        let ours = |labels: Option<&std::collections::BTreeMap<String, String>>| {
-            labels.and_then(|l| l.get(LABEL_JOB)).map(String::as_str)
-                == Some(pod::label_safe(id.as_str()).as_str())
+        let Some(subscription) = inner.watch.subscribe(&name) else {
+            return Err(Error::Unsupported {
+                runner: inner.info.name.clone(),
+                reasons: vec![format!("execution {id} is already running on this runner")],
+            });
         };
+        // What exists after an ambiguous failure is ours only with this execution's id and
+        // this runner as owner.
+        let ours = |meta: &kube::api::ObjectMeta| {
+            is_execution(meta, &id)
+                && meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_OWNER))
+                    == Some(&inner.owner)
+        };
+        let mut created = Created {
+            inner: inner.clone(),
+            name: name.clone(),
+            secret: false,
+            pod: false,
+        };
+        // Marked before each request: a dropped `start` cannot tell whether it got through,
+        // and deleting what does not exist is harmless. A clean refusal (a conflict with
+        // someone else's object, 403, 422) created nothing and must not delete anything.
         if let Some(secret) = &secret {
-            inner
+            created.secret = true;
+            let result = inner
                 .create(&inner.secrets, secret, "secret", &name, || async {
                     inner
                         .secrets
                         .get_metadata(&name)
                         .await
-                        .is_ok_and(|s| ours(s.metadata.labels.as_ref()))
+                        .is_ok_and(|s| ours(&s.metadata))
                 })
-                .await?;
+                .await;
+            if let Err((e, maybe)) = result {
+                created.secret = maybe;
+                created.undo().await;
+                return Err(e);
+            }
         }
-        let created = inner
+        created.pod = true;
+        let result = inner
             .create(&inner.pods, &pod, "pod", &name, || async {
                 inner
                     .pods
                     .get_metadata(&name)
                     .await
-                    .is_ok_and(|p| ours(p.metadata.labels.as_ref()))
+                    .is_ok_and(|p| ours(&p.metadata))
             })
             .await;
-        if let Err(e) = created {
-            if secret.is_some() {
-                inner.delete_secret(&name).await;
-            }
+        if let Err((e, maybe)) = result {
+            created.pod = maybe;
+            created.undo().await;
             return Err(e);
         }
+        created.keep();
         tracing::debug!(pod = %name, job_id = %id, "created the job pod");
 
         let (execution, sink) = Execution::channel(id, inner.config.event_buffer);
@@ -586,6 +664,60 @@ impl Runner for KubernetesRunner {
         };
         tokio::spawn(run.run());
         Ok(execution)
+    }
+}
+
+/// True when `meta` belongs to execution `id` (its exact id annotation).
+fn is_execution(meta: &kube::api::ObjectMeta, id: &JobId) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_JOB_ID))
+        .is_some_and(|v| v == id.as_str())
+}
+
+/// Removes a job's objects if `start` is abandoned (its future dropped, or an error)
+/// after some were created.
+struct Created {
+    inner: Arc<Inner>,
+    name: String,
+    secret: bool,
+    pod: bool,
+}
+
+impl Created {
+    async fn undo(mut self) {
+        let (pod, secret) = (
+            std::mem::take(&mut self.pod),
+            std::mem::take(&mut self.secret),
+        );
+        if pod {
+            self.inner.delete_pod(&self.name, None).await;
+        }
+        if secret {
+            self.inner.delete_secret(&self.name).await;
+        }
+    }
+
+    /// The job task owns the objects from here on.
+    fn keep(mut self) {
+        self.pod = false;
+        self.secret = false;
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if (self.pod || self.secret)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let rest = Created {
+                inner: self.inner.clone(),
+                name: std::mem::take(&mut self.name),
+                secret: std::mem::take(&mut self.secret),
+                pod: std::mem::take(&mut self.pod),
+            };
+            handle.spawn(rest.undo());
+        }
     }
 }
 
@@ -685,6 +817,8 @@ struct Reader {
     step: Option<usize>,
     /// Waiting at the end of this step for the other stream.
     blocked: Option<usize>,
+    /// An item taken early, handled once the reader is no longer blocked.
+    stash: Option<LogItem>,
     done: bool,
     /// Output was delivered from it.
     delivered: bool,
@@ -696,13 +830,23 @@ impl Drop for Reader {
     }
 }
 
+/// How the job container ended.
+#[derive(Clone, Debug, Default)]
+struct Terminated {
+    code: i32,
+    reason: String,
+    message: String,
+}
+
 /// What the pod's status says about the job container.
 #[derive(Clone, Debug, Default)]
 struct Seen {
     /// The container started (running or terminated).
     started: bool,
-    /// Exit code and reason once terminated.
-    terminated: Option<(i32, String)>,
+    /// The container is running now.
+    running: bool,
+    /// How it ended, once terminated.
+    terminated: Option<Terminated>,
     /// Pod phase Failed with this pod-level reason (DeadlineExceeded, NodeLost, Evicted, …).
     pod_failed: Option<(String, String)>,
     /// The pod is done: phase Succeeded or Failed, or its job container ended while other
@@ -746,10 +890,15 @@ fn seen(state: &PodState) -> Seen {
     if let Some(state) = container.and_then(|c| c.state.as_ref()) {
         if state.running.is_some() {
             s.started = true;
+            s.running = true;
         }
         if let Some(t) = &state.terminated {
             s.started = true;
-            s.terminated = Some((t.exit_code, t.reason.clone().unwrap_or_default()));
+            s.terminated = Some(Terminated {
+                code: t.exit_code,
+                reason: t.reason.clone().unwrap_or_default(),
+                message: t.message.clone().unwrap_or_default(),
+            });
             let containers = pod.spec.as_ref().map_or(1, |spec| spec.containers.len());
             s.done |= containers > 1;
         }
@@ -788,6 +937,15 @@ enum Stop {
     Cancelled,
 }
 
+impl Stop {
+    fn status(self) -> StepStatus {
+        match self {
+            Stop::TimedOut => StepStatus::TimedOut,
+            Stop::Cancelled => StepStatus::Cancelled,
+        }
+    }
+}
+
 struct JobRun {
     inner: Arc<Inner>,
     name: String,
@@ -808,8 +966,29 @@ struct Steps {
     finished: Vec<bool>,
     /// Exit status of each step, from its end marker.
     codes: Vec<Option<i32>>,
-    /// The first step that failed the job, with its status.
+    /// The first step that failed the job on its own, with its status.
     failure: Option<(usize, i32)>,
+    /// The runner's stop, and whether the job had already ended (failed, or every step
+    /// done) when it came.
+    stop: Option<(Stop, Instant, bool)>,
+    /// In a combined stream: the step whose stdout end marker came and whose stderr end
+    /// marker is awaited before its `StepFinished`.
+    pending_end: Option<usize>,
+}
+
+impl Steps {
+    fn all_finished(&self) -> bool {
+        self.started == self.finished.len() && self.finished.iter().all(|f| *f)
+    }
+}
+
+/// What woke the job loop.
+enum Wake {
+    Item(usize, Option<LogItem>),
+    Pod(bool),
+    Timeout,
+    Cancel,
+    Wait,
 }
 
 impl JobRun {
@@ -868,6 +1047,7 @@ impl JobRun {
             tag,
             step: None,
             blocked: None,
+            stash: None,
             done: false,
             delivered: false,
         }
@@ -889,11 +1069,19 @@ impl JobRun {
         }
     }
 
+    async fn request_stop(&self, steps: &mut Steps, why: Stop) {
+        let already = steps.failure.is_some() || steps.all_finished();
+        steps.stop = Some((why, Instant::now(), already));
+        let grace = self.inner.config.termination_grace.as_secs() as u32;
+        self.inner.delete_pod(&self.name, Some(grace)).await;
+    }
+
     /// Drives the job to its outcome; the pod may still exist afterwards.
     async fn drive(&mut self) -> Outcome {
         let started = Instant::now();
         let job_deadline = started + self.job.effective_timeout();
         let pending_deadline = started + self.inner.config.pending_timeout;
+        let grace = self.inner.config.termination_grace;
         let n = self.job.steps.len();
         let mut steps = Steps {
             started: 0,
@@ -901,10 +1089,11 @@ impl JobRun {
             finished: vec![false; n],
             codes: vec![None; n],
             failure: None,
+            stop: None,
+            pending_end: None,
         };
         let mut readers: Vec<Reader> = Vec::new();
         let mut writers: Vec<Option<StreamWriter<'_>>> = vec![None, None];
-        let mut stop: Option<(Stop, Instant)> = None;
         let mut state = seen(&self.pod.rx.borrow_and_update());
         let mut logs_broke: Option<String> = None;
         let mut output_done_at: Option<Instant> = None;
@@ -922,197 +1111,228 @@ impl JobRun {
             if !reading && !readers.is_empty() && output_done_at.is_none() {
                 output_done_at = Some(Instant::now());
             }
-            // The end: output read, and the container's end (or the pod's) known.
+            // The end: output read, and the pod's end known.
             let ended = state.done || state.gone;
             if ended && !reading {
                 break;
             }
+            // Output ended but the pod's status lags: wait for it a while, unless the
+            // container is still running (its log stream broke), which only the
+            // container's end or the job's timeout ends.
             if let Some(at) = output_done_at
                 && at.elapsed() > STATUS_WAIT
+                && !state.running
             {
                 break;
             }
+            let stop = steps.stop;
             if stop.is_none() && !state.started && !ended {
-                if state.hopeless {
-                    return self.not_started(&state);
-                }
-                if Instant::now() >= pending_deadline {
+                if state.hopeless || Instant::now() >= pending_deadline {
                     return self.not_started(&state);
                 }
             }
-            let step_deadline = (steps.started > 0)
-                .then(|| {
-                    let i = steps.started - 1;
-                    match (
-                        steps.finished[i],
-                        steps.started_at[i],
-                        self.job.steps[i].timeout,
-                    ) {
-                        (false, Some(at), Some(t)) => Some(at + t),
-                        _ => None,
-                    }
-                })
-                .flatten();
+            let step_deadline = steps.started.checked_sub(1).and_then(|i| {
+                match (
+                    steps.finished[i],
+                    steps.started_at[i],
+                    self.job.steps[i].timeout,
+                ) {
+                    (false, Some(at), Some(t)) => Some(at + t),
+                    _ => None,
+                }
+            });
             let timeout_at = step_deadline.map_or(job_deadline, |d| d.min(job_deadline));
-            let stop_wait =
-                stop.map(|(_, at)| at + self.inner.config.termination_grace + DELETE_WAIT);
-            let pending_at = (!state.started).then_some(pending_deadline);
-            let status_at = output_done_at.map(|at| at + STATUS_WAIT);
+            let stop_wait = stop.map(|(_, at, _)| at + grace + DELETE_WAIT);
+            let pending_at = (stop.is_none() && !state.started).then_some(pending_deadline);
+            let status_at = output_done_at
+                .filter(|_| !state.running)
+                .map(|at| at + STATUS_WAIT);
 
-            // Pick the next reader item, keeping the streams of one step together.
-            let (r0, r1) = match readers.as_mut_slice() {
-                [a, b] => (Some(a), Some(b)),
-                [a] => (Some(a), None),
-                _ => (None, None),
-            };
-            let can0 = r0.as_ref().is_some_and(|r| !r.done && r.blocked.is_none());
-            let can1 = r1.as_ref().is_some_and(|r| !r.done && r.blocked.is_none());
-            let (rx0, rx1) = (r0.map(|r| &mut r.rx), r1.map(|r| &mut r.rx));
-            enum Wake {
-                Item(usize, Option<LogItem>),
-                Pod(bool),
-                Timeout,
-                Cancel,
-                Wait,
-            }
-            let wake = tokio::select! {
-                item = async { rx0.unwrap().recv().await }, if can0 => Wake::Item(0, item),
-                item = async { rx1.unwrap().recv().await }, if can1 => Wake::Item(1, item),
-                changed = self.pod.rx.changed() => Wake::Pod(changed.is_ok()),
-                _ = tokio::time::sleep_until(timeout_at), if stop.is_none() => Wake::Timeout,
-                _ = sink.cancelled(), if stop.is_none() => Wake::Cancel,
-                _ = tokio::time::sleep_until(
-                    [stop_wait, pending_at, status_at].into_iter().flatten().min().unwrap_or(far)
-                ) => Wake::Wait,
+            // The next item: a stashed one first, else whichever unblocked stream has one.
+            let stashed = readers
+                .iter_mut()
+                .enumerate()
+                .find(|(_, r)| r.blocked.is_none() && r.stash.is_some())
+                .and_then(|(i, r)| r.stash.take().map(|item| (i, item)));
+            let wake = if let Some((i, item)) = stashed {
+                Wake::Item(i, Some(item))
+            } else {
+                let (r0, r1) = match readers.as_mut_slice() {
+                    [a, b] => (Some(a), Some(b)),
+                    [a] => (Some(a), None),
+                    _ => (None, None),
+                };
+                let can0 = r0.as_ref().is_some_and(|r| !r.done && r.blocked.is_none());
+                let can1 = r1.as_ref().is_some_and(|r| !r.done && r.blocked.is_none());
+                let (rx0, rx1) = (r0.map(|r| &mut r.rx), r1.map(|r| &mut r.rx));
+                tokio::select! {
+                    item = async { rx0.unwrap().recv().await }, if can0 => Wake::Item(0, item),
+                    item = async { rx1.unwrap().recv().await }, if can1 => Wake::Item(1, item),
+                    changed = self.pod.rx.changed() => Wake::Pod(changed.is_ok()),
+                    _ = tokio::time::sleep_until(timeout_at), if stop.is_none() => Wake::Timeout,
+                    _ = sink.cancelled(), if stop.is_none() => Wake::Cancel,
+                    _ = tokio::time::sleep_until(
+                        [stop_wait, pending_at, status_at].into_iter().flatten().min().unwrap_or(far)
+                    ) => Wake::Wait,
+                }
             };
             match wake {
                 Wake::Pod(true) => state = seen(&self.pod.rx.borrow_and_update()),
                 Wake::Pod(false) => {
-                    // The watch is gone (the runner is being dropped).
+                    // Only this job drops its subscription; seen for robustness.
                     state.gone = true;
                     break;
                 }
-                Wake::Timeout => {
-                    stop = Some((Stop::TimedOut, Instant::now()));
-                    self.inner
-                        .delete_pod(
-                            &self.name,
-                            Some(self.inner.config.termination_grace.as_secs() as u32),
-                        )
-                        .await;
-                }
-                Wake::Cancel => {
-                    stop = Some((Stop::Cancelled, Instant::now()));
-                    self.inner
-                        .delete_pod(
-                            &self.name,
-                            Some(self.inner.config.termination_grace.as_secs() as u32),
-                        )
-                        .await;
-                }
+                Wake::Timeout => self.request_stop(&mut steps, Stop::TimedOut).await,
+                Wake::Cancel => self.request_stop(&mut steps, Stop::Cancelled).await,
                 Wake::Wait => {
-                    if let Some((_, at)) = stop
-                        && at.elapsed() >= self.inner.config.termination_grace + DELETE_WAIT
+                    if let Some((_, at, _)) = stop
+                        && at.elapsed() >= grace + DELETE_WAIT
                     {
                         tracing::warn!(pod = %self.name, "the job pod did not stop in time");
                         break;
                     }
                 }
-                Wake::Item(i, item) => {
-                    let item = match item {
-                        Some(item) => item,
-                        None => {
-                            readers[i].done = true;
-                            if let Some(w) = writers[i].take() {
-                                w.finish().await;
-                            }
-                            self.barrier(&mut readers, &mut steps).await;
-                            continue;
+                Wake::Item(i, None) => {
+                    readers[i].done = true;
+                    if let Some(w) = writers[i].take() {
+                        w.finish().await;
+                    }
+                    if readers.len() == 1
+                        && let Some(k) = steps.pending_end.take()
+                    {
+                        self.finish_step(&mut steps, k).await;
+                    }
+                    self.barrier(&mut readers, &mut steps).await;
+                }
+                Wake::Item(i, Some(LogItem::Failed { code, message })) => {
+                    let refused =
+                        matches!(code, Some(400) | Some(422)) && message.contains("stream");
+                    if readers.len() == 2
+                        && refused
+                        && self.inner.config.log_streams == LogStreams::Auto
+                        && !readers.iter().any(|r| r.delivered)
+                    {
+                        // The cluster refuses split streams: one combined one.
+                        self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
+                        for w in writers.iter_mut().filter_map(Option::take) {
+                            w.finish().await;
                         }
-                    };
-                    match item {
-                        LogItem::Failed { code, message } => {
-                            let refused = matches!(code, Some(400) | Some(422));
-                            if readers.len() == 2
-                                && refused
-                                && self.inner.config.log_streams == LogStreams::Auto
-                                && !readers.iter().any(|r| r.delivered)
+                        readers = vec![self.start_reader(None, OutputStream::Stdout, Tag::Out)];
+                        continue;
+                    }
+                    tracing::warn!(pod = %self.name, error = %message, "reading the job's log failed");
+                    if logs_broke.is_none() {
+                        let note = self.secrets.mask_str(&format!(
+                            "rustci: the log stream of pod {} broke off ({message}); output from here on is lost\n",
+                            self.name
+                        ));
+                        sink.emit(EventKind::Output {
+                            step: steps.started.saturating_sub(1),
+                            stream: OutputStream::Stderr,
+                            data: note.into(),
+                        })
+                        .await;
+                        logs_broke = Some(message);
+                    }
+                    readers[i].done = true;
+                    if let Some(w) = writers[i].take() {
+                        w.finish().await;
+                    }
+                    self.barrier(&mut readers, &mut steps).await;
+                }
+                Wake::Item(i, Some(LogItem::Piece(Piece::Output(data)))) => {
+                    let step = readers[i].step.unwrap_or(0);
+                    readers[i].delivered = true;
+                    let stream = readers[i].stream;
+                    let w = writers[i].get_or_insert_with(|| {
+                        StreamWriter::new(sink, step, stream, secrets, budget)
+                    });
+                    w.write(data).await;
+                }
+                Wake::Item(i, Some(LogItem::Piece(Piece::Marker(tag, mark)))) => {
+                    let combined = readers.len() == 1;
+                    if tag != readers[i].tag && !combined {
+                        // Both requests got both streams: the cluster ignores `stream`.
+                        // Keep the stdout request as the combined one.
+                        self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
+                        if let Some(w) = writers[1].take() {
+                            w.finish().await;
+                        }
+                        readers.truncate(1);
+                        readers[0].stream = OutputStream::Stdout;
+                        self.barrier(&mut readers, &mut steps).await;
+                        continue;
+                    }
+                    if !combined {
+                        self.inner.split.store(SPLIT_YES, Ordering::Relaxed);
+                    }
+                    match (mark, tag) {
+                        // In a combined stream the stderr end marker closes the step whose
+                        // stdout already ended: its stderr has all arrived.
+                        (Mark::End(step, code), Tag::Err) if combined => {
+                            steps.codes[step.min(n - 1)].get_or_insert(code);
+                            if steps.pending_end == Some(step) {
+                                steps.pending_end = None;
+                                self.finish_step(&mut steps, step).await;
+                            }
+                        }
+                        (_, Tag::Err) if combined => {}
+                        (Mark::Start(step), _) if step < n => {
+                            // A stream that starts a step before the previous one closed
+                            // lost that end marker: close it first.
+                            if let Some(prev) = step.checked_sub(1)
+                                && steps.started > prev
+                                && !steps.finished[prev]
                             {
-                                // The cluster refuses split streams: one combined one.
-                                self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
-                                writers = vec![None, None];
-                                readers =
-                                    vec![self.start_reader(None, OutputStream::Stdout, Tag::Out)];
-                                continue;
+                                if combined {
+                                    steps.pending_end = None;
+                                    self.finish_step(&mut steps, prev).await;
+                                } else if readers[i].blocked.is_none()
+                                    && readers[i].step == Some(prev)
+                                {
+                                    readers[i].blocked = Some(prev);
+                                    readers[i].stash =
+                                        Some(LogItem::Piece(Piece::Marker(tag, mark)));
+                                    if let Some(w) = writers[i].take() {
+                                        w.finish().await;
+                                    }
+                                    self.barrier(&mut readers, &mut steps).await;
+                                    continue;
+                                }
                             }
-                            tracing::warn!(pod = %self.name, error = %message, "reading the job's log failed");
-                            logs_broke.get_or_insert(message);
-                            readers[i].done = true;
+                            readers[i].step = Some(step);
                             if let Some(w) = writers[i].take() {
                                 w.finish().await;
                             }
-                            self.barrier(&mut readers, &mut steps).await;
-                        }
-                        LogItem::Piece(Piece::Output(data)) => {
-                            let step = readers[i].step.unwrap_or(0);
-                            readers[i].delivered = true;
-                            let w = writers[i].get_or_insert_with(|| {
-                                StreamWriter::new(sink, step, readers[i].stream, secrets, budget)
-                            });
-                            w.write(data).await;
-                        }
-                        LogItem::Piece(Piece::Marker(tag, mark)) => {
-                            if tag != readers[i].tag {
-                                if readers.len() == 2 {
-                                    // Both requests got both streams: the cluster ignores
-                                    // `stream`. Keep the stdout request as the combined one.
-                                    self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
-                                    readers.truncate(1);
-                                    writers[1] = None;
-                                    readers[0].stream = OutputStream::Stdout;
-                                    self.barrier(&mut readers, &mut steps).await;
-                                }
-                                continue;
-                            }
-                            if readers.len() == 2 {
-                                self.inner.split.store(SPLIT_YES, Ordering::Relaxed);
-                            }
-                            match mark {
-                                Mark::Start(step) if step < n => {
-                                    readers[i].step = Some(step);
-                                    if let Some(w) = writers[i].take() {
-                                        w.finish().await;
-                                    }
-                                    writers[i] = Some(StreamWriter::new(
-                                        sink,
-                                        step,
-                                        readers[i].stream,
-                                        secrets,
-                                        budget,
-                                    ));
-                                    if step >= steps.started {
-                                        steps.started = step + 1;
-                                        steps.started_at[step] = Some(Instant::now());
-                                        sink.emit(EventKind::StepStarted {
-                                            step,
-                                            name: self.job.steps[step].display_name(step),
-                                        })
-                                        .await;
-                                    }
-                                }
-                                Mark::End(step, code) if step < n => {
-                                    if let Some(w) = writers[i].take() {
-                                        w.finish().await;
-                                    }
-                                    readers[i].blocked = Some(step);
-                                    if i == 0 || readers.len() == 1 {
-                                        self.record_end(&mut steps, step, code);
-                                    }
-                                    self.barrier(&mut readers, &mut steps).await;
-                                }
-                                _ => {}
+                            let stream = readers[i].stream;
+                            writers[i] =
+                                Some(StreamWriter::new(sink, step, stream, secrets, budget));
+                            if step >= steps.started {
+                                steps.started = step + 1;
+                                steps.started_at[step] = Some(Instant::now());
+                                sink.emit(EventKind::StepStarted {
+                                    step,
+                                    name: self.job.steps[step].display_name(step),
+                                })
+                                .await;
                             }
                         }
+                        (Mark::End(step, code), _) if step < n => {
+                            self.record_end(&mut steps, step, code);
+                            if combined {
+                                // Late stderr of this step may still come: close the step
+                                // at its stderr end marker (or the next start).
+                                steps.pending_end = Some(step);
+                            } else {
+                                if let Some(w) = writers[i].take() {
+                                    w.finish().await;
+                                }
+                                readers[i].blocked = Some(step);
+                                self.barrier(&mut readers, &mut steps).await;
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -1121,38 +1341,74 @@ impl JobRun {
             w.finish().await;
         }
         drop(readers);
+        if let Some(k) = steps.pending_end.take() {
+            self.finish_step(&mut steps, k).await;
+        }
+        self.outcome(&mut steps, &state, logs_broke).await
+    }
+
+    /// The outcome once the loop has ended.
+    async fn outcome(
+        &self,
+        steps: &mut Steps,
+        state: &Seen,
+        logs_broke: Option<String>,
+    ) -> Outcome {
+        let n = self.job.steps.len();
         let current = steps.started.checked_sub(1);
         let unfinished = current.filter(|i| !steps.finished[*i]);
-        if let Some((why, _)) = stop {
-            return match why {
-                Stop::TimedOut => {
-                    self.end_unfinished(&steps, unfinished, StepStatus::TimedOut)
-                        .await;
-                    Outcome::TimedOut { step: current }
-                }
-                Stop::Cancelled => {
-                    self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
-                        .await;
-                    Outcome::Cancelled
-                }
-            };
-        }
         let oom = state
             .terminated
             .as_ref()
-            .is_some_and(|(_, reason)| reason == "OOMKilled");
-        if let Some((reason, message)) = &state.pod_failed
-            && reason == "DeadlineExceeded"
+            .is_some_and(|t| t.reason == "OOMKilled");
+        let finished_outcome = |steps: &Steps| match steps.failure {
+            Some((step, code)) => Some(self.step_outcome(step, code, oom)),
+            None if steps.all_finished() => Some(Outcome::Succeeded),
+            None => None,
+        };
+        if let Some((why, _, already)) = steps.stop {
+            // A job that had ended before the stop keeps its own outcome.
+            if already && let Some(o) = finished_outcome(steps) {
+                return o;
+            }
+            self.end_unfinished(steps, unfinished, why.status()).await;
+            return match why {
+                Stop::TimedOut => Outcome::TimedOut { step: current },
+                Stop::Cancelled => Outcome::Cancelled,
+            };
+        }
+        if let Some(t) = &state.terminated
+            && matches!(t.reason.as_str(), "StartError" | "ContainerCannotRun")
         {
-            self.end_unfinished(&steps, unfinished, StepStatus::TimedOut)
+            self.end_unfinished(steps, unfinished, StepStatus::NotStarted)
                 .await;
-            tracing::info!(pod = %self.name, %message, "the cluster ended the job pod at its deadline");
-            return Outcome::TimedOut { step: current };
+            return Outcome::RunnerError {
+                message: self.secrets.mask_str(&format!(
+                    "the job container of pod {} could not start: {}: {}",
+                    self.name, t.reason, t.message
+                )),
+            };
+        }
+        if let Some((reason, message)) = &state.pod_failed {
+            if reason == "DeadlineExceeded" {
+                self.end_unfinished(steps, unfinished, StepStatus::TimedOut)
+                    .await;
+                tracing::info!(pod = %self.name, %message, "the cluster ended the job pod at its deadline");
+                return Outcome::TimedOut { step: current };
+            }
+            if !state.started {
+                return Outcome::RunnerError {
+                    message: self.secrets.mask_str(&format!(
+                        "pod {} failed before it started: {reason}: {message}",
+                        self.name
+                    )),
+                };
+            }
         }
         // Deleted or failed underneath the job (a lost node, an eviction): whatever the
         // steps reported as the container was killed, the job was lost.
         if state.gone || state.deleting || state.pod_failed.is_some() {
-            self.end_unfinished(&steps, unfinished, StepStatus::Cancelled)
+            self.end_unfinished(steps, unfinished, StepStatus::Cancelled)
                 .await;
             match &state.pod_failed {
                 Some((reason, message)) => {
@@ -1164,27 +1420,34 @@ impl JobRun {
             }
             return Outcome::Lost;
         }
-        if let Some((step, code)) = steps.failure {
-            return self.step_outcome(step, code, oom);
+        if steps.failure.is_some() {
+            return finished_outcome(steps).unwrap_or(Outcome::Lost);
         }
-        if steps.started == n && steps.finished.iter().all(|f| *f) {
-            return match state.terminated {
+        if steps.all_finished() {
+            return match &state.terminated {
                 // Every step passed but the container did not: its first process was killed.
-                Some((code, _)) if code != 0 || oom => self.step_outcome(n - 1, code, oom),
+                Some(t) if t.code != 0 || oom => self.step_outcome(n - 1, t.code, oom),
                 _ => Outcome::Succeeded,
             };
         }
-        // The container ended before the steps did.
         match &state.terminated {
-            Some((code, _)) if *code != 0 || oom => {
+            // The container ended before the steps did.
+            Some(t) if t.code != 0 || oom => {
                 let step = current.unwrap_or(0);
-                let status = if oom { 137 } else { *code };
-                self.end_unfinished(&steps, unfinished, step_status(status))
+                let status = if oom { 137 } else { t.code };
+                self.end_unfinished(steps, unfinished, step_status(status))
                     .await;
                 self.step_outcome(step, status, oom)
             }
+            // The output broke off, but the entry script, which exits with the first
+            // failing step's status, succeeded.
+            Some(_) if logs_broke.is_some() => {
+                self.end_unfinished(steps, unfinished, StepStatus::Exited(0))
+                    .await;
+                Outcome::Succeeded
+            }
             _ => {
-                self.end_unfinished(&steps, unfinished, StepStatus::NotStarted)
+                self.end_unfinished(steps, unfinished, StepStatus::NotStarted)
                     .await;
                 Outcome::RunnerError {
                     message: match logs_broke {
@@ -1213,38 +1476,60 @@ impl JobRun {
         }
     }
 
-    /// Notes a step's end (from the stream whose markers count first).
+    /// Notes a step's end status (the first stream to report it wins). A step that ends
+    /// after the runner's stop ended because of it, and fails nothing on its own.
     fn record_end(&self, steps: &mut Steps, step: usize, code: i32) {
+        if steps.codes[step].is_some() {
+            return;
+        }
         steps.codes[step] = Some(code);
-        if code != 0 && steps.failure.is_none() && !self.job.steps[step].continue_on_error {
+        if code != 0
+            && steps.stop.is_none()
+            && steps.failure.is_none()
+            && !self.job.steps[step].continue_on_error
+        {
             steps.failure = Some((step, code));
         }
     }
 
-    /// Emits `StepFinished` once every stream has passed a step's end, then lets them go on.
+    /// Emits a step's `StepFinished` once.
+    async fn finish_step(&self, steps: &mut Steps, step: usize) {
+        if steps.finished[step] {
+            return;
+        }
+        steps.finished[step] = true;
+        let status = match (steps.stop, steps.codes[step]) {
+            (Some((why, _, false)), _) => why.status(),
+            (_, Some(code)) => step_status(code),
+            // No end marker on any stream (the output was cut off).
+            (_, None) => StepStatus::NotStarted,
+        };
+        self.sink
+            .emit(EventKind::StepFinished {
+                step,
+                name: self.job.steps[step].display_name(step),
+                status,
+                duration: steps.started_at[step]
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default(),
+            })
+            .await;
+    }
+
+    /// Emits `StepFinished` once every stream has passed a step's end, then lets the
+    /// streams that waited for it go on.
     async fn barrier(&self, readers: &mut [Reader], steps: &mut Steps) {
         let Some(step) = readers.iter().filter_map(|r| r.blocked).min() else {
             return;
         };
-        if !readers.iter().all(|r| r.done || r.blocked == Some(step)) {
+        // A stream past this step (it lost the end marker) or ended counts as there.
+        if !readers
+            .iter()
+            .all(|r| r.done || r.blocked.is_some_and(|b| b >= step))
+        {
             return;
         }
-        // The status comes from the end marker seen; a stream that ended without one
-        // (output cut off) leaves the decision to the container's status.
-        if !steps.finished[step] {
-            steps.finished[step] = true;
-            let code = steps.codes[step].unwrap_or(0);
-            self.sink
-                .emit(EventKind::StepFinished {
-                    step,
-                    name: self.job.steps[step].display_name(step),
-                    status: step_status(code),
-                    duration: steps.started_at[step]
-                        .map(|t| t.elapsed())
-                        .unwrap_or_default(),
-                })
-                .await;
-        }
+        self.finish_step(steps, step).await;
         for r in readers.iter_mut() {
             if r.blocked == Some(step) {
                 r.blocked = None;

@@ -49,8 +49,9 @@ pub(crate) fn marker_prefix(nonce: &str) -> Vec<u8> {
     format!("\n:rustci:{nonce}:").into_bytes()
 }
 
-/// The entry script for `job`. `nonce` goes into every marker.
-pub(crate) fn entry_script(job: &Job, nonce: &str) -> String {
+/// The entry script for `job`. `nonce` goes into every marker; with `clean_workspace` the
+/// script empties the workspace when it exits (a workspace that outlives the pod).
+pub(crate) fn entry_script(job: &Job, nonce: &str, clean_workspace: bool) -> String {
     let workdir = match &job.workdir {
         Some(w) => format!("{WORKSPACE}/{w}"),
         None => WORKSPACE.to_string(),
@@ -64,18 +65,26 @@ pub(crate) fn entry_script(job: &Job, nonce: &str) -> String {
     // SIGTERM from the kubelet: pass it on to every process of the container (the script
     // is the container's first process, which the kernel spares), or to the step alone
     // when the script is not (a pod sharing one process namespace).
+    // It also remembers the stop, so no further step starts.
     s.push_str(
-        "t() { if [ $$ = 1 ]; then kill -TERM -1 2>/dev/null; elif [ -n \"$p\" ]; then kill -TERM \"$p\" 2>/dev/null; fi; }\n",
+        "t() { z=1; if [ $$ = 1 ]; then kill -TERM -1 2>/dev/null; elif [ -n \"$p\" ]; then kill -TERM \"$p\" 2>/dev/null; fi; }\n",
     );
-    s.push_str("trap t TERM INT\n");
+    s.push_str("z=\ntrap t TERM INT\n");
     // Waits for the step, also across trapped signals, then kills what it left behind.
     s.push_str(
         "w() { while :; do wait \"$p\"; r=$?; kill -0 \"$p\" 2>/dev/null || break; done; \
          if [ $$ = 1 ]; then kill -KILL -1 2>/dev/null; fi; p=; m \"end $1 $r\"; }\n",
     );
+    if clean_workspace {
+        // A workspace on a shared claim: emptied whichever way the script ends.
+        s.push_str(&format!(
+            "trap 'cd / && rm -rf {WORKSPACE}/* {WORKSPACE}/.[!.]* {WORKSPACE}/..?* 2>/dev/null' EXIT\n"
+        ));
+    }
     s.push_str(&format!("W={}\n", quote(&workdir)));
     s.push_str("mkdir -p \"$W\" || exit 1\n");
     for (index, step) in job.steps.iter().enumerate() {
+        s.push_str("[ -z \"$z\" ] || exit 143\n");
         s.push_str(&format!("m 'start {index}'\n"));
         s.push_str(&format!("( cd \"$W\" || exit 1\n{}", step_body(step)));
         s.push_str(" ) & p=$!\n");
@@ -84,7 +93,7 @@ pub(crate) fn entry_script(job: &Job, nonce: &str) -> String {
             s.push_str("[ \"$r\" = 0 ] || exit \"$r\"\n");
         }
     }
-    s.push_str("exit 0\n");
+    s.push_str("[ -z \"$z\" ] || exit 143\nexit 0\n");
     s
 }
 
@@ -354,7 +363,8 @@ mod tests {
             ],
         );
         let dir = tempfile::tempdir().unwrap();
-        let script = entry_script(&job, NONCE).replace(WORKSPACE, dir.path().to_str().unwrap());
+        let script =
+            entry_script(&job, NONCE, false).replace(WORKSPACE, dir.path().to_str().unwrap());
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(&script)
@@ -377,5 +387,55 @@ mod tests {
         let stderr = parse_in_chunks(&out.stderr, 7);
         assert_eq!(stderr[1], Piece::Output(Bytes::from_static(b"err\n")));
         assert_eq!(stderr.len(), 7);
+    }
+
+    /// SIGTERM stops the script for good: a step allowed to fail does not let the next
+    /// one start.
+    #[test]
+    fn a_stop_starts_no_further_step() {
+        use std::io::Read;
+        let job = Job::new(
+            "t",
+            vec![
+                Step::run("echo go; sleep 30").allow_failure(),
+                Step::run("echo never"),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            entry_script(&job, NONCE, false).replace(WORKSPACE, dir.path().to_str().unwrap());
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("go\n") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "the script ended early: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        stdout.read_to_end(&mut seen).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(143));
+        let pieces = parse_in_chunks(&seen, 64);
+        assert!(
+            pieces.contains(&Piece::Marker(Tag::Out, Mark::End(0, 143))),
+            "{pieces:?}"
+        );
+        assert!(
+            !pieces.contains(&Piece::Marker(Tag::Out, Mark::Start(1))),
+            "{pieces:?}"
+        );
     }
 }

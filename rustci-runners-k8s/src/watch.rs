@@ -79,18 +79,19 @@ impl PodWatch {
     }
 
     /// Follows the pod called `name`; subscribe before creating it so no event is missed.
-    pub(crate) fn subscribe(&self, name: &str) -> Subscription {
+    /// `None` when a job of this runner already follows that name.
+    pub(crate) fn subscribe(&self, name: &str) -> Option<Subscription> {
         let (tx, rx) = watch::channel(PodState::Unknown);
-        self.shared
-            .subscribers
-            .lock()
-            .expect("watch lock")
-            .insert(name.to_string(), tx);
-        Subscription {
+        let mut subscribers = self.shared.subscribers.lock().expect("watch lock");
+        if subscribers.contains_key(name) {
+            return None;
+        }
+        subscribers.insert(name.to_string(), tx);
+        Some(Subscription {
             shared: self.shared.clone(),
             name: name.to_string(),
             rx,
-        }
+        })
     }
 
     /// The last error of the watch, while it is failing.

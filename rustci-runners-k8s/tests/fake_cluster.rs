@@ -83,11 +83,17 @@ async fn finish(execution: Execution) -> Outcome {
         .expect("the job did not end")
 }
 
+/// Requests other than those of the runner's shared watch (its lists and watches by label
+/// selector), which serve all jobs.
 fn requests_without_watches(cluster: &rustci_k8s_fake::FakeCluster) -> Vec<String> {
     cluster
         .requests()
         .into_iter()
-        .filter(|r| !r.query.contains("watch=true") && !r.query.contains("watch=1"))
+        .filter(|r| {
+            !r.query.contains("watch=true")
+                && !r.query.contains("watch=1")
+                && !r.query.contains("labelSelector=rustci.managed")
+        })
         .map(|r| format!("{} {}?{} -> {}", r.method, r.path, r.query, r.status))
         .collect()
 }
@@ -133,6 +139,11 @@ async fn api_requests_per_job_are_bounded() {
         return;
     };
     let runner = runner_on(&cluster, |_| {}).await;
+    // A first job: the shared watch is established by the time it ends.
+    let warm = runner
+        .run_to_completion(&job(vec![Step::run("true")]))
+        .await;
+    assert_eq!(warm.unwrap(), Outcome::Succeeded);
     for steps in [1, 25] {
         for secret in [false, true] {
             let mut j = job((0..steps)
@@ -554,7 +565,7 @@ async fn bad_configuration_is_refused_before_any_pod() {
     let posts = cluster
         .requests()
         .iter()
-        .filter(|r| r.method == "POST")
+        .filter(|r| r.method == "POST" && !r.query.contains("dryRun"))
         .count();
     assert_eq!(posts, 0, "something was created");
     assert_nothing_left(&cluster).await;
@@ -746,5 +757,78 @@ async fn api_request_rate_is_bounded() {
         "{sent} requests went out in {:?} at 2 per second",
         begun.elapsed()
     );
+    assert_nothing_left(&cluster).await;
+}
+
+/// A cancel stops the job for good: a step allowed to fail, or one that exits 0 on
+/// SIGTERM, does not let the next step start, and the interrupted step is `Cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_starts_no_further_step() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let runner = runner_on(&cluster, |_| {}).await;
+    for first in [
+        Step::run("echo started; sleep 300").allow_failure(),
+        Step::run("trap 'exit 0' TERM; echo started; sleep 300 & wait"),
+    ] {
+        let j = job(vec![first, Step::run("echo never")]);
+        let mut execution = runner.start(&j, JobId::new()).await.unwrap();
+        let mut out = until_output(&mut execution, "started").await;
+        execution.cancel();
+        let mut events = Vec::new();
+        let mut outcome = None;
+        while let Some(event) = tokio::time::timeout(LIMIT, execution.next_event())
+            .await
+            .unwrap()
+        {
+            match event.kind {
+                EventKind::Output { data, .. } => out.push_str(&String::from_utf8_lossy(&data)),
+                EventKind::Finished { outcome: o } => outcome = Some(o),
+                other => events.push(other),
+            }
+        }
+        assert_eq!(outcome, Some(Outcome::Cancelled));
+        assert!(!out.contains("never"), "{out}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, EventKind::StepStarted { step: 1, .. })),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                EventKind::StepFinished {
+                    step: 0,
+                    status: rustci_runners::StepStatus::Cancelled,
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+        assert_nothing_left(&cluster).await;
+    }
+}
+
+/// A second start under the id of a running execution is refused before anything is
+/// created, and the running one goes on undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_execution_id_is_refused() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let runner = runner_on(&cluster, |_| {}).await;
+    let id = JobId::new();
+    let j = job(vec![Step::run("echo started; sleep 2; echo done")]);
+    let mut execution = runner.start(&j, id.clone()).await.unwrap();
+    let mut out = until_output(&mut execution, "started").await;
+    let e = runner.start(&j, id).await.unwrap_err().to_string();
+    assert!(e.contains("already running"), "{e}");
+    assert_eq!(
+        read_rest(&mut execution, &mut out).await,
+        Outcome::Succeeded
+    );
+    assert_eq!(out, "started\ndone\n");
     assert_nothing_left(&cluster).await;
 }
