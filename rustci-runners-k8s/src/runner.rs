@@ -1126,10 +1126,12 @@ impl JobRun {
                 break;
             }
             let stop = steps.stop;
-            if stop.is_none() && !state.started && !ended {
-                if state.hopeless || Instant::now() >= pending_deadline {
-                    return self.not_started(&state);
-                }
+            if stop.is_none()
+                && !state.started
+                && !ended
+                && (state.hopeless || Instant::now() >= pending_deadline)
+            {
+                return self.not_started(&state);
             }
             let step_deadline = steps.started.checked_sub(1).and_then(|i| {
                 match (
