@@ -9,34 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-const IMAGE: &str = "rustci-busybox:local";
-
-/// The test image, built when missing (one test process at a time).
-fn image_ready() -> bool {
-    let lock = std::fs::File::create(std::env::temp_dir().join("rustci-test-image.lock")).unwrap();
-    // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    let have = Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .output();
-    let ok = match have {
-        Ok(o) if o.status.success() => true,
-        Ok(_) => {
-            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-test-image"))
-                .arg(IMAGE)
-                .status()
-                .is_ok_and(|s| s.success())
-        }
-        Err(_) => false,
-    };
-    if !ok {
-        if std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some() {
-            panic!("RUSTCI_REQUIRE_DOCKER is set but there is no usable engine or image {IMAGE}");
-        }
-        eprintln!("SKIPPED: no Docker engine with image {IMAGE} for the fake cluster");
-    }
-    ok
-}
+const IMAGE: &str = rustci_runners::testkit::BUSYBOX_IMAGE;
 
 fn fake_cluster_binary() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_rustci")).with_file_name("rustci-fake-cluster")
@@ -70,7 +43,7 @@ fn rustci(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn rustci_runs_jobs_on_the_standalone_fake_cluster() {
-    if !image_ready() {
+    if rustci_runners::testkit::busybox_image_or_skip().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -14,59 +14,16 @@ use rustci_runners::testkit::{Target, run_job};
 use rustci_runners::{Error, Job, JobId, Outcome, Runner, Step};
 use rustci_runners_docker::{DockerConfig, DockerRunner, Engine, PullPolicy};
 
-const IMAGE: &str = "rustci-busybox:local";
+const IMAGE: &str = rustci_runners::testkit::BUSYBOX_IMAGE;
 
 fn require() -> bool {
     std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some()
 }
 
-/// Builds the test image unless the engine already has it. `None` when there is no
-/// engine (and the environment does not require one).
+/// The test image, built when the engine lacks it; `None` (after `SKIPPED`) without an
+/// engine, unless the environment demands one.
 fn image() -> Option<&'static str> {
-    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let result = BUILT.get_or_init(|| {
-        // Test processes run in parallel: one builds, the others wait and find the image.
-        let lock = std::fs::File::create(std::env::temp_dir().join("rustci-test-image.lock"))
-            .map_err(|e| format!("lock file: {e}"))?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-        let have = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .output()
-            .map_err(|e| format!("docker CLI: {e}"))?;
-        if have.status.success() {
-            return Ok(());
-        }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .ok_or("no busybox binary (install Debian's busybox-static)")?;
-        std::fs::copy(busybox, dir.path().join("busybox")).map_err(|e| e.to_string())?;
-        std::fs::write(
-            dir.path().join("Dockerfile"),
-            "FROM scratch\nLABEL rustci.test-image=true\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n",
-        )
-        .map_err(|e| e.to_string())?;
-        let out = Command::new("docker")
-            .args(["build", "-q", "-t", IMAGE])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("docker build: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("docker build failed: {}", String::from_utf8_lossy(&out.stderr)))
-        }
-    });
-    match result {
-        Ok(()) => Some(IMAGE),
-        Err(e) if require() => panic!("RUSTCI_REQUIRE_DOCKER is set but: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: no usable Docker engine: {e}");
-            None
-        }
-    }
+    rustci_runners::testkit::busybox_image_or_skip()
 }
 
 fn config() -> DockerConfig {

@@ -117,10 +117,12 @@ async fn backoff(attempt: u32) {
 
 impl KubernetesRunner {
     /// Connects to the cluster and checks, before any job: the configuration (quantities,
-    /// names, that the pod patch applies), that the namespace exists and pods in it can be
-    /// listed, and reads node capacity where allowed. Then removes pods and secrets that an
-    /// earlier runner of the same name left (see [`KubernetesConfig::name`]) and starts the
-    /// shared pod watch.
+    /// names, that the pod patch applies), that the namespace exists, and, by creating a
+    /// sample job's Pod and Secret with `dryRun` (nothing is stored), that the runner may
+    /// create them there and the cluster accepts them. Reads node capacity where allowed.
+    /// Then removes pods and secrets that a dead runner of the same name left (see
+    /// [`KubernetesConfig::name`]), waiting until those pods are gone, and starts the
+    /// shared pod watch. Every refusal is an error naming its cause.
     pub async fn connect(config: KubernetesConfig) -> Result<Self, Error> {
         config.check()?;
         let kube_config = match &config.connection {
@@ -440,16 +442,17 @@ impl Inner {
     }
 
     /// Creates an object, retrying what the server failed at. A `409` after such a retry
-    /// is the earlier attempt having succeeded: `exists` confirms it is ours. On failure,
-    /// the flag says whether the object may exist all the same (a request whose answer was
-    /// a server error or none may have been carried out).
-    async fn create<K, F, Fut>(
+    /// is the earlier attempt having succeeded when the object there is ours (execution
+    /// `id`'s, made by this runner). On failure, the flag says whether the object may exist
+    /// all the same (a request whose answer was a server error or none may have been
+    /// carried out).
+    async fn create<K>(
         &self,
         api: &Api<K>,
         object: &K,
         kind: &str,
         name: &str,
-        exists: F,
+        id: &JobId,
     ) -> Result<(), (Error, bool)>
     where
         K: kube::Resource
@@ -457,9 +460,18 @@ impl Inner {
             + serde::de::DeserializeOwned
             + serde::Serialize
             + std::fmt::Debug,
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = bool>,
     {
+        let exists = || async {
+            api.get_metadata(name).await.is_ok_and(|o| {
+                let meta = o.metadata;
+                is_execution(&meta, id)
+                    && meta
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(ANNOTATION_OWNER))
+                        == Some(&self.owner)
+            })
+        };
         let what = format!(
             "cannot create {kind} {name:?} in namespace {:?}",
             self.namespace
@@ -595,16 +607,6 @@ impl Runner for KubernetesRunner {
                 reasons: vec![format!("execution {id} is already running on this runner")],
             });
         };
-        // What exists after an ambiguous failure is ours only with this execution's id and
-        // this runner as owner.
-        let ours = |meta: &kube::api::ObjectMeta| {
-            is_execution(meta, &id)
-                && meta
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_OWNER))
-                    == Some(&inner.owner)
-        };
         let mut created = Created {
             inner: inner.clone(),
             name: name.clone(),
@@ -616,32 +618,17 @@ impl Runner for KubernetesRunner {
         // someone else's object, 403, 422) created nothing and must not delete anything.
         if let Some(secret) = &secret {
             created.secret = true;
-            let result = inner
-                .create(&inner.secrets, secret, "secret", &name, || async {
-                    inner
-                        .secrets
-                        .get_metadata(&name)
-                        .await
-                        .is_ok_and(|s| ours(&s.metadata))
-                })
-                .await;
-            if let Err((e, maybe)) = result {
+            if let Err((e, maybe)) = inner
+                .create(&inner.secrets, secret, "secret", &name, &id)
+                .await
+            {
                 created.secret = maybe;
                 created.undo().await;
                 return Err(e);
             }
         }
         created.pod = true;
-        let result = inner
-            .create(&inner.pods, &pod, "pod", &name, || async {
-                inner
-                    .pods
-                    .get_metadata(&name)
-                    .await
-                    .is_ok_and(|p| ours(&p.metadata))
-            })
-            .await;
-        if let Err((e, maybe)) = result {
+        if let Err((e, maybe)) = inner.create(&inner.pods, &pod, "pod", &name, &id).await {
             created.pod = maybe;
             created.undo().await;
             return Err(e);

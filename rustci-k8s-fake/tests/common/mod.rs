@@ -2,7 +2,6 @@
 //! kube client, and bounded waits on watch events.
 #![allow(dead_code)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -11,7 +10,7 @@ use kube::runtime::wait::{Condition, await_condition};
 use rustci_k8s_fake::{FakeCluster, FakeConfig, FakeError};
 
 /// The test image (FROM scratch + static busybox).
-pub const IMAGE: &str = "rustci-busybox:local";
+pub const IMAGE: &str = rustci_runners::testkit::BUSYBOX_IMAGE;
 
 /// Whether the environment insists on a usable Docker engine.
 pub fn require() -> bool {
@@ -26,50 +25,10 @@ fn skip(why: String) -> Option<()> {
     None
 }
 
-/// Builds the test image unless the engine has it (once across parallel test processes,
-/// under a file lock). `None` (after printing SKIPPED) without a usable engine.
+/// The test image (built when missing); `None` after `SKIPPED` without an engine, unless
+/// the environment demands one.
 pub fn image() -> Option<&'static str> {
-    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let result = BUILT.get_or_init(|| {
-        let lock = std::fs::File::create(std::env::temp_dir().join("rustci-test-image.lock"))
-            .map_err(|e| format!("lock file: {e}"))?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-        let engine = Command::new("docker")
-            .args(["version", "--format", "{{.Server.Version}}"])
-            .output()
-            .map_err(|e| format!("docker CLI: {e}"))?;
-        if !engine.status.success() {
-            return Err(format!(
-                "engine unreachable: {}",
-                String::from_utf8_lossy(&engine.stderr).trim()
-            ));
-        }
-        let have = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .output()
-            .map_err(|e| format!("docker CLI: {e}"))?;
-        if have.status.success() {
-            return Ok(());
-        }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-test-image");
-        let out = Command::new(script)
-            .arg(IMAGE)
-            .output()
-            .map_err(|e| format!("{script}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{script} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    });
-    match result {
-        Ok(()) => Some(IMAGE),
-        Err(e) => skip(format!("no usable Docker engine: {e}")).map(|_| IMAGE),
-    }
+    rustci_runners::testkit::busybox_image_or_skip()
 }
 
 /// A kube client for the cluster's kubeconfig (context namespace `namespace`).

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,51 +13,17 @@ use rustci_runners::testkit::Target;
 use rustci_runners::{Capabilities, Error, Execution, Health, JobId, Runner, RunnerInfo};
 use rustci_runners_k8s::{Connection, KubernetesConfig, KubernetesRunner};
 
-pub const IMAGE: &str = "rustci-busybox:local";
+pub const IMAGE: &str = rustci_runners::testkit::BUSYBOX_IMAGE;
 pub const NAMESPACE: &str = "rustci";
 
 pub fn require() -> bool {
     std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some()
 }
 
-/// Builds the test image unless the engine has it (one test process at a time). `None`
-/// when there is no engine and the environment does not require one.
+/// The test image (built when missing); `None` after `SKIPPED` without an engine, unless
+/// the environment demands one.
 pub fn image() -> Option<&'static str> {
-    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let result = BUILT.get_or_init(|| {
-        let lock = std::fs::File::create(std::env::temp_dir().join("rustci-test-image.lock"))
-            .map_err(|e| format!("lock file: {e}"))?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-        let have = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .output()
-            .map_err(|e| format!("docker CLI: {e}"))?;
-        if have.status.success() {
-            return Ok(());
-        }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-test-image");
-        let out = Command::new(script)
-            .arg(IMAGE)
-            .output()
-            .map_err(|e| format!("{script}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "building {IMAGE} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    });
-    match result {
-        Ok(()) => Some(IMAGE),
-        Err(e) if require() => panic!("RUSTCI_REQUIRE_DOCKER is set but: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: no usable Docker engine for the fake cluster's kubelet: {e}");
-            None
-        }
-    }
+    rustci_runners::testkit::busybox_image_or_skip()
 }
 
 /// A fake cluster with the namespace `rustci`, adjusted by `f`.
