@@ -382,35 +382,53 @@ pub(crate) fn apply_patch(spec: &mut Value, patch: &PodPatch) -> Result<(), Erro
     }
 }
 
-/// A strategic merge: objects merge key by key (`null` removes), lists whose elements all
-/// have a `name` merge by name (`"$patch": "delete"` removes one), other lists are replaced.
+/// A strategic merge: objects merge key by key (`null` removes), lists of objects merge by
+/// their Kubernetes merge key (`name`; `mountPath` for `volumeMounts`, `devicePath` for
+/// `volumeDevices`, `containerPort` for `ports`) and `"$patch": "delete"` removes one;
+/// other lists are replaced.
 fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), String> {
+    merge_field(target, patch, "")
+}
+
+fn merge_key(field: &str) -> &'static str {
+    match field {
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "ports" => "containerPort",
+        _ => "name",
+    }
+}
+
+fn merge_field(target: &mut Value, patch: &Value, field: &str) -> Result<(), String> {
     match (target, patch) {
         (Value::Object(t), Value::Object(p)) => {
             for (k, pv) in p {
                 if pv.is_null() {
                     t.remove(k);
                 } else if let Some(tv) = t.get_mut(k) {
-                    strategic_merge(tv, pv).map_err(|e| format!("{k}: {e}"))?;
+                    merge_field(tv, pv, k).map_err(|e| format!("{k}: {e}"))?;
                 } else {
                     let mut v = Value::Null;
-                    strategic_merge(&mut v, pv).map_err(|e| format!("{k}: {e}"))?;
+                    merge_field(&mut v, pv, k).map_err(|e| format!("{k}: {e}"))?;
                     t.insert(k.clone(), v);
                 }
             }
             Ok(())
         }
-        (Value::Array(t), Value::Array(p)) if named_list(t) && named_list(p) => {
+        (Value::Array(t), Value::Array(p))
+            if keyed_list(t, merge_key(field)) && keyed_list(p, merge_key(field)) =>
+        {
+            let key = merge_key(field);
             for item in p {
-                let name = item["name"].clone();
+                let id = item[key].clone();
                 let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
-                let pos = t.iter().position(|x| x["name"] == name);
+                let pos = t.iter().position(|x| x[key] == id);
                 match (pos, delete) {
                     (Some(i), true) => {
                         t.remove(i);
                     }
                     (None, true) => {}
-                    (Some(i), false) => strategic_merge(&mut t[i], item)?,
+                    (Some(i), false) => merge_field(&mut t[i], item, "")?,
                     (None, false) => t.push(without_directives(item)),
                 }
             }
@@ -418,7 +436,7 @@ fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), String> {
         }
         (t, p) => {
             if p.get("$patch").is_some() {
-                return Err("a \"$patch\" directive outside a list of named objects".into());
+                return Err("a \"$patch\" directive outside a list of keyed objects".into());
             }
             *t = without_directives(p);
             Ok(())
@@ -426,10 +444,10 @@ fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), String> {
     }
 }
 
-fn named_list(items: &[Value]) -> bool {
+fn keyed_list(items: &[Value], key: &str) -> bool {
     items
         .iter()
-        .all(|x| x.get("name").is_some_and(Value::is_string))
+        .all(|x| x.get(key).is_some_and(|v| !v.is_null()))
 }
 
 fn without_directives(v: &Value) -> Value {
@@ -537,6 +555,25 @@ mod tests {
             "merged, not replaced"
         );
         assert_eq!(spec.hostname.as_deref(), Some("ci"));
+
+        // Volume mounts merge by mountPath, not by name.
+        config.pod.patch = Some(PodPatch::Strategic(json!({
+            "containers": [{"name": "job", "volumeMounts": [
+                {"name": "cache", "mountPath": "/cache"},
+                {"name": "workspace", "mountPath": "/workspace", "readOnly": true}
+            ]}],
+            "volumes": [{"name": "cache", "emptyDir": {}}]
+        })));
+        let spec = build(&config, &owner(), &job(), "img", &JobId::new())
+            .unwrap()
+            .pod
+            .spec
+            .unwrap();
+        let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 2, "{mounts:?}");
+        assert_eq!(mounts[0].mount_path, "/workspace");
+        assert_eq!(mounts[0].read_only, Some(true));
+        assert_eq!(spec.volumes.as_ref().unwrap().len(), 2);
 
         config.pod.patch = Some(PodPatch::Merge(json!({"activeDeadlineSeconds": 5})));
         let pod = build(&config, &owner(), &job(), "img", &JobId::new())
