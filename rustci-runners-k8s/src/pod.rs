@@ -22,6 +22,8 @@ pub const LABEL_RUNNER: &str = "rustci.runner";
 pub const LABEL_RUNNER_NAME: &str = "rustci.runner.name";
 /// Annotation: the process that owns the object (`host/pid/start`).
 pub const ANNOTATION_OWNER: &str = "rustci.owner";
+/// Annotation: the runner's name exactly as given (the label holds a label-safe form).
+pub const ANNOTATION_RUNNER_NAME: &str = "rustci.runner-name";
 /// Annotation: the execution id exactly as given.
 pub const ANNOTATION_JOB_ID: &str = "rustci.job-id";
 /// Name of the job container in every pod.
@@ -142,6 +144,7 @@ pub(crate) fn build(
     let mut annotations = config.pod.annotations.clone();
     annotations.insert(ANNOTATION_OWNER.into(), owner.owner.to_string());
     annotations.insert(ANNOTATION_JOB_ID.into(), id.to_string());
+    annotations.insert(ANNOTATION_RUNNER_NAME.into(), owner.runner_name.to_string());
     annotations.insert("rustci.job-name".into(), job.name.clone());
 
     // Environment: the runner's variables, the job's, then each secret from the Secret.
@@ -310,7 +313,11 @@ pub(crate) fn build(
                     "name": name,
                     "namespace": owner.namespace,
                     "labels": labels(owner, id),
-                    "annotations": {ANNOTATION_OWNER: owner.owner, ANNOTATION_JOB_ID: id.as_str()},
+                    "annotations": {
+                        ANNOTATION_OWNER: owner.owner,
+                        ANNOTATION_JOB_ID: id.as_str(),
+                        ANNOTATION_RUNNER_NAME: owner.runner_name,
+                    },
                 },
                 "stringData": job.secrets,
             }))

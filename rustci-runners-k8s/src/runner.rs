@@ -35,8 +35,8 @@ use tokio::time::Instant;
 
 use crate::config::{Connection, KubernetesConfig, LogStreams};
 use crate::pod::{
-    self, ANNOTATION_JOB_ID, ANNOTATION_OWNER, CONTAINER, JobObjects, LABEL_JOB, LABEL_MANAGED,
-    LABEL_RUNNER, LABEL_RUNNER_NAME, Owner,
+    self, ANNOTATION_JOB_ID, ANNOTATION_OWNER, ANNOTATION_RUNNER_NAME, CONTAINER, JobObjects,
+    LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, LABEL_RUNNER_NAME, Owner,
 };
 use crate::script::{Mark, MarkerParser, Piece, Tag};
 use crate::watch::{PodState, PodWatch, Subscription};
@@ -321,10 +321,19 @@ impl Inner {
         let lp = ListParams::default().labels(&selector);
         let host = rustci_runners::owner::this_host();
         // Alive on this host, and not this process: another runner of the same name here.
-        let keep = |owner: Option<&String>| match owner {
-            Some(o) if *o == self.owner => true,
-            Some(o) => rustci_runners::owner::owner_alive(o, &host) == Some(true),
-            None => false,
+        // The label is a safe form of the name; the annotation, where there is one, holds
+        // it exactly.
+        let keep = |meta: &kube::api::ObjectMeta| {
+            let annotations = meta.annotations.as_ref();
+            let name = annotations.and_then(|a| a.get(ANNOTATION_RUNNER_NAME));
+            if name.is_some_and(|n| *n != self.info.name) {
+                return true;
+            }
+            match annotations.and_then(|a| a.get(ANNOTATION_OWNER)) {
+                Some(o) if *o == self.owner => true,
+                Some(o) => rustci_runners::owner::owner_alive(o, &host) == Some(true),
+                None => false,
+            }
         };
         let mut removed = 0;
         let pods = self.pods.list(&lp).await.map_err(|e| {
@@ -336,12 +345,7 @@ impl Inner {
         // Every leftover is deleted at once, and then waited for: a retry must never run
         // beside what is left of an earlier attempt.
         let deletions = pods.items.into_iter().filter_map(|p| {
-            let owner = p
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_OWNER));
-            if keep(owner) {
+            if keep(&p.metadata) {
                 return None;
             }
             let name = p.metadata.name?;
@@ -360,12 +364,7 @@ impl Inner {
             )
         })?;
         for s in secrets.items {
-            if keep(
-                s.metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_OWNER)),
-            ) {
+            if keep(&s.metadata) {
                 continue;
             }
             if let Some(name) = s.metadata.name
@@ -480,8 +479,12 @@ impl Inner {
         for attempt in 0..ATTEMPTS {
             match api.create(&PostParams::default(), object).await {
                 Ok(_) => return Ok(()),
-                Err(e) if status_code(&e) == Some(409) && ambiguous && exists().await => {
-                    return Ok(());
+                Err(e) if status_code(&e) == Some(409) && ambiguous => {
+                    if exists().await {
+                        return Ok(());
+                    }
+                    // Someone else's object under this name: nothing of ours to remove.
+                    return Err((api_error(&what, &e), false));
                 }
                 Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => {
                     ambiguous = true;
@@ -958,9 +961,13 @@ struct Steps {
     /// The runner's stop, and whether the job had already ended (failed, or every step
     /// done) when it came.
     stop: Option<(Stop, Instant, bool)>,
-    /// In a combined stream: the step whose stdout end marker came and whose stderr end
-    /// marker is awaited before its `StepFinished`.
+    /// In a combined stream: the step one of whose end markers came and whose other one
+    /// is awaited before its `StepFinished`.
     pending_end: Option<usize>,
+    /// In a combined stream: which end markers of each step came (1 stdout, 2 stderr).
+    ends: Vec<u8>,
+    /// Each step's status was recorded before the runner's stop.
+    clean: Vec<bool>,
 }
 
 impl Steps {
@@ -1057,7 +1064,8 @@ impl JobRun {
     }
 
     async fn request_stop(&self, steps: &mut Steps, why: Stop) {
-        let already = steps.failure.is_some() || steps.all_finished();
+        let already = steps.failure.is_some()
+            || (steps.started == steps.codes.len() && steps.clean.iter().all(|c| *c));
         steps.stop = Some((why, Instant::now(), already));
         let grace = self.inner.config.termination_grace.as_secs() as u32;
         self.inner.delete_pod(&self.name, Some(grace)).await;
@@ -1066,8 +1074,10 @@ impl JobRun {
     /// Drives the job to its outcome; the pod may still exist afterwards.
     async fn drive(&mut self) -> Outcome {
         let started = Instant::now();
-        let job_deadline = started + self.job.effective_timeout();
-        let pending_deadline = started + self.inner.config.pending_timeout;
+        let far = started + Duration::from_secs(100 * 365 * 86400);
+        let later = |d: Duration| started.checked_add(d).unwrap_or(far).min(far);
+        let job_deadline = later(self.job.effective_timeout());
+        let pending_deadline = later(self.inner.config.pending_timeout);
         let grace = self.inner.config.termination_grace;
         let n = self.job.steps.len();
         let mut steps = Steps {
@@ -1078,6 +1088,8 @@ impl JobRun {
             failure: None,
             stop: None,
             pending_end: None,
+            ends: vec![0; n],
+            clean: vec![false; n],
         };
         let mut readers: Vec<Reader> = Vec::new();
         let mut writers: Vec<Option<StreamWriter<'_>>> = vec![None, None];
@@ -1087,7 +1099,8 @@ impl JobRun {
         let sink = &self.sink;
         let budget = &self.budget;
         let secrets = &self.secrets;
-        let far = started + Duration::from_secs(100 * 365 * 86400);
+        // When the pod was seen deleted (or deleting) without the runner's stop.
+        let mut lost_at: Option<Instant> = None;
 
         loop {
             // Follow the logs once the container has started.
@@ -1103,11 +1116,21 @@ impl JobRun {
             if ended && !reading {
                 break;
             }
+            // Deleted underneath the job: its output may still drain for a while, but a
+            // stream from a node that is gone would never end.
+            if lost_at.is_none() && steps.stop.is_none() && (state.gone || state.deleting) {
+                lost_at = Some(Instant::now());
+            }
+            if let Some(at) = lost_at
+                && at.elapsed() >= grace + DELETE_WAIT
+            {
+                break;
+            }
             // Output ended but the pod's status lags: wait for it a while, unless the
             // container is still running (its log stream broke), which only the
             // container's end or the job's timeout ends.
             if let Some(at) = output_done_at
-                && at.elapsed() > STATUS_WAIT
+                && at.elapsed() >= STATUS_WAIT
                 && !state.running
             {
                 break;
@@ -1126,7 +1149,7 @@ impl JobRun {
                     steps.started_at[i],
                     self.job.steps[i].timeout,
                 ) {
-                    (false, Some(at), Some(t)) => Some(at + t),
+                    (false, Some(at), Some(t)) => Some(at.checked_add(t).unwrap_or(far)),
                     _ => None,
                 }
             });
@@ -1136,6 +1159,7 @@ impl JobRun {
             let status_at = output_done_at
                 .filter(|_| !state.running)
                 .map(|at| at + STATUS_WAIT);
+            let lost_wait = lost_at.map(|at| at + grace + DELETE_WAIT);
 
             // The next item: a stashed one first, else whichever unblocked stream has one.
             let stashed = readers
@@ -1161,7 +1185,7 @@ impl JobRun {
                     _ = tokio::time::sleep_until(timeout_at), if stop.is_none() => Wake::Timeout,
                     _ = sink.cancelled(), if stop.is_none() => Wake::Cancel,
                     _ = tokio::time::sleep_until(
-                        [stop_wait, pending_at, status_at].into_iter().flatten().min().unwrap_or(far)
+                        [stop_wait, pending_at, status_at, lost_wait].into_iter().flatten().min().unwrap_or(far)
                     ) => Wake::Wait,
                 }
             };
@@ -1259,11 +1283,19 @@ impl JobRun {
                     match (mark, tag) {
                         // In a combined stream the stderr end marker closes the step whose
                         // stdout already ended: its stderr has all arrived.
-                        (Mark::End(step, code), Tag::Err) if combined => {
-                            steps.codes[step.min(n - 1)].get_or_insert(code);
-                            if steps.pending_end == Some(step) {
-                                steps.pending_end = None;
+                        // In one combined stream a step closes once both of its end
+                        // markers came (the pipes are drained apart, so either may be
+                        // first): after the stderr one, its stderr has all arrived.
+                        (Mark::End(step, code), tag) if combined && step < n => {
+                            self.record_end(&mut steps, step, code);
+                            steps.ends[step] |= if tag == Tag::Out { 1 } else { 2 };
+                            if steps.ends[step] == 3 {
+                                if steps.pending_end == Some(step) {
+                                    steps.pending_end = None;
+                                }
                                 self.finish_step(&mut steps, step).await;
+                            } else {
+                                steps.pending_end = Some(step);
                             }
                         }
                         (_, Tag::Err) if combined => {}
@@ -1309,17 +1341,11 @@ impl JobRun {
                         }
                         (Mark::End(step, code), _) if step < n => {
                             self.record_end(&mut steps, step, code);
-                            if combined {
-                                // Late stderr of this step may still come: close the step
-                                // at its stderr end marker (or the next start).
-                                steps.pending_end = Some(step);
-                            } else {
-                                if let Some(w) = writers[i].take() {
-                                    w.finish().await;
-                                }
-                                readers[i].blocked = Some(step);
-                                self.barrier(&mut readers, &mut steps).await;
+                            if let Some(w) = writers[i].take() {
+                                w.finish().await;
                             }
+                            readers[i].blocked = Some(step);
+                            self.barrier(&mut readers, &mut steps).await;
                         }
                         _ => {}
                     }
@@ -1346,18 +1372,27 @@ impl JobRun {
         let n = self.job.steps.len();
         let current = steps.started.checked_sub(1);
         let unfinished = current.filter(|i| !steps.finished[*i]);
-        let oom = state
+        // The runtime marks the container OOMKilled when any of its processes was; that
+        // explains a step's end only when SIGKILL ended it.
+        let oom_container = state
             .terminated
             .as_ref()
             .is_some_and(|t| t.reason == "OOMKilled");
+        let oom = |code: i32| oom_container && code == 137;
         let finished_outcome = |steps: &Steps| match steps.failure {
-            Some((step, code)) => Some(self.step_outcome(step, code, oom)),
-            None if steps.all_finished() => Some(Outcome::Succeeded),
+            Some((step, code)) => Some(self.step_outcome(step, code, oom(code))),
+            None if steps.started == n && steps.codes.iter().all(Option::is_some) => {
+                Some(Outcome::Succeeded)
+            }
             None => None,
         };
         if let Some((why, _, already)) = steps.stop {
             // A job that had ended before the stop keeps its own outcome.
             if already && let Some(o) = finished_outcome(steps) {
+                let status = current
+                    .and_then(|i| steps.codes[i])
+                    .map_or(why.status(), step_status);
+                self.end_unfinished(steps, unfinished, status).await;
                 return o;
             }
             self.end_unfinished(steps, unfinished, why.status()).await;
@@ -1415,22 +1450,31 @@ impl JobRun {
         if steps.all_finished() {
             return match &state.terminated {
                 // Every step passed but the container did not: its first process was killed.
-                Some(t) if t.code != 0 || oom => self.step_outcome(n - 1, t.code, oom),
+                Some(t) if t.code != 0 => self.step_outcome(n - 1, t.code, oom(t.code)),
                 _ => Outcome::Succeeded,
             };
         }
-        match &state.terminated {
+        match (&state.terminated, current) {
+            // The entry script failed before its first step (the workspace directory).
+            (Some(t), None) if t.code != 0 => Outcome::RunnerError {
+                message: format!(
+                    "the entry script of pod {} failed before the first step (exit code {}); see its output",
+                    self.name, t.code
+                ),
+            },
             // The container ended before the steps did.
-            Some(t) if t.code != 0 || oom => {
+            (Some(t), _) if t.code != 0 => {
                 let step = current.unwrap_or(0);
-                let status = if oom { 137 } else { t.code };
-                self.end_unfinished(steps, unfinished, step_status(status))
+                self.end_unfinished(steps, unfinished, step_status(t.code))
                     .await;
-                self.step_outcome(step, status, oom)
+                self.step_outcome(step, t.code, oom(t.code))
             }
-            // The output broke off, but the entry script, which exits with the first
-            // failing step's status, succeeded.
-            Some(_) if logs_broke.is_some() => {
+            // Some output never arrived (a log stream ended early), but the entry script,
+            // which exits 0 only when no step failed the job, succeeded.
+            (Some(_), _) => {
+                if let Some(e) = &logs_broke {
+                    tracing::warn!(pod = %self.name, error = %e, "the job's output is incomplete");
+                }
                 self.end_unfinished(steps, unfinished, StepStatus::Exited(0))
                     .await;
                 Outcome::Succeeded
@@ -1472,6 +1516,7 @@ impl JobRun {
             return;
         }
         steps.codes[step] = Some(code);
+        steps.clean[step] = steps.stop.is_none();
         if code != 0
             && steps.stop.is_none()
             && steps.failure.is_none()
@@ -1488,10 +1533,11 @@ impl JobRun {
         }
         steps.finished[step] = true;
         let status = match (steps.stop, steps.codes[step]) {
-            (Some((why, _, false)), _) => why.status(),
-            (_, Some(code)) => step_status(code),
+            (_, Some(code)) if steps.clean[step] => step_status(code),
+            (Some((why, _, _)), _) => why.status(),
+            (None, Some(code)) => step_status(code),
             // No end marker on any stream (the output was cut off).
-            (_, None) => StepStatus::NotStarted,
+            (None, None) => StepStatus::NotStarted,
         };
         self.sink
             .emit(EventKind::StepFinished {

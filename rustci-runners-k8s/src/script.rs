@@ -20,8 +20,10 @@
 //!
 //! When the container is asked to stop (SIGTERM to its first process, as the kubelet does),
 //! the script forwards SIGTERM to every other process of the container and keeps waiting
-//! for the step, so the kubelet's grace period and SIGKILL apply to the whole step. After
-//! each step, processes it left behind are killed.
+//! for the step, so the kubelet's grace period and SIGKILL apply to the whole step, and it
+//! starts no further step. After each step, processes it left behind are killed (when the
+//! script is the container's first process, as it is unless a patch makes the pod share
+//! one process namespace). The script's own variables are named `_rci_*`.
 
 use bytes::{Bytes, BytesMut};
 use rustci_runners::job::{Job, Step, StepAction};
@@ -57,23 +59,25 @@ pub(crate) fn entry_script(job: &Job, nonce: &str, clean_workspace: bool) -> Str
         None => WORKSPACE.to_string(),
     };
     let mut s = String::new();
-    s.push_str(&format!("M={}\n", quote(&format!(":rustci:{nonce}:"))));
+    // The script's own variables carry a prefix no job variable is expected to have.
+    s.push_str(&format!("_rci_m={}\n", quote(&format!(":rustci:{nonce}:"))));
     // A marker on both streams, each starting on a line of its own.
     s.push_str(
-        "m() { printf '\\n%so:%s\\n' \"$M\" \"$1\"; printf '\\n%se:%s\\n' \"$M\" \"$1\" >&2; }\n",
+        "_rci_mark() { printf '\\n%so:%s\\n' \"$_rci_m\" \"$1\"; printf '\\n%se:%s\\n' \"$_rci_m\" \"$1\" >&2; }\n",
     );
     // SIGTERM from the kubelet: pass it on to every process of the container (the script
     // is the container's first process, which the kernel spares), or to the step alone
-    // when the script is not (a pod sharing one process namespace).
-    // It also remembers the stop, so no further step starts.
+    // when the script is not (a pod sharing one process namespace). It also remembers the
+    // stop, so no further step starts.
     s.push_str(
-        "t() { z=1; if [ $$ = 1 ]; then kill -TERM -1 2>/dev/null; elif [ -n \"$p\" ]; then kill -TERM \"$p\" 2>/dev/null; fi; }\n",
+        "_rci_term() { _rci_z=1; if [ $$ = 1 ]; then kill -TERM -1 2>/dev/null; elif [ -n \"$_rci_p\" ]; then kill -TERM \"$_rci_p\" 2>/dev/null; fi; }\n",
     );
-    s.push_str("z=\ntrap t TERM INT\n");
-    // Waits for the step, also across trapped signals, then kills what it left behind.
+    s.push_str("_rci_z=\ntrap _rci_term TERM INT\n");
+    // Waits for the step, also across trapped signals, then kills what it left behind
+    // (when the script is the container's first process: everything else is the job's).
     s.push_str(
-        "w() { while :; do wait \"$p\"; r=$?; kill -0 \"$p\" 2>/dev/null || break; done; \
-         if [ $$ = 1 ]; then kill -KILL -1 2>/dev/null; fi; p=; m \"end $1 $r\"; }\n",
+        "_rci_wait() { while :; do wait \"$_rci_p\"; _rci_r=$?; kill -0 \"$_rci_p\" 2>/dev/null || break; done; \
+         if [ $$ = 1 ]; then kill -KILL -1 2>/dev/null; fi; _rci_p=; _rci_mark \"end $1 $_rci_r\"; }\n",
     );
     if clean_workspace {
         // A workspace on a shared claim: emptied whichever way the script ends.
@@ -81,19 +85,20 @@ pub(crate) fn entry_script(job: &Job, nonce: &str, clean_workspace: bool) -> Str
             "trap 'cd / && rm -rf {WORKSPACE}/* {WORKSPACE}/.[!.]* {WORKSPACE}/..?* 2>/dev/null' EXIT\n"
         ));
     }
-    s.push_str(&format!("W={}\n", quote(&workdir)));
-    s.push_str("mkdir -p \"$W\" || exit 1\n");
+    s.push_str(&format!("_rci_w={}\n", quote(&workdir)));
+    s.push_str("mkdir -p \"$_rci_w\" || exit 1\n");
     for (index, step) in job.steps.iter().enumerate() {
-        s.push_str("[ -z \"$z\" ] || exit 143\n");
-        s.push_str(&format!("m 'start {index}'\n"));
-        s.push_str(&format!("( cd \"$W\" || exit 1\n{}", step_body(step)));
-        s.push_str(" ) & p=$!\n");
-        s.push_str(&format!("w {index}\n"));
+        s.push_str("[ -z \"$_rci_z\" ] || exit 143\n");
+        s.push_str(&format!("_rci_mark 'start {index}'\n"));
+        s.push_str(&format!("( cd \"$_rci_w\" || exit 1\n{}", step_body(step)));
+        // A stop that came while the step was being started reaches it too.
+        s.push_str(" ) & _rci_p=$!; [ -z \"$_rci_z\" ] || kill -TERM \"$_rci_p\" 2>/dev/null\n");
+        s.push_str(&format!("_rci_wait {index}\n"));
         if !step.continue_on_error {
-            s.push_str("[ \"$r\" = 0 ] || exit \"$r\"\n");
+            s.push_str("[ \"$_rci_r\" = 0 ] || exit \"$_rci_r\"\n");
         }
     }
-    s.push_str("[ -z \"$z\" ] || exit 143\nexit 0\n");
+    s.push_str("[ -z \"$_rci_z\" ] || exit 143\nexit 0\n");
     s
 }
 
@@ -104,7 +109,8 @@ fn step_body(step: &Step) -> String {
     }
     match &step.action {
         StepAction::Run(script) => {
-            s.push_str(&format!("exec /bin/sh -e -c {}", quote(script)));
+            // `--`: a script starting with `-` is a script, not options.
+            s.push_str(&format!("exec /bin/sh -e -c -- {}", quote(script)));
         }
         StepAction::Command(argv) => {
             s.push_str("exec");
@@ -436,6 +442,39 @@ mod tests {
         assert!(
             !pieces.contains(&Piece::Marker(Tag::Out, Mark::Start(1))),
             "{pieces:?}"
+        );
+    }
+
+    /// The job's own variables keep their values (the script's are prefixed), and a script
+    /// that starts with `-` is run, not taken for options.
+    #[test]
+    fn job_variables_and_dash_scripts_are_left_alone() {
+        let job = Job::new(
+            "t",
+            vec![Step::run(
+                "-rustci-not-an-option 2>/dev/null || echo \"dash-ok $M $W $p $r $z\"",
+            )],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            entry_script(&job, NONCE, false).replace(WORKSPACE, dir.path().to_str().unwrap());
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .envs([
+                ("M", "m1"),
+                ("W", "w1"),
+                ("p", "p1"),
+                ("r", "r1"),
+                ("z", "z1"),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let pieces = parse_in_chunks(&out.stdout, 16);
+        assert_eq!(
+            pieces[1],
+            Piece::Output(Bytes::from_static(b"dash-ok m1 w1 p1 r1 z1\n"))
         );
     }
 }
