@@ -385,13 +385,47 @@ impl Inner {
             grace_period_seconds: grace.map(|g| g.max(1)),
             ..DeleteParams::default()
         };
+        self.delete(
+            &self.pods,
+            "pod",
+            name,
+            &dp,
+            "its activeDeadlineSeconds and the next sweep remove it",
+        )
+        .await
+    }
+
+    async fn delete_secret(&self, name: &str) -> bool {
+        self.delete(
+            &self.secrets,
+            "secret",
+            name,
+            &DeleteParams::default(),
+            "the next sweep removes it",
+        )
+        .await
+    }
+
+    /// Deletes an object, retrying what the server failed at; true when it is being
+    /// deleted or was already gone. A failure is logged with what will clean up instead.
+    async fn delete<K>(
+        &self,
+        api: &Api<K>,
+        kind: &str,
+        name: &str,
+        dp: &DeleteParams,
+        fallback: &str,
+    ) -> bool
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
         for attempt in 0..ATTEMPTS {
-            match self.pods.delete(name, &dp).await {
+            match api.delete(name, dp).await {
                 Ok(_) => return true,
                 Err(e) if status_code(&e) == Some(404) => return true,
                 Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => backoff(attempt).await,
                 Err(e) => {
-                    tracing::error!(pod = %name, error = %e, "cannot delete a job pod; its activeDeadlineSeconds and the next sweep remove it");
+                    tracing::error!(%kind, %name, error = %e, "cannot delete a job's {kind}; {fallback}");
                     return false;
                 }
             }
@@ -423,21 +457,6 @@ impl Inner {
                 false
             }
         }
-    }
-
-    async fn delete_secret(&self, name: &str) -> bool {
-        for attempt in 0..ATTEMPTS {
-            match self.secrets.delete(name, &DeleteParams::default()).await {
-                Ok(_) => return true,
-                Err(e) if status_code(&e) == Some(404) => return true,
-                Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => backoff(attempt).await,
-                Err(e) => {
-                    tracing::error!(secret = %name, error = %e, "cannot delete a job secret; the next sweep removes it");
-                    return false;
-                }
-            }
-        }
-        false
     }
 
     /// Creates an object, retrying what the server failed at. A `409` after such a retry
