@@ -723,7 +723,8 @@ async fn clusters_without_split_log_streams_get_combined_output() {
             r.outcome
         );
         // One stream: each line once; across streams the cluster keeps no order.
-        let mut lines: Vec<&str> = r.stdout_text().leak().lines().collect();
+        let text = r.stdout_text();
+        let mut lines: Vec<&str> = text.lines().collect();
         lines.sort();
         assert_eq!(lines, ["err-1", "out-1", "out-2"]);
         assert_eq!(r.stderr_text(), "");
