@@ -16,7 +16,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -49,11 +49,6 @@ const STATUS_WAIT: Duration = Duration::from_secs(60);
 /// Attempts of a create or delete request that the API answered with a 5xx or 429.
 const ATTEMPTS: u32 = 4;
 
-/// Whether this cluster separates stdout and stderr in pod logs, as far as seen.
-const SPLIT_UNKNOWN: u8 = 0;
-const SPLIT_YES: u8 = 1;
-const SPLIT_NO: u8 = 2;
-
 /// Runs each job in its own Pod on a Kubernetes cluster.
 pub struct KubernetesRunner {
     inner: Arc<Inner>,
@@ -70,7 +65,8 @@ struct Inner {
     running: Slots,
     owner: String,
     watch: PodWatch,
-    split: AtomicU8,
+    /// The cluster was seen not to separate stdout and stderr in pod logs.
+    combined_logs: AtomicBool,
 }
 
 /// An API error in words, keeping the cluster's own message.
@@ -289,7 +285,7 @@ impl KubernetesRunner {
             running: Slots::new(),
             owner,
             watch,
-            split: AtomicU8::new(SPLIT_UNKNOWN),
+            combined_logs: AtomicBool::new(false),
         });
         inner.sweep().await?;
         Ok(KubernetesRunner { inner })
@@ -740,7 +736,8 @@ enum LogItem {
     },
 }
 
-/// Follows the job container's log (`stream`: `Stdout`, `Stderr`, or all when `None`).
+/// Follows the job container's log (`stream`: `Stdout`, `Stderr`, or all when `None`),
+/// sending its pieces; a failure is sent as the last item.
 async fn read_log(
     client: kube::Client,
     path: String,
@@ -748,69 +745,56 @@ async fn read_log(
     nonce: String,
     tx: mpsc::Sender<LogItem>,
 ) {
+    let mut parser = MarkerParser::new(&nonce);
+    let mut pieces = Vec::new();
+    let result = follow_log(&client, path, stream, &mut parser, &mut pieces, &tx).await;
+    // What the parser held back is output, also when the stream broke.
+    parser.finish(&mut pieces);
+    for p in pieces.drain(..) {
+        let _ = tx.send(LogItem::Piece(p)).await;
+    }
+    if let Err((code, message)) = result {
+        let _ = tx.send(LogItem::Failed { code, message }).await;
+    }
+}
+
+/// The request and read loop of [`read_log`]; `Err` carries the API's status code when
+/// it answered. A receiver that went away ends it quietly.
+async fn follow_log(
+    client: &kube::Client,
+    path: String,
+    stream: Option<&'static str>,
+    parser: &mut MarkerParser,
+    pieces: &mut Vec<Piece>,
+    tx: &mpsc::Sender<LogItem>,
+) -> Result<(), (Option<u16>, String)> {
     let mut url = format!("{path}/log?container={CONTAINER}&follow=true");
     if let Some(s) = stream {
         url.push_str("&stream=");
         url.push_str(s);
     }
-    let request = match http::Request::get(url).body(Vec::new()) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tx
-                .send(LogItem::Failed {
-                    code: None,
-                    message: e.to_string(),
-                })
-                .await;
-            return;
-        }
-    };
-    let body = match client.request_stream(request).await {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = tx
-                .send(LogItem::Failed {
-                    code: status_code(&e),
-                    message: e.to_string(),
-                })
-                .await;
-            return;
-        }
-    };
-    let mut parser = MarkerParser::new(&nonce);
-    let mut pieces = Vec::new();
+    let request = http::Request::get(url)
+        .body(Vec::new())
+        .map_err(|e| (None, e.to_string()))?;
+    let body = client
+        .request_stream(request)
+        .await
+        .map_err(|e| (status_code(&e), e.to_string()))?;
     let mut body = Box::pin(body);
     loop {
         // Parse the body's chunks where they lie, without copying them first.
-        let chunk = match body.fill_buf().await {
-            Ok([]) => break,
-            Ok(chunk) => chunk,
-            Err(e) => {
-                parser.finish(&mut pieces);
-                for p in pieces.drain(..) {
-                    let _ = tx.send(LogItem::Piece(p)).await;
-                }
-                let _ = tx
-                    .send(LogItem::Failed {
-                        code: None,
-                        message: e.to_string(),
-                    })
-                    .await;
-                return;
-            }
-        };
+        let chunk = body.fill_buf().await.map_err(|e| (None, e.to_string()))?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
         let n = chunk.len();
-        parser.push(chunk, &mut pieces);
+        parser.push(chunk, pieces);
         body.consume_unpin(n);
         for p in pieces.drain(..) {
             if tx.send(LogItem::Piece(p)).await.is_err() {
-                return;
+                return Ok(());
             }
         }
-    }
-    parser.finish(&mut pieces);
-    for p in pieces.drain(..) {
-        let _ = tx.send(LogItem::Piece(p)).await;
     }
 }
 
@@ -1070,7 +1054,7 @@ impl JobRun {
         let split = match self.inner.config.log_streams {
             LogStreams::Split => true,
             LogStreams::Combined => false,
-            LogStreams::Auto => self.inner.split.load(Ordering::Relaxed) != SPLIT_NO,
+            LogStreams::Auto => !self.inner.combined_logs.load(Ordering::Relaxed),
         };
         if split {
             vec![
@@ -1246,7 +1230,7 @@ impl JobRun {
                         && !readers.iter().any(|r| r.delivered)
                     {
                         // The cluster refuses split streams: one combined one.
-                        self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
+                        self.inner.combined_logs.store(true, Ordering::Relaxed);
                         for w in writers.iter_mut().filter_map(Option::take) {
                             w.finish().await;
                         }
@@ -1287,7 +1271,7 @@ impl JobRun {
                     if tag != readers[i].tag && !combined {
                         // Both requests got both streams: the cluster ignores `stream`.
                         // Keep the stdout request as the combined one.
-                        self.inner.split.store(SPLIT_NO, Ordering::Relaxed);
+                        self.inner.combined_logs.store(true, Ordering::Relaxed);
                         if let Some(w) = writers[1].take() {
                             w.finish().await;
                         }
@@ -1295,9 +1279,6 @@ impl JobRun {
                         readers[0].stream = OutputStream::Stdout;
                         self.barrier(&mut readers, &mut steps).await;
                         continue;
-                    }
-                    if !combined {
-                        self.inner.split.store(SPLIT_YES, Ordering::Relaxed);
                     }
                     match (mark, tag) {
                         // In a combined stream the stderr end marker closes the step whose
@@ -1517,15 +1498,21 @@ impl JobRun {
     /// Emits `StepFinished` for a step that was still running when the job ended.
     async fn end_unfinished(&self, steps: &Steps, step: Option<usize>, status: StepStatus) {
         if let Some(i) = step {
-            self.sink
-                .emit(EventKind::StepFinished {
-                    step: i,
-                    name: self.job.steps[i].display_name(i),
-                    status,
-                    duration: steps.started_at[i].map(|t| t.elapsed()).unwrap_or_default(),
-                })
-                .await;
+            self.emit_finished(steps, i, status).await;
         }
+    }
+
+    async fn emit_finished(&self, steps: &Steps, step: usize, status: StepStatus) {
+        self.sink
+            .emit(EventKind::StepFinished {
+                step,
+                name: self.job.steps[step].display_name(step),
+                status,
+                duration: steps.started_at[step]
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default(),
+            })
+            .await;
     }
 
     /// Notes a step's end status (the first stream to report it wins). A step that ends
@@ -1558,16 +1545,7 @@ impl JobRun {
             // No end marker on any stream (the output was cut off).
             (None, None) => StepStatus::NotStarted,
         };
-        self.sink
-            .emit(EventKind::StepFinished {
-                step,
-                name: self.job.steps[step].display_name(step),
-                status,
-                duration: steps.started_at[step]
-                    .map(|t| t.elapsed())
-                    .unwrap_or_default(),
-            })
-            .await;
+        self.emit_finished(steps, step, status).await;
     }
 
     /// Emits `StepFinished` once every stream has passed a step's end, then lets the

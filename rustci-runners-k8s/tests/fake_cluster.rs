@@ -821,15 +821,21 @@ async fn a_running_execution_id_is_refused() {
     };
     let runner = runner_on(&cluster, |_| {}).await;
     let id = JobId::new();
-    let j = job(vec![Step::run("echo started; sleep 2; echo done")]);
+    let j = job(vec![Step::run(FILLER_AFTER("echo started"))]);
     let mut execution = runner.start(&j, id.clone()).await.unwrap();
     let mut out = until_output(&mut execution, "started").await;
+    cluster.reset_requests();
     let e = runner.start(&j, id).await.unwrap_err().to_string();
     assert!(e.contains("already running"), "{e}");
+    assert!(cluster.requests().is_empty(), "{:#?}", cluster.requests());
+    assert_eq!(runner.running(), 1);
+    assert_eq!(cluster.pods(NAMESPACE).len(), 1);
+    // Still running: it ends by its own cancel, not as lost.
+    execution.cancel();
     assert_eq!(
         read_rest(&mut execution, &mut out).await,
-        Outcome::Succeeded
+        Outcome::Cancelled
     );
-    assert_eq!(out, "started\ndone\n");
+    assert!(out.starts_with("started\n"), "{out}");
     assert_nothing_left(&cluster).await;
 }
