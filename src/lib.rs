@@ -7,7 +7,7 @@
 //! |------------|--------------|----------------------------|
 //! | `docker`   | `docker`     | `rustci-runners-docker`    |
 //! | `k8s`      | `k8s`        | `rustci-runners-k8s`       |
-//! | `valkyrie` | `valkyrie`   | `rustci-runners-valkyrie`  |
+//! | `control`  | `control`    | `rustci-control` (`sqlite` adds its SQLite store) |
 //! | `cli`      | [`cli`]      | the `rustci` command's behaviour (default) |
 //! | `server`   | [`server`]   | the control-plane server and HTTP API (default) |
 //!
@@ -33,12 +33,12 @@ pub mod client;
 #[cfg(feature = "server")]
 pub mod server;
 
+/// The control plane: registry, queue, dispatch, store, logs.
+#[cfg(feature = "control")]
+pub use rustci_control as control;
 /// The Docker backend.
 #[cfg(feature = "docker")]
 pub use rustci_runners_docker as docker;
 /// The Kubernetes backend.
 #[cfg(feature = "k8s")]
 pub use rustci_runners_k8s as k8s;
-/// The Valkyrie backend.
-#[cfg(feature = "valkyrie")]
-pub use rustci_runners_valkyrie as valkyrie;

@@ -54,3 +54,27 @@ impl Error {
         }
     }
 }
+
+/// Displays an error with every cause in its source chain, `outer: inner: innermost`,
+/// for messages that reach a person (the CLI, API error envelopes, logs). Error types in
+/// this project keep their cause out of their own message, as the standard library
+/// advises, so this is how the whole story gets printed.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut last = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            let text = e.to_string();
+            // A transparent wrapper repeats its source's message; print it once.
+            if text != last && !last.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
+            next = e.source();
+        }
+        Ok(())
+    }
+}

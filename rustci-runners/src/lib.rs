@@ -31,7 +31,6 @@
 
 #![deny(missing_docs)]
 
-pub mod control;
 pub mod error;
 mod host;
 pub mod job;

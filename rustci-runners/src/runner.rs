@@ -41,18 +41,15 @@ pub enum RunnerKind {
     Docker,
     /// One Pod per job on a Kubernetes cluster.
     Kubernetes,
-    /// A remote agent over the Valkyrie protocol.
-    Valkyrie,
 }
 
 impl RunnerKind {
     /// Every kind, in declaration order.
-    pub const ALL: [RunnerKind; 5] = [
+    pub const ALL: [RunnerKind; 4] = [
         RunnerKind::Local,
         RunnerKind::Native,
         RunnerKind::Docker,
         RunnerKind::Kubernetes,
-        RunnerKind::Valkyrie,
     ];
 
     /// The lowercase name used in job files and on the command line.
@@ -62,7 +59,6 @@ impl RunnerKind {
             RunnerKind::Native => "native",
             RunnerKind::Docker => "docker",
             RunnerKind::Kubernetes => "kubernetes",
-            RunnerKind::Valkyrie => "valkyrie",
         }
     }
 }
@@ -80,9 +76,7 @@ impl FromStr for RunnerKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!(
-                    "unknown runner kind {s:?} (expected local, native, docker, kubernetes or valkyrie)"
-                )
+                format!("unknown runner kind {s:?} (expected local, native, docker or kubernetes)")
             })
     }
 }
@@ -859,14 +853,19 @@ pub struct CollectedRun {
     pub outcome: Outcome,
 }
 
-pub(crate) mod system_time_millis {
+/// Serde helper for `#[serde(with = "...")]`: a [`SystemTime`] as whole milliseconds
+/// since the Unix epoch (times before the epoch are written as 0). The wire form of every
+/// timestamp in events and in the control plane's records.
+pub mod system_time_millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+    /// Writes `t` as milliseconds since the epoch.
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
         s.serialize_u64(ms as u64)
     }
+    /// Reads milliseconds since the epoch.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
         Ok(UNIX_EPOCH + Duration::from_millis(u64::deserialize(d)?))
     }

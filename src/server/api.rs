@@ -15,9 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
-use rustci_runners::control::{
+use rustci_control::{
     AuditEntry, ControlPlane, JobQuery, JobRecord, JobState, RegisterOptions, RunnerEntry,
 };
+use rustci_runners::error::Chain;
 use rustci_runners::{Job, JobId, Outcome};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -277,7 +278,7 @@ fn audit(app: &App, actor: &str, action: &str, target: Option<&str>, result: &st
         Some(rid.to_string()),
     );
     if let Err(e) = app.plane.store().append_audit(&entry) {
-        tracing::error!(error = %e, "the audit log did not take an entry");
+        tracing::error!(error = %Chain(&e), "the audit log did not take an entry");
     }
 }
 
@@ -535,7 +536,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         Err(e) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "NOT_READY",
-            format!("the store does not answer: {e}"),
+            format!("the store does not answer: {}", Chain(&e)),
         )
         .into_response(),
     }
@@ -621,10 +622,12 @@ async fn submit_job(
     })?;
     let submitter = p.name.clone();
     let id = app.plane.submit(job, &submitter).map_err(|e| match e {
-        rustci_runners::Error::Unavailable(m) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", m)
-        }
-        other => ApiError::invalid(other.to_string()),
+        rustci_control::Error::InvalidSpec(_) => ApiError::invalid(e.to_string()),
+        other => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            rustci_runners::error::Chain(&other).to_string(),
+        ),
     })?;
     audit(&app, &p.name, "job.submit", Some(id.as_str()), "ok", &rid.0);
     tracing::info!(job_id = %id, submitter = %submitter, "job submitted");
@@ -679,7 +682,7 @@ async fn list_jobs(
     let page = app
         .plane
         .list(&query)
-        .map_err(|e| ApiError::internal(format!("listing jobs: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("listing jobs: {}", Chain(&e))))?;
     Ok(Json(json!({
         "jobs": page.jobs.iter().map(|r| job_json(r, false)).collect::<Vec<_>>(),
         "next_cursor": page.next,
@@ -788,7 +791,7 @@ async fn job_logs(
             }
             match follower.try_next() {
                 Some(Ok(chunk)) => out.extend_from_slice(&chunk.data),
-                Some(Err(e)) => return Err(ApiError::internal(e.to_string())),
+                Some(Err(e)) => return Err(ApiError::internal(Chain(&e).to_string())),
                 None => break out,
             }
         };
@@ -825,12 +828,12 @@ async fn job_logs(
 /// `data` = `{"offset", "text"}`; then `event: end` with the job's final state. Text is
 /// cut only at UTF-8 character boundaries.
 fn async_stream(
-    follower: rustci_runners::control::LogFollower,
+    follower: rustci_control::LogFollower,
     plane: ControlPlane,
     job: JobId,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
     struct S {
-        follower: rustci_runners::control::LogFollower,
+        follower: rustci_control::LogFollower,
         carry: Vec<u8>,
         carry_offset: u64,
         done: bool,
@@ -868,7 +871,7 @@ fn async_stream(
                 }
                 Some(Err(e)) => {
                     s.done = true;
-                    let data = json!({"message": e.to_string()}).to_string();
+                    let data = json!({"message": Chain(&e).to_string()}).to_string();
                     let event = format!("event: error\ndata: {data}\n\n");
                     return Some((Ok(Bytes::from(event)), (s, plane, job)));
                 }
@@ -957,7 +960,7 @@ async fn runner_action(
         _ => {
             app.plane.remove(id);
             if let Err(e) = app.plane.store().remove_runner(id) {
-                tracing::error!(runner = %id, error = %e, "removing a runner registration");
+                tracing::error!(runner = %id, error = %Chain(&e), "removing a runner registration");
             }
         }
     }
@@ -1042,10 +1045,10 @@ async fn register_runner(
         .factory
         .build(&config, Some(id.clone()))
         .await
-        .map_err(|e| ApiError::invalid(format!("the runner cannot start here: {e}")))?;
+        .map_err(|e| ApiError::invalid(format!("the runner cannot start here: {}", Chain(&e))))?;
     // Stored under the id the runner has (a Docker runner chooses its own).
     let id = runner.info().id.clone();
-    let record = rustci_runners::control::RunnerRecord::new(
+    let record = rustci_control::RunnerRecord::new(
         id.clone(),
         config.name.clone(),
         config.kind.clone(),
@@ -1054,7 +1057,7 @@ async fn register_runner(
     app.plane
         .store()
         .put_runner(&record)
-        .map_err(|e| ApiError::internal(format!("storing the registration: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("storing the registration: {}", Chain(&e))))?;
     let mut options = RegisterOptions::default();
     options.reserved_labels = config.reserved_labels.iter().cloned().collect();
     let id = app.plane.register(runner, options);
@@ -1136,7 +1139,7 @@ async fn list_audit(
         .plane
         .store()
         .audit(params.before, limit)
-        .map_err(|e| ApiError::internal(format!("reading the audit log: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("reading the audit log: {}", Chain(&e))))?;
     let next = if entries.len() == limit {
         entries.last().map(|e| e.seq)
     } else {

@@ -10,8 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use rustci_control::{ControlPlane, JobState, Observer, RunnerStatus, StatusChange};
 use rustci_runners::Outcome;
-use rustci_runners::control::{ControlPlane, JobState, Observer, RunnerStatus, StatusChange};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustci_runners::control::{ControlOptions, ControlPlane, RegisterOptions, SqliteStore};
+use rustci_control::{ControlOptions, ControlPlane, RegisterOptions, SqliteStore};
 use rustci_runners::select::SelectionEngine;
 use tokio::net::TcpListener;
 
@@ -84,8 +84,9 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| runtime(&format!("listening on {}", config.listen))(e.to_string()))?;
-        let store = SqliteStore::open(data.join("rustci.db"))
-            .map_err(|e| runtime("opening the store")(e.to_string()))?;
+        let store = SqliteStore::open(data.join("rustci.db")).map_err(|e| {
+            runtime("opening the store")(rustci_runners::error::Chain(&e).to_string())
+        })?;
         let (secret, _) = load_or_create_secret(&data.join("token.secret"))
             .map_err(|e| runtime("token secret")(e.to_string()))?;
         let mut admin_key_file = None;
@@ -121,14 +122,15 @@ impl Server {
         let mut options = ControlOptions::durable(Arc::new(store), data.join("logs"));
         options.health_interval = Duration::from_secs(config.health_interval_secs.max(1));
         options.observer = Some(metrics.clone());
-        let plane = ControlPlane::with_options(SelectionEngine::default(), options)
-            .map_err(|e| runtime("starting the control plane")(e.to_string()))?;
+        let plane =
+            ControlPlane::with_options(SelectionEngine::default(), options).map_err(|e| {
+                runtime("starting the control plane")(rustci_runners::error::Chain(&e).to_string())
+            })?;
         let factory = RunnerFactory::new();
         let recovery = match start_runners(&plane, &factory, &config).await {
-            Ok(()) => plane
-                .recover()
-                .await
-                .map_err(|e| runtime("recovering jobs")(e.to_string())),
+            Ok(()) => plane.recover().await.map_err(|e| {
+                runtime("recovering jobs")(rustci_runners::error::Chain(&e).to_string())
+            }),
             Err(e) => Err(e),
         };
         let recovery = match recovery {

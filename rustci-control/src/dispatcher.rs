@@ -11,14 +11,14 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::logs::{LogFollower, LogHub, safe_id};
-use super::queue::JobQueue;
-use super::registry::{RegisterOptions, Registry, RunnerStatus, StatusChange};
-use super::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
 use crate::Error;
-use crate::job::{Job, RetryWhen};
-use crate::runner::{Canceller, Event, EventKind, JobId, Outcome, Runner};
-use crate::select::{RunnerPool, RunnerSnapshot, Selector};
+use crate::logs::{LogFollower, LogHub, safe_id};
+use crate::queue::JobQueue;
+use crate::registry::{RegisterOptions, Registry, RunnerStatus, StatusChange};
+use crate::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
+use rustci_runners::job::{Job, RetryWhen};
+use rustci_runners::runner::{Canceller, Event, EventKind, JobId, Outcome, Runner};
+use rustci_runners::select::{RunnerPool, RunnerSnapshot, Selector};
 
 /// Where a job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -93,7 +93,7 @@ pub struct Attempt {
     /// The runner it ran on.
     pub runner_id: String,
     /// When it was assigned (milliseconds since the Unix epoch in JSON).
-    #[serde(with = "crate::runner::system_time_millis")]
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
     pub started_at: SystemTime,
     /// When it ended.
     #[serde(default, with = "opt_millis")]
@@ -138,7 +138,7 @@ pub struct JobRecord {
     /// The final outcome.
     pub outcome: Option<Outcome>,
     /// When it was submitted (milliseconds since the Unix epoch in JSON).
-    #[serde(with = "crate::runner::system_time_millis")]
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
     pub submitted_at: SystemTime,
     /// When it reached its terminal state.
     #[serde(default, with = "opt_millis")]
@@ -513,9 +513,7 @@ impl ControlPlane {
     pub fn submit(&self, job: Job, submitter: &str) -> Result<JobId, Error> {
         job.validate().map_err(Error::InvalidSpec)?;
         if !self.state.accepting.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable(
-                "the control plane is shutting down and takes no new jobs".into(),
-            ));
+            return Err(Error::ShuttingDown);
         }
         let id = JobId::new();
         let record = JobRecord {
@@ -825,7 +823,7 @@ fn dispatch_round(state: &Arc<State>) {
     };
     // The queue's order, taken in batches so a long queue is not cloned and sorted whole
     // every round; the lock is not held while selecting.
-    let batch = |skip: usize, take: usize| -> Vec<super::queue::QueuedJob> {
+    let batch = |skip: usize, take: usize| -> Vec<crate::queue::QueuedJob> {
         let queue = state.queue.lock().expect("queue");
         queue
             .iter_ordered(&by_submitter)

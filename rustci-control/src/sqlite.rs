@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::dispatcher::{JobRecord, JobState};
-use super::store::{AuditEntry, JobPage, JobQuery, RunnerRecord, Store, Transition};
 use crate::Error;
-use crate::runner::JobId;
+use crate::dispatcher::{JobRecord, JobState};
+use crate::store::{AuditEntry, JobPage, JobQuery, RunnerRecord, Store, Transition};
+use rustci_runners::runner::JobId;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,7 +72,11 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
-    Error::Unavailable(format!("store {}: {e}", path.display()))
+    Error::Store {
+        store: path.display().to_string(),
+        context: "the database failed".into(),
+        source: Box::new(e),
+    }
 }
 
 fn millis(t: SystemTime) -> i64 {
@@ -109,17 +113,19 @@ impl SqliteStore {
     }
 
     fn decode(&self, text: &str) -> Result<JobRecord, Error> {
-        serde_json::from_str(text).map_err(|e| {
-            Error::Unavailable(format!(
-                "store {}: a job record does not decode: {e}",
-                self.path.display()
-            ))
+        serde_json::from_str(text).map_err(|e| Error::Store {
+            store: self.path.display().to_string(),
+            context: "a job record does not decode".into(),
+            source: Box::new(e),
         })
     }
 
     fn write_job(&self, record: &JobRecord) -> Result<(), Error> {
-        let text = serde_json::to_string(record)
-            .map_err(|e| Error::Unavailable(format!("job record does not encode: {e}")))?;
+        let text = serde_json::to_string(record).map_err(|e| Error::Store {
+            store: self.path.display().to_string(),
+            context: "a job record does not encode".into(),
+            source: Box::new(e),
+        })?;
         let mut conn = self.conn.lock().expect("store");
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let state = record.state.as_str();

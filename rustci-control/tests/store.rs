@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use rustci_runners::control::{
+use rustci_control::{
     AuditEntry, JobQuery, JobRecord, JobState, MemoryStore, RunnerRecord, SqliteStore, Store,
 };
 use rustci_runners::{Job, JobId, Step};

@@ -12,9 +12,9 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::dispatcher::{JobRecord, JobState};
 use crate::Error;
-use crate::runner::JobId;
+use crate::dispatcher::{JobRecord, JobState};
+use rustci_runners::runner::JobId;
 
 /// One change of a job's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,7 +23,7 @@ pub struct Transition {
     /// The state entered.
     pub state: JobState,
     /// When (milliseconds since the Unix epoch in JSON).
-    #[serde(with = "crate::runner::system_time_millis")]
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
     pub at: SystemTime,
 }
 
@@ -79,7 +79,7 @@ pub struct RunnerRecord {
     /// The configuration it was registered with, as the registrar gave it.
     pub config: serde_json::Value,
     /// When it was registered.
-    #[serde(with = "crate::runner::system_time_millis")]
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
     pub registered_at: SystemTime,
 }
 
@@ -108,7 +108,7 @@ pub struct AuditEntry {
     /// Sequence number, assigned by the store (0 before it is appended).
     pub seq: u64,
     /// When.
-    #[serde(with = "crate::runner::system_time_millis")]
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
     pub at: SystemTime,
     /// Who: a key's name, a runner, or `anonymous`.
     pub actor: String,

@@ -16,8 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::runner::{Health, Runner, RunnerInfo};
-use crate::select::RunnerSnapshot;
+use rustci_runners::runner::{Health, Runner, RunnerInfo};
+use rustci_runners::select::RunnerSnapshot;
 
 /// Where a runner stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

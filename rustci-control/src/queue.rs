@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use crate::runner::JobId;
+use rustci_runners::runner::JobId;
 
 /// A job waiting in the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,3 +1,5 @@
+//! # rustci-control
+//!
 //! The control plane, in process: a [`Registry`] of runners with status and health, a
 //! priority [`JobQueue`] with fair share between submitters, and [`ControlPlane`], which
 //! selects a runner for each queued job, runs it, retries it per its policy (preferring
@@ -16,7 +18,10 @@
 //! followers read from any offset. After a crash, [`ControlPlane::recover`] queues what was
 //! waiting and retries (or marks `lost`) what was running.
 
+#![deny(missing_docs)]
+
 mod dispatcher;
+mod error;
 mod logs;
 mod queue;
 mod registry;
@@ -27,6 +32,7 @@ mod store;
 pub use dispatcher::{
     Attempt, ControlEvent, ControlOptions, ControlPlane, JobRecord, JobState, Observer, Recovery,
 };
+pub use error::Error;
 pub use logs::{LogChunk, LogFollower, LogHub};
 pub use queue::{JobQueue, QueuedJob};
 pub use registry::{RegisterOptions, Registry, RunnerEntry, RunnerStatus, StatusChange};

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::Error;
-use crate::runner::JobId;
+use rustci_runners::runner::JobId;
 
 /// Largest chunk a follower gets at once.
 const CHUNK: u64 = 64 * 1024;
@@ -70,7 +70,7 @@ impl LogHub {
     pub fn in_dir(dir: impl Into<PathBuf>) -> Result<Self, Error> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating log directory {}", dir.display()), e))?;
+            .map_err(|e| Error::log(format!("creating log directory {}", dir.display()), e))?;
         Ok(LogHub {
             inner: Arc::new(Inner {
                 dir: Some(dir),
@@ -128,12 +128,12 @@ impl LogHub {
                         .create(true)
                         .append(true)
                         .open(&path)
-                        .map_err(|e| Error::io(format!("opening log {}", path.display()), e))?;
+                        .map_err(|e| Error::log(format!("opening log {}", path.display()), e))?;
                     live.file = Some(f);
                 }
                 if let Some(f) = live.file.as_mut() {
                     f.write_all(data)
-                        .map_err(|e| Error::io(format!("writing log {}", path.display()), e))?;
+                        .map_err(|e| Error::log(format!("writing log {}", path.display()), e))?;
                 }
             }
             None => self
@@ -182,14 +182,14 @@ impl LogHub {
                 let f = match File::open(&path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Bytes::new()),
-                    Err(e) => return Err(Error::io(format!("opening log {}", path.display()), e)),
+                    Err(e) => return Err(Error::log(format!("opening log {}", path.display()), e)),
                 };
                 let mut buf = vec![0u8; max];
                 let mut filled = 0;
                 while filled < max {
                     let n = f
                         .read_at(&mut buf[filled..], offset + filled as u64)
-                        .map_err(|e| Error::io(format!("reading log {}", path.display()), e))?;
+                        .map_err(|e| Error::log(format!("reading log {}", path.display()), e))?;
                     if n == 0 {
                         break;
                     }
@@ -278,10 +278,13 @@ impl LogFollower {
             if self.offset < len {
                 let want = (len - self.offset).min(CHUNK) as usize;
                 return Some(match self.hub.read(&self.id, self.offset, want) {
-                    Ok(data) if data.is_empty() => Err(Error::Unavailable(format!(
-                        "log of job {} is shorter than its recorded length",
-                        self.id
-                    ))),
+                    Ok(data) if data.is_empty() => Err(Error::log(
+                        format!("reading the log of job {}", self.id),
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the log is shorter than its recorded length",
+                        ),
+                    )),
                     Ok(data) => {
                         let chunk = LogChunk {
                             offset: self.offset,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustci_runners::control::{ControlEvent, ControlPlane, JobState, RegisterOptions};
+use rustci_control::{ControlEvent, ControlPlane, JobState, RegisterOptions};
 use rustci_runners::job::{RetryPolicy, RetryWhen};
 use rustci_runners::{HostConfig, Job, LeastLoaded, LocalRunner, Outcome, Runner, Step};
 
