@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rustci_runners::error::Chain;
 use rustci_runners::select::{LeastLoaded, RunnerSnapshot, Selector};
 use rustci_runners::{
     Error, EventKind, HostConfig, Job, JobId, LocalRunner, NativeConfig, NativeRunner, Outcome,
@@ -50,11 +51,11 @@ pub async fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
     let mut problems = Vec::new();
     match LocalRunner::new(HostConfig::named("local")) {
         Ok(r) => runners.push(Arc::new(r)),
-        Err(e) => problems.push(format!("local: {e}")),
+        Err(e) => problems.push(Chain(&e).to_string()),
     }
     match NativeRunner::new(NativeConfig::default()) {
         Ok(r) => runners.push(Arc::new(r)),
-        Err(e) => problems.push(format!("native: {e}")),
+        Err(e) => problems.push(Chain(&e).to_string()),
     }
     #[cfg(feature = "docker")]
     match rustci_runners_docker::DockerRunner::connect(
@@ -63,7 +64,7 @@ pub async fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
     .await
     {
         Ok(r) => runners.push(Arc::new(r)),
-        Err(e) => problems.push(format!("docker: {e}")),
+        Err(e) => problems.push(Chain(&e).to_string()),
     }
     #[cfg(feature = "k8s")]
     {
@@ -78,12 +79,14 @@ pub async fn host_runners() -> (Vec<Arc<dyn Runner>>, Vec<String>) {
             let connect = rustci_runners_k8s::KubernetesRunner::connect(config);
             match tokio::time::timeout(std::time::Duration::from_secs(15), connect).await {
                 Ok(Ok(r)) => runners.push(Arc::new(r)),
-                Ok(Err(e)) => problems.push(format!("kubernetes: {e}")),
-                Err(_) => problems.push("kubernetes: the cluster gave no answer within 15s".into()),
+                Ok(Err(e)) => problems.push(Chain(&e).to_string()),
+                Err(_) => {
+                    problems.push("runner kubernetes: the cluster gave no answer within 15s".into())
+                }
             }
         } else {
             problems.push(
-                "kubernetes: no kubeconfig ($KUBECONFIG or ~/.kube/config) and not in a cluster"
+                "runner kubernetes: no kubeconfig ($KUBECONFIG or ~/.kube/config) and not in a cluster"
                     .into(),
             );
         }
@@ -121,7 +124,7 @@ pub fn validate_file(path: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i
             EXIT_INVALID
         }
         Err(e) => {
-            let _ = writeln!(err, "rustci: {e}");
+            let _ = writeln!(err, "rustci: {}", Chain(&e));
             EXIT_INVALID
         }
     }
@@ -227,7 +230,7 @@ pub async fn run_file(
         Err(reason) => {
             let _ = writeln!(err, "rustci: cannot run {}: {reason}", job.name);
             for p in problems {
-                let _ = writeln!(err, "rustci: unavailable runner {p}");
+                let _ = writeln!(err, "rustci: unavailable: {p}");
             }
             return EXIT_RUNNER;
         }
@@ -236,7 +239,7 @@ pub async fn run_file(
     let mut execution = match runner.start(&job, JobId::new()).await {
         Ok(e) => e,
         Err(e) => {
-            let _ = writeln!(err, "rustci: {e}");
+            let _ = writeln!(err, "rustci: {}", Chain(&e));
             return if matches!(e, Error::InvalidSpec(_)) {
                 EXIT_INVALID
             } else {

@@ -16,6 +16,7 @@ use crate::logs::{LogFollower, LogHub, safe_id};
 use crate::queue::JobQueue;
 use crate::registry::{RegisterOptions, Registry, RunnerStatus, StatusChange};
 use crate::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
+use rustci_runners::error::Chain;
 use rustci_runners::job::{Job, RetryWhen};
 use rustci_runners::runner::{Canceller, Event, EventKind, JobId, Outcome, Runner};
 use rustci_runners::select::{RunnerPool, RunnerSnapshot, Selector};
@@ -282,6 +283,8 @@ struct State {
     /// Runners each queued job has already failed on (a retry prefers others).
     tried: Mutex<HashMap<JobId, BTreeSet<String>>>,
     wake: Notify,
+    /// Wakes the health loop early (a runner's start failed temporarily).
+    health_wake: Notify,
     done: Notify,
     events: broadcast::Sender<ControlEvent>,
     seq: AtomicU64,
@@ -337,6 +340,7 @@ impl ControlPlane {
             assigned: Mutex::new(HashMap::new()),
             tried: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            health_wake: Notify::new(),
             done: Notify::new(),
             events,
             seq: AtomicU64::new(0),
@@ -774,6 +778,7 @@ async fn health_loop(state: Arc<State>, interval: Duration) {
         tokio::select! {
             _ = state.stop.cancelled() => return,
             _ = tick.tick() => {}
+            _ = state.health_wake.notified() => {}
         }
         for change in state.registry.check_health(interval, interval).await {
             if let Some(o) = &state.observer {
@@ -1030,9 +1035,18 @@ async fn run_attempt(
         }
     }
     let outcome = match runner.start(&job, attempt_id).await {
-        Err(e) => Outcome::RunnerError {
-            message: e.to_string(),
-        },
+        Err(e) => {
+            if e.is_temporary() {
+                // The runner's dependency may be down: check its health now rather than
+                // at the next interval, so that it stops getting jobs if it is.
+                state.registry.check_soon(&runner_id);
+                state.health_wake.notify_one();
+            }
+            Outcome::RunnerError {
+                message: Chain(&e).to_string(),
+                temporary: e.is_temporary(),
+            }
+        }
         Ok(mut execution) => {
             state.running.lock().expect("running").insert(
                 id.clone(),
@@ -1099,7 +1113,12 @@ async fn run_attempt(
         Outcome::Failed { .. } | Outcome::Signalled { .. } => Some(RetryWhen::Failure),
         Outcome::TimedOut { .. } => Some(RetryWhen::Timeout),
         Outcome::Lost => Some(RetryWhen::Lost),
-        _ => Some(RetryWhen::RunnerFailure),
+        Outcome::RunnerError {
+            temporary: true, ..
+        } => Some(RetryWhen::RunnerFailure),
+        // A runner failure that retrying cannot help (a refused spec, a configuration
+        // that cannot work) ends the job at once, whatever its policy.
+        _ => None,
     };
     let retry = cause.is_some_and(|c| job.retry.when.contains(&c))
         && number <= job.retry.max

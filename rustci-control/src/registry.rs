@@ -278,6 +278,14 @@ impl Registry {
         out
     }
 
+    /// Makes runner `id` due for a health check at the next [`Registry::check_health`]
+    /// (after a start failed in a way that suggests its engine or cluster is gone).
+    pub fn check_soon(&self, id: &str) {
+        if let Some(e) = self.entries.write().expect("registry").get_mut(id) {
+            e.next_check = Instant::now();
+        }
+    }
+
     /// Checks the health of every runner that is due, each within `timeout`; a runner
     /// that keeps failing is checked less and less often (doubling up to 16 intervals).
     /// Returns the status changes.

@@ -23,9 +23,12 @@
 
 #![deny(missing_docs)]
 
+mod config;
+mod container;
+mod image;
+mod job;
 mod runner;
+mod warm;
 
-pub use runner::{
-    DockerConfig, DockerRunner, Engine, LABEL_JOB, LABEL_MANAGED, LABEL_OWNER, LABEL_RUNNER,
-    LABEL_RUNNER_NAME, PullPolicy, RegistryAuth, WORKSPACE, WarmPool,
-};
+pub use config::{DockerBackend, DockerConfig, Engine, KIND, PullPolicy, RegistryAuth, WarmPool};
+pub use runner::DockerRunner;

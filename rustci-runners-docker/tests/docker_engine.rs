@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rustci_runners::job::Resources;
 use rustci_runners::testkit::{Target, run_job};
-use rustci_runners::{Error, Job, JobId, Outcome, Runner, Step};
+use rustci_runners::{Job, JobId, Outcome, Runner, Step};
 use rustci_runners_docker::{DockerConfig, DockerRunner, Engine, PullPolicy};
 
 const IMAGE: &str = rustci_runners::testkit::BUSYBOX_IMAGE;
@@ -154,7 +154,12 @@ async fn engine_down_is_a_clear_error() {
         .await
         .err()
         .expect("connected to a socket that does not exist");
-    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    assert_eq!(
+        err.kind(),
+        Some(rustci_runners::ErrorKind::Unavailable),
+        "{err}"
+    );
+    assert!(err.is_temporary(), "{err}");
     assert!(
         err.to_string().contains("docker engine unavailable"),
         "{err}"

@@ -30,25 +30,14 @@ pub enum Connection {
     InCluster,
 }
 
-/// When the job container's image is pulled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PullPolicy {
-    /// `Always`.
-    Always,
-    /// `IfNotPresent`.
-    IfNotPresent,
-    /// `Never`.
-    Never,
-}
+pub use rustci_runners::backend::PullPolicy;
 
-impl PullPolicy {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            PullPolicy::Always => "Always",
-            PullPolicy::IfNotPresent => "IfNotPresent",
-            PullPolicy::Never => "Never",
-        }
+/// The container's `imagePullPolicy` for a pull policy.
+pub(crate) fn pull_policy_name(p: PullPolicy) -> &'static str {
+    match p {
+        PullPolicy::Always => "Always",
+        PullPolicy::Never => "Never",
+        _ => "IfNotPresent",
     }
 }
 
@@ -307,11 +296,7 @@ impl KubernetesConfig {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::InvalidConfig(format!(
-                "kubernetes runner {}: {}",
-                self.name,
-                problems.join("; ")
-            )))
+            Err(Error::invalid_config(problems.join("; ")).for_runner(&self.name))
         }
     }
 }

@@ -58,9 +58,7 @@ pub use config::{
 };
 pub use k8s_openapi;
 pub use pod::{
-    ANNOTATION_JOB_ID, ANNOTATION_OWNER, ANNOTATION_RUNNER_NAME, CONTAINER, LABEL_JOB,
-    LABEL_MANAGED, LABEL_RUNNER, LABEL_RUNNER_NAME, MAX_SCRIPT_BYTES,
+    ANNOTATION_JOB_ID, ANNOTATION_OWNER, ANNOTATION_RUNNER_NAME, CONTAINER, MAX_SCRIPT_BYTES,
 };
 pub use quantity::validate_quantity;
 pub use runner::KubernetesRunner;
-pub use script::WORKSPACE;

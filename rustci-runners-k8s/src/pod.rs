@@ -10,18 +10,14 @@ use serde_json::{Value, json};
 
 use crate::config::{KubernetesConfig, PodPatch, WorkspaceVolume};
 use crate::quantity::{cpu_quantity, validate_quantity};
-use crate::script::{WORKSPACE, entry_script};
+use crate::script::entry_script;
+use rustci_runners::backend::{
+    LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, LABEL_RUNNER_NAME, WORKSPACE,
+};
 
-/// Label on every object the runner creates: always `true`.
-pub const LABEL_MANAGED: &str = "rustci.managed";
-/// Label: the execution id of the job (made label-safe).
-pub const LABEL_JOB: &str = "rustci.job";
-/// Label: the runner's id.
-pub const LABEL_RUNNER: &str = "rustci.runner";
-/// Label: the runner's name (what the start-up sweep matches).
-pub const LABEL_RUNNER_NAME: &str = "rustci.runner.name";
-/// Annotation: the process that owns the object (`host/pid/start`).
-pub const ANNOTATION_OWNER: &str = "rustci.owner";
+/// Annotation: the process that owns the object (`host/pid/start`); the key every backend
+/// uses for the owner ([`rustci_runners::backend::LABEL_OWNER`]).
+pub const ANNOTATION_OWNER: &str = rustci_runners::backend::LABEL_OWNER;
 /// Annotation: the runner's name exactly as given (the label holds a label-safe form).
 pub const ANNOTATION_RUNNER_NAME: &str = "rustci.runner-name";
 /// Annotation: the execution id exactly as given.
@@ -238,7 +234,7 @@ pub(crate) fn build(
         "volumeMounts": [mount],
     });
     if let Some(p) = config.pod.image_pull_policy {
-        container["imagePullPolicy"] = json!(p.as_str());
+        container["imagePullPolicy"] = json!(crate::config::pull_policy_name(p));
     }
 
     let grace = config.termination_grace.as_secs();
@@ -268,11 +264,11 @@ pub(crate) fn build(
     }
     if !config.pod.tolerations.is_empty() {
         spec["tolerations"] = serde_json::to_value(&config.pod.tolerations)
-            .map_err(|e| Error::InvalidConfig(format!("pod.tolerations: {e}")))?;
+            .map_err(|e| Error::invalid_config("pod.tolerations").caused_by(e))?;
     }
     if let Some(a) = &config.pod.affinity {
         spec["affinity"] = serde_json::to_value(a)
-            .map_err(|e| Error::InvalidConfig(format!("pod.affinity: {e}")))?;
+            .map_err(|e| Error::invalid_config("pod.affinity").caused_by(e))?;
     }
     if !config.pod.image_pull_secrets.is_empty() {
         spec["imagePullSecrets"] = config
@@ -297,9 +293,7 @@ pub(crate) fn build(
         "spec": spec,
     });
     let pod: Pod = serde_json::from_value(pod_json).map_err(|e| {
-        Error::InvalidConfig(format!(
-            "pod.patch: the patched pod is not a valid Pod: {e}"
-        ))
+        Error::invalid_config("pod.patch: the patched pod is not a valid Pod").caused_by(e)
     })?;
     check_pod(&pod)?;
 
@@ -323,7 +317,7 @@ pub(crate) fn build(
             }))
         })
         .transpose()
-        .map_err(|e| Error::InvalidConfig(format!("cannot build the job's Secret: {e}")))?;
+        .map_err(|e| Error::invalid_config("cannot build the job's Secret").caused_by(e))?;
     Ok(JobObjects {
         pod,
         secret,
@@ -335,7 +329,7 @@ pub(crate) fn build(
 /// What the runner relies on after the patch: one job container running the entry script,
 /// and quantities the API server will accept.
 fn check_pod(pod: &Pod) -> Result<(), Error> {
-    let bad = |why: String| Err(Error::InvalidConfig(format!("pod.patch: {why}")));
+    let bad = |why: String| Err(Error::invalid_config(format!("pod.patch: {why}")));
     let Some(spec) = &pod.spec else {
         return bad("the patch removed the pod spec".into());
     };
@@ -379,13 +373,13 @@ pub(crate) fn apply_patch(spec: &mut Value, patch: &PodPatch) -> Result<(), Erro
         }
         PodPatch::Json(ops) => {
             let ops: json_patch::Patch = serde_json::from_value(ops.clone()).map_err(|e| {
-                Error::InvalidConfig(format!("pod.patch: not a JSON patch (RFC 6902): {e}"))
+                Error::invalid_config("pod.patch: not a JSON patch (RFC 6902)").caused_by(e)
             })?;
             json_patch::patch(spec, &ops)
-                .map_err(|e| Error::InvalidConfig(format!("pod.patch does not apply: {e}")))
+                .map_err(|e| Error::invalid_config("pod.patch does not apply").caused_by(e))
         }
         PodPatch::Strategic(p) => strategic_merge(spec, p)
-            .map_err(|e| Error::InvalidConfig(format!("pod.patch does not apply: {e}"))),
+            .map_err(|e| Error::invalid_config("pod.patch does not apply").caused_by(e)),
     }
 }
 

@@ -35,11 +35,11 @@ use tokio::time::Instant;
 
 use crate::config::{Connection, KubernetesConfig, LogStreams};
 use crate::pod::{
-    self, ANNOTATION_JOB_ID, ANNOTATION_OWNER, ANNOTATION_RUNNER_NAME, CONTAINER, JobObjects,
-    LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, LABEL_RUNNER_NAME, Owner,
+    self, ANNOTATION_JOB_ID, ANNOTATION_OWNER, ANNOTATION_RUNNER_NAME, CONTAINER, JobObjects, Owner,
 };
 use crate::script::{Mark, MarkerParser, Piece, Tag};
 use crate::watch::{PodState, PodWatch, Subscription};
+use rustci_runners::backend::{LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, LABEL_RUNNER_NAME};
 
 /// How long deletion of a pod may take beyond its grace period before the runner stops
 /// waiting for it (and leaves it to the cluster and the next sweep).
@@ -69,22 +69,27 @@ struct Inner {
     combined_logs: AtomicBool,
 }
 
-/// An API error in words, keeping the cluster's own message.
-fn api_error(what: &str, e: &kube::Error) -> Error {
-    match e {
+/// An API error in words, keeping the cluster's own message. A status answer carries its
+/// message, code and reason in the context (the kube error adds nothing to them); a
+/// failure to get an answer keeps the kube error as the source. Missing rights (401, 403)
+/// are a configuration problem; other refusals (4xx) are the cluster rejecting the
+/// request; throttling (429), the server's own trouble (5xx) and no answer at all are the
+/// cluster being unavailable for now.
+fn api_error(what: &str, e: kube::Error) -> Error {
+    match &e {
         kube::Error::Api(status) => {
             let text = format!(
                 "{what}: {} ({} {})",
                 status.message, status.code, status.reason
             );
             match status.code {
-                401 | 403 | 404 | 422 => Error::InvalidConfig(text),
-                _ => Error::Unavailable(text),
+                401 | 403 => Error::invalid_config(text),
+                429 => Error::unavailable(text),
+                400..=499 => Error::rejected(text),
+                _ => Error::unavailable(text),
             }
         }
-        other => Error::Unavailable(format!(
-            "{what}: the Kubernetes API is unreachable: {other}"
-        )),
+        _ => Error::unavailable(format!("{what}: the Kubernetes API is unreachable")).caused_by(e),
     }
 }
 
@@ -120,22 +125,29 @@ impl KubernetesRunner {
     /// [`KubernetesConfig::name`]), waiting until those pods are gone, and starts the
     /// shared pod watch. Every refusal is an error naming its cause.
     pub async fn connect(config: KubernetesConfig) -> Result<Self, Error> {
+        let name = config.name.clone();
+        Self::connect_to(config)
+            .await
+            .map_err(|e| e.for_runner(&name))
+    }
+
+    async fn connect_to(config: KubernetesConfig) -> Result<Self, Error> {
         config.check()?;
         let kube_config = match &config.connection {
             Connection::Infer => kube::Config::infer().await.map_err(|e| {
-                Error::InvalidConfig(format!(
-                    "no Kubernetes configuration found (kubeconfig or in-cluster): {e}"
-                ))
+                Error::invalid_config(
+                    "no Kubernetes configuration found (kubeconfig or in-cluster)",
+                )
+                .caused_by(e)
             })?,
             Connection::Kubeconfig { path, context } => {
                 let file = match path {
                     Some(p) => kube::config::Kubeconfig::read_from(p).map_err(|e| {
-                        Error::InvalidConfig(format!("kubeconfig {}: {e}", p.display()))
+                        Error::invalid_config(format!("kubeconfig {}", p.display())).caused_by(e)
                     })?,
                     None => kube::config::Kubeconfig::read().map_err(|e| {
-                        Error::InvalidConfig(format!(
-                            "kubeconfig ($KUBECONFIG or ~/.kube/config): {e}"
-                        ))
+                        Error::invalid_config("kubeconfig ($KUBECONFIG or ~/.kube/config)")
+                            .caused_by(e)
                     })?,
                 };
                 let options = kube::config::KubeConfigOptions {
@@ -149,11 +161,11 @@ impl KubernetesRunner {
                             .as_deref()
                             .map(|c| format!(" (context {c:?})"))
                             .unwrap_or_default();
-                        Error::InvalidConfig(format!("kubeconfig{which}: {e}"))
+                        Error::invalid_config(format!("kubeconfig{which}")).caused_by(e)
                     })?
             }
             Connection::InCluster => kube::Config::incluster()
-                .map_err(|e| Error::InvalidConfig(format!("in-cluster configuration: {e}")))?,
+                .map_err(|e| Error::invalid_config("in-cluster configuration").caused_by(e))?,
         };
         let namespace = config
             .namespace
@@ -168,7 +180,7 @@ impl KubernetesRunner {
             Duration::from_secs(1),
         );
         let client = kube::client::ClientBuilder::try_from(kube_config)
-            .map_err(|e| Error::InvalidConfig(format!("cannot build a Kubernetes client: {e}")))?
+            .map_err(|e| Error::invalid_config("cannot build a Kubernetes client").caused_by(e))?
             .with_layer(&rate)
             .build();
 
@@ -178,16 +190,15 @@ impl KubernetesRunner {
         match namespaces.get(&namespace).await {
             Ok(_) => {}
             Err(e) if status_code(&e) == Some(404) => {
-                return Err(Error::InvalidConfig(format!(
-                    "kubernetes runner {}: namespace {namespace:?} does not exist",
-                    config.name
+                return Err(Error::invalid_config(format!(
+                    "namespace {namespace:?} does not exist"
                 )));
             }
             Err(e) if status_code(&e) == Some(403) => {}
             Err(e) => {
                 return Err(api_error(
                     &format!("cannot read namespace {namespace:?}"),
-                    &e,
+                    e,
                 ));
             }
         }
@@ -252,21 +263,17 @@ impl KubernetesRunner {
             secrets.create(&dry, secret).await.map_err(|e| {
                 api_error(
                     &format!("cannot create secrets in namespace {namespace:?}"),
-                    &e,
+                    e,
                 )
             })?;
         }
         pods.create(&dry, &objects.pod)
             .await
             .map_err(|e| match status_code(&e) {
-                Some(404) => Error::InvalidConfig(format!(
-                    "kubernetes runner {}: namespace {namespace:?} does not exist",
-                    config.name
-                )),
-                _ => api_error(
-                    &format!("cannot create pods in namespace {namespace:?}"),
-                    &e,
-                ),
+                Some(404) => {
+                    Error::invalid_config(format!("namespace {namespace:?} does not exist"))
+                }
+                _ => api_error(&format!("cannot create pods in namespace {namespace:?}"), e),
             })?;
 
         let selector = format!(
@@ -335,7 +342,7 @@ impl Inner {
         let pods = self.pods.list(&lp).await.map_err(|e| {
             api_error(
                 &format!("cannot list pods in namespace {:?}", self.namespace),
-                &e,
+                e,
             )
         })?;
         // Every leftover is deleted at once, and then waited for: a retry must never run
@@ -356,7 +363,7 @@ impl Inner {
         let secrets = self.secrets.list(&lp).await.map_err(|e| {
             api_error(
                 &format!("cannot list secrets in namespace {:?}", self.namespace),
-                &e,
+                e,
             )
         })?;
         for s in secrets.items {
@@ -499,7 +506,7 @@ impl Inner {
                         return Ok(());
                     }
                     // Someone else's object under this name: nothing of ours to remove.
-                    return Err((api_error(&what, &e), false));
+                    return Err((api_error(&what, e), false));
                 }
                 Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => {
                     ambiguous = true;
@@ -507,7 +514,7 @@ impl Inner {
                 }
                 Err(e) => {
                     let maybe = ambiguous || retryable(&e);
-                    return Err((api_error(&what, &e), maybe));
+                    return Err((api_error(&what, e), maybe));
                 }
             }
         }
@@ -547,6 +554,20 @@ impl Runner for KubernetesRunner {
     }
 
     async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        self.abandon_job(id)
+            .await
+            .map_err(|e| e.for_runner(&self.inner.info.name))
+    }
+
+    async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+        self.start_job(spec, id)
+            .await
+            .map_err(|e| e.for_runner(&self.inner.info.name))
+    }
+}
+
+impl KubernetesRunner {
+    async fn abandon_job(&self, id: &JobId) -> Result<(), Error> {
         let inner = &self.inner;
         let lp = ListParams::default().labels(&format!(
             "{LABEL_MANAGED}=true,{LABEL_JOB}={}",
@@ -558,7 +579,7 @@ impl Runner for KubernetesRunner {
             .pods
             .list_metadata(&lp)
             .await
-            .map_err(|e| api_error("cannot list pods", &e))?;
+            .map_err(|e| api_error("cannot list pods", e))?;
         let deletions = pods
             .items
             .into_iter()
@@ -572,7 +593,7 @@ impl Runner for KubernetesRunner {
             .secrets
             .list_metadata(&lp)
             .await
-            .map_err(|e| api_error("cannot list secrets", &e))?;
+            .map_err(|e| api_error("cannot list secrets", e))?;
         for s in secrets.items.into_iter().filter(|s| of_id(&s.metadata)) {
             if let Some(name) = s.metadata.name {
                 inner.delete_secret(&name).await;
@@ -581,7 +602,7 @@ impl Runner for KubernetesRunner {
         Ok(())
     }
 
-    async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+    async fn start_job(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
         let inner = &self.inner;
         let mut job = spec.to_job();
         if job.image.is_none() {
@@ -1411,6 +1432,8 @@ impl JobRun {
                     "the job container of pod {} could not start: {}: {}",
                     self.name, t.reason, t.message
                 )),
+                // The image's entry point cannot run: the same pod would fail again.
+                temporary: false,
             };
         }
         if let Some((reason, message)) = &state.pod_failed {
@@ -1426,6 +1449,9 @@ impl JobRun {
                         "pod {} failed before it started: {reason}: {message}",
                         self.name
                     )),
+                    // Evicted or rejected by its node before it ran: another try may land
+                    // on a node that takes it.
+                    temporary: true,
                 };
             }
         }
@@ -1461,6 +1487,7 @@ impl JobRun {
                     "the entry script of pod {} failed before the first step (exit code {}); see its output",
                     self.name, t.code
                 ),
+                temporary: false,
             },
             // The container ended before the steps did.
             (Some(t), _) if t.code != 0 => {
@@ -1490,6 +1517,7 @@ impl JobRun {
                             self.name
                         ),
                     },
+                    temporary: true,
                 }
             }
         }
@@ -1592,11 +1620,15 @@ impl JobRun {
             .pending
             .clone()
             .unwrap_or_else(|| "no status from the cluster".into());
+        // An image that may never be pulled or is not a valid name fails again on any
+        // try; an unschedulable pod or a registry that did not answer may not.
+        let temporary = !state.hopeless;
         Outcome::RunnerError {
             message: self.secrets.mask_str(&format!(
                 "pod {} did not start within {:?}: {reason}",
                 self.name, self.inner.config.pending_timeout
             )),
+            temporary,
         }
     }
 }

@@ -28,8 +28,7 @@
 use bytes::{Bytes, BytesMut};
 use rustci_runners::job::{Job, Step, StepAction};
 
-/// Where the workspace volume is mounted in the job container.
-pub const WORKSPACE: &str = "/workspace";
+use rustci_runners::backend::WORKSPACE;
 
 /// Quotes `s` for a POSIX shell: every character literal.
 pub(crate) fn quote(s: &str) -> String {

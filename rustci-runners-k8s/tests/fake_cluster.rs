@@ -13,7 +13,7 @@ use rustci_k8s_fake::{FailureRule, NodeLoss};
 use rustci_runners::job::Resources;
 use rustci_runners::testkit::{Target, run_job};
 use rustci_runners::{
-    Error, EventKind, Execution, Job, JobId, Outcome, OutputStream, Runner, RunnerExt, Step,
+    EventKind, Execution, Job, JobId, Outcome, OutputStream, Runner, RunnerExt, Step,
 };
 use rustci_runners_k8s::{Connection, KubernetesConfig, KubernetesRunner, PodPatch};
 
@@ -258,9 +258,13 @@ async fn unschedulable_pod_fails_with_the_schedulers_reason() {
         .run_to_completion(&job(vec![Step::run("true")]))
         .await
         .unwrap();
-    let Outcome::RunnerError { message } = &outcome else {
+    let Outcome::RunnerError { message, temporary } = &outcome else {
         panic!("{outcome:?}")
     };
+    assert!(
+        temporary,
+        "an unschedulable pod may schedule later: {outcome:?}"
+    );
     assert!(message.contains("Unschedulable"), "{message}");
     assert!(message.contains("node affinity/selector"), "{message}");
     assert_nothing_left(&cluster).await;
@@ -273,7 +277,7 @@ async fn unschedulable_pod_fails_with_the_schedulers_reason() {
         .await
         .unwrap();
     assert!(
-        matches!(&outcome, Outcome::RunnerError { message } if message.contains("unschedulable")),
+        matches!(&outcome, Outcome::RunnerError { message, .. } if message.contains("unschedulable")),
         "{outcome:?}"
     );
     // Once nodes take pods again, a job that waits long enough runs.
@@ -301,9 +305,10 @@ async fn missing_image_fails_with_the_pull_error() {
     let mut j = job(vec![Step::run("true")]);
     j.image = Some("rustci-absent-image:1".into());
     let outcome = runner.run_to_completion(&j).await.unwrap();
-    let Outcome::RunnerError { message } = &outcome else {
+    let Outcome::RunnerError { message, temporary } = &outcome else {
         panic!("{outcome:?}")
     };
+    assert!(temporary, "a registry may answer later: {outcome:?}");
     assert!(
         message.contains("ErrImagePull") || message.contains("ImagePullBackOff"),
         "{message}"
@@ -322,7 +327,7 @@ async fn missing_image_fails_with_the_pull_error() {
         .expect("a job whose image can never be pulled waited for it")
         .unwrap();
     assert!(
-        matches!(&outcome, Outcome::RunnerError { message } if message.contains("ErrImageNeverPull")),
+        matches!(&outcome, Outcome::RunnerError { message, temporary: false } if message.contains("ErrImageNeverPull")),
         "{outcome:?}"
     );
     assert_nothing_left(&cluster).await;
@@ -479,7 +484,12 @@ async fn refused_creates_are_clear_errors_and_leave_nothing() {
 
     cluster.forbid("create", "pods");
     let e = runner.start(&j, JobId::new()).await.unwrap_err();
-    assert!(matches!(e, Error::InvalidConfig(_)), "{e:?}");
+    assert_eq!(
+        e.kind(),
+        Some(rustci_runners::ErrorKind::InvalidConfig),
+        "{e:?}"
+    );
+    assert!(!e.is_temporary(), "{e:?}");
     let e = e.to_string();
     assert!(e.contains("forbidden") && e.contains("403"), "{e}");
     assert_nothing_left(&cluster).await;

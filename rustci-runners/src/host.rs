@@ -111,20 +111,24 @@ fn executable(path: &Path) -> bool {
 
 /// Checks the parts of a host configuration that do not depend on the runner kind.
 pub(crate) fn check_config(config: &HostConfig) -> Result<(), Error> {
+    check_host_config(config).map_err(|e| e.for_runner(&config.name))
+}
+
+fn check_host_config(config: &HostConfig) -> Result<(), Error> {
     let Some(shell) = config.shell.first() else {
-        return Err(Error::InvalidConfig("the shell command is empty".into()));
+        return Err(Error::invalid_config("the shell command is empty"));
     };
     if !Path::new(shell).is_absolute() {
-        return Err(Error::InvalidConfig(format!(
+        return Err(Error::invalid_config(format!(
             "shell {shell:?} must be an absolute path"
         )));
     }
     if !executable(Path::new(shell)) {
-        return Err(Error::InvalidConfig(format!(
+        return Err(Error::invalid_config(format!(
             "shell {shell} does not exist or is not executable"
         )));
     }
-    check_workspace_root(&config.workspace_root).map_err(Error::InvalidConfig)?;
+    check_workspace_root(&config.workspace_root).map_err(Error::invalid_config)?;
     Ok(())
 }
 
@@ -160,6 +164,12 @@ impl HostEngine {
 
     /// Kills every process left of execution `id` (found by its `RUSTCI_JOB_ID`).
     pub(crate) async fn abandon(&self, id: &JobId) -> Result<(), Error> {
+        self.abandon_inner(id)
+            .await
+            .map_err(|e| e.for_runner(&self.info.name))
+    }
+
+    async fn abandon_inner(&self, id: &JobId) -> Result<(), Error> {
         let id = id.to_string();
         let killed = tokio::task::spawn_blocking(move || crate::process::kill_execution(&id))
             .await
@@ -183,6 +193,12 @@ impl HostEngine {
     }
 
     pub(crate) async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
+        self.start_inner(spec, id)
+            .await
+            .map_err(|e| e.for_runner(&self.info.name))
+    }
+
+    async fn start_inner(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
         let job = spec.to_job();
         job.validate().map_err(Error::InvalidSpec)?;
         let reasons = self.caps.unmet(&job);
@@ -691,6 +707,7 @@ impl JobRun {
                         message: format!(
                             "the supervisor of step {name:?} was killed or stopped; its processes were killed"
                         ),
+                        temporary: true,
                     };
                 }
                 Ok(ProcessEnd::Cancelled) => {
@@ -717,7 +734,12 @@ impl JobRun {
                 duration: started.elapsed(),
             })
             .await;
-        Outcome::RunnerError { message }
+        // A step that could not be started (the spawn or its pipes failed) is the host's
+        // trouble, not the job's: running it again may work.
+        Outcome::RunnerError {
+            message,
+            temporary: true,
+        }
     }
 }
 

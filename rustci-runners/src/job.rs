@@ -218,8 +218,8 @@ impl Job {
     /// Reads a job file (YAML, or JSON when the name ends in `.json`) and validates it.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Job, crate::Error> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
-            context: format!("cannot read job file {}", path.display()),
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::JobFile {
+            path: path.to_path_buf(),
             source,
         })?;
         let parsed = if path.extension().is_some_and(|e| e == "json") {

@@ -31,6 +31,7 @@
 
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod error;
 mod host;
 pub mod job;
@@ -45,7 +46,8 @@ pub mod select;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use error::Error;
+pub use backend::{Backend, Backends, PullPolicy, RunnerSettings};
+pub use error::{Error, ErrorKind, RunnerError};
 pub use host::HostConfig;
 pub use job::{Job, JobSpec, Resources, Step, StepAction};
 pub use local::LocalRunner;

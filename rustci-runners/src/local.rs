@@ -29,7 +29,7 @@ pub struct LocalRunner {
 }
 
 impl LocalRunner {
-    /// A local runner. Fails with [`Error::InvalidConfig`] when the shell is missing or the
+    /// A local runner. Fails with an [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) error when the shell is missing or the
     /// workspace root cannot be written.
     pub fn new(config: HostConfig) -> Result<Self, Error> {
         check_config(&config)?;

@@ -150,9 +150,14 @@ pub struct NativeRunner {
 
 impl NativeRunner {
     /// A native runner; probes what this host permits. Fails with
-    /// [`Error::InvalidConfig`] when a requested namespace, uid switch or required cgroup
+    /// an [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) error when a requested namespace, uid switch or required cgroup
     /// setup is not possible here, or when the shell or workspace root are unusable.
     pub fn new(config: NativeConfig) -> Result<Self, Error> {
+        let name = config.host.name.clone();
+        Self::probe(config).map_err(|e| e.for_runner(&name))
+    }
+
+    fn probe(config: NativeConfig) -> Result<Self, Error> {
         check_config(&config.host)?;
         let mut plan = NativePlan {
             defaults: config.default_resources.clone(),
@@ -162,7 +167,7 @@ impl NativeRunner {
         if config.namespaces.any() {
             let flags = config.namespaces.flags();
             if !crate::process::probe_namespaces(flags, config.namespaces.pid) {
-                return Err(Error::InvalidConfig(format!(
+                return Err(Error::invalid_config(format!(
                     "this host does not permit the requested namespaces ({:?})",
                     config.namespaces
                 )));
@@ -176,7 +181,7 @@ impl NativeRunner {
         }
         if let Some((uid, gid)) = config.run_as {
             if !nix::unistd::geteuid().is_root() {
-                return Err(Error::InvalidConfig(format!(
+                return Err(Error::invalid_config(format!(
                     "run_as uid {uid} gid {gid} needs the runner to run as root"
                 )));
             }
@@ -201,8 +206,8 @@ impl NativeRunner {
         if config.cgroups != CgroupMode::Off {
             let support = CgroupSupport::detect(&config.cgroup_parent);
             if support == CgroupSupport::None && config.cgroups == CgroupMode::Required {
-                return Err(Error::InvalidConfig(
-                    "cgroups are required but cannot be used on this host".into(),
+                return Err(Error::invalid_config(
+                    "cgroups are required but cannot be used on this host",
                 ));
             }
             caps.limits.extend(support.limits());
@@ -231,7 +236,7 @@ impl NativeRunner {
             .map(|l| l.as_str())
             .collect();
         if !unenforced.is_empty() {
-            return Err(Error::InvalidConfig(format!(
+            return Err(Error::invalid_config(format!(
                 "default resources.{} cannot be enforced on this host",
                 unenforced.join(", resources.")
             )));

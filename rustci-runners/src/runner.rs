@@ -520,8 +520,14 @@ pub enum Outcome {
     Lost,
     /// The runner could not do its work.
     RunnerError {
-        /// What went wrong.
+        /// What went wrong, with its causes.
         message: String,
+        /// Whether running the job again may succeed (see
+        /// [`Error::is_temporary`](crate::Error::is_temporary)); the control plane
+        /// retries a runner failure only when it is. Records written before this field
+        /// existed read as `false`.
+        #[serde(default)]
+        temporary: bool,
     },
 }
 
@@ -572,7 +578,7 @@ impl fmt::Display for Outcome {
             Outcome::TimedOut { .. } => f.write_str("timed out"),
             Outcome::Cancelled => f.write_str("cancelled"),
             Outcome::Lost => f.write_str("lost: the runner went away"),
-            Outcome::RunnerError { message } => write!(f, "runner error: {message}"),
+            Outcome::RunnerError { message, .. } => write!(f, "runner error: {message}"),
         }
     }
 }

@@ -193,7 +193,17 @@ async fn bad_configuration_is_refused_clearly() {
     let err = LocalRunner::new(config)
         .err()
         .expect("missing shell accepted");
-    assert!(matches!(err, Error::InvalidConfig(_)));
+    assert_eq!(
+        err.kind(),
+        Some(rustci_runners::ErrorKind::InvalidConfig),
+        "{err}"
+    );
+    assert!(!err.is_temporary(), "{err}");
+    assert_eq!(
+        err.as_runner_error().and_then(|e| e.runner()),
+        Some("host"),
+        "{err}"
+    );
     assert!(err.to_string().contains("/nonexistent/shell"), "{err}");
 
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -578,7 +588,7 @@ async fn a_job_that_kills_its_supervisor_is_a_runner_error() {
     )
     .await;
     assert!(
-        matches!(&r.outcome, Outcome::RunnerError { message } if message.contains("supervisor")),
+        matches!(&r.outcome, Outcome::RunnerError { message, .. } if message.contains("supervisor")),
         "{:?}",
         r.outcome
     );
@@ -600,7 +610,7 @@ async fn setup_failures_name_their_stage_and_are_runner_errors() {
     job.resources.open_files = Some(u64::MAX);
     let r = run(&t, job).await;
     match &r.outcome {
-        Outcome::RunnerError { message } => {
+        Outcome::RunnerError { message, .. } => {
             assert!(message.contains("resource limits"), "{message}")
         }
         other => panic!("{other:?}"),

@@ -51,7 +51,7 @@ impl RunnerFactory {
                     rustci_runners_docker::DockerRunner::connect(docker).await?,
                 ))
             }
-            other => Err(Error::InvalidConfig(format!(
+            other => Err(Error::invalid_config(format!(
                 "unknown runner kind {other:?}"
             ))),
         }

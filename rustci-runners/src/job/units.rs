@@ -120,6 +120,49 @@ pub(crate) mod serde_opt_duration {
     }
 }
 
+/// Serde helper for `#[serde(with = "...")]`: a [`Duration`] written as text in the job
+/// format's duration syntax (`90s`, `10m`, `1h30m`, see [`parse_duration`]).
+pub mod serde_duration {
+    use super::{format_duration, parse_duration};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Writes `d` as text (`10s`).
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+    /// Reads a duration from text.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        parse_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde helper for `#[serde(with = "...")]`: a byte count written as a number or as text
+/// in the job format's size syntax (`512MiB`, `2G`, see [`parse_size`]).
+pub mod serde_size {
+    use super::{format_size, parse_size};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+
+    /// Writes `v` as text (`512MiB`).
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_size(*v))
+    }
+    /// Reads a number of bytes, or a size as text.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(n),
+            Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 pub(crate) mod serde_opt_size {
     use super::{format_size, parse_size};
     use serde::{Deserialize, Deserializer, Serializer};
