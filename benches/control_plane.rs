@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use rustci::control::{ControlOptions, ControlPlane, JobState, RegisterOptions};
 use rustci::select::{SelectionEngine, Selector};
 use rustci::{
@@ -109,6 +109,14 @@ fn selection(c: &mut Criterion) {
     });
     group.bench_function("pool_build_10k", |b| {
         b.iter(|| RunnerPool::new(snapshots.clone()))
+    });
+    // A whole dispatch round's selection work for one job: the round's pool built from
+    // the registry's snapshots (cloned, as the registry hands them out), then one decision.
+    group.bench_function("round_10k/pool_build_and_two_labels", |b| {
+        b.iter(|| {
+            let pool = RunnerPool::new(snapshots.clone());
+            engine.select_in(&job, &pool).unwrap()
+        })
     });
     group.finish();
 }
@@ -258,5 +266,14 @@ fn pickup(c: &mut Criterion) {
 
 use futures::StreamExt;
 
+#[path = "run_window.rs"]
+mod run_window;
+
 criterion_group!(benches, selection, dispatch, pickup);
-criterion_main!(benches);
+
+fn main() {
+    run_window::record("control_plane", || {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}

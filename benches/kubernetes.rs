@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use rustci::k8s::{Connection, KubernetesConfig, KubernetesRunner};
 use rustci::{Job, Outcome, RunnerExt, Step};
 use rustci_k8s_fake::{FakeCluster, FakeConfig, run_container_direct};
@@ -103,5 +103,14 @@ fn k8s_latency(c: &mut Criterion) {
     rt.block_on(cluster.shutdown());
 }
 
+#[path = "run_window.rs"]
+mod run_window;
+
 criterion_group!(benches, k8s_latency);
-criterion_main!(benches);
+
+fn main() {
+    run_window::record("kubernetes", || {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}

@@ -7,7 +7,7 @@
 //! A job's latency is from `start` to its outcome, workspace creation and removal included.
 //! `scripts/bench-ratios` turns the results into the ratios recorded in BENCHMARKS.md.
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use rustci::{HostConfig, Job, LocalRunner, NativeConfig, NativeRunner, Outcome, RunnerExt, Step};
 
 fn latency(c: &mut Criterion) {
@@ -48,5 +48,14 @@ fn latency(c: &mut Criterion) {
     group.finish();
 }
 
+#[path = "run_window.rs"]
+mod run_window;
+
 criterion_group!(benches, latency);
-criterion_main!(benches);
+
+fn main() {
+    run_window::record("latency", || {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}

@@ -58,7 +58,14 @@ fn finished_record(i: usize) -> JobRecord {
     .expect("a job record")
 }
 
+#[path = "run_window.rs"]
+mod run_window;
+
 fn main() {
+    run_window::record("server_memory", measure);
+}
+
+fn measure() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use rustci::testkit::rss_bytes;
 use rustci::{EventKind, Job, JobId, NativeConfig, NativeRunner, Outcome, Runner, Step};
 
@@ -35,7 +35,7 @@ fn raw_pipe() -> u64 {
 
 /// Streams the job and returns the bytes received and the peak RSS growth seen.
 async fn through_runner(runner: &NativeRunner, job: &Job, sample_rss: bool) -> (u64, u64) {
-    let before = rss_bytes();
+    let before = rss_bytes().expect("resident memory of the bench");
     let mut peak = 0;
     let mut total = 0u64;
     let mut execution = runner.start(job, JobId::new()).await.unwrap();
@@ -44,7 +44,8 @@ async fn through_runner(runner: &NativeRunner, job: &Job, sample_rss: bool) -> (
             EventKind::Output { data, .. } => {
                 total += data.len() as u64;
                 if sample_rss && total % (64 << 20) < data.len() as u64 {
-                    peak = peak.max(rss_bytes().saturating_sub(before));
+                    let now = rss_bytes().expect("resident memory of the bench");
+                    peak = peak.max(now.saturating_sub(before));
                 }
             }
             EventKind::Finished { outcome } => assert_eq!(outcome, Outcome::Succeeded),
@@ -95,5 +96,14 @@ fn throughput(c: &mut Criterion) {
     group.finish();
 }
 
+#[path = "run_window.rs"]
+mod run_window;
+
 criterion_group!(benches, throughput);
-criterion_main!(benches);
+
+fn main() {
+    run_window::record("throughput", || {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}

@@ -26,6 +26,23 @@
 
 pub use rustci_runners::*;
 
+/// Every runner kind compiled into this build, by name: `local` and `native` always,
+/// `docker` with the feature `docker`, `kubernetes` with the feature `k8s`. A kind whose
+/// feature is off is known, so asking for it names the feature to enable.
+pub fn backends() -> Backends {
+    #[allow(unused_mut)]
+    let mut b = Backends::host();
+    #[cfg(feature = "docker")]
+    b.register(rustci_runners_docker::DockerBackend::new());
+    #[cfg(not(feature = "docker"))]
+    b.not_compiled("docker", "docker");
+    #[cfg(feature = "k8s")]
+    b.register(rustci_runners_k8s::KubernetesBackend::new());
+    #[cfg(not(feature = "k8s"))]
+    b.not_compiled("kubernetes", "k8s");
+    b
+}
+
 #[cfg(feature = "cli")]
 pub mod cli;
 #[cfg(feature = "cli")]

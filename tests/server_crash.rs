@@ -148,16 +148,26 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     drop(server);
     let a1 = rustci_runners::JobId::from(format!("{a}-1"));
     assert!(
-        !rustci_runners::testkit::processes_of(&a1).is_empty(),
+        !rustci_runners::testkit::processes_of(&a1)
+            .expect("scan /proc")
+            .is_empty(),
         "the killed server's job processes outlive it (what restart must clean up)"
     );
 
     let server = start(dir.path());
     let c = ApiClient::new(&server.base, Some(ADMIN.into())).unwrap();
     // Recovery stopped what was left of the interrupted attempts before retrying.
-    assert!(rustci_runners::testkit::processes_of(&a1).is_empty());
+    assert!(
+        rustci_runners::testkit::processes_of(&a1)
+            .expect("scan /proc")
+            .is_empty()
+    );
     let d1 = rustci_runners::JobId::from(format!("{d}-1"));
-    assert!(rustci_runners::testkit::processes_of(&d1).is_empty());
+    assert!(
+        rustci_runners::testkit::processes_of(&d1)
+            .expect("scan /proc")
+            .is_empty()
+    );
 
     assert_eq!(state_at_end(&c, &b).await, "succeeded");
     assert_eq!(state_at_end(&c, &d).await, "lost");

@@ -812,6 +812,8 @@ async fn dispatch_loop(state: Arc<State>) {
 
 /// Places every queued job that fits somewhere now.
 fn dispatch_round(state: &Arc<State>) {
+    // Running jobs per submitter order the queue (fair share); per runner and job name
+    // they feed the scorers that spread copies of one job over runners.
     let (by_submitter, by_runner) = {
         let running = state.running.lock().expect("running");
         let mut by_submitter: HashMap<String, usize> = HashMap::new();
@@ -839,6 +841,9 @@ fn dispatch_round(state: &Arc<State>) {
     if state.queue.lock().expect("queue").is_empty() {
         return;
     }
+    // Jobs assigned in earlier rounds whose runner has not started them yet do not show
+    // in the runner's own `running()`; counted here, a runner is never offered more jobs
+    // than it has slots while starts are in flight.
     let mut assigned_to: HashMap<String, usize> = HashMap::new();
     for runner in state.assigned.lock().expect("assigned").values() {
         *assigned_to.entry(runner.clone()).or_default() += 1;
@@ -860,6 +865,8 @@ fn dispatch_round(state: &Arc<State>) {
     *state.waiting_reason.lock().expect("waiting") = None;
     let mut skip = 0usize;
     'round: loop {
+        // A few more jobs than free slots: some near the head may fit no runner, and
+        // the ones behind them must still get their chance this round.
         let chunk = batch(skip, free.map_or(64, |f| f + 8));
         if chunk.is_empty() {
             break;
@@ -885,7 +892,9 @@ fn dispatch_round(state: &Arc<State>) {
                 skip += 1;
                 continue;
             };
-            // A retry prefers runners it has not failed on, when any of them fits.
+            // A retry prefers runners it has not failed on, when any of them fits. A
+            // preference, not an exclusion: when only a runner it failed on fits, the job
+            // goes there rather than waiting for a runner that may never come.
             let tried = state
                 .tried
                 .lock()
@@ -932,6 +941,8 @@ fn dispatch_round(state: &Arc<State>) {
                         }
                         r.why_pending = Some(text);
                     }
+                    // The job keeps its place in the queue; the ones behind it may fit
+                    // elsewhere, so one unplaceable job never blocks the queue.
                     skip += 1;
                     continue;
                 }
@@ -959,6 +970,8 @@ fn dispatch_round(state: &Arc<State>) {
                 .lock()
                 .expect("assigned")
                 .insert(queued.id.clone(), runner_id.clone());
+            // A global assignment order, so the round-robin scorer can tell which
+            // runner was used least recently.
             let seq = state.seq.fetch_add(1, Ordering::SeqCst) + 1;
             state.registry.record_assignment(&runner_id, seq);
             let number = {
@@ -979,6 +992,9 @@ fn dispatch_round(state: &Arc<State>) {
                         now.duration_since(since).unwrap_or_default(),
                     );
                 }
+                // Recorded before the task starts, so the stored record (written with the
+                // Assigned state below) names the runner whose leftovers recovery must
+                // stop after a crash.
                 r.attempts.push(Attempt {
                     number: r.attempts.len() as u32 + 1,
                     runner_id: runner_id.clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use rustci_runners::backend::{Backend, RunnerSettings, parse_options};
+use rustci_runners::backend::{BackendConfig, ConfigBackend, RunnerSettings};
 use rustci_runners::{Error, Runner};
 use serde::Deserialize;
 
@@ -244,43 +244,27 @@ impl DockerConfig {
 pub const KIND: &str = "docker";
 
 /// Builds [`DockerRunner`]s from a runner's settings and its `docker:` section (a
-/// [`DockerConfig`]); register it in a [`rustci_runners::Backends`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DockerBackend;
-
-impl DockerBackend {
-    fn config(
-        settings: &RunnerSettings,
-        options: &serde_json::Value,
-    ) -> Result<DockerConfig, Error> {
-        let mut config: DockerConfig = parse_options(KIND, options)?;
-        config.name = settings.name.clone();
-        config.labels = settings.labels.clone();
-        config.max_concurrency = Some(settings.slots_or_default());
-        if let Some(root) = &settings.workspace_root {
-            config.workspace_root = root.clone();
-        }
-        config.check()?;
-        Ok(config)
-    }
-}
+/// [`DockerConfig`]); register `DockerBackend::new()` in a [`rustci_runners::Backends`].
+pub type DockerBackend = ConfigBackend<DockerConfig>;
 
 #[async_trait]
-impl Backend for DockerBackend {
-    fn kind(&self) -> &'static str {
-        KIND
+impl BackendConfig for DockerConfig {
+    const KIND: &'static str = KIND;
+
+    fn apply(&mut self, settings: &RunnerSettings) {
+        self.name = settings.name.clone();
+        self.labels = settings.labels.clone();
+        self.max_concurrency = Some(settings.slots_or_default());
+        if let Some(root) = &settings.workspace_root {
+            self.workspace_root = root.clone();
+        }
     }
 
-    fn check(&self, settings: &RunnerSettings, options: &serde_json::Value) -> Result<(), Error> {
-        Self::config(settings, options).map(|_| ())
+    fn check(&self) -> Result<(), Error> {
+        DockerConfig::check(self)
     }
 
-    async fn build(
-        &self,
-        settings: &RunnerSettings,
-        options: &serde_json::Value,
-    ) -> Result<Arc<dyn Runner>, Error> {
-        let config = Self::config(settings, options)?;
-        Ok(Arc::new(DockerRunner::connect(config).await?))
+    async fn connect(self) -> Result<Arc<dyn Runner>, Error> {
+        Ok(Arc::new(DockerRunner::connect(self).await?))
     }
 }

@@ -96,6 +96,7 @@ impl Inner {
             container: None,
             host_dir: None,
             volume: None,
+            background: false,
         };
         if self.local {
             let dir = self.config.workspace_root.join(format!("ws-{key}"));
@@ -268,6 +269,9 @@ pub(crate) struct Cleanup {
     pub(crate) container: Option<String>,
     pub(crate) host_dir: Option<PathBuf>,
     pub(crate) volume: Option<String>,
+    /// Set on the copy a drop hands to a background task: if that task is dropped
+    /// without running (the runtime is shutting down), its own drop must not spawn again.
+    pub(crate) background: bool,
 }
 
 impl Cleanup {
@@ -299,9 +303,14 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         // Start failed midway (or the task was dropped): finish the removal in the
         // background if a runtime is there, else remove what is local.
-        if self.container.is_none() && self.volume.is_none() {
+        if self.container.is_none() && self.volume.is_none() || self.background {
             if let Some(dir) = self.host_dir.take() {
                 let _ = std::fs::remove_dir_all(dir);
+            }
+            if let Some(id) = &self.container {
+                // The runtime went away before the removal ran: the next start of a
+                // runner with this name sweeps it.
+                tracing::warn!(container = %id, "left for the next sweep: no runtime to remove it");
             }
             return;
         }
@@ -310,6 +319,7 @@ impl Drop for Cleanup {
             container: self.container.take(),
             host_dir: self.host_dir.take(),
             volume: self.volume.take(),
+            background: true,
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(rest.run());

@@ -505,6 +505,8 @@ impl JobRun {
         exec_id: Option<&str>,
         program: &str,
     ) -> Pumped {
+        // The runner's own execs (the working directory's `mkdir`) run as step
+        // `usize::MAX`: their output is not the job's.
         let visible = step != usize::MAX;
         let reader = async {
             let mut out = StreamWriter::new(
@@ -572,11 +574,16 @@ impl JobRun {
         let mut give_up_at: Option<Instant> = None;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut check = tokio::time::interval_at(Instant::now() + LEFTOVER_CHECK, LEFTOVER_CHECK);
+        // A single-step job's step is the container's own process: when it exits the
+        // kernel ends the rest of the container, so there is nothing to look for. An
+        // exec's background processes outlive it and keep its output open.
         let mut leftovers_done = exec_id.is_none();
         let mut exited_seen = false;
         let (exec_failure, stream_error) = loop {
             tokio::select! {
                 done = &mut reader => break done,
+                // The whole container gets SIGTERM, not only the exec's process: what the
+                // step started in the background gets the same grace period.
                 _ = tokio::time::sleep_until(deadline), if stop.is_none() => {
                     stop = Some(StepEnd::TimedOut);
                     self.signal_container("SIGTERM").await;

@@ -1,58 +1,22 @@
-//! DockerRunner against the real engine of this machine: the conformance suite and the
-//! Docker-specific behaviour. The engine has no images and cannot pull, so the tests build
-//! `rustci-busybox:local` (`FROM scratch` + a static busybox) with the engine's CLI.
+//! DockerRunner against the real engine of this machine: the Docker-specific behaviour
+//! (the conformance suite is in `tests/conformance.rs`). The engine has no images and
+//! cannot pull, so the tests build `rustci-busybox:local` (`FROM scratch` + a static
+//! busybox) with the engine's CLI.
 //!
 //! Without a reachable engine every test prints `SKIPPED`; with `RUSTCI_REQUIRE_DOCKER`
 //! set (as `.ci/run` does) that is a failure instead.
+
+mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
+use common::{IMAGE, config, image, require, runner_with, target};
 use rustci_runners::job::Resources;
 use rustci_runners::testkit::{Target, run_job};
 use rustci_runners::{Job, JobId, Outcome, Runner, Step};
-use rustci_runners_docker::{DockerConfig, DockerRunner, Engine, PullPolicy};
-
-const IMAGE: &str = rustci_runners::testkit::BUSYBOX_IMAGE;
-
-fn require() -> bool {
-    std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some()
-}
-
-/// The test image, built when the engine lacks it; `None` (after `SKIPPED`) without an
-/// engine, unless the environment demands one.
-fn image() -> Option<&'static str> {
-    rustci_runners::testkit::busybox_image_or_skip()
-}
-
-fn config() -> DockerConfig {
-    let mut c = DockerConfig::default();
-    c.name = "docker-tests".into();
-    c.termination_grace = Duration::from_secs(1);
-    c.pull_policy = PullPolicy::Never;
-    c
-}
-
-async fn runner_with(f: impl FnOnce(&mut DockerConfig)) -> Option<DockerRunner> {
-    image()?;
-    let mut c = config();
-    f(&mut c);
-    match DockerRunner::connect(c).await {
-        Ok(r) => Some(r),
-        Err(e) if require() => panic!("RUSTCI_REQUIRE_DOCKER is set but: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-    }
-}
-
-async fn target() -> Option<Target> {
-    Some(Target::new(runner_with(|_| {}).await?).with_image(IMAGE))
-}
-
-rustci_runners::conformance_tests!(optional: target().await);
+use rustci_runners_docker::{DockerRunner, Engine, PullPolicy};
 
 fn containers_of(job: &JobId) -> usize {
     let out = Command::new("docker")

@@ -5,13 +5,21 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
-use rustci_runners::Error;
+use rustci_runners::backend::{BackendConfig, ConfigBackend, RunnerSettings};
+use rustci_runners::job::units::{serde_duration, serde_size};
+use rustci_runners::{Error, Runner};
+use serde::Deserialize;
 
 use crate::quantity::validate_quantity;
 
-/// How to reach the API server.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How to reach the API server. In configuration: `infer`, `in_cluster`, or
+/// `{kubeconfig: {path: FILE, context: NAME}}` (both optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum Connection {
     /// As `kubectl` does: `$KUBECONFIG` or `~/.kube/config`, else the in-cluster service
@@ -22,8 +30,10 @@ pub enum Connection {
     /// context in it other than its current one.
     Kubeconfig {
         /// The file.
+        #[serde(default)]
         path: Option<PathBuf>,
         /// The context.
+        #[serde(default)]
         context: Option<String>,
     },
     /// The service account of the pod this runner runs in.
@@ -42,14 +52,17 @@ pub(crate) fn pull_policy_name(p: PullPolicy) -> &'static str {
 }
 
 /// The volume mounted at `/workspace` in every job container.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum WorkspaceVolume {
     /// A fresh `emptyDir` per job (default): nothing outlives the pod.
     EmptyDir {
         /// `medium: Memory` (a tmpfs).
+        #[serde(default)]
         memory: bool,
         /// `sizeLimit`, a quantity such as `2Gi`.
+        #[serde(default)]
         size_limit: Option<String>,
     },
     /// A directory named after the job's pod on an existing claim (`subPath`). The entry
@@ -71,7 +84,8 @@ impl Default for WorkspaceVolume {
 
 /// A patch applied to the generated `PodSpec` of every job, for what the options here do
 /// not cover (as GitLab's `pod_spec` and Buildkite's `podSpecPatch` allow).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum PodPatch {
     /// A JSON merge patch (RFC 7386): objects merge, `null` removes, lists are replaced.
@@ -85,7 +99,8 @@ pub enum PodPatch {
 }
 
 /// The security context of job pods.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct SecurityOptions {
     /// `runAsNonRoot`.
@@ -105,7 +120,8 @@ pub struct SecurityOptions {
 }
 
 /// Options of every job's Pod.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PodOptions {
     /// Resource requests of the job container (`cpu`, `memory`, `ephemeral-storage`, …)
@@ -141,7 +157,8 @@ pub struct PodOptions {
 }
 
 /// How job output is read from the cluster.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum LogStreams {
     /// Ask for stdout and stderr separately (`stream=Stdout`/`Stderr`, Kubernetes 1.32+
@@ -156,13 +173,39 @@ pub enum LogStreams {
 }
 
 /// Configuration of a [`KubernetesRunner`](crate::KubernetesRunner).
-#[derive(Clone, Debug)]
+///
+/// As a runner's `kubernetes:` section in the server's configuration (or
+/// `POST /api/runners`), every field but `name`, `labels` and `max_concurrency` (which
+/// come from the runner's common settings) may be given, with durations as `90s`/`3m`
+/// and sizes as `512MiB`; absent fields keep their defaults and unknown ones are refused:
+///
+/// ```yaml
+/// runners:
+///   - name: cluster
+///     kind: kubernetes
+///     slots: 20
+///     kubernetes:
+///       connection: {kubeconfig: {path: /etc/rustci/kubeconfig, context: ci}}
+///       namespace: ci
+///       default_image: "busybox:1.36"
+///       pending_timeout: 5m
+///       pod:
+///         requests: {cpu: 500m, memory: 256Mi}
+///         node_selector: {pool: ci}
+///         image_pull_policy: if-not-present
+///         security: {run_as_non_root: true, run_as_user: 1000}
+///         patch: {strategic: {spec: {priorityClassName: ci}}}
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct KubernetesConfig {
     /// Runner name; the start-up sweep removes pods and secrets left by an earlier runner
     /// of this name in the namespace, so a name MUST be unique per namespace.
+    #[serde(skip)]
     pub name: String,
     /// Labels jobs can ask for.
+    #[serde(skip)]
     pub labels: Vec<String>,
     /// How to reach the cluster.
     pub connection: Connection,
@@ -174,12 +217,15 @@ pub struct KubernetesConfig {
     pub pod: PodOptions,
     /// Longest a pod may take to start its container (scheduling, image pull) before the
     /// job fails with the cluster's reason. Default 3 min.
+    #[serde(with = "serde_duration")]
     pub pending_timeout: Duration,
     /// Time between SIGTERM and SIGKILL when a job is stopped
     /// (`terminationGracePeriodSeconds`, whole seconds). Default 10 s.
+    #[serde(with = "serde_duration")]
     pub termination_grace: Duration,
     /// Added to the job's timeout for the pod's `activeDeadlineSeconds`, so the cluster
     /// ends a pod whose runner went away. Default 1 min.
+    #[serde(with = "serde_duration")]
     pub deadline_margin: Duration,
     /// Most API requests per second this runner sends (watch and log streams count once,
     /// when they open). Default 50.
@@ -187,8 +233,10 @@ pub struct KubernetesConfig {
     /// How output is read. Default [`LogStreams::Auto`].
     pub log_streams: LogStreams,
     /// Output kept per job. Default 512 MiB.
+    #[serde(with = "serde_size")]
     pub max_output_bytes: u64,
     /// Most jobs at once. Default none.
+    #[serde(skip)]
     pub max_concurrency: Option<usize>,
     /// Events that may wait unread. Default 64.
     pub event_buffer: usize,
@@ -324,6 +372,33 @@ pub(crate) fn is_label_value(s: &str) -> bool {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
             && s.as_bytes()[0].is_ascii_alphanumeric()
             && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
+}
+
+/// The kind name of Kubernetes runners in configuration: `kubernetes`.
+pub const KIND: &str = "kubernetes";
+
+/// Builds [`KubernetesRunner`](crate::KubernetesRunner)s from a runner's settings and its
+/// `kubernetes:` section (a [`KubernetesConfig`]); register `KubernetesBackend::new()` in a
+/// [`rustci_runners::Backends`].
+pub type KubernetesBackend = ConfigBackend<KubernetesConfig>;
+
+#[async_trait]
+impl BackendConfig for KubernetesConfig {
+    const KIND: &'static str = KIND;
+
+    fn apply(&mut self, settings: &RunnerSettings) {
+        self.name = settings.name.clone();
+        self.labels = settings.labels.clone();
+        self.max_concurrency = Some(settings.slots_or_default());
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        KubernetesConfig::check(self)
+    }
+
+    async fn connect(self) -> Result<Arc<dyn Runner>, Error> {
+        Ok(Arc::new(crate::KubernetesRunner::connect(self).await?))
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@
 #![deny(missing_docs)]
 
 mod config;
+mod job;
+mod logs;
 mod pod;
 mod quantity;
 mod runner;
@@ -53,8 +55,8 @@ mod script;
 mod watch;
 
 pub use config::{
-    Connection, KubernetesConfig, LogStreams, PodOptions, PodPatch, PullPolicy, SecurityOptions,
-    WorkspaceVolume,
+    Connection, KIND, KubernetesBackend, KubernetesConfig, LogStreams, PodOptions, PodPatch,
+    PullPolicy, SecurityOptions, WorkspaceVolume,
 };
 pub use k8s_openapi;
 pub use pod::{

@@ -21,6 +21,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as make_watcher};
 use tokio::sync::watch;
 
+use crate::pod::CONTAINER;
+
 /// What a job knows of its pod.
 #[derive(Clone, Debug)]
 pub(crate) enum PodState {
@@ -150,4 +152,104 @@ async fn run(
             }
         }
     }
+}
+
+/// How the job container ended.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Terminated {
+    pub(crate) code: i32,
+    pub(crate) reason: String,
+    pub(crate) message: String,
+}
+
+/// What the pod's status says about the job container.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Seen {
+    /// The container started (running or terminated).
+    pub(crate) started: bool,
+    /// The container is running now.
+    pub(crate) running: bool,
+    /// How it ended, once terminated.
+    pub(crate) terminated: Option<Terminated>,
+    /// Pod phase Failed with this pod-level reason (DeadlineExceeded, NodeLost, Evicted, …).
+    pub(crate) pod_failed: Option<(String, String)>,
+    /// The pod is done: phase Succeeded or Failed, or its job container ended while other
+    /// containers (added by a patch) may run on.
+    pub(crate) done: bool,
+    /// Someone deleted the pod (it has a deletion timestamp).
+    pub(crate) deleting: bool,
+    /// Why it is still pending, in the cluster's words.
+    pub(crate) pending: Option<String>,
+    /// Pending for a reason that cannot resolve by waiting.
+    pub(crate) hopeless: bool,
+    pub(crate) gone: bool,
+}
+
+pub(crate) fn seen(state: &PodState) -> Seen {
+    let mut s = Seen::default();
+    let pod = match state {
+        PodState::Unknown => return s,
+        PodState::Gone => {
+            s.gone = true;
+            return s;
+        }
+        PodState::Present(p) => p,
+    };
+    s.deleting = pod.metadata.deletion_timestamp.is_some();
+    let Some(status) = &pod.status else {
+        return s;
+    };
+    let phase = status.phase.as_deref();
+    s.done = matches!(phase, Some("Succeeded" | "Failed"));
+    if phase == Some("Failed")
+        && let Some(reason) = status.reason.as_ref().filter(|r| !r.is_empty())
+    {
+        s.pod_failed = Some((reason.clone(), status.message.clone().unwrap_or_default()));
+    }
+    let container = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER);
+    if let Some(state) = container.and_then(|c| c.state.as_ref()) {
+        if state.running.is_some() {
+            s.started = true;
+            s.running = true;
+        }
+        if let Some(t) = &state.terminated {
+            s.started = true;
+            s.terminated = Some(Terminated {
+                code: t.exit_code,
+                reason: t.reason.clone().unwrap_or_default(),
+                message: t.message.clone().unwrap_or_default(),
+            });
+            let containers = pod.spec.as_ref().map_or(1, |spec| spec.containers.len());
+            s.done |= containers > 1;
+        }
+        if let Some(w) = &state.waiting {
+            let reason = w.reason.clone().unwrap_or_default();
+            s.hopeless = matches!(reason.as_str(), "InvalidImageName" | "ErrImageNeverPull");
+            s.pending = Some(match &w.message {
+                Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+                _ => reason,
+            });
+        }
+    }
+    if s.pending.is_none()
+        && !s.started
+        && let Some(c) = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        s.pending = Some(format!(
+            "{}: {}",
+            c.reason.as_deref().unwrap_or("Unschedulable"),
+            c.message
+                .as_deref()
+                .unwrap_or("the pod cannot be scheduled")
+        ));
+    }
+    s
 }

@@ -160,7 +160,84 @@ where
     if options.is_null() {
         return Ok(T::default());
     }
-    T::deserialize(options).map_err(|e| Error::invalid_config(format!("{kind} options: {e}")))
+    serde_path_to_error::deserialize(options).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            Error::invalid_config(format!("{kind} options: {inner}"))
+        } else {
+            Error::invalid_config(format!("{kind} options: {path}: {inner}"))
+        }
+    })
+}
+
+/// A backend's configuration type that knows how to become a runner: the usual way to
+/// write a [`Backend`] is to implement this for the configuration and register a
+/// [`ConfigBackend`] of it, which parses the kind's section with [`parse_options`],
+/// applies the [`RunnerSettings`], checks, and connects.
+#[async_trait]
+pub trait BackendConfig: serde::de::DeserializeOwned + Default + Send + 'static {
+    /// The kind name in configuration.
+    const KIND: &'static str;
+
+    /// Applies the settings every runner has (name, labels, slots, ...) over the parsed
+    /// options.
+    fn apply(&mut self, settings: &RunnerSettings);
+
+    /// Checks what can be checked without the engine or cluster.
+    fn check(&self) -> Result<(), Error>;
+
+    /// Connects and returns the runner.
+    async fn connect(self) -> Result<Arc<dyn Runner>, Error>;
+}
+
+/// The [`Backend`] of a [`BackendConfig`] type `C`.
+pub struct ConfigBackend<C>(std::marker::PhantomData<fn() -> C>);
+
+impl<C: BackendConfig> ConfigBackend<C> {
+    /// The backend.
+    pub const fn new() -> Self {
+        ConfigBackend(std::marker::PhantomData)
+    }
+
+    /// Parses, applies the settings and checks: the configuration `build` connects with.
+    pub fn config(settings: &RunnerSettings, options: &serde_json::Value) -> Result<C, Error> {
+        let mut config: C = parse_options(C::KIND, options)?;
+        config.apply(settings);
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl<C: BackendConfig> Default for ConfigBackend<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> std::fmt::Debug for ConfigBackend<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigBackend")
+    }
+}
+
+#[async_trait]
+impl<C: BackendConfig> Backend for ConfigBackend<C> {
+    fn kind(&self) -> &'static str {
+        C::KIND
+    }
+
+    fn check(&self, settings: &RunnerSettings, options: &serde_json::Value) -> Result<(), Error> {
+        Self::config(settings, options).map(|_| ())
+    }
+
+    async fn build(
+        &self,
+        settings: &RunnerSettings,
+        options: &serde_json::Value,
+    ) -> Result<Arc<dyn Runner>, Error> {
+        Self::config(settings, options)?.connect().await
+    }
 }
 
 /// The runner kinds this program can build, by name, with the cargo feature that adds
@@ -309,8 +386,10 @@ impl Backend for NativeBackend {
         options: &serde_json::Value,
     ) -> Result<Arc<dyn Runner>, Error> {
         self.check(settings, options)?;
-        let mut native = NativeConfig::default();
-        native.host = settings.host_config();
+        let native = NativeConfig {
+            host: settings.host_config(),
+            ..NativeConfig::default()
+        };
         Ok(Arc::new(NativeRunner::new(native)?))
     }
 }

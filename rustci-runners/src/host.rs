@@ -1,7 +1,7 @@
 //! The job loop shared by [`crate::LocalRunner`] and [`crate::NativeRunner`]: validation,
 //! capability checks, workspace, environment, steps in order, outcome, cleanup.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -531,6 +531,8 @@ impl JobRun {
         let job_deadline = started + self.job.effective_timeout();
         let steps = self.job.steps.clone();
         for (index, step) in steps.iter().enumerate() {
+            // A cancel or the job's deadline between two steps starts no further step:
+            // checked here, not only while a step runs.
             if self.sink.is_cancelled() {
                 return Outcome::Cancelled;
             }
@@ -572,6 +574,7 @@ impl JobRun {
                                         "cannot write the script of step {name:?} to {}: {e}",
                                         file.display()
                                     ),
+                                    host_is_short_of(&e),
                                 )
                                 .await;
                         }
@@ -585,10 +588,15 @@ impl JobRun {
                     argv[1..].iter().map(OsString::from).collect(),
                 ),
             };
+            // Later entries win: the host's few variables, the job's, the step's, and the
+            // secrets last, so no `env` entry can shadow a secret with another value. One
+            // entry per name reaches the process: with duplicates, C's `getenv` takes the
+            // first and shells the last, and a step's override would depend on its program.
             let mut env = self.env.clone();
             env.extend(self.job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             env.extend(self.job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let env = last_per_name(env);
             let cgroup_procs = self
                 .cgroup
                 .as_ref()
@@ -651,7 +659,10 @@ impl JobRun {
                     if matches!(step.action, StepAction::Run(_)) || spawn_error.stage.is_some() {
                         // The shell itself, or the isolation around the step, could not be
                         // set up: the runner's problem, not the job's.
-                        return self.step_error(index, &name, step_started, message).await;
+                        let temporary = host_is_short_of(e);
+                        return self
+                            .step_error(index, &name, step_started, message, temporary)
+                            .await;
                     }
                     self.sink
                         .emit(EventKind::Output {
@@ -725,6 +736,7 @@ impl JobRun {
         name: &str,
         started: Instant,
         message: String,
+        temporary: bool,
     ) -> Outcome {
         self.sink
             .emit(EventKind::StepFinished {
@@ -734,13 +746,34 @@ impl JobRun {
                 duration: started.elapsed(),
             })
             .await;
-        // A step that could not be started (the spawn or its pipes failed) is the host's
-        // trouble, not the job's: running it again may work.
-        Outcome::RunnerError {
-            message,
-            temporary: true,
+        Outcome::RunnerError { message, temporary }
+    }
+}
+
+/// `env` with one entry per name, the last one given, in first-seen order.
+fn last_per_name(env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(env.len());
+    let mut out: Vec<(String, String)> = Vec::with_capacity(env.len());
+    for (k, v) in env {
+        match index.get(&k) {
+            Some(&i) => out[i].1 = v,
+            None => {
+                index.insert(k.clone(), out.len());
+                out.push((k, v));
+            }
         }
     }
+    out
+}
+
+/// True for the failures of a host that is short of something for now (processes, memory,
+/// file descriptors, disk space): the same step may start later. A missing program, a
+/// refused permission or a limit the host does not allow stay as they are.
+fn host_is_short_of(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC)
+    )
 }
 
 fn write_script(path: &Path, script: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {

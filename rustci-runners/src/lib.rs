@@ -46,7 +46,7 @@ pub mod select;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use backend::{Backend, Backends, PullPolicy, RunnerSettings};
+pub use backend::{Backend, BackendConfig, Backends, ConfigBackend, PullPolicy, RunnerSettings};
 pub use error::{Error, ErrorKind, RunnerError};
 pub use host::HostConfig;
 pub use job::{Job, JobSpec, Resources, Step, StepAction};

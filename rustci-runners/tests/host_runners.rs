@@ -520,16 +520,32 @@ async fn namespaces_isolate_pids_hostname_and_network() {
     assert_eq!(&lines[3..], &["lo"], "network interfaces: {text}");
 }
 
+/// True when this test runs as root, which switching users needs. Otherwise prints
+/// `SKIPPED`, or panics when `RUSTCI_REQUIRE_ROOT` is set (as `.ci/run` does).
+fn requires_root(what: &str) -> bool {
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        return true;
+    }
+    if std::env::var_os("RUSTCI_REQUIRE_ROOT").is_some() {
+        panic!("RUSTCI_REQUIRE_ROOT is set but the tests run as uid {euid}: {what} needs root");
+    }
+    eprintln!("SKIPPED: {what} needs root");
+    false
+}
+
 #[tokio::test]
 async fn run_as_drops_privileges() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: run_as needs root");
+        // Without root, run_as is refused when the runner is made, naming why.
         let mut config = NativeConfig::default();
         config.run_as = Some((65534, 65534));
         let err = NativeRunner::new(config)
             .err()
             .expect("run_as accepted without root");
-        assert!(err.to_string().contains("root"));
+        assert!(err.to_string().contains("root"), "{err}");
+    }
+    if !requires_root("run_as (uid 65534)") {
         return;
     }
     let t = Target::new(native_with(|c| c.run_as = Some((65534, 65534))));
@@ -543,6 +559,62 @@ async fn run_as_drops_privileges() {
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
     assert_eq!(r.stdout_text(), "65534\n65534\nx\n");
+    // A working directory below the workspace is made for the job and handed to its user
+    // (every directory from the workspace down), so the step can enter it and write there.
+    let mut job = Job::new(
+        "workdir",
+        vec![Step::command(["sh", "-c", "pwd; touch here && echo wrote"])],
+    );
+    job.workdir = Some("a/b".into());
+    let r = run(&t, job).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    assert!(
+        r.stdout_text().ends_with("/a/b\nwrote\n"),
+        "{}",
+        r.stdout_text()
+    );
+}
+
+#[tokio::test]
+async fn setup_failures_name_their_stage_and_are_runner_errors() {
+    // A limit above the kernel's maximum cannot be set, for any user: the stage named is
+    // the resource limits, and it is the runner's failure, not the job's.
+    let t = native();
+    let mut job = Job::new("bad-limit", vec![Step::command(["true"])]);
+    job.resources.open_files = Some(u64::MAX);
+    let r = run(&t, job).await;
+    match &r.outcome {
+        Outcome::RunnerError { message, .. } => {
+            assert!(message.contains("resource limits"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    if !requires_root("run_as (uid 65534)") {
+        return;
+    }
+    // The workspace root lies in a directory only root may enter (mode 0700), so the
+    // job's user cannot reach its working directory: the stage named is entering it.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let t = Target::new(native_with(|c| {
+        c.run_as = Some((65534, 65534));
+        c.host.workspace_root = root.path().join("workspaces");
+    }));
+    let r = run(&t, Job::new("no-entry", vec![Step::command(["true"])])).await;
+    match &r.outcome {
+        Outcome::RunnerError { message, .. } => {
+            assert!(
+                message.contains("entering the working directory"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -573,10 +645,10 @@ async fn cancelled_job_leaves_no_process() {
             break;
         }
     }
-    assert!(!processes_of(&id).is_empty());
+    assert!(!processes_of(&id).expect("scan /proc").is_empty());
     execution.cancel();
     assert_eq!(execution.wait().await, Outcome::Cancelled);
-    assert_eq!(processes_of(&id), Vec::<i32>::new());
+    assert_eq!(processes_of(&id).expect("scan /proc"), Vec::<i32>::new());
 }
 
 #[tokio::test]
@@ -594,25 +666,27 @@ async fn a_job_that_kills_its_supervisor_is_a_runner_error() {
     );
 }
 
-#[tokio::test]
-async fn setup_failures_name_their_stage_and_are_runner_errors() {
-    let t = Target::new(native_with(|c| c.run_as = Some((65534, 65534))));
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root");
-        return;
-    }
-    // The working directory below the workspace is made unreachable for the job's user.
-    let mut job = Job::new("no-entry", vec![Step::command(["true"])]);
-    job.workdir = Some("a/b".into());
-    let r = run(&t, job).await;
-    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
-    let mut job = Job::new("bad-limit", vec![Step::command(["true"])]);
-    job.resources.open_files = Some(u64::MAX);
-    let r = run(&t, job).await;
-    match &r.outcome {
-        Outcome::RunnerError { message, .. } => {
-            assert!(message.contains("resource limits"), "{message}")
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_reaches_the_process_once_with_the_value_that_wins() {
+    // `printenv` prints every entry of a name that the environment holds: with duplicate
+    // entries it would print both values (and C's getenv would see the first).
+    for t in [native(), local(HostConfig::named("local"))] {
+        let mut step = Step::command(["printenv", "FOO", "TOKEN"]);
+        step.env.insert("FOO".into(), "from-step".into());
+        let job = Job::new("env", vec![step])
+            .with_env("FOO", "from-job")
+            .with_env("TOKEN", "plain")
+            .with_secret("TOKEN", "s3cr3t-value");
+        if !t.runner().capabilities().command_steps {
+            continue;
         }
-        other => panic!("{other:?}"),
+        let r = run(&t, job).await;
+        assert!(
+            r.outcome.is_success(),
+            "{:?}: {}",
+            r.outcome,
+            r.stderr_text()
+        );
+        assert_eq!(r.stdout_text(), "from-step\n***\n");
     }
 }

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::auth::{Keys, Principal, RateLimiter, Role};
-use super::config::{RunnerConfig, ServerConfig, check_runner};
+use super::config::{RunnerConfig, ServerConfig, check_runner_with};
 use super::metrics::Metrics;
 use super::runners::RunnerFactory;
 
@@ -1019,8 +1019,26 @@ async fn register_runner(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let mut config: RunnerConfig = json_body(body, app.config.max_body_bytes)?;
-    check_runner(&config).map_err(ApiError::invalid)?;
-    if p.role == Role::Runner && config.workspace_root.is_some() {
+    check_runner_with(&config, app.factory.backends()).map_err(ApiError::invalid)?;
+    // A registration token registers a runner of its own; what reaches into the server's
+    // host (engines, kubeconfigs, privileges, paths) is for admins.
+    let refused = if p.role != Role::Runner {
+        None
+    } else if !config.options.is_empty() {
+        Some(format!(
+            "a registration token may not give the {} section (engines, kubeconfigs and \
+             privileges on the server); an admin may",
+            config.kind
+        ))
+    } else if config.workspace_root.is_some() {
+        Some(
+            "a registration token may not choose workspace_root (a path on the server); an admin may"
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    if let Some(why) = refused {
         audit(
             &app,
             &p.name,
@@ -1032,7 +1050,7 @@ async fn register_runner(
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "AUTHORIZATION_FAILED",
-            "a registration token may not choose workspace_root (a path on the server); an admin may",
+            why,
         ));
     }
     for l in &p.token_labels {

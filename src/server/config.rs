@@ -79,14 +79,16 @@ pub struct ApiKeyConfig {
     pub role: Role,
 }
 
-/// A runner the server runs in process.
+/// A runner the server runs in process: the settings every kind has, and the kind's own
+/// options in a section named after the kind (`docker: {...}`, `kubernetes: {...}`; see
+/// each backend's configuration type). Any other field is refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RunnerConfig {
     /// Its name.
     pub name: String,
-    /// `local`, `native` or (feature `docker`) `docker`.
+    /// A kind compiled into this server ([`crate::backends`]): `local`, `native`, and with
+    /// their features `docker` and `kubernetes`.
     pub kind: String,
     /// Labels jobs can ask for.
     #[serde(default)]
@@ -101,6 +103,10 @@ pub struct RunnerConfig {
     /// temporary directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace_root: Option<std::path::PathBuf>,
+    /// The kind's own section (at most one, keyed by the kind's name), and anything else
+    /// the document had, which [`check_runner`] refuses.
+    #[serde(flatten)]
+    pub options: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl RunnerConfig {
@@ -113,7 +119,26 @@ impl RunnerConfig {
             reserved_labels: Vec::new(),
             slots: None,
             workspace_root: None,
+            options: Default::default(),
         }
+    }
+
+    /// The settings every kind has.
+    pub fn settings(&self, id: Option<String>) -> rustci_runners::RunnerSettings {
+        let mut s = rustci_runners::RunnerSettings::named(self.name.clone());
+        s.id = id;
+        s.labels = self.labels.clone();
+        s.slots = self.slots;
+        s.workspace_root = self.workspace_root.clone();
+        s
+    }
+
+    /// The kind's own section (`null` when absent).
+    pub fn kind_options(&self) -> serde_json::Value {
+        self.options
+            .get(&self.kind)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
     }
 }
 
@@ -213,7 +238,15 @@ impl ServerConfig {
         Ok(config)
     }
 
-    fn check(&self) -> Result<(), ConfigError> {
+    /// Checks every setting without starting anything (runners are checked by their
+    /// backend, without connecting). Loading a configuration runs it.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.check_with(&crate::backends())
+    }
+
+    /// [`ServerConfig::check`] with runner kinds from `backends` (an embedding project's
+    /// own kinds included).
+    pub fn check_with(&self, backends: &rustci_runners::Backends) -> Result<(), ConfigError> {
         let short = |k: &str| k.len() < 16;
         if self.admin_key.as_deref().is_some_and(short) {
             return Err(ConfigError(
@@ -240,7 +273,8 @@ impl ServerConfig {
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.runners.iter().enumerate() {
-            check_runner(r).map_err(|e| ConfigError(format!("runners[{i}]: {e}")))?;
+            check_runner_with(r, backends)
+                .map_err(|e| ConfigError(format!("runners[{i}]: {e}")))?;
             if !names.insert(&r.name) {
                 return Err(ConfigError(format!(
                     "runners[{i}]: name {:?} is used twice",
@@ -259,6 +293,14 @@ impl ServerConfig {
 
 /// Checks a runner description (name and kind).
 pub fn check_runner(r: &RunnerConfig) -> Result<(), String> {
+    check_runner_with(r, &crate::backends())
+}
+
+/// [`check_runner`] with runner kinds from `backends`.
+pub fn check_runner_with(
+    r: &RunnerConfig,
+    backends: &rustci_runners::Backends,
+) -> Result<(), String> {
     if r.name.is_empty()
         || r.name.len() > 64
         || !r
@@ -271,22 +313,19 @@ pub fn check_runner(r: &RunnerConfig) -> Result<(), String> {
             r.name
         ));
     }
-    let kinds: &[&str] = if cfg!(feature = "docker") {
-        &["local", "native", "docker"]
-    } else {
-        &["local", "native"]
-    };
-    if !kinds.contains(&r.kind.as_str()) {
-        return Err(format!(
-            "kind {:?}: this server runs {}",
-            r.kind,
-            kinds.join(", ")
-        ));
-    }
     if r.slots == Some(0) || r.slots.is_some_and(|s| s > 1024) {
         return Err("slots: 1 to 1024".into());
     }
-    Ok(())
+    if let Some(other) = r.options.keys().find(|k| **k != r.kind) {
+        return Err(format!(
+            "unknown field `{other}`: a runner takes name, kind, labels, reserved_labels, \
+             slots, workspace_root and a section named after its kind ({})",
+            r.kind
+        ));
+    }
+    backends
+        .check(&r.kind, &r.settings(None), &r.kind_options())
+        .map_err(|e| rustci_runners::error::Chain(&e).to_string())
 }
 
 #[cfg(test)]

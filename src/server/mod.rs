@@ -23,7 +23,10 @@ use tokio::net::TcpListener;
 
 pub use api::{ApiError, App, RequestId, router};
 pub use auth::{Keys, Principal, RateLimiter, RegistrationClaims, Role, load_or_create_secret};
-pub use config::{ApiKeyConfig, ConfigError, Overrides, RunnerConfig, ServerConfig};
+pub use config::{
+    ApiKeyConfig, ConfigError, Overrides, RunnerConfig, ServerConfig, check_runner,
+    check_runner_with,
+};
 pub use metrics::Metrics;
 pub use openapi::document as openapi_document;
 pub use runners::{DEFAULT_SLOTS, RunnerFactory};
@@ -75,6 +78,15 @@ impl Server {
     /// what a previous run left, and starts serving on `config.listen` (port 0 picks a
     /// free port; see [`Server::addr`]).
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Self::start_with(config, RunnerFactory::new()).await
+    }
+
+    /// [`Server::start`] with the runner kinds of `factory` (an embedding project adds
+    /// its own kinds with [`RunnerFactory::with_backends`]).
+    pub async fn start_with(
+        config: ServerConfig,
+        factory: RunnerFactory,
+    ) -> Result<Server, ServerError> {
         let data = config.data_dir.clone();
         create_private_dir(&data)?;
         // One server per data directory: a second one would take the first one's
@@ -126,7 +138,6 @@ impl Server {
             ControlPlane::with_options(SelectionEngine::default(), options).map_err(|e| {
                 runtime("starting the control plane")(rustci_runners::error::Chain(&e).to_string())
             })?;
-        let factory = RunnerFactory::new();
         let recovery = match start_runners(&plane, &factory, &config).await {
             Ok(()) => plane.recover().await.map_err(|e| {
                 runtime("recovering jobs")(rustci_runners::error::Chain(&e).to_string())
@@ -275,7 +286,7 @@ async fn start_runners(
         let runner = factory
             .build(r, Some(r.name.clone()))
             .await
-            .map_err(|e| ServerError::Runtime(format!("runner {}: {e}", r.name)))?;
+            .map_err(|e| ServerError::Runtime(rustci_runners::error::Chain(&e).to_string()))?;
         let mut options = RegisterOptions::default();
         options.reserved_labels = r.reserved_labels.iter().cloned().collect();
         plane.register(runner, options);
@@ -296,7 +307,7 @@ async fn start_runners(
                 plane.register(runner, options);
             }
             Err(e) => {
-                tracing::warn!(runner = %record.id, error = %e, "a registered runner cannot start")
+                tracing::warn!(runner = %record.id, error = %rustci_runners::error::Chain(&e), "a registered runner cannot start")
             }
         }
     }

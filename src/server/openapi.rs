@@ -414,11 +414,13 @@ fn schemas(state_enum: &Value) -> Value {
             "type": "object", "required": ["name", "kind"], "additionalProperties": false,
             "properties": {
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-                "kind": {"type": "string", "enum": ["local", "native", "docker"]},
+                "kind": {"type": "string", "enum": ["local", "native", "docker", "kubernetes"], "description": "a kind compiled into this server; others are refused naming the cargo feature that adds them"},
                 "labels": {"type": "array", "items": {"type": "string"}},
                 "reserved_labels": {"type": "array", "items": {"type": "string"}},
                 "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},
-                "workspace_root": {"type": "string", "minLength": 1}
+                "workspace_root": {"type": "string", "minLength": 1},
+                "docker": {"type": "object", "description": "kind docker only, admin only: the Docker runner's options (engine, pull_policy, registry_auth, default_image, network_mode, privileged, read_only_rootfs, cap_drop, user, termination_grace, max_output_bytes, event_buffer, warm_pool); unknown fields are refused"},
+                "kubernetes": {"type": "object", "description": "kind kubernetes only, admin only: the Kubernetes runner's options (connection, namespace, default_image, pod, pending_timeout, termination_grace, deadline_margin, requests_per_second, log_streams, max_output_bytes, event_buffer); unknown fields are refused"}
             }
         },
         "TokenRequest": {

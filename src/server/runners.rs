@@ -1,59 +1,51 @@
-//! Builds the runners a server runs in process, from [`RunnerConfig`]s.
+//! Builds the runners a server runs in process, from [`RunnerConfig`]s, through the
+//! registry of compiled-in runner kinds ([`Backends`]).
 
 use std::sync::Arc;
 
-use rustci_runners::{Error, HostConfig, LocalRunner, NativeConfig, NativeRunner, Runner};
+use rustci_runners::{Backends, Error, Runner};
 
 use super::config::RunnerConfig;
 
 /// Turns runner descriptions into runners.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RunnerFactory {
-    _private: (),
+    backends: Backends,
 }
 
-/// Slots of a runner whose description names none.
-pub const DEFAULT_SLOTS: usize = 4;
+pub use rustci_runners::backend::DEFAULT_SLOTS;
+
+impl Default for RunnerFactory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl RunnerFactory {
-    /// A factory.
+    /// A factory for every kind compiled into this program ([`crate::backends`]).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_backends(crate::backends())
     }
 
-    /// Builds the runner `config` describes, with a fixed `id` when given.
+    /// A factory for these kinds (an embedding project adds its own).
+    pub fn with_backends(backends: Backends) -> Self {
+        RunnerFactory { backends }
+    }
+
+    /// The kinds it builds.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// Builds the runner `config` describes, with a fixed `id` when given (kinds that
+    /// choose their own id, like Docker, ignore it).
     pub async fn build(
         &self,
         config: &RunnerConfig,
         id: Option<String>,
     ) -> Result<Arc<dyn Runner>, Error> {
-        let mut host = HostConfig::named(config.name.clone());
-        host.id = id;
-        host.labels = config.labels.clone();
-        host.max_concurrency = Some(config.slots.unwrap_or(DEFAULT_SLOTS));
-        if let Some(root) = &config.workspace_root {
-            host.workspace_root = root.clone();
-        }
-        match config.kind.as_str() {
-            "local" => Ok(Arc::new(LocalRunner::new(host)?)),
-            "native" => {
-                let mut native = NativeConfig::default();
-                native.host = host;
-                Ok(Arc::new(NativeRunner::new(native)?))
-            }
-            #[cfg(feature = "docker")]
-            "docker" => {
-                let mut docker = rustci_runners_docker::DockerConfig::default();
-                docker.name = config.name.clone();
-                docker.labels = config.labels.clone();
-                docker.max_concurrency = Some(config.slots.unwrap_or(DEFAULT_SLOTS));
-                Ok(Arc::new(
-                    rustci_runners_docker::DockerRunner::connect(docker).await?,
-                ))
-            }
-            other => Err(Error::invalid_config(format!(
-                "unknown runner kind {other:?}"
-            ))),
-        }
+        self.backends
+            .build(&config.kind, &config.settings(id), &config.kind_options())
+            .await
     }
 }

@@ -450,15 +450,21 @@ impl Walker {
                 "has both `run` and `command`; a step needs exactly one",
                 pos_of(node),
             ),
-            (None, None) => {
-                if matches!(node.value, Node::Map(_)) {
-                    self.error(
-                        path,
-                        "has neither `run` nor `command`; a step needs exactly one",
-                        pos_of(node),
-                    )
-                }
-            }
+            (None, None) => match node.value {
+                Node::Map(_) => self.error(
+                    path,
+                    "has neither `run` nor `command`; a step needs exactly one",
+                    pos_of(node),
+                ),
+                // `- ` with nothing after it: not a step to run `""`.
+                Node::Null => self.error(
+                    path,
+                    "is empty; a step needs exactly one of `run` and `command`",
+                    pos_of(node),
+                ),
+                // Anything else was reported by `map` as not a mapping.
+                _ => {}
+            },
         }
         step
     }
@@ -900,6 +906,16 @@ fn check_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_step_is_an_error_not_an_empty_script() {
+        let e = parse_document("name: e\nsteps:\n  - run: echo hi\n  -\n").unwrap_err();
+        assert_eq!(e.errors().len(), 1, "{e}");
+        assert_eq!(e.errors()[0].path, "steps[1]");
+        assert!(e.errors()[0].message.contains("is empty"), "{e}");
+        let e = parse_document(r#"{"name": "e", "steps": [null]}"#).unwrap_err();
+        assert_eq!(e.errors()[0].path, "steps[0]", "{e}");
+    }
 
     #[test]
     fn whole_floats_are_integers_and_fractions_are_not() {

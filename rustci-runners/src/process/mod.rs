@@ -38,7 +38,7 @@ pub(crate) use shim::{Rlimit, ShimPlan};
 use sys::Stack;
 pub(crate) use tree::kill_execution;
 #[cfg(feature = "testkit")]
-pub(crate) use tree::pids_with_env;
+pub(crate) use tree::{ProcessTable, scan_env, stat};
 
 const READ_CHUNK: usize = 64 * 1024;
 const REKILL_INTERVAL: Duration = Duration::from_millis(10);

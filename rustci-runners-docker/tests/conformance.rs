@@ -1,5 +1,5 @@
-//! The conformance suite: KubernetesRunner against the fake cluster, whose kubelet runs
-//! every pod on this machine's Docker engine. Each check gets a cluster of its own.
+//! The conformance suite: DockerRunner on the real engine of this machine, with the test
+//! image `rustci-busybox:local` (built when the engine lacks it).
 //!
 //! Without a reachable engine every test prints `SKIPPED`; with `RUSTCI_REQUIRE_DOCKER`
 //! set (as `.ci/run` does) that is a failure instead.
