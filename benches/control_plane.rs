@@ -266,7 +266,7 @@ fn pickup(c: &mut Criterion) {
 
 use futures::StreamExt;
 
-#[path = "run_window.rs"]
+#[path = "common/run_window.rs"]
 mod run_window;
 
 criterion_group!(benches, selection, dispatch, pickup);

@@ -115,7 +115,7 @@ fn sustained_warm(rt: &tokio::runtime::Runtime, config: &DockerConfig, job: &Job
     );
 }
 
-#[path = "run_window.rs"]
+#[path = "common/run_window.rs"]
 mod run_window;
 
 criterion_group!(benches, docker_latency);

@@ -103,7 +103,7 @@ fn k8s_latency(c: &mut Criterion) {
     rt.block_on(cluster.shutdown());
 }
 
-#[path = "run_window.rs"]
+#[path = "common/run_window.rs"]
 mod run_window;
 
 criterion_group!(benches, k8s_latency);

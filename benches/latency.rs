@@ -48,7 +48,7 @@ fn latency(c: &mut Criterion) {
     group.finish();
 }
 
-#[path = "run_window.rs"]
+#[path = "common/run_window.rs"]
 mod run_window;
 
 criterion_group!(benches, latency);

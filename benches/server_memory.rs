@@ -58,7 +58,7 @@ fn finished_record(i: usize) -> JobRecord {
     .expect("a job record")
 }
 
-#[path = "run_window.rs"]
+#[path = "common/run_window.rs"]
 mod run_window;
 
 fn main() {

@@ -96,7 +96,7 @@ fn throughput(c: &mut Criterion) {
     group.finish();
 }
 
-#[path = "run_window.rs"]
+#[path = "common/run_window.rs"]
 mod run_window;
 
 criterion_group!(benches, throughput);

@@ -474,7 +474,8 @@ async fn every_role_against_every_route_class() {
         (
             "POST",
             "/api/runners".into(),
-            Some(json!({"name": "x", "kind": "bogus"})),
+            // A name the check refuses: the role may register, the body is wrong (400).
+            Some(json!({"name": "", "kind": "local"})),
             &["admin", "runner"],
         ),
     ];
@@ -552,6 +553,24 @@ async fn registration_tokens_register_runners_and_expire() {
         .await
         .unwrap();
     assert_eq!(r.status, 403, "{}", r.error_message());
+    // Nor an engine, certificate paths or privileges through a kind's section (refused
+    // before the section is checked, so the message says nothing of the server's files),
+    // nor a kind whose defaults reach the server's own cluster credentials.
+    for body in [
+        json!({"name": "reg-d", "kind": "docker", "docker": {"privileged": true}}),
+        json!({"name": "reg-t", "kind": "docker", "docker": {"engine": {"tls": {
+            "address": "tcp://127.0.0.1:1", "ca": "/etc/hostname", "cert": "/nonexistent", "key": "/nonexistent"}}}}),
+        json!({"name": "reg-k", "kind": "kubernetes"}),
+    ] {
+        let r = as_runner.post_json("/api/runners", &body).await.unwrap();
+        assert_eq!(r.status, 403, "{body}: {}", r.error_message());
+        assert_eq!(error_code(&r), "AUTHORIZATION_FAILED", "{body}");
+        assert!(
+            !r.error_message().contains("/nonexistent"),
+            "{}",
+            r.error_message()
+        );
+    }
     let r = as_runner
         .post_json(
             "/api/runners",

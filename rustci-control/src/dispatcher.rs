@@ -387,7 +387,7 @@ impl ControlPlane {
                 let attempt_id = attempt_id(&id, number);
                 for runner in &runners {
                     if let Err(e) = runner.abandon(&attempt_id).await {
-                        tracing::warn!(job_id = %id, runner = %runner.info().id, error = %e, "could not stop what is left of an interrupted attempt");
+                        tracing::warn!(job_id = %id, runner = %runner.info().id, error = %Chain(&e), "could not stop what is left of an interrupted attempt");
                     }
                 }
                 if let Some(a) = record.attempts.last_mut() {
@@ -571,7 +571,7 @@ impl ControlPlane {
         match self.state.store.get_job(id) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(job_id = %id, error = %e, "reading a job from the store");
+                tracing::error!(job_id = %id, error = %Chain(&e), "reading a job from the store");
                 None
             }
         }
@@ -714,7 +714,7 @@ fn attempt_id(id: &JobId, number: u32) -> JobId {
 /// Writes a record to the store; a failing store is logged, the job goes on.
 fn save(state: &State, record: &JobRecord) {
     if let Err(e) = state.store.put_job(record) {
-        tracing::error!(job_id = %record.id, error = %e, "the store did not take a job's state");
+        tracing::error!(job_id = %record.id, error = %Chain(&e), "the store did not take a job's state");
     }
 }
 
@@ -1047,7 +1047,7 @@ async fn run_attempt(
     if number > 1 {
         let marker = format!("\n[rustci] attempt {number} on runner {runner_id}\n");
         if let Err(e) = state.logs.append(&id, marker.as_bytes()) {
-            tracing::error!(job_id = %id, error = %e, "writing the job log");
+            tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
         }
     }
     let outcome = match runner.start(&job, attempt_id).await {
@@ -1089,7 +1089,7 @@ async fn run_attempt(
                     EventKind::Finished { outcome: o } => outcome = o.clone(),
                     EventKind::Output { data, .. } => {
                         if let Err(e) = state.logs.append(&id, data) {
-                            tracing::error!(job_id = %id, error = %e, "writing the job log");
+                            tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
                         }
                     }
                     _ => {}

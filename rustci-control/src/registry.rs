@@ -85,6 +85,8 @@ pub struct RunnerEntry {
     /// Health checks failed in a row.
     pub failures: u32,
     next_check: Instant,
+    /// A check was asked for ([`Registry::check_soon`]) since the last one started.
+    check_asked: bool,
 }
 
 impl RunnerEntry {
@@ -147,6 +149,7 @@ impl Registry {
             startups: Vec::new(),
             failures: 0,
             next_check: Instant::now(),
+            check_asked: false,
         };
         self.entries
             .write()
@@ -283,6 +286,7 @@ impl Registry {
     pub fn check_soon(&self, id: &str) {
         if let Some(e) = self.entries.write().expect("registry").get_mut(id) {
             e.next_check = Instant::now();
+            e.check_asked = true;
         }
     }
 
@@ -293,11 +297,15 @@ impl Registry {
         let now = Instant::now();
         let due: Vec<(String, Arc<dyn Runner>)> = self
             .entries
-            .read()
+            .write()
             .expect("registry")
-            .iter()
+            .iter_mut()
             .filter(|(_, e)| e.next_check <= now && e.status != RunnerStatus::Draining)
-            .map(|(id, e)| (id.clone(), e.runner.clone()))
+            .map(|(id, e)| {
+                // Answered by this check; one asked for while it runs stays due.
+                e.check_asked = false;
+                (id.clone(), e.runner.clone())
+            })
             .collect();
         let checks = due.into_iter().map(|(id, runner)| async move {
             let health = match tokio::time::timeout(timeout, runner.health()).await {
@@ -326,7 +334,11 @@ impl Registry {
             } else {
                 0
             };
-            e.next_check = Instant::now() + interval * 2u32.pow(e.failures.min(4));
+            e.next_check = if e.check_asked {
+                Instant::now()
+            } else {
+                Instant::now() + interval * 2u32.pow(e.failures.min(4))
+            };
             e.health = health;
             if e.status != to {
                 changes.push(StatusChange {

@@ -71,10 +71,10 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn db_err(path: &Path, e: rusqlite::Error) -> Error {
+fn db_err(path: &Path, what: &str, e: rusqlite::Error) -> Error {
     Error::Store {
         store: path.display().to_string(),
-        context: "the database failed".into(),
+        context: what.to_string(),
         source: Box::new(e),
     }
 }
@@ -91,12 +91,13 @@ impl SqliteStore {
     /// Opens (creating when absent) the database at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
-        let conn = Connection::open(&path).map_err(|e| db_err(&path, e))?;
+        let conn = Connection::open(&path).map_err(|e| db_err(&path, "opening the database", e))?;
         conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|e| db_err(&path, e))?;
+            .map_err(|e| db_err(&path, "opening the database", e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
-            .map_err(|e| db_err(&path, e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+            .map_err(|e| db_err(&path, "opening the database", e))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| db_err(&path, "opening the database", e))?;
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
@@ -108,8 +109,8 @@ impl SqliteStore {
         &self.path
     }
 
-    fn err(&self, e: rusqlite::Error) -> Error {
-        db_err(&self.path, e)
+    fn err(&self, what: &str, e: rusqlite::Error) -> Error {
+        db_err(&self.path, what, e)
     }
 
     fn decode(&self, text: &str) -> Result<JobRecord, Error> {
@@ -127,7 +128,9 @@ impl SqliteStore {
             source: Box::new(e),
         })?;
         let mut conn = self.conn.lock().expect("store");
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = conn
+            .transaction()
+            .map_err(|e| self.err("writing a job record", e))?;
         let state = record.state.as_str();
         let previous: Option<String> = tx
             .query_row(
@@ -136,7 +139,7 @@ impl SqliteStore {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("writing a job record", e))?;
         tx.execute(
             "INSERT INTO jobs (id, name, submitter, state, submitted_at, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -150,7 +153,7 @@ impl SqliteStore {
                 text
             ],
         )
-        .map_err(|e| self.err(e))?;
+        .map_err(|e| self.err("writing a job record", e))?;
         for a in &record.attempts {
             let outcome = a
                 .outcome
@@ -168,16 +171,16 @@ impl SqliteStore {
                     outcome
                 ],
             )
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("writing a job record", e))?;
         }
         if previous.as_deref() != Some(state) {
             tx.execute(
                 "INSERT INTO transitions (job_id, state, at) VALUES (?1, ?2, ?3)",
                 params![record.id.as_str(), state, millis(SystemTime::now())],
             )
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("writing a job record", e))?;
         }
-        tx.commit().map_err(|e| self.err(e))
+        tx.commit().map_err(|e| self.err("writing a job record", e))
     }
 }
 
@@ -195,7 +198,7 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("reading a job record", e))?
         };
         text.map(|t| self.decode(&t)).transpose()
     }
@@ -213,7 +216,7 @@ impl Store for SqliteStore {
                        AND (?4 IS NULL OR name = ?4)
                      ORDER BY seq DESC LIMIT ?5",
                 )
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.err("listing jobs", e))?;
             let before = query.before.map(|b| b as i64).unwrap_or(i64::MAX);
             stmt.query_map(
                 params![
@@ -225,9 +228,9 @@ impl Store for SqliteStore {
                 ],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("listing jobs", e))?
             .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("listing jobs", e))?
         };
         let mut page = JobPage::default();
         let more = rows.len() > limit;
@@ -249,11 +252,11 @@ impl Store for SqliteStore {
                     "SELECT record FROM jobs WHERE state IN ('queued', 'assigned', 'running')
                      ORDER BY seq",
                 )
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.err("reading the unfinished jobs", e))?;
             stmt.query_map([], |r| r.get(0))
-                .map_err(|e| self.err(e))?
+                .map_err(|e| self.err("reading the unfinished jobs", e))?
                 .collect::<Result<_, _>>()
-                .map_err(|e| self.err(e))?
+                .map_err(|e| self.err("reading the unfinished jobs", e))?
         };
         rows.iter().map(|t| self.decode(t)).collect()
     }
@@ -262,12 +265,12 @@ impl Store for SqliteStore {
         let conn = self.conn.lock().expect("store");
         let mut stmt = conn
             .prepare_cached("SELECT state, at FROM transitions WHERE job_id = ?1 ORDER BY rowid")
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("reading a job's state transitions", e))?;
         let rows: Vec<(String, i64)> = stmt
             .query_map([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("reading a job's state transitions", e))?
             .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("reading a job's state transitions", e))?;
         Ok(rows
             .into_iter()
             .filter_map(|(s, at)| {
@@ -283,12 +286,12 @@ impl Store for SqliteStore {
         let conn = self.conn.lock().expect("store");
         let mut stmt = conn
             .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("counting jobs by state", e))?;
         let rows: Vec<(String, i64)> = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("counting jobs by state", e))?
             .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("counting jobs by state", e))?;
         Ok(rows
             .into_iter()
             .filter_map(|(s, n)| JobState::from_name(&s).map(|st| (st, n as u64)))
@@ -309,7 +312,7 @@ impl Store for SqliteStore {
                 millis(record.registered_at)
             ],
         )
-        .map_err(|e| self.err(e))?;
+        .map_err(|e| self.err("storing a runner registration", e))?;
         Ok(())
     }
 
@@ -317,7 +320,7 @@ impl Store for SqliteStore {
         let conn = self.conn.lock().expect("store");
         let n = conn
             .execute("DELETE FROM runners WHERE id = ?1", [id])
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("removing a runner registration", e))?;
         Ok(n > 0)
     }
 
@@ -325,14 +328,14 @@ impl Store for SqliteStore {
         let conn = self.conn.lock().expect("store");
         let mut stmt = conn
             .prepare("SELECT id, name, kind, config, registered_at FROM runners ORDER BY registered_at, id")
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("reading the runner registrations", e))?;
         let rows: Vec<(String, String, String, String, i64)> = stmt
             .query_map([], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("reading the runner registrations", e))?
             .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("reading the runner registrations", e))?;
         Ok(rows
             .into_iter()
             .map(|(id, name, kind, config, at)| RunnerRecord {
@@ -359,7 +362,7 @@ impl Store for SqliteStore {
                 entry.request_id
             ],
         )
-        .map_err(|e| self.err(e))?;
+        .map_err(|e| self.err("appending to the audit log", e))?;
         Ok(conn.last_insert_rowid() as u64)
     }
 
@@ -370,7 +373,7 @@ impl Store for SqliteStore {
                 "SELECT seq, at, actor, action, target, result, request_id FROM audit
                  WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
             )
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("reading the audit log", e))?;
         let before = before.map(|b| b as i64).unwrap_or(i64::MAX);
         let rows = stmt
             .query_map(params![before, limit as i64], |r| {
@@ -384,9 +387,9 @@ impl Store for SqliteStore {
                     request_id: r.get(6)?,
                 })
             })
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("reading the audit log", e))?
             .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err("reading the audit log", e))?;
         Ok(rows)
     }
 }

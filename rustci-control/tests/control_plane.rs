@@ -289,3 +289,116 @@ async fn updating_a_runners_labels_places_waiting_jobs() {
     assert!(cp.registry().get(&runner).unwrap().labels().contains("gpu"));
     cp.shutdown();
 }
+
+/// A local runner whose first `failures` starts fail with a runner error that is
+/// `temporary` or not, and that counts its health checks.
+struct FailingStarts {
+    inner: LocalRunner,
+    failures: std::sync::atomic::AtomicUsize,
+    temporary: bool,
+    health_checks: tokio::sync::watch::Sender<usize>,
+}
+
+#[async_trait::async_trait]
+impl Runner for FailingStarts {
+    fn info(&self) -> &rustci_runners::RunnerInfo {
+        self.inner.info()
+    }
+    fn capabilities(&self) -> &rustci_runners::Capabilities {
+        self.inner.capabilities()
+    }
+    fn running(&self) -> usize {
+        self.inner.running()
+    }
+    async fn health(&self) -> rustci_runners::Health {
+        self.health_checks.send_modify(|n| *n += 1);
+        self.inner.health().await
+    }
+    async fn start(
+        &self,
+        job: &dyn rustci_runners::JobSpec,
+        id: rustci_runners::JobId,
+    ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
+        use std::sync::atomic::Ordering;
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(
+                rustci_runners::Error::unavailable("the engine did not answer")
+                    .temporary(self.temporary)
+                    .for_runner(&self.info().name),
+            );
+        }
+        self.inner.start(job, id).await
+    }
+}
+
+fn failing(name: &str, failures: usize, temporary: bool) -> Arc<FailingStarts> {
+    Arc::new(FailingStarts {
+        inner: LocalRunner::new(HostConfig::named(name)).unwrap(),
+        failures: failures.into(),
+        temporary,
+        health_checks: tokio::sync::watch::channel(0).0,
+    })
+}
+
+// On a current-thread runtime the control plane's tasks run only when the test awaits:
+// the runner is registered before the health loop's first round, which therefore checks
+// it, and the next scheduled round is an hour away.
+#[tokio::test(flavor = "current_thread")]
+async fn a_temporary_runner_error_is_retried_and_has_the_runner_checked_at_once() {
+    let cp = plane();
+    let runner = failing("flaky", 1, true);
+    let mut checks = runner.health_checks.subscribe();
+    cp.register(runner.clone(), RegisterOptions::default());
+    tokio::time::timeout(Duration::from_secs(30), checks.wait_for(|n| *n >= 1))
+        .await
+        .expect("first health check")
+        .unwrap();
+    let mut job = Job::new("retried", vec![Step::run("echo ran")]);
+    job.retry = retry(2, &[RetryWhen::RunnerFailure]);
+    let id = cp.submit(job, "alice").unwrap();
+    let record = cp.wait(&id).await.unwrap();
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    assert_eq!(record.attempts.len(), 2, "{record:?}");
+    assert!(
+        matches!(
+            &record.attempts[0].outcome,
+            Some(Outcome::RunnerError { temporary: true, message }) if message.contains("the engine did not answer")
+        ),
+        "{:?}",
+        record.attempts[0].outcome
+    );
+    // The failure had the runner's health checked again without waiting for the interval.
+    tokio::time::timeout(Duration::from_secs(30), checks.wait_for(|n| *n >= 2))
+        .await
+        .expect("a health check right after the temporary failure")
+        .unwrap();
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_runner_error_ends_the_job_whatever_its_retry_policy() {
+    let cp = plane();
+    cp.register(failing("refusing", 1, false), RegisterOptions::default());
+    let mut job = Job::new("not-retried", vec![Step::run("echo ran")]);
+    job.retry = retry(3, &[RetryWhen::RunnerFailure]);
+    let id = cp.submit(job, "alice").unwrap();
+    let record = cp.wait(&id).await.unwrap();
+    assert_eq!(record.state, JobState::Failed, "{record:?}");
+    assert_eq!(record.attempts.len(), 1, "{record:?}");
+    assert!(
+        matches!(
+            &record.attempts[0].outcome,
+            Some(Outcome::RunnerError {
+                temporary: false,
+                ..
+            })
+        ),
+        "{:?}",
+        record.attempts[0].outcome
+    );
+    cp.shutdown();
+}

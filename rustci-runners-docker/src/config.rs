@@ -91,6 +91,10 @@ pub struct DockerConfig {
     /// Runner name; the start-up sweep removes containers of a dead owner with this name.
     #[serde(skip)]
     pub name: String,
+    /// A fixed runner id (a registration restored after a restart keeps its id); a new
+    /// one when `None`.
+    #[serde(skip)]
+    pub id: Option<String>,
     /// Labels jobs can ask for.
     #[serde(skip)]
     pub labels: Vec<String>,
@@ -107,6 +111,10 @@ pub struct DockerConfig {
     pub network_mode: String,
     /// Run job containers privileged. Default false.
     pub privileged: bool,
+    /// With `privileged`, the images that may run privileged (references as the jobs
+    /// give them; a reference without a tag means `:latest`); a job with another image
+    /// runs unprivileged. Empty (default): every image, when `privileged` is on.
+    pub allowed_privileged_images: Vec<String>,
     /// Read-only root file system (the workspace stays writable). Default false.
     pub read_only_rootfs: bool,
     /// Capabilities to drop (e.g. `ALL`). Default none.
@@ -176,6 +184,7 @@ impl Default for DockerConfig {
     fn default() -> Self {
         DockerConfig {
             name: "docker".into(),
+            id: None,
             labels: Vec::new(),
             engine: Engine::Local,
             pull_policy: PullPolicy::IfNotPresent,
@@ -183,6 +192,7 @@ impl Default for DockerConfig {
             default_image: None,
             network_mode: "bridge".into(),
             privileged: false,
+            allowed_privileged_images: Vec::new(),
             read_only_rootfs: false,
             cap_drop: Vec::new(),
             user: None,
@@ -232,6 +242,10 @@ impl DockerConfig {
                     .map_err(|e| Error::invalid_config(format!("warm_pool.images: {e}")))?;
             }
         }
+        for image in &self.allowed_privileged_images {
+            crate::image::check_image_reference(image)
+                .map_err(|e| Error::invalid_config(format!("allowed_privileged_images: {e}")))?;
+        }
         if let Some(image) = &self.default_image {
             crate::image::check_image_reference(image)
                 .map_err(|e| Error::invalid_config(format!("default_image: {e}")))?;
@@ -251,13 +265,15 @@ pub type DockerBackend = ConfigBackend<DockerConfig>;
 impl BackendConfig for DockerConfig {
     const KIND: &'static str = KIND;
 
-    fn apply(&mut self, settings: &RunnerSettings) {
+    fn apply(&mut self, settings: &RunnerSettings) -> Result<(), Error> {
         self.name = settings.name.clone();
+        self.id = settings.id.clone();
         self.labels = settings.labels.clone();
         self.max_concurrency = Some(settings.slots_or_default());
         if let Some(root) = &settings.workspace_root {
             self.workspace_root = root.clone();
         }
+        Ok(())
     }
 
     fn check(&self) -> Result<(), Error> {

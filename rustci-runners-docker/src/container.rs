@@ -135,6 +135,7 @@ impl Inner {
         cleanup: &mut Cleanup,
         bind: String,
     ) -> Result<String, Error> {
+        let privileged = privileged_for(&self.config, image);
         let host_config = HostConfig {
             binds: Some(vec![bind]),
             network_mode: Some(self.config.network_mode.clone()),
@@ -143,9 +144,8 @@ impl Inner {
             memory_swap: r.memory.map(|m| m as i64),
             nano_cpus: r.cpus.map(|c| (c * 1e9) as i64),
             pids_limit: r.pids.map(|p| p as i64),
-            privileged: Some(self.config.privileged),
-            security_opt: (!self.config.privileged)
-                .then(|| vec!["no-new-privileges:true".to_string()]),
+            privileged: Some(privileged),
+            security_opt: (!privileged).then(|| vec!["no-new-privileges:true".to_string()]),
             readonly_rootfs: Some(self.config.read_only_rootfs),
             cap_drop: (!self.config.cap_drop.is_empty()).then(|| self.config.cap_drop.clone()),
             ulimits: ulimits(r),
@@ -214,6 +214,18 @@ impl Inner {
         self.start_container(&id, image).await?;
         Ok((id, cleanup))
     }
+}
+
+/// Whether a container of `image` runs privileged: only when the configuration turns it
+/// on, and then for the allowed images (all of them when none are listed).
+pub(crate) fn privileged_for(config: &crate::DockerConfig, image: &str) -> bool {
+    use crate::image::with_default_tag;
+    let allowed = &config.allowed_privileged_images;
+    config.privileged
+        && (allowed.is_empty()
+            || allowed
+                .iter()
+                .any(|a| with_default_tag(a) == with_default_tag(image)))
 }
 
 /// `resources.cpu_time`, `open_files` and `file_size` as container ulimits.
@@ -326,5 +338,29 @@ impl Drop for Cleanup {
         } else if let Some(dir) = rest.host_dir.clone() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::privileged_for;
+    use crate::DockerConfig;
+
+    #[test]
+    fn privileges_only_where_the_configuration_allows_them() {
+        let mut c = DockerConfig::default();
+        assert!(!privileged_for(&c, "busybox"));
+        c.privileged = true;
+        assert!(privileged_for(&c, "anything:1"));
+        c.allowed_privileged_images = vec!["docker:dind".into(), "busybox".into()];
+        assert!(privileged_for(&c, "docker:dind"));
+        assert!(privileged_for(&c, "busybox:latest"), "no tag means :latest");
+        assert!(!privileged_for(&c, "busybox:1.36"));
+        assert!(!privileged_for(&c, "docker:cli"));
+        c.privileged = false;
+        assert!(
+            !privileged_for(&c, "docker:dind"),
+            "the list alone grants nothing"
+        );
     }
 }

@@ -30,23 +30,30 @@ pub(crate) const LEFTOVER_CHECK: Duration = Duration::from_millis(200);
 pub(crate) const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
 
 /// The environment every step gets, before job, step and secret variables.
-pub(crate) fn base_env(id: &JobId, job: &Job, runner: &str) -> Vec<String> {
-    vec![
-        "CI=true".to_string(),
-        "RUSTCI=true".to_string(),
-        format!("RUSTCI_JOB_ID={id}"),
-        format!("RUSTCI_JOB_NAME={}", job.name),
-        format!("RUSTCI_RUNNER={runner}"),
-        format!("RUSTCI_WORKSPACE={WORKSPACE}"),
+pub(crate) fn base_env(id: &JobId, job: &Job, runner: &str) -> Vec<(String, String)> {
+    [
+        ("CI", "true".to_string()),
+        ("RUSTCI", "true".to_string()),
+        ("RUSTCI_JOB_ID", id.to_string()),
+        ("RUSTCI_JOB_NAME", job.name.clone()),
+        ("RUSTCI_RUNNER", runner.to_string()),
+        ("RUSTCI_WORKSPACE", WORKSPACE.to_string()),
     ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
-pub(crate) fn step_env(base: &[String], job: &Job, step: &rustci_runners::Step) -> Vec<String> {
-    let mut env = base.to_vec();
-    for (k, v) in job.env.iter().chain(&step.env).chain(&job.secrets) {
-        env.push(format!("{k}={v}"));
-    }
-    env
+/// A step's environment as the engine takes it (`NAME=value`).
+pub(crate) fn step_env(
+    base: &[(String, String)],
+    job: &Job,
+    step: &rustci_runners::Step,
+) -> Vec<String> {
+    rustci_runners::backend::step_environment(base, job, step)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
 }
 
 pub(crate) fn step_argv(step: &rustci_runners::Step) -> Option<Vec<String>> {
@@ -226,7 +233,7 @@ pub(crate) struct JobRun {
     pub(crate) sink: ExecutionSink,
     pub(crate) secrets: SecretSet,
     pub(crate) budget: OutputBudget,
-    pub(crate) base: Vec<String>,
+    pub(crate) base: Vec<(String, String)>,
     pub(crate) workdir: String,
     pub(crate) cleanup: Option<Cleanup>,
     pub(crate) slot: Option<SlotGuard>,
@@ -345,14 +352,31 @@ impl JobRun {
             let end = self
                 .exec(usize::MAX, mkdir, Vec::new(), WORKSPACE.into(), deadline)
                 .await;
-            if !matches!(end, StepEnd::Exited(0)) {
-                return Outcome::RunnerError {
-                    message: format!(
-                        "cannot create the working directory {} in the container",
-                        self.workdir
-                    ),
-                    temporary: false,
-                };
+            match end {
+                StepEnd::Exited(0) => {}
+                // Stopped while preparing: the job's timeout or cancel, not a failure.
+                StepEnd::TimedOut => return Outcome::TimedOut { step: None },
+                StepEnd::Cancelled => return Outcome::Cancelled,
+                // The engine could not run the `mkdir`: its trouble, maybe for now.
+                StepEnd::Failed(message) => {
+                    return Outcome::RunnerError {
+                        message: format!(
+                            "cannot create the working directory {} in the container: {}",
+                            self.workdir,
+                            self.secrets.mask_str(&message)
+                        ),
+                        temporary: true,
+                    };
+                }
+                _ => {
+                    return Outcome::RunnerError {
+                        message: format!(
+                            "cannot create the working directory {} in the container",
+                            self.workdir
+                        ),
+                        temporary: false,
+                    };
+                }
             }
         }
         let steps = self.job.steps.clone();

@@ -143,6 +143,9 @@ impl DockerRunner {
         labels.insert(caps.platform.replace('/', "-"));
         labels.insert("docker".into());
         let mut runner_info = RunnerInfo::new(config.name.clone(), RunnerKind::Docker);
+        if let Some(id) = &config.id {
+            runner_info.id = id.clone();
+        }
         runner_info.labels = labels;
         if local {
             std::fs::create_dir_all(&config.workspace_root).map_err(|e| {

@@ -120,7 +120,7 @@ impl Inner {
                         }
                         Ok((_, cleanup)) => Some(cleanup),
                         Err(e) => {
-                            tracing::warn!(%image, error = %e, "cannot start a warm container");
+                            tracing::warn!(%image, error = %rustci_runners::error::Chain(&e), "cannot start a warm container");
                             None
                         }
                     }

@@ -499,3 +499,52 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Effective capabilities of a step's process, as `/proc/self/status` gives them.
+async fn effective_caps(runner: DockerRunner) -> u64 {
+    let t = Target::new(runner);
+    let r = run_job(&t, &job(vec![Step::run("grep CapEff /proc/self/status")]))
+        .await
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    let text = r.stdout_text();
+    let hex = text
+        .trim()
+        .rsplit(|c: char| c.is_whitespace())
+        .next()
+        .unwrap();
+    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
+/// Needs an engine that may hand out every capability (this project's CI machines run
+/// in a sandbox that refuses `--privileged`); the decision itself is unit-tested in
+/// `src/container.rs`. Run with `--run-ignored all` where `docker run --privileged` works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an engine that can run privileged containers"]
+async fn privileged_containers_only_for_allowed_images() {
+    let Some(plain) = runner_with(|c| c.name = "docker-tests-plain".into()).await else {
+        return;
+    };
+
+    let allowed = runner_with(|c| {
+        c.name = "docker-tests-privileged".into();
+        c.privileged = true;
+        c.allowed_privileged_images = vec![IMAGE.into()];
+    })
+    .await
+    .unwrap();
+    let others_only = runner_with(|c| {
+        c.name = "docker-tests-others".into();
+        c.privileged = true;
+        c.allowed_privileged_images = vec!["registry.example/other:1".into()];
+    })
+    .await
+    .unwrap();
+    let unprivileged = effective_caps(plain).await;
+    let privileged = effective_caps(allowed).await;
+    // A privileged container has every capability; the engine's default set is a subset.
+    assert_ne!(privileged, unprivileged);
+    assert_eq!(privileged & unprivileged, unprivileged);
+    // An image that is not on the list runs without the privileges.
+    assert_eq!(effective_caps(others_only).await, unprivileged);
+}

@@ -204,6 +204,10 @@ pub struct KubernetesConfig {
     /// of this name in the namespace, so a name MUST be unique per namespace.
     #[serde(skip)]
     pub name: String,
+    /// A fixed runner id (a registration restored after a restart keeps its id); a new
+    /// one when `None`.
+    #[serde(skip)]
+    pub id: Option<String>,
     /// Labels jobs can ask for.
     #[serde(skip)]
     pub labels: Vec<String>,
@@ -246,6 +250,7 @@ impl Default for KubernetesConfig {
     fn default() -> Self {
         KubernetesConfig {
             name: "kubernetes".into(),
+            id: None,
             labels: Vec::new(),
             connection: Connection::Infer,
             namespace: None,
@@ -386,10 +391,18 @@ pub type KubernetesBackend = ConfigBackend<KubernetesConfig>;
 impl BackendConfig for KubernetesConfig {
     const KIND: &'static str = KIND;
 
-    fn apply(&mut self, settings: &RunnerSettings) {
+    fn apply(&mut self, settings: &RunnerSettings) -> Result<(), Error> {
+        if settings.workspace_root.is_some() {
+            return Err(Error::invalid_config(
+                "workspace_root: a kubernetes runner's workspaces are volumes of its pods \
+                 (set pod.workspace instead)",
+            ));
+        }
         self.name = settings.name.clone();
+        self.id = settings.id.clone();
         self.labels = settings.labels.clone();
         self.max_concurrency = Some(settings.slots_or_default());
+        Ok(())
     }
 
     fn check(&self) -> Result<(), Error> {

@@ -48,6 +48,7 @@
 mod config;
 mod job;
 mod logs;
+mod outcome;
 mod pod;
 mod quantity;
 mod runner;

@@ -187,8 +187,11 @@ impl KubernetesRunner {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
 
         let owner = rustci_runners::owner::owner_token();
-        let info = RunnerInfo::new(config.name.clone(), RunnerKind::Kubernetes)
+        let mut info = RunnerInfo::new(config.name.clone(), RunnerKind::Kubernetes)
             .with_labels(config.labels.iter().cloned());
+        if let Some(id) = &config.id {
+            info.id = id.clone();
+        }
         let mut caps = Capabilities::host(Isolation::Pod);
         caps.command_steps = true;
         caps.images = true;

@@ -70,6 +70,36 @@ impl PullPolicy {
     }
 }
 
+/// A step's environment: a backend's `base` variables (the host's few, `CI`, `RUSTCI_*`),
+/// then the job's `env`, the step's `env` and the job's secrets, one entry per name with
+/// the value given last, in the order names first appear. With duplicate entries a
+/// program would see one or the other depending on how it reads them (C's `getenv` takes
+/// the first, shells the last).
+pub fn step_environment(
+    base: &[(String, String)],
+    job: &crate::job::Job,
+    step: &crate::job::Step,
+) -> Vec<(String, String)> {
+    let given = base
+        .iter()
+        .cloned()
+        .chain(job.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .chain(step.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .chain(job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in given {
+        match index.get(&k) {
+            Some(&i) => out[i].1 = v,
+            None => {
+                index.insert(k.clone(), out.len());
+                out.push((k, v));
+            }
+        }
+    }
+    out
+}
+
 /// Slots of a runner whose settings name none.
 pub const DEFAULT_SLOTS: usize = 4;
 
@@ -180,9 +210,10 @@ pub trait BackendConfig: serde::de::DeserializeOwned + Default + Send + 'static 
     /// The kind name in configuration.
     const KIND: &'static str;
 
-    /// Applies the settings every runner has (name, labels, slots, ...) over the parsed
-    /// options.
-    fn apply(&mut self, settings: &RunnerSettings);
+    /// Applies the settings every runner has (name, id, labels, slots, workspace root)
+    /// over the parsed options; a setting the kind cannot honour is an error naming it,
+    /// never silently dropped.
+    fn apply(&mut self, settings: &RunnerSettings) -> Result<(), Error>;
 
     /// Checks what can be checked without the engine or cluster.
     fn check(&self) -> Result<(), Error>;
@@ -203,7 +234,7 @@ impl<C: BackendConfig> ConfigBackend<C> {
     /// Parses, applies the settings and checks: the configuration `build` connects with.
     pub fn config(settings: &RunnerSettings, options: &serde_json::Value) -> Result<C, Error> {
         let mut config: C = parse_options(C::KIND, options)?;
-        config.apply(settings);
+        config.apply(settings)?;
         config.check()?;
         Ok(config)
     }

@@ -174,9 +174,13 @@ impl Error {
         Self::runner_failure(ErrorKind::Rejected, context)
     }
 
-    /// [`ErrorKind::Io`]: an operating-system call failed; `source` is kept.
+    /// [`ErrorKind::Io`]: an operating-system call failed; `source` is kept. Temporary when
+    /// the host was short of something for now (see [`is_shortage`]).
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::runner_failure(ErrorKind::Io, context).caused_by(source)
+        let temporary = is_shortage(&source);
+        Self::runner_failure(ErrorKind::Io, context)
+            .caused_by(source)
+            .temporary(temporary)
     }
 
     /// Sets the cause of a runner failure (no effect on other variants).
@@ -232,6 +236,17 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// True for the failures of a host that is short of something for now (processes, memory,
+/// file descriptors, disk space: `EAGAIN`, `ENOMEM`, `EMFILE`, `ENFILE`, `ENOSPC`), after
+/// which the same request may succeed later. A missing file, a refused permission or a
+/// limit the host does not allow are not.
+pub fn is_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC)
+    )
 }
 
 /// Displays an error with every cause in its source chain, `outer: inner: innermost`,

@@ -1,7 +1,7 @@
 //! The job loop shared by [`crate::LocalRunner`] and [`crate::NativeRunner`]: validation,
 //! capability checks, workspace, environment, steps in order, outcome, cleanup.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -574,7 +574,7 @@ impl JobRun {
                                         "cannot write the script of step {name:?} to {}: {e}",
                                         file.display()
                                     ),
-                                    host_is_short_of(&e),
+                                    crate::error::is_shortage(&e),
                                 )
                                 .await;
                         }
@@ -588,15 +588,9 @@ impl JobRun {
                     argv[1..].iter().map(OsString::from).collect(),
                 ),
             };
-            // Later entries win: the host's few variables, the job's, the step's, and the
-            // secrets last, so no `env` entry can shadow a secret with another value. One
-            // entry per name reaches the process: with duplicates, C's `getenv` takes the
-            // first and shells the last, and a step's override would depend on its program.
-            let mut env = self.env.clone();
-            env.extend(self.job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-            env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-            env.extend(self.job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let env = last_per_name(env);
+            // Later entries win, secrets last, so no `env` entry can shadow a secret; one
+            // entry per name reaches the process.
+            let env = crate::backend::step_environment(&self.env, &self.job, step);
             let cgroup_procs = self
                 .cgroup
                 .as_ref()
@@ -659,7 +653,7 @@ impl JobRun {
                     if matches!(step.action, StepAction::Run(_)) || spawn_error.stage.is_some() {
                         // The shell itself, or the isolation around the step, could not be
                         // set up: the runner's problem, not the job's.
-                        let temporary = host_is_short_of(e);
+                        let temporary = crate::error::is_shortage(e);
                         return self
                             .step_error(index, &name, step_started, message, temporary)
                             .await;
@@ -718,7 +712,9 @@ impl JobRun {
                         message: format!(
                             "the supervisor of step {name:?} was killed or stopped; its processes were killed"
                         ),
-                        temporary: true,
+                        // Most often by the job itself (a `kill` of its parent): running it
+                        // again would end the same way.
+                        temporary: false,
                     };
                 }
                 Ok(ProcessEnd::Cancelled) => {
@@ -748,32 +744,6 @@ impl JobRun {
             .await;
         Outcome::RunnerError { message, temporary }
     }
-}
-
-/// `env` with one entry per name, the last one given, in first-seen order.
-fn last_per_name(env: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut index: HashMap<String, usize> = HashMap::with_capacity(env.len());
-    let mut out: Vec<(String, String)> = Vec::with_capacity(env.len());
-    for (k, v) in env {
-        match index.get(&k) {
-            Some(&i) => out[i].1 = v,
-            None => {
-                index.insert(k.clone(), out.len());
-                out.push((k, v));
-            }
-        }
-    }
-    out
-}
-
-/// True for the failures of a host that is short of something for now (processes, memory,
-/// file descriptors, disk space): the same step may start later. A missing program, a
-/// refused permission or a limit the host does not allow stay as they are.
-fn host_is_short_of(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC)
-    )
 }
 
 fn write_script(path: &Path, script: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {

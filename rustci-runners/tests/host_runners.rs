@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rustci_runners::job::Resources;
-use rustci_runners::testkit::{Record, Target, processes_of, run_job};
+use rustci_runners::testkit::{Record, Target, processes_of, requires_root, run_job};
 use rustci_runners::{
     CgroupMode, Error, EventKind, HostConfig, Job, JobId, Limit, LocalRunner, Namespaces,
     NativeConfig, NativeRunner, Outcome, Runner, Step,
@@ -518,20 +518,6 @@ async fn namespaces_isolate_pids_hostname_and_network() {
     let visible: usize = lines[2].parse().unwrap();
     assert!(visible <= 5, "the job sees {visible} processes");
     assert_eq!(&lines[3..], &["lo"], "network interfaces: {text}");
-}
-
-/// True when this test runs as root, which switching users needs. Otherwise prints
-/// `SKIPPED`, or panics when `RUSTCI_REQUIRE_ROOT` is set (as `.ci/run` does).
-fn requires_root(what: &str) -> bool {
-    let euid = nix::unistd::geteuid();
-    if euid.is_root() {
-        return true;
-    }
-    if std::env::var_os("RUSTCI_REQUIRE_ROOT").is_some() {
-        panic!("RUSTCI_REQUIRE_ROOT is set but the tests run as uid {euid}: {what} needs root");
-    }
-    eprintln!("SKIPPED: {what} needs root");
-    false
 }
 
 #[tokio::test]

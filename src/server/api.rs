@@ -1019,17 +1019,24 @@ async fn register_runner(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let mut config: RunnerConfig = json_body(body, app.config.max_body_bytes)?;
-    check_runner_with(&config, app.factory.backends()).map_err(ApiError::invalid)?;
     // A registration token registers a runner of its own; what reaches into the server's
-    // host (engines, kubeconfigs, privileges, paths) is for admins.
+    // host (engines, kubeconfigs, privileges, paths, ambient credentials) is for admins.
+    // Refused before the configuration is checked, so that a check (of certificate
+    // paths, say) tells such a caller nothing about the server's files.
     let refused = if p.role != Role::Runner {
         None
-    } else if !config.options.is_empty() {
+    } else if !app.config.registration_kinds.contains(&config.kind) {
         Some(format!(
-            "a registration token may not give the {} section (engines, kubeconfigs and \
-             privileges on the server); an admin may",
+            "a registration token may register runners of kind {}; {:?} is for admins",
+            app.config.registration_kinds.join(", "),
             config.kind
         ))
+    } else if !config.options.is_empty() {
+        Some(
+            "a registration token may not give a runner's kind section (engines, kubeconfigs \
+             and privileges on the server); an admin may"
+                .to_string(),
+        )
     } else if config.workspace_root.is_some() {
         Some(
             "a registration token may not choose workspace_root (a path on the server); an admin may"
@@ -1053,6 +1060,7 @@ async fn register_runner(
             why,
         ));
     }
+    check_runner_with(&config, app.factory.backends()).map_err(ApiError::invalid)?;
     for l in &p.token_labels {
         if !config.labels.contains(l) {
             config.labels.push(l.clone());

@@ -45,6 +45,12 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// How often runner health is checked, in seconds. Default 10.
     pub health_interval_secs: u64,
+    /// The runner kinds a registration token may register (with their defaults only:
+    /// a kind's own section and `workspace_root` are for admins). Default `local`,
+    /// `native` and `docker` (the local engine, as the default Docker runner uses);
+    /// `kubernetes` is left out because its default configuration reaches the cluster
+    /// with the server's own credentials.
+    pub registration_kinds: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +68,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             shutdown_grace_secs: 30,
             health_interval_secs: 10,
+            registration_kinds: vec!["local".into(), "native".into(), "docker".into()],
         }
     }
 }

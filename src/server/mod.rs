@@ -291,10 +291,9 @@ async fn start_runners(
         options.reserved_labels = r.reserved_labels.iter().cloned().collect();
         plane.register(runner, options);
     }
-    let registered = plane
-        .store()
-        .runners()
-        .map_err(|e| runtime("reading runner registrations")(e.to_string()))?;
+    let registered = plane.store().runners().map_err(|e| {
+        runtime("reading runner registrations")(rustci_runners::error::Chain(&e).to_string())
+    })?;
     for record in registered {
         let Ok(r) = serde_json::from_value::<RunnerConfig>(record.config.clone()) else {
             tracing::warn!(runner = %record.id, "a stored registration does not decode; skipped");

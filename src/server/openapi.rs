@@ -331,7 +331,11 @@ fn schemas(state_enum: &Value) -> Value {
             "type": "object", "required": ["id", "state"],
             "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": state_enum}}
         },
-        "Outcome": {"type": ["object", "null"]},
+        "Outcome": {
+            "type": ["object", "null"],
+            "description": "how a job ended, by `result`: succeeded; failed {step, step_name, exit_code}; signalled {step, step_name, signal, oom_killed}; timed_out {step}; cancelled; lost; runner_error {message, temporary} (temporary: whether running the job again may succeed; only those are retried under retry.when runner_failure)",
+            "properties": {"result": {"type": "string", "enum": ["succeeded", "failed", "signalled", "timed_out", "cancelled", "lost", "runner_error"]}}
+        },
         "Attempt": {
             "type": "object", "required": ["number", "runner_id", "started_at"],
             "properties": {
@@ -414,7 +418,7 @@ fn schemas(state_enum: &Value) -> Value {
             "type": "object", "required": ["name", "kind"], "additionalProperties": false,
             "properties": {
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-                "kind": {"type": "string", "enum": ["local", "native", "docker", "kubernetes"], "description": "a kind compiled into this server; others are refused naming the cargo feature that adds them"},
+                "kind": {"type": "string", "enum": crate::backends().kinds(), "description": "a kind compiled into this server"},
                 "labels": {"type": "array", "items": {"type": "string"}},
                 "reserved_labels": {"type": "array", "items": {"type": "string"}},
                 "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},

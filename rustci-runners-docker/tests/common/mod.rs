@@ -46,7 +46,12 @@ pub async fn runner_with(f: impl FnOnce(&mut DockerConfig)) -> Option<DockerRunn
 }
 
 /// The conformance target: a runner with the default test configuration and the test
-/// image.
+/// image; `None` (after `SKIPPED`) without an engine or without root.
 pub async fn target() -> Option<Target> {
+    if !rustci_runners::testkit::requires_root(
+        "the conformance suite's leftover check on container processes",
+    ) {
+        return None;
+    }
     Some(Target::new(runner_with(|_| {}).await?).with_image(IMAGE))
 }

@@ -897,6 +897,13 @@ fn check_env(
                 &child,
                 format!("{name:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
             );
+        } else if name == "RUSTCI" || name.starts_with("RUSTCI_") {
+            // The runner's own variables: `RUSTCI_JOB_ID` is how a job's processes are
+            // found and stopped after a crash, so a job may not set it to something else.
+            report(
+                &child,
+                format!("{name:?} is reserved: the runner sets RUSTCI and RUSTCI_* itself"),
+            );
         } else if value.contains('\0') {
             report(&child, "value must not contain NUL bytes".into());
         }
@@ -915,6 +922,25 @@ mod tests {
         assert!(e.errors()[0].message.contains("is empty"), "{e}");
         let e = parse_document(r#"{"name": "e", "steps": [null]}"#).unwrap_err();
         assert_eq!(e.errors()[0].path, "steps[0]", "{e}");
+    }
+
+    #[test]
+    fn the_runners_own_variables_are_reserved() {
+        let e = parse_document(
+            "name: r\nenv: {RUSTCI_JOB_ID: x}\nsecrets: {RUSTCI: y}\nsteps:\n  - run: echo\n    env: {RUSTCI_RUNNER: z}\n",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = e.errors().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "env.RUSTCI_JOB_ID",
+                "secrets.RUSTCI",
+                "steps[0].env.RUSTCI_RUNNER"
+            ],
+            "{e}"
+        );
+        assert!(e.errors()[0].message.contains("reserved"), "{e}");
     }
 
     #[test]

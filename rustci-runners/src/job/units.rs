@@ -121,7 +121,7 @@ pub(crate) mod serde_opt_duration {
 }
 
 /// Serde helper for `#[serde(with = "...")]`: a [`Duration`] written as text in the job
-/// format's duration syntax (`90s`, `10m`, `1h30m`, see [`parse_duration`]).
+/// format's duration syntax (`500ms`, `90s`, `10m`, `2h`: one whole number and one unit, see [`parse_duration`]).
 pub mod serde_duration {
     use super::{format_duration, parse_duration};
     use serde::{Deserialize, Deserializer, Serializer};

@@ -358,7 +358,7 @@ pub async fn timeout_kills_tree(t: &Target) -> CheckResult {
     let job = t
         .job("timeout", vec![t.sh(TREE)])
         .with_timeout(Duration::from_secs(2));
-    let (r, stats) = run_with(t, &job, RunOptions::default()).await?;
+    let (r, _) = run_with(t, &job, RunOptions::default()).await?;
     expect_outcome(&r, "timeout", |o| matches!(o, Outcome::TimedOut { .. }))?;
     ensure!(
         r.outcome.exit_code() == 124,
@@ -369,7 +369,10 @@ pub async fn timeout_kills_tree(t: &Target) -> CheckResult {
         r.stdout_text().contains("started"),
         "output before the timeout was lost"
     );
-    tree_watch_saw_clean_env(t, &stats)?;
+    // Whether the process-tree watch saw the `env -i` process is asserted in
+    // `cancel_mid_run` only: there the cancel follows the output event the snapshot is
+    // taken at, while here, under load, the timeout may end the tree before the event is
+    // read.
     // A per-step timeout behaves the same.
     let job = t.job(
         "step-timeout",

@@ -91,3 +91,19 @@ pub(crate) fn tempfile_dir() -> Result<std::path::PathBuf, String> {
     std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(dir)
 }
+
+/// True when the tests run as root. Otherwise prints `SKIPPED: <what> needs root`, or
+/// panics when `RUSTCI_REQUIRE_ROOT` is set (as `.ci/run` does). Switching users needs
+/// root, and so does the suite's leftover check for container runners: their processes
+/// belong to other users, whose environments only root can read.
+pub fn requires_root(what: &str) -> bool {
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        return true;
+    }
+    if std::env::var_os("RUSTCI_REQUIRE_ROOT").is_some() {
+        panic!("RUSTCI_REQUIRE_ROOT is set but the tests run as uid {euid}: {what} needs root");
+    }
+    eprintln!("SKIPPED: {what} needs root");
+    false
+}

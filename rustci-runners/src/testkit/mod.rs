@@ -248,7 +248,7 @@ mod processes;
 mod run;
 
 pub use checks::*;
-pub use image::{BUSYBOX_IMAGE, busybox_image, busybox_image_or_skip};
+pub use image::{BUSYBOX_IMAGE, busybox_image, busybox_image_or_skip, requires_root};
 pub use processes::processes_of;
 use processes::*;
 use run::*;
