@@ -90,7 +90,8 @@ async fn a_configured_docker_runner_with_a_warm_pool_runs_a_job() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let name = format!("warm-docker-{}", std::process::id());
+    // A fixed name: the start-up sweep of a later run removes what a crashed one left.
+    let name = "server-backends-warm".to_string();
     let server = start(
         dir.path(),
         vec![json!({
