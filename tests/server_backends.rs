@@ -61,6 +61,12 @@ fn warm_containers(name: &str) -> Vec<String> {
     let out = std::process::Command::new("docker")
         .args(["ps", "--filter"])
         .arg(format!("label=rustci.runner.name={name}"))
+        // This process's own: another run on the same engine has its own owner token.
+        .arg("--filter")
+        .arg(format!(
+            "label=rustci.owner={}",
+            rustci_runners::owner::owner_token()
+        ))
         .args(["--format", "{{.ID}} {{.Label \"rustci.job\"}}"])
         .output()
         .unwrap();

@@ -1051,18 +1051,10 @@ async fn run_attempt(
         }
     }
     let outcome = match runner.start(&job, attempt_id).await {
-        Err(e) => {
-            if e.is_temporary() {
-                // The runner's dependency may be down: check its health now rather than
-                // at the next interval, so that it stops getting jobs if it is.
-                state.registry.check_soon(&runner_id);
-                state.health_wake.notify_one();
-            }
-            Outcome::RunnerError {
-                message: Chain(&e).to_string(),
-                temporary: e.is_temporary(),
-            }
-        }
+        Err(e) => Outcome::RunnerError {
+            message: Chain(&e).to_string(),
+            temporary: e.is_temporary(),
+        },
         Ok(mut execution) => {
             state.running.lock().expect("running").insert(
                 id.clone(),
@@ -1113,6 +1105,16 @@ async fn run_attempt(
             }
         }
     };
+    if let Outcome::RunnerError {
+        temporary: true, ..
+    } = &outcome
+    {
+        // The runner's engine, cluster or host may be in trouble (it failed to start the
+        // job, or lost it midway): check its health now rather than at the next interval,
+        // so that it stops getting jobs if it is.
+        state.registry.check_soon(&runner_id);
+        state.health_wake.notify_one();
+    }
     if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&id)
         && let Some(a) = r.attempts.last_mut()
     {

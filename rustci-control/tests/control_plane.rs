@@ -360,7 +360,10 @@ async fn a_temporary_runner_error_is_retried_and_has_the_runner_checked_at_once(
     let mut job = Job::new("retried", vec![Step::run("echo ran")]);
     job.retry = retry(2, &[RetryWhen::RunnerFailure]);
     let id = cp.submit(job, "alice").unwrap();
-    let record = cp.wait(&id).await.unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(60), cp.wait(&id))
+        .await
+        .expect("the job ended")
+        .unwrap();
     assert_eq!(record.state, JobState::Succeeded, "{record:?}");
     assert_eq!(record.attempts.len(), 2, "{record:?}");
     assert!(
@@ -386,7 +389,10 @@ async fn a_permanent_runner_error_ends_the_job_whatever_its_retry_policy() {
     let mut job = Job::new("not-retried", vec![Step::run("echo ran")]);
     job.retry = retry(3, &[RetryWhen::RunnerFailure]);
     let id = cp.submit(job, "alice").unwrap();
-    let record = cp.wait(&id).await.unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(60), cp.wait(&id))
+        .await
+        .expect("the job ended")
+        .unwrap();
     assert_eq!(record.state, JobState::Failed, "{record:?}");
     assert_eq!(record.attempts.len(), 1, "{record:?}");
     assert!(
@@ -401,4 +407,71 @@ async fn a_permanent_runner_error_ends_the_job_whatever_its_retry_policy() {
         record.attempts[0].outcome
     );
     cp.shutdown();
+}
+
+/// A runner whose first health check waits until the test lets it answer.
+struct HeldHealth {
+    inner: LocalRunner,
+    checks: tokio::sync::watch::Sender<usize>,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Runner for HeldHealth {
+    fn info(&self) -> &rustci_runners::RunnerInfo {
+        self.inner.info()
+    }
+    fn capabilities(&self) -> &rustci_runners::Capabilities {
+        self.inner.capabilities()
+    }
+    fn running(&self) -> usize {
+        self.inner.running()
+    }
+    async fn health(&self) -> rustci_runners::Health {
+        let first = *self.checks.borrow() == 0;
+        self.checks.send_modify(|n| *n += 1);
+        if first {
+            self.release.notified().await;
+        }
+        self.inner.health().await
+    }
+    async fn start(
+        &self,
+        job: &dyn rustci_runners::JobSpec,
+        id: rustci_runners::JobId,
+    ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
+        self.inner.start(job, id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_asked_for_during_a_health_round_is_not_lost() {
+    let registry = Arc::new(rustci_control::Registry::new());
+    let runner = Arc::new(HeldHealth {
+        inner: LocalRunner::new(HostConfig::named("held")).unwrap(),
+        checks: tokio::sync::watch::channel(0).0,
+        release: tokio::sync::Notify::new(),
+    });
+    let mut checks = runner.checks.subscribe();
+    let id = registry.register(runner.clone(), RegisterOptions::default());
+    let hour = Duration::from_secs(3600);
+    let round = tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.check_health(hour, hour).await }
+    });
+    // The round is inside the runner's health check: ask for another one now.
+    checks.wait_for(|n| *n == 1).await.unwrap();
+    registry.check_soon(&id);
+    runner.release.notify_one();
+    round.await.unwrap();
+    // Without the request the runner would next be due in an hour.
+    registry.check_health(hour, hour).await;
+    assert_eq!(
+        *checks.borrow(),
+        2,
+        "the check asked for during the round was lost"
+    );
+    // And only once: the request was answered.
+    registry.check_health(hour, hour).await;
+    assert_eq!(*checks.borrow(), 2);
 }

@@ -712,9 +712,10 @@ impl JobRun {
                         message: format!(
                             "the supervisor of step {name:?} was killed or stopped; its processes were killed"
                         ),
-                        // Most often by the job itself (a `kill` of its parent): running it
-                        // again would end the same way.
-                        temporary: false,
+                        // Killed from outside the job's own steps' control (an OOM kill of
+                        // the host, a `kill` of the supervisor): running it again may work,
+                        // and the job's retry policy bounds how often.
+                        temporary: true,
                     };
                 }
                 Ok(ProcessEnd::Cancelled) => {

@@ -1031,7 +1031,8 @@ async fn register_runner(
             app.config.registration_kinds.join(", "),
             config.kind
         ))
-    } else if !config.options.is_empty() {
+    } else if config.options.contains_key(&config.kind) {
+        // Other unknown fields fall through to the check below, which names them (400).
         Some(
             "a registration token may not give a runner's kind section (engines, kubeconfigs \
              and privileges on the server); an admin may"
@@ -1072,7 +1073,7 @@ async fn register_runner(
         .build(&config, Some(id.clone()))
         .await
         .map_err(|e| ApiError::invalid(format!("the runner cannot start here: {}", Chain(&e))))?;
-    // Stored under the id the runner has (a Docker runner chooses its own).
+    // Stored under the id the runner has (the one given here, for every built-in kind).
     let id = runner.info().id.clone();
     let record = rustci_control::RunnerRecord::new(
         id.clone(),

@@ -423,7 +423,7 @@ fn schemas(state_enum: &Value) -> Value {
                 "reserved_labels": {"type": "array", "items": {"type": "string"}},
                 "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},
                 "workspace_root": {"type": "string", "minLength": 1},
-                "docker": {"type": "object", "description": "kind docker only, admin only: the Docker runner's options (engine, pull_policy, registry_auth, default_image, network_mode, privileged, read_only_rootfs, cap_drop, user, termination_grace, max_output_bytes, event_buffer, warm_pool); unknown fields are refused"},
+                "docker": {"type": "object", "description": "kind docker only, admin only: the Docker runner's options (engine, pull_policy, registry_auth, default_image, network_mode, privileged, allowed_privileged_images, read_only_rootfs, cap_drop, user, termination_grace, max_output_bytes, event_buffer, warm_pool); unknown fields are refused"},
                 "kubernetes": {"type": "object", "description": "kind kubernetes only, admin only: the Kubernetes runner's options (connection, namespace, default_image, pod, pending_timeout, termination_grace, deadline_margin, requests_per_second, log_streams, max_output_bytes, event_buffer); unknown fields are refused"}
             }
         },
@@ -477,7 +477,11 @@ fn size() -> Value {
 fn env_map() -> Value {
     json!({
         "type": "object",
-        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+        "propertyNames": {
+            "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+            "not": {"pattern": "^RUSTCI(_|$)"},
+            "description": "RUSTCI and RUSTCI_* are reserved for the variables the runner sets"
+        },
         "additionalProperties": {"type": "string", "pattern": "^[^\\x00]*$"}
     })
 }

@@ -37,8 +37,8 @@ impl RunnerFactory {
         &self.backends
     }
 
-    /// Builds the runner `config` describes, with a fixed `id` when given (kinds that
-    /// choose their own id, like Docker, ignore it).
+    /// Builds the runner `config` describes, with a fixed `id` when given (every built-in
+    /// kind takes it; see [`rustci_runners::RunnerSettings::id`]).
     pub async fn build(
         &self,
         config: &RunnerConfig,
