@@ -65,7 +65,7 @@ pub fn document() -> Value {
         "lost"
     ]);
     let mut submit = op(
-        "Submit a job (the job document of JOBS.md, as JSON or YAML)",
+        "Submit a job (the job document of docs/job-format.md, as JSON or YAML)",
         "submitJob",
         json!([]),
         json!({
@@ -515,7 +515,7 @@ fn step() -> Value {
     })
 }
 
-/// A job document as JOBS.md defines it (the server checks the same rules and names
+/// A job document as docs/job-format.md defines it (the server checks the same rules and names
 /// the field of any problem).
 fn job_document() -> Value {
     json!({

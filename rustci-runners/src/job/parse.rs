@@ -794,7 +794,7 @@ pub(crate) fn check_semantics(job: &Job, report: &mut dyn FnMut(&str, String)) {
     for (i, step) in job.steps.iter().enumerate() {
         let path = format!("steps[{i}]");
         if let Some(name) = &step.name
-            && (name.is_empty() || name.len() > 128 || name.chars().any(char::is_control))
+            && (name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control))
         {
             report(
                 &format!("{path}.name"),
@@ -922,6 +922,19 @@ mod tests {
         assert!(e.errors()[0].message.contains("is empty"), "{e}");
         let e = parse_document(r#"{"name": "e", "steps": [null]}"#).unwrap_err();
         assert_eq!(e.errors()[0].path, "steps[0]", "{e}");
+    }
+
+    #[test]
+    fn step_names_are_counted_in_characters_as_their_message_says() {
+        let name = "é".repeat(128);
+        let ok = format!("name: job\nsteps:\n  - run: echo\n    name: {name}\n");
+        assert!(
+            parse_document(&ok).is_ok(),
+            "128 characters (256 bytes) refused"
+        );
+        let long = format!("name: job\nsteps:\n  - run: echo\n    name: {name}é\n");
+        let e = parse_document(&long).unwrap_err();
+        assert_eq!(e.errors()[0].path, "steps[0].name", "{e}");
     }
 
     #[test]
