@@ -291,12 +291,15 @@ async fn updating_a_runners_labels_places_waiting_jobs() {
 }
 
 /// A local runner whose first `failures` starts fail with a runner error that is
-/// `temporary` or not, and that counts its health checks.
+/// `temporary` or not, that counts its health checks, and whose first health check
+/// waits for `release` when `hold_first_check` is set.
 struct FailingStarts {
     inner: LocalRunner,
     failures: std::sync::atomic::AtomicUsize,
     temporary: bool,
     health_checks: tokio::sync::watch::Sender<usize>,
+    hold_first_check: bool,
+    release: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
@@ -311,7 +314,11 @@ impl Runner for FailingStarts {
         self.inner.running()
     }
     async fn health(&self) -> rustci_runners::Health {
+        let first = *self.health_checks.borrow() == 0;
         self.health_checks.send_modify(|n| *n += 1);
+        if first && self.hold_first_check {
+            self.release.notified().await;
+        }
         self.inner.health().await
     }
     async fn start(
@@ -341,6 +348,8 @@ fn failing(name: &str, failures: usize, temporary: bool) -> Arc<FailingStarts> {
         failures: failures.into(),
         temporary,
         health_checks: tokio::sync::watch::channel(0).0,
+        hold_first_check: false,
+        release: tokio::sync::Notify::new(),
     })
 }
 
@@ -409,50 +418,14 @@ async fn a_permanent_runner_error_ends_the_job_whatever_its_retry_policy() {
     cp.shutdown();
 }
 
-/// A runner whose first health check waits until the test lets it answer.
-struct HeldHealth {
-    inner: LocalRunner,
-    checks: tokio::sync::watch::Sender<usize>,
-    release: tokio::sync::Notify,
-}
-
-#[async_trait::async_trait]
-impl Runner for HeldHealth {
-    fn info(&self) -> &rustci_runners::RunnerInfo {
-        self.inner.info()
-    }
-    fn capabilities(&self) -> &rustci_runners::Capabilities {
-        self.inner.capabilities()
-    }
-    fn running(&self) -> usize {
-        self.inner.running()
-    }
-    async fn health(&self) -> rustci_runners::Health {
-        let first = *self.checks.borrow() == 0;
-        self.checks.send_modify(|n| *n += 1);
-        if first {
-            self.release.notified().await;
-        }
-        self.inner.health().await
-    }
-    async fn start(
-        &self,
-        job: &dyn rustci_runners::JobSpec,
-        id: rustci_runners::JobId,
-    ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
-        self.inner.start(job, id).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_asked_for_during_a_health_round_is_not_lost() {
     let registry = Arc::new(rustci_control::Registry::new());
-    let runner = Arc::new(HeldHealth {
-        inner: LocalRunner::new(HostConfig::named("held")).unwrap(),
-        checks: tokio::sync::watch::channel(0).0,
-        release: tokio::sync::Notify::new(),
+    let runner = Arc::new(FailingStarts {
+        hold_first_check: true,
+        ..Arc::into_inner(failing("held", 0, false)).unwrap()
     });
-    let mut checks = runner.checks.subscribe();
+    let mut checks = runner.health_checks.subscribe();
     let id = registry.register(runner.clone(), RegisterOptions::default());
     let hour = Duration::from_secs(3600);
     let round = tokio::spawn({

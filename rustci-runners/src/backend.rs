@@ -7,8 +7,8 @@
 //!
 //! ```text
 //!  config file / POST /api/runners        Backends
-//!  {name, kind: docker, labels, slots,  ──►  "local"  ─► LocalBackend
-//!   docker: {engine, warm_pool, ...}}        "native" ─► NativeBackend
+//!  {name, kind: docker, labels, slots,  ──►  "local"  ─► HostBackend::local()
+//!   docker: {engine, warm_pool, ...}}        "native" ─► HostBackend::native()
 //!                                            "docker" ─► DockerBackend (feature docker)
 //!                                                │
 //!                                                ▼
@@ -297,8 +297,8 @@ impl Backends {
     /// The host kinds of this crate: `local` and `native`.
     pub fn host() -> Self {
         let mut b = Self::empty();
-        b.register(LocalBackend);
-        b.register(NativeBackend);
+        b.register(HostBackend::local());
+        b.register(HostBackend::native());
         b
     }
 
@@ -367,48 +367,52 @@ impl Backends {
     }
 }
 
-/// Options of a `local` runner: none beyond [`RunnerSettings`] today.
+/// Options of a host runner: none beyond [`RunnerSettings`] today.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LocalOptions {}
+struct HostOptions {}
 
-/// Builds [`LocalRunner`]s (kind `local`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LocalBackend;
+/// Builds the host runners: [`LocalRunner`]s (kind `local`) and [`NativeRunner`]s (kind
+/// `native`, with the host's defaults for namespaces, cgroups and uid, as
+/// [`NativeConfig::default`] probes them).
+#[derive(Clone, Copy, Debug)]
+pub struct HostBackend {
+    kind: &'static str,
+    make: fn(HostConfig) -> Result<Arc<dyn Runner>, Error>,
+}
 
-#[async_trait]
-impl Backend for LocalBackend {
-    fn kind(&self) -> &'static str {
-        "local"
+impl HostBackend {
+    /// Kind `local`.
+    pub fn local() -> Self {
+        HostBackend {
+            kind: "local",
+            make: |host| Ok(Arc::new(LocalRunner::new(host)?)),
+        }
     }
 
-    fn check(&self, _: &RunnerSettings, options: &serde_json::Value) -> Result<(), Error> {
-        parse_options::<LocalOptions>("local", options).map(|_| ())
-    }
-
-    async fn build(
-        &self,
-        settings: &RunnerSettings,
-        options: &serde_json::Value,
-    ) -> Result<Arc<dyn Runner>, Error> {
-        self.check(settings, options)?;
-        Ok(Arc::new(LocalRunner::new(settings.host_config())?))
+    /// Kind `native`.
+    pub fn native() -> Self {
+        HostBackend {
+            kind: "native",
+            make: |host| {
+                let native = NativeConfig {
+                    host,
+                    ..NativeConfig::default()
+                };
+                Ok(Arc::new(NativeRunner::new(native)?))
+            },
+        }
     }
 }
 
-/// Builds [`NativeRunner`]s (kind `native`) with the host's defaults for namespaces,
-/// cgroups and uid (what [`NativeConfig::default`] probes).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NativeBackend;
-
 #[async_trait]
-impl Backend for NativeBackend {
+impl Backend for HostBackend {
     fn kind(&self) -> &'static str {
-        "native"
+        self.kind
     }
 
     fn check(&self, _: &RunnerSettings, options: &serde_json::Value) -> Result<(), Error> {
-        parse_options::<LocalOptions>("native", options).map(|_| ())
+        parse_options::<HostOptions>(self.kind, options).map(|_| ())
     }
 
     async fn build(
@@ -417,11 +421,7 @@ impl Backend for NativeBackend {
         options: &serde_json::Value,
     ) -> Result<Arc<dyn Runner>, Error> {
         self.check(settings, options)?;
-        let native = NativeConfig {
-            host: settings.host_config(),
-            ..NativeConfig::default()
-        };
-        Ok(Arc::new(NativeRunner::new(native)?))
+        (self.make)(settings.host_config())
     }
 }
 
