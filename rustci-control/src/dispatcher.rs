@@ -18,7 +18,7 @@ use crate::registry::{RegisterOptions, Registry, RunnerStatus, StatusChange};
 use crate::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
 use rustci_runners::error::Chain;
 use rustci_runners::job::{Job, RetryWhen};
-use rustci_runners::runner::{Canceller, Event, EventKind, JobId, Outcome, Runner};
+use rustci_runners::runner::{Canceller, Event, EventKind, Execution, JobId, Outcome, Runner};
 use rustci_runners::select::{RunnerPool, RunnerSnapshot, Selector};
 
 /// Where a job is.
@@ -101,6 +101,10 @@ pub struct Attempt {
     pub ended_at: Option<SystemTime>,
     /// How it ended; `None` while it runs.
     pub outcome: Option<Outcome>,
+    /// Length of the job's log when this attempt's output began: its output is the log
+    /// from here (to the next attempt's marker).
+    #[serde(default)]
+    pub log_offset: u64,
 }
 
 mod opt_millis {
@@ -222,6 +226,9 @@ pub struct Recovery {
     pub requeued: Vec<JobId>,
     /// Interrupted jobs with no retry left, now `lost`.
     pub lost: Vec<JobId>,
+    /// Interrupted jobs whose runner took their attempt up again ([`Runner::reattach`]):
+    /// they go on where they are.
+    pub reattached: Vec<JobId>,
 }
 
 /// What happens in the control plane, for followers.
@@ -385,6 +392,25 @@ impl ControlPlane {
             if interrupted {
                 let number = record.attempts.len() as u32;
                 let attempt_id = attempt_id(&id, number);
+                // The attempt's runner may still be able to follow it (a remote agent
+                // kept running it): then it goes on, nothing is abandoned.
+                if let Some(last) = record.attempts.last().filter(|a| a.outcome.is_none())
+                    && let Some(runner) = runners.iter().find(|r| r.info().id == last.runner_id)
+                {
+                    let held = self.state.logs.len(&id).saturating_sub(last.log_offset);
+                    match runner.reattach(&attempt_id, held).await {
+                        Ok(Some(execution)) => {
+                            tracing::info!(job_id = %id, attempt = number, runner = %last.runner_id, "job was running when the control plane stopped: its runner still follows it");
+                            self.follow_reattached(record, runner.clone(), number, execution);
+                            report.reattached.push(id);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(job_id = %id, runner = %last.runner_id, error = %Chain(&e), "the runner could not take up an interrupted attempt");
+                        }
+                    }
+                }
                 for runner in &runners {
                     if let Err(e) = runner.abandon(&attempt_id).await {
                         tracing::warn!(job_id = %id, runner = %runner.info().id, error = %Chain(&e), "could not stop what is left of an interrupted attempt");
@@ -434,6 +460,53 @@ impl ControlPlane {
         }
         self.state.wake.notify_one();
         Ok(report)
+    }
+
+    /// Follows an attempt taken up again by its runner after a restart.
+    fn follow_reattached(
+        &self,
+        record: JobRecord,
+        runner: Arc<dyn Runner>,
+        number: u32,
+        execution: Execution,
+    ) {
+        let state = self.state.clone();
+        let (id, submitter, job) = (
+            record.id.clone(),
+            record.submitter.clone(),
+            record.job.clone(),
+        );
+        let runner_id = runner.info().id.clone();
+        self.state.logs.open(&id);
+        self.state
+            .jobs
+            .lock()
+            .expect("jobs")
+            .insert(id.clone(), record);
+        self.state
+            .assigned
+            .lock()
+            .expect("assigned")
+            .insert(id.clone(), runner_id);
+        let span = tracing::info_span!("job", job_id = %id, attempt = number);
+        tokio::spawn(
+            async move {
+                let started = tokio::time::Instant::now();
+                let outcome = follow_execution(
+                    &state, &id, &submitter, &job, &runner, number, execution, started,
+                )
+                .await;
+                end_attempt(state, id, submitter, job, runner, number, outcome, started);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Asks for runner `id`'s health to be checked now rather than at the next interval
+    /// (a remote runner whose connection changed). Unknown ids are ignored.
+    pub fn check_runner_soon(&self, id: &str) {
+        self.state.registry.check_soon(id);
+        self.state.health_wake.notify_one();
     }
 
     /// The runners.
@@ -707,8 +780,18 @@ impl ControlPlane {
     }
 }
 
-fn attempt_id(id: &JobId, number: u32) -> JobId {
+/// The execution id a runner gets for attempt `number` of job `id`: `<job id>-<number>`.
+/// Unique per attempt, it is also the attempt's fencing token for remote runners.
+pub fn attempt_id(id: &JobId, number: u32) -> JobId {
     JobId::from(format!("{id}-{number}"))
+}
+
+/// The job id and attempt number of an execution id made by [`attempt_id`].
+pub fn parse_attempt_id(execution: &JobId) -> Option<(JobId, u32)> {
+    let (job, number) = execution.as_str().rsplit_once('-')?;
+    let number: u32 = number.parse().ok().filter(|n| *n > 0)?;
+    (!job.is_empty() && number.to_string() == execution.as_str()[job.len() + 1..])
+        .then(|| (JobId::from(job.to_string()), number))
 }
 
 /// Writes a record to the store; a failing store is logged, the job goes on.
@@ -992,15 +1075,23 @@ fn dispatch_round(state: &Arc<State>) {
                         now.duration_since(since).unwrap_or_default(),
                     );
                 }
+                let number = r.attempts.len() as u32 + 1;
+                if number > 1 {
+                    let marker = format!("\n[rustci] attempt {number} on runner {runner_id}\n");
+                    if let Err(e) = state.logs.append(&queued.id, marker.as_bytes()) {
+                        tracing::error!(job_id = %queued.id, error = %Chain(&e), "writing the job log");
+                    }
+                }
                 // Recorded before the task starts, so the stored record (written with the
                 // Assigned state below) names the runner whose leftovers recovery must
-                // stop after a crash.
+                // stop after a crash, and where in the log this attempt's output begins.
                 r.attempts.push(Attempt {
-                    number: r.attempts.len() as u32 + 1,
+                    number,
                     runner_id: runner_id.clone(),
                     started_at: now,
                     ended_at: None,
                     outcome: None,
+                    log_offset: state.logs.len(&queued.id),
                 });
                 r.attempts.len() as u32
             };
@@ -1041,70 +1132,98 @@ async fn run_attempt(
     runner: Arc<dyn Runner>,
     number: u32,
 ) {
-    let runner_id = runner.info().id.clone();
     let attempt_id = attempt_id(&id, number);
     let started = tokio::time::Instant::now();
-    if number > 1 {
-        let marker = format!("\n[rustci] attempt {number} on runner {runner_id}\n");
-        if let Err(e) = state.logs.append(&id, marker.as_bytes()) {
-            tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
-        }
-    }
     let outcome = match runner.start(&job, attempt_id).await {
         Err(e) => Outcome::RunnerError {
             message: Chain(&e).to_string(),
             temporary: e.is_temporary(),
         },
-        Ok(mut execution) => {
-            state.running.lock().expect("running").insert(
-                id.clone(),
-                Running {
-                    runner_id: runner_id.clone(),
-                    canceller: execution.canceller(),
-                    lost: false,
-                    name: job.name.clone(),
-                    submitter: submitter.clone(),
-                },
-            );
-            // A cancel that arrived while the job was being assigned.
-            if state.cancel_requested.lock().expect("cancel").remove(&id) {
-                execution.cancel();
-            }
-            set_state(&state, &id, JobState::Running);
-            let mut outcome = Outcome::Lost;
-            let mut first = true;
-            while let Some(event) = execution.next_event().await {
-                if std::mem::take(&mut first) {
-                    state.registry.record_startup(&runner_id, started.elapsed());
-                }
-                match &event.kind {
-                    EventKind::Finished { outcome: o } => outcome = o.clone(),
-                    EventKind::Output { data, .. } => {
-                        if let Err(e) = state.logs.append(&id, data) {
-                            tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
-                        }
-                    }
-                    _ => {}
-                }
-                let _ = state.events.send(ControlEvent::Job {
-                    id: id.clone(),
-                    attempt: number,
-                    event,
-                });
-            }
-            let lost = state
-                .running
-                .lock()
-                .expect("running")
-                .remove(&id)
-                .is_some_and(|r| r.lost);
-            if lost && matches!(outcome, Outcome::Cancelled) {
-                Outcome::Lost
-            } else {
-                outcome
-            }
+        Ok(execution) => {
+            follow_execution(
+                &state, &id, &submitter, &job, &runner, number, execution, started,
+            )
+            .await
         }
     };
+    end_attempt(state, id, submitter, job, runner, number, outcome, started);
+}
+
+/// Reads an attempt's events until it ends and returns its outcome.
+#[allow(clippy::too_many_arguments)]
+async fn follow_execution(
+    state: &Arc<State>,
+    id: &JobId,
+    submitter: &str,
+    job: &Job,
+    runner: &Arc<dyn Runner>,
+    number: u32,
+    mut execution: Execution,
+    started: tokio::time::Instant,
+) -> Outcome {
+    let runner_id = runner.info().id.clone();
+    state.running.lock().expect("running").insert(
+        id.clone(),
+        Running {
+            runner_id: runner_id.clone(),
+            canceller: execution.canceller(),
+            lost: false,
+            name: job.name.clone(),
+            submitter: submitter.to_string(),
+        },
+    );
+    // A cancel that arrived while the job was being assigned.
+    if state.cancel_requested.lock().expect("cancel").remove(id) {
+        execution.cancel();
+    }
+    set_state(state, id, JobState::Running);
+    let mut outcome = Outcome::Lost;
+    let mut first = true;
+    while let Some(event) = execution.next_event().await {
+        if std::mem::take(&mut first) {
+            state.registry.record_startup(&runner_id, started.elapsed());
+        }
+        match &event.kind {
+            EventKind::Finished { outcome: o } => outcome = o.clone(),
+            EventKind::Output { data, .. } => {
+                if let Err(e) = state.logs.append(id, data) {
+                    tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
+                }
+            }
+            _ => {}
+        }
+        let _ = state.events.send(ControlEvent::Job {
+            id: id.clone(),
+            attempt: number,
+            event,
+        });
+    }
+    let lost = state
+        .running
+        .lock()
+        .expect("running")
+        .remove(id)
+        .is_some_and(|r| r.lost);
+    if lost && matches!(outcome, Outcome::Cancelled) {
+        Outcome::Lost
+    } else {
+        outcome
+    }
+}
+
+/// Records how an attempt ended, then retries the job or finishes it.
+#[allow(clippy::too_many_arguments)]
+fn end_attempt(
+    state: Arc<State>,
+    id: JobId,
+    submitter: String,
+    job: Job,
+    runner: Arc<dyn Runner>,
+    number: u32,
+    outcome: Outcome,
+    started: tokio::time::Instant,
+) {
+    let runner_id = runner.info().id.clone();
     if let Outcome::RunnerError {
         temporary: true, ..
     } = &outcome

@@ -31,6 +31,7 @@ mod store;
 
 pub use dispatcher::{
     Attempt, ControlEvent, ControlOptions, ControlPlane, JobRecord, JobState, Observer, Recovery,
+    attempt_id, parse_attempt_id,
 };
 pub use error::Error;
 pub use logs::{LogChunk, LogFollower, LogHub};

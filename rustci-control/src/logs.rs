@@ -84,6 +84,11 @@ impl LogHub {
         safe_id(id.as_str()).then(|| dir.join(format!("{id}.log")))
     }
 
+    /// How many bytes of a job's log are stored.
+    pub fn len(&self, id: &JobId) -> u64 {
+        self.stored_len(id)
+    }
+
     fn stored_len(&self, id: &JobId) -> u64 {
         match self.path(id) {
             Some(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),

@@ -327,6 +327,7 @@ impl Registry {
             let to = match &health {
                 Health::Healthy => RunnerStatus::Healthy,
                 Health::Degraded(_) => RunnerStatus::Degraded,
+                Health::Offline(_) => RunnerStatus::Offline,
                 _ => RunnerStatus::Unhealthy,
             };
             e.failures = if to == RunnerStatus::Unhealthy {

@@ -41,15 +41,18 @@ pub enum RunnerKind {
     Docker,
     /// One Pod per job on a Kubernetes cluster.
     Kubernetes,
+    /// A runner of a remote agent, reached over the Valkyrie protocol.
+    Valkyrie,
 }
 
 impl RunnerKind {
     /// Every kind, in declaration order.
-    pub const ALL: [RunnerKind; 4] = [
+    pub const ALL: [RunnerKind; 5] = [
         RunnerKind::Local,
         RunnerKind::Native,
         RunnerKind::Docker,
         RunnerKind::Kubernetes,
+        RunnerKind::Valkyrie,
     ];
 
     /// The lowercase name used in job files and on the command line.
@@ -59,6 +62,7 @@ impl RunnerKind {
             RunnerKind::Native => "native",
             RunnerKind::Docker => "docker",
             RunnerKind::Kubernetes => "kubernetes",
+            RunnerKind::Valkyrie => "valkyrie",
         }
     }
 }
@@ -76,7 +80,9 @@ impl FromStr for RunnerKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown runner kind {s:?} (expected local, native, docker or kubernetes)")
+                format!(
+                    "unknown runner kind {s:?} (expected local, native, docker, kubernetes or valkyrie)"
+                )
             })
     }
 }
@@ -359,12 +365,16 @@ pub enum Health {
     Degraded(String),
     /// Cannot run jobs now.
     Unhealthy(String),
+    /// Not reachable now (a remote runner whose connection is down). Takes no new jobs,
+    /// but unlike [`Health::Unhealthy`] its running jobs are not given up: the runner
+    /// itself ends them ([`Outcome::Lost`]) once it knows they are gone.
+    Offline(String),
 }
 
 impl Health {
-    /// True unless unhealthy.
+    /// True unless unhealthy or offline.
     pub fn is_usable(&self) -> bool {
-        !matches!(self, Health::Unhealthy(_))
+        !matches!(self, Health::Unhealthy(_) | Health::Offline(_))
     }
 }
 
@@ -374,6 +384,7 @@ impl fmt::Display for Health {
             Health::Healthy => f.write_str("healthy"),
             Health::Degraded(r) => write!(f, "degraded: {r}"),
             Health::Unhealthy(r) => write!(f, "unhealthy: {r}"),
+            Health::Offline(r) => write!(f, "offline: {r}"),
         }
     }
 }
@@ -652,6 +663,19 @@ pub trait Runner: Send + Sync {
     async fn abandon(&self, id: &JobId) -> Result<(), Error> {
         let _ = id;
         Ok(())
+    }
+    /// Takes up execution `id` again after the control plane that started it stopped
+    /// (crashed or restarted), when the job may still be running where this runner sent
+    /// it (a remote agent keeps running its jobs while the control plane is away).
+    /// `held` is how many bytes of the execution's output the control plane has stored:
+    /// the returned execution's output continues from there, without gap or repeat.
+    ///
+    /// `Ok(None)` (the default) means the runner cannot follow it; the control plane
+    /// then treats the attempt as interrupted ([`Runner::abandon`], then lost). An
+    /// execution that later learns the job is gone ends with [`Outcome::Lost`].
+    async fn reattach(&self, id: &JobId, held: u64) -> Result<Option<Execution>, Error> {
+        let _ = (id, held);
+        Ok(None)
     }
 }
 

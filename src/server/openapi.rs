@@ -546,7 +546,7 @@ fn job_document() -> Value {
                 "type": "object",
                 "additionalProperties": false,
                 "properties": {
-                    "kind": {"type": "string", "enum": ["local", "native", "docker", "kubernetes"]},
+                    "kind": {"type": "string", "enum": ["local", "native", "docker", "kubernetes", "valkyrie"]},
                     "labels": {"type": "array", "maxItems": 64, "items": {"type": "string", "pattern": "^[A-Za-z0-9._:/=-]{1,128}$"}}
                 }
             },

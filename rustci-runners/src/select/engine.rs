@@ -185,7 +185,7 @@ impl Filter for ResourcesFit {
     }
 }
 
-/// Unhealthy runners take no jobs.
+/// Unhealthy and offline runners take no jobs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Healthy;
 
@@ -196,11 +196,12 @@ impl Filter for Healthy {
     fn check(&self, _job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String> {
         match runner.health {
             Health::Unhealthy(_) => Err("is unhealthy".into()),
+            Health::Offline(_) => Err("is offline".into()),
             _ => Ok(()),
         }
     }
     fn passes(&self, _job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
-        !matches!(runner.health, Health::Unhealthy(_))
+        runner.health.is_usable()
     }
 }
 

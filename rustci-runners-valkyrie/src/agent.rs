@@ -1,0 +1,1228 @@
+//! The agent: registers once, keeps one session to the control plane, runs what it is
+//! offered on its local runners, spools output to disk until the control plane holds
+//! it, and fences itself when it cannot reach the control plane.
+//!
+//! Data directory: `agent.json` (id, server, name), `agent.key`, `agent.pem`, `ca.pem`,
+//! and `attempts/<execution id>/` with `output`, `meta.json` and, once finished,
+//! `outcome.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use rustci_runners::Runner;
+use rustci_runners::error::Chain;
+use rustci_runners::job::Job;
+use rustci_runners::runner::{Canceller, EventKind, JobId, Outcome, OutputStream};
+
+use crate::pki::{self, SERVER_NAME};
+use crate::proto::{self, agent_message, server_message, valkyrie_client::ValkyrieClient};
+use crate::spool::{Spool, write_atomic};
+use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+
+/// How the agent finds the control plane's CA on first contact.
+#[derive(Clone, Debug)]
+pub enum CaSource {
+    /// Pinned by fingerprint (`sha256:<hex>`, as the server prints it).
+    Fingerprint(String),
+    /// A PEM file.
+    File(PathBuf),
+}
+
+/// How an agent runs.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct AgentOptions {
+    /// The control plane's agent address, `host:port` (an `https://` prefix is allowed).
+    pub server: String,
+    /// The registration token (needed only until the agent has registered).
+    pub token: Option<String>,
+    /// The CA, on first contact (afterwards `ca.pem` in the data directory is used).
+    pub ca: Option<CaSource>,
+    /// The agent's name (default: the host name).
+    pub name: Option<String>,
+    /// Labels for all its runners.
+    pub labels: Vec<String>,
+    /// Where it keeps its identity and spools.
+    pub data_dir: PathBuf,
+    /// Its local runners by name.
+    pub runners: Vec<(String, Arc<dyn Runner>)>,
+    /// Most output spooled per attempt; past it one marker is written and the rest
+    /// counted as dropped.
+    pub max_spool_bytes: u64,
+    /// First reconnection delay window; doubles per failure up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// Largest reconnection delay window.
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("server", &self.server)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentOptions {
+    /// Options with defaults: 256 MiB spool cap, reconnection windows from 1 s to 64 s.
+    pub fn new(server: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        AgentOptions {
+            server: server.into(),
+            token: None,
+            ca: None,
+            name: None,
+            labels: Vec::new(),
+            data_dir: data_dir.into(),
+            runners: Vec::new(),
+            max_spool_bytes: 256 * 1024 * 1024,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(64),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct IdentityFile {
+    agent_id: String,
+    server: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    job_id: String,
+    attempt: u32,
+    runner: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Finished {
+    outcome: Outcome,
+    length: u64,
+    sha256: String,
+    dropped: u64,
+}
+
+type Key = (String, u32);
+
+struct LocalAttempt {
+    dir: PathBuf,
+    spool: Arc<Mutex<Spool>>,
+    /// (offset, step, stream) where each run of output began.
+    segments: Arc<Mutex<Vec<(u64, u32, u32)>>>,
+    /// The control plane holds every byte before this.
+    acked: u64,
+    /// Sent in this session (acked or not).
+    sent: u64,
+    finished: Option<Finished>,
+    complete_sent: Option<Instant>,
+    canceller: Option<Canceller>,
+    fenced: bool,
+    aborted: bool,
+}
+
+struct Shared {
+    options: AgentOptions,
+    identity: IdentityFile,
+    ca_pem: String,
+    boot_id: String,
+    attempts: Mutex<HashMap<Key, LocalAttempt>>,
+    output_ready: Notify,
+    session_tx: Mutex<Option<mpsc::Sender<proto::AgentMessage>>>,
+    /// Lease: when the last acknowledged heartbeat (or the hello) was sent.
+    renewed: Mutex<Option<Instant>>,
+    self_fence: Mutex<Duration>,
+    draining: std::sync::atomic::AtomicBool,
+    stop: CancellationToken,
+    connected: tokio::sync::watch::Sender<bool>,
+}
+
+/// A running agent. Dropping it does not stop it; call [`Agent::stop`] or
+/// [`Agent::drain`].
+pub struct Agent {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.shared.identity.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn host_name() -> String {
+    nix_hostname().unwrap_or_else(|| "agent".to_string())
+}
+
+fn nix_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn server_addr(server: &str) -> String {
+    server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, data: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    f.write_all(data.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn jitter(window: Duration) -> Duration {
+    let n = uuid::Uuid::new_v4().as_u128() as u64;
+    let ms = window.as_millis().max(1) as u64;
+    Duration::from_millis(n % ms)
+}
+
+impl Agent {
+    /// Loads the agent's identity from its data directory, registering first when it
+    /// has none (which needs `options.token` and `options.ca`), cleans up what an
+    /// earlier run left, and starts the session loop.
+    pub async fn start(options: AgentOptions) -> Result<Agent, String> {
+        if options.runners.is_empty() {
+            return Err("an agent needs at least one local runner".into());
+        }
+        let dir = options.data_dir.clone();
+        std::fs::create_dir_all(dir.join("attempts"))
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let ca_pem = find_ca(&options).await?;
+        let identity = match read_opt(&dir.join("agent.json"))? {
+            Some(s) => serde_json::from_str::<IdentityFile>(&s)
+                .map_err(|e| format!("{}: {e}", dir.join("agent.json").display()))?,
+            None => register(&options, &ca_pem).await?,
+        };
+        let shared = Arc::new(Shared {
+            identity,
+            ca_pem,
+            boot_id: uuid::Uuid::new_v4().to_string(),
+            attempts: Mutex::new(HashMap::new()),
+            output_ready: Notify::new(),
+            session_tx: Mutex::new(None),
+            renewed: Mutex::new(None),
+            self_fence: Mutex::new(Duration::from_secs(15)),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            stop: CancellationToken::new(),
+            connected: tokio::sync::watch::channel(false).0,
+            options,
+        });
+        load_attempts(&shared).await;
+        tokio::spawn(fence_watch(shared.clone()));
+        let task = tokio::spawn(session_loop(shared.clone()));
+        Ok(Agent { shared, task })
+    }
+
+    /// The agent's id.
+    pub fn id(&self) -> &str {
+        &self.shared.identity.agent_id
+    }
+
+    /// The boot id of this run.
+    pub fn boot_id(&self) -> &str {
+        &self.shared.boot_id
+    }
+
+    /// Waits until a session is up (`true`) or down (`false`).
+    pub async fn wait_connected(&self, connected: bool) {
+        let mut rx = self.shared.connected.subscribe();
+        let _ = rx.wait_for(|c| *c == connected).await;
+    }
+
+    /// Attempts held now (running, or finished and not yet acknowledged).
+    pub fn held(&self) -> usize {
+        self.shared.attempts.lock().expect("attempts").len()
+    }
+
+    /// Takes no new jobs; waits for running ones up to `deadline` (then cancels them),
+    /// waits for their completions to be acknowledged (up to the same deadline again),
+    /// and stops.
+    pub async fn drain(self, deadline: Duration) {
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        send(&self.shared, heartbeat(&self.shared, 0)).await;
+        let until = Instant::now() + deadline;
+        let unfinished = |s: &Shared| {
+            s.attempts
+                .lock()
+                .expect("attempts")
+                .values()
+                .filter(|a| a.finished.is_none())
+                .count()
+        };
+        while unfinished(&self.shared) > 0 && Instant::now() < until {
+            let notified = self.shared.output_ready.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+        for a in self.shared.attempts.lock().expect("attempts").values() {
+            if a.finished.is_none()
+                && let Some(c) = &a.canceller
+            {
+                c.cancel();
+            }
+        }
+        let until = Instant::now() + deadline;
+        while self.held() > 0 && Instant::now() < until {
+            let notified = self.shared.output_ready.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+        send(
+            &self.shared,
+            proto::AgentMessage {
+                kind: Some(agent_message::Kind::Goodbye(proto::Goodbye {
+                    reason: "drained".into(),
+                })),
+            },
+        )
+        .await;
+        self.stop().await;
+    }
+
+    /// Stops at once: cancels running jobs (their spools stay on disk) and closes the
+    /// session.
+    pub async fn stop(self) {
+        for a in self.shared.attempts.lock().expect("attempts").values() {
+            if let Some(c) = &a.canceller {
+                c.cancel();
+            }
+        }
+        self.shared.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn find_ca(options: &AgentOptions) -> Result<String, String> {
+    let path = options.data_dir.join("ca.pem");
+    let stored = read_opt(&path)?;
+    let ca = match (&options.ca, stored) {
+        (Some(CaSource::File(f)), _) => std::fs::read_to_string(f)
+            .map_err(|e| format!("reading the CA file {}: {e}", f.display()))?,
+        (Some(CaSource::Fingerprint(fp)), Some(stored)) => {
+            let pin = pki::parse_fingerprint(fp)?;
+            let der = pki::first_cert_der(&stored)?;
+            if pki::fingerprint(&der) != pki::fingerprint(&der_of_pin(&pin, &der)) {
+                return Err(format!(
+                    "the CA stored in {} does not have the fingerprint given ({fp})",
+                    path.display()
+                ));
+            }
+            stored
+        }
+        (Some(CaSource::Fingerprint(fp)), None) => {
+            let pin = pki::parse_fingerprint(fp)?;
+            pki::fetch_pinned_ca(&server_addr(&options.server), pin).await?
+        }
+        (None, Some(stored)) => stored,
+        (None, None) => {
+            return Err(format!(
+                "no CA for the control plane: give --ca-fingerprint (printed by the server at its first start) or --ca FILE; {} does not exist yet",
+                path.display()
+            ));
+        }
+    };
+    pki::first_cert_der(&ca).map_err(|e| format!("the CA: {e}"))?;
+    if read_opt(&path)?.as_deref() != Some(ca.as_str()) {
+        write_private(&path, &ca)?;
+    }
+    Ok(ca)
+}
+
+/// `der` when its digest is `pin`, else an empty certificate (so the comparison fails).
+fn der_of_pin<'a>(
+    pin: &[u8; 32],
+    der: &rustls::pki_types::CertificateDer<'a>,
+) -> rustls::pki_types::CertificateDer<'a> {
+    use sha2::Digest;
+    if sha2::Sha256::digest(der.as_ref())[..] == pin[..] {
+        der.clone()
+    } else {
+        rustls::pki_types::CertificateDer::from(Vec::new())
+    }
+}
+
+fn endpoint(options: &AgentOptions) -> Result<Endpoint, String> {
+    Endpoint::from_shared(format!("https://{}", server_addr(&options.server)))
+        .map_err(|e| format!("server address {:?}: {e}", options.server))
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true)
+        })
+}
+
+async fn register(options: &AgentOptions, ca_pem: &str) -> Result<IdentityFile, String> {
+    let token = options.token.clone().ok_or_else(|| {
+        format!(
+            "this agent is not registered yet ({} has no agent.json): give --token (from POST /api/tokens)",
+            options.data_dir.display()
+        )
+    })?;
+    let name = options.name.clone().unwrap_or_else(host_name);
+    let (key, csr) = pki::new_key_and_csr(&name).map_err(|e| e.to_string())?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(SERVER_NAME);
+    let channel = endpoint(options)?
+        .tls_config(tls)
+        .map_err(|e| format!("TLS: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to {}: {}", options.server, source_chain(&e)))?;
+    let mut client = ValkyrieClient::new(channel);
+    let r = client
+        .register(proto::RegisterRequest {
+            token,
+            csr_pem: csr,
+            name: name.clone(),
+            hostname: host_name(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: options.labels.clone(),
+        })
+        .await
+        .map_err(|s| format!("registration refused: {}", s.message()))?
+        .into_inner();
+    let dir = &options.data_dir;
+    write_private(&dir.join("agent.key"), &key)?;
+    write_private(&dir.join("agent.pem"), &r.certificate_pem)?;
+    let identity = IdentityFile {
+        agent_id: r.agent_id,
+        server: options.server.clone(),
+        name,
+    };
+    write_private(
+        &dir.join("agent.json"),
+        &serde_json::to_string_pretty(&identity).expect("serializable"),
+    )?;
+    tracing::info!(agent = %identity.agent_id, "registered with the control plane");
+    Ok(identity)
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Attempts an earlier run of the agent left: finished ones are held (their completion
+/// is still owed); unfinished ones died with that run, and what is left of them is
+/// stopped.
+async fn load_attempts(shared: &Arc<Shared>) {
+    let root = shared.options.data_dir.join("attempts");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let meta: Option<Meta> = std::fs::read(dir.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let finished: Option<Finished> = std::fs::read(dir.join("outcome.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let exec = JobId::from(entry.file_name().to_string_lossy().to_string());
+        match (meta, finished) {
+            (Some(meta), Some(finished)) => match Spool::open(&dir.join("output")) {
+                Ok(spool) => {
+                    shared.attempts.lock().expect("attempts").insert(
+                        (meta.job_id, meta.attempt),
+                        LocalAttempt {
+                            dir,
+                            spool: Arc::new(Mutex::new(spool)),
+                            segments: Arc::new(Mutex::new(vec![(0, 0, 0)])),
+                            acked: 0,
+                            sent: 0,
+                            finished: Some(finished),
+                            complete_sent: None,
+                            canceller: None,
+                            fenced: false,
+                            aborted: false,
+                        },
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, dir = %dir.display(), "reading a spool"),
+            },
+            (meta, _) => {
+                if let Some(meta) = meta
+                    && let Some((_, r)) = shared
+                        .options
+                        .runners
+                        .iter()
+                        .find(|(n, _)| *n == meta.runner)
+                    && let Err(e) = r.abandon(&exec).await
+                {
+                    tracing::warn!(error = %Chain(&e), "stopping what is left of an attempt of an earlier run");
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+}
+
+/// Kills every running attempt once the lease has not been renewed for the self-fence
+/// time: by then the control plane may give them to another runner.
+async fn fence_watch(shared: Arc<Shared>) {
+    loop {
+        let fence = *shared.self_fence.lock().expect("fence");
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep((fence / 20).max(Duration::from_millis(10))) => {}
+        }
+        let Some(renewed) = *shared.renewed.lock().expect("renewed") else {
+            continue;
+        };
+        if renewed.elapsed() <= fence {
+            continue;
+        }
+        let mut attempts = shared.attempts.lock().expect("attempts");
+        for (k, a) in attempts.iter_mut() {
+            if a.finished.is_none() && !a.fenced {
+                a.fenced = true;
+                tracing::warn!(job_id = %k.0, attempt = k.1, "no lease renewal for the self-fence time: stopping the attempt");
+                if let Some(c) = &a.canceller {
+                    c.cancel();
+                }
+            }
+        }
+    }
+}
+
+async fn send(shared: &Shared, m: proto::AgentMessage) {
+    let tx = shared.session_tx.lock().expect("tx").clone();
+    if let Some(tx) = tx {
+        let _ = tx.send(m).await;
+    }
+}
+
+fn heartbeat(shared: &Shared, seq: u64) -> proto::AgentMessage {
+    let attempts = shared.attempts.lock().expect("attempts");
+    let mut free = HashMap::new();
+    for (name, r) in &shared.options.runners {
+        let max = r.capabilities().max_concurrency.unwrap_or(usize::MAX);
+        free.insert(
+            name.clone(),
+            max.saturating_sub(r.running()).min(u32::MAX as usize) as u32,
+        );
+    }
+    proto::AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
+            seq,
+            free,
+            unhealthy: HashMap::new(),
+            running: attempts
+                .keys()
+                .map(|k| proto::AttemptRef {
+                    job_id: k.0.clone(),
+                    attempt: k.1,
+                })
+                .collect(),
+            draining: shared.draining.load(std::sync::atomic::Ordering::SeqCst),
+        })),
+    }
+}
+
+async fn session_loop(shared: Arc<Shared>) {
+    let mut failures = 0u32;
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let pause = match run_session(&shared).await {
+            Ok(retry_after) => {
+                failures = 0;
+                retry_after + jitter(shared.options.backoff_base)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "session to the control plane failed");
+                failures = failures.saturating_add(1);
+                let window = shared
+                    .options
+                    .backoff_base
+                    .saturating_mul(2u32.saturating_pow(failures.min(16)))
+                    .min(shared.options.backoff_max);
+                jitter(window)
+            }
+        };
+        *shared.session_tx.lock().expect("tx") = None;
+        shared.connected.send_replace(false);
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+async fn client(shared: &Shared) -> Result<ValkyrieClient<Channel>, String> {
+    let dir = &shared.options.data_dir;
+    let cert = std::fs::read_to_string(dir.join("agent.pem"))
+        .map_err(|e| format!("reading agent.pem: {e}"))?;
+    let key = std::fs::read_to_string(dir.join("agent.key"))
+        .map_err(|e| format!("reading agent.key: {e}"))?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&shared.ca_pem))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(SERVER_NAME);
+    let channel = endpoint(&shared.options)?
+        .tls_config(tls)
+        .map_err(|e| format!("TLS: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| {
+            format!(
+                "connecting to {}: {}",
+                shared.options.server,
+                source_chain(&e)
+            )
+        })?;
+    Ok(ValkyrieClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Renews the client certificate when a third of its validity is left.
+async fn renew_if_due(shared: &Shared, client: &mut ValkyrieClient<Channel>) {
+    let dir = &shared.options.data_dir;
+    let Ok(cert) = std::fs::read_to_string(dir.join("agent.pem")) else {
+        return;
+    };
+    let Ok(der) = pki::first_cert_der(&cert) else {
+        return;
+    };
+    let Ok(until) = pki::not_after(&der) else {
+        return;
+    };
+    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+    // Certificates are issued for a day by default: renewed with a third of it left.
+    if left > Duration::from_secs(8 * 3600) {
+        return;
+    }
+    let Ok(key) = std::fs::read_to_string(dir.join("agent.key")) else {
+        return;
+    };
+    let Ok(csr) = pki::csr_for(&key, &shared.identity.name) else {
+        return;
+    };
+    match client.renew(proto::RenewRequest { csr_pem: csr }).await {
+        Ok(r) => {
+            if let Err(e) = write_private(&dir.join("agent.pem"), &r.into_inner().certificate_pem) {
+                tracing::error!(error = %e, "storing the renewed certificate");
+            } else {
+                tracing::info!("renewed the agent's certificate");
+            }
+        }
+        Err(s) => tracing::warn!(error = %s.message(), "renewing the agent's certificate"),
+    }
+}
+
+/// One session: hello, welcome and verdicts, then offers, heartbeats and output until
+/// it ends. Returns how long the control plane asked to wait before reconnecting.
+async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
+    let mut client = client(shared).await?;
+    renew_if_due(shared, &mut client).await;
+    let (tx, rx) = mpsc::channel::<proto::AgentMessage>(256);
+    let held: Vec<proto::HeldAttempt> = shared
+        .attempts
+        .lock()
+        .expect("attempts")
+        .iter()
+        .map(|(k, a)| proto::HeldAttempt {
+            attempt: Some(proto::AttemptRef {
+                job_id: k.0.clone(),
+                attempt: k.1,
+            }),
+            spooled: a.spool.lock().expect("spool").len(),
+            finished: a.finished.is_some(),
+        })
+        .collect();
+    let runners = shared
+        .options
+        .runners
+        .iter()
+        .map(|(name, r)| proto::LocalRunner {
+            name: name.clone(),
+            kind: r.info().kind.as_str().to_string(),
+            labels: r.info().labels.iter().cloned().collect(),
+            slots: r
+                .capabilities()
+                .max_concurrency
+                .unwrap_or(0)
+                .min(u32::MAX as usize) as u32,
+            capabilities_json: serde_json::to_string(r.capabilities()).expect("serializable"),
+        })
+        .collect();
+    let hello_sent = Instant::now();
+    tx.send(proto::AgentMessage {
+        kind: Some(agent_message::Kind::Hello(proto::Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            boot_id: shared.boot_id.clone(),
+            hostname: host_name(),
+            runners,
+            held,
+            draining: shared.draining.load(std::sync::atomic::Ordering::SeqCst),
+        })),
+    })
+    .await
+    .map_err(|_| "session channel closed".to_string())?;
+    let outbound = futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client
+        .session(outbound)
+        .await
+        .map_err(|s| format!("session refused: {}", s.message()))?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .map_err(|_| "no welcome within 10 s".to_string())?
+        .map_err(|s| format!("session refused: {}", s.message()))?
+        .ok_or("the control plane closed the session before its welcome")?;
+    let welcome = match first.kind {
+        Some(server_message::Kind::Welcome(w)) => w,
+        Some(server_message::Kind::Disconnect(d)) => {
+            tracing::info!(reason = %d.reason, retry_after_ms = d.retry_after_ms, "the control plane asked to reconnect later");
+            return Ok(Duration::from_millis(d.retry_after_ms));
+        }
+        _ => return Err("the first message of the control plane was not a welcome".into()),
+    };
+    let heartbeat_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(10));
+    *shared.self_fence.lock().expect("fence") = Duration::from_millis(welcome.self_fence_ms);
+    *shared.renewed.lock().expect("renewed") = Some(hello_sent);
+    apply_verdicts(shared, &welcome.verdicts);
+    *shared.session_tx.lock().expect("tx") = Some(tx.clone());
+    shared.connected.send_replace(true);
+    tracing::info!(session = %welcome.session_id, heartbeat_ms = welcome.heartbeat_interval_ms, self_fence_ms = welcome.self_fence_ms, "session to the control plane started");
+
+    // Output on its own stream.
+    let (chunk_tx, chunk_rx) = mpsc::channel::<proto::OutputChunk>(16);
+    let chunks = futures::stream::unfold(chunk_rx, |mut rx| async {
+        rx.recv().await.map(|m| (m, rx))
+    });
+    let mut acks = client
+        .output(chunks)
+        .await
+        .map_err(|s| format!("output stream refused: {}", s.message()))?
+        .into_inner();
+    let session_end = CancellationToken::new();
+    let pump = tokio::spawn(output_pump(shared.clone(), chunk_tx, session_end.clone()));
+
+    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(heartbeat_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => break Ok(Duration::ZERO),
+            _ = tick.tick() => {
+                seq += 1;
+                sent_at.insert(seq, Instant::now());
+                sent_at.retain(|s, _| *s + 64 > seq);
+                if tx.send(heartbeat(shared, seq)).await.is_err() {
+                    break Err("session channel closed".to_string());
+                }
+                send_completions(shared, &tx, heartbeat_every).await;
+            }
+            _ = shared.output_ready.notified() => {
+                send_completions(shared, &tx, heartbeat_every).await;
+            }
+            ack = acks.next() => match ack {
+                Some(Ok(ack)) => {
+                    on_ack(shared, ack);
+                    send_completions(shared, &tx, heartbeat_every).await;
+                }
+                Some(Err(s)) => break Err(format!("output stream: {}", s.message())),
+                None => break Err("the control plane closed the output stream".into()),
+            },
+            m = inbound.message() => match m {
+                Ok(Some(m)) => {
+                    match m.kind {
+                        Some(server_message::Kind::HeartbeatAck(a)) => {
+                            if let Some(at) = sent_at.remove(&a.seq) {
+                                let mut r = shared.renewed.lock().expect("renewed");
+                                if r.is_none_or(|r| r < at) {
+                                    *r = Some(at);
+                                }
+                            }
+                        }
+                        Some(server_message::Kind::Offer(o)) => {
+                            let shared = shared.clone();
+                            let tx = tx.clone();
+                            tokio::spawn(async move { take_offer(&shared, &tx, o).await });
+                        }
+                        Some(server_message::Kind::Cancel(c)) => {
+                            if let Some(r) = c.attempt
+                                && let Some(a) = shared.attempts.lock().expect("attempts").get(&(r.job_id, r.attempt))
+                                && let Some(c) = &a.canceller
+                            {
+                                c.cancel();
+                            }
+                        }
+                        Some(server_message::Kind::Abort(a)) => {
+                            if let Some(r) = a.attempt {
+                                abort(shared, &(r.job_id, r.attempt), &a.reason);
+                            }
+                        }
+                        Some(server_message::Kind::CompleteAck(c)) => {
+                            if let Some(r) = c.attempt {
+                                forget(shared, &(r.job_id, r.attempt));
+                            }
+                        }
+                        Some(server_message::Kind::Drain(_)) => {
+                            shared.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Some(server_message::Kind::Disconnect(d)) => {
+                            tracing::info!(reason = %d.reason, "the control plane closed the session");
+                            break Ok(Duration::from_millis(d.retry_after_ms));
+                        }
+                        Some(server_message::Kind::Welcome(_)) => {
+                            break Err("a second welcome in one session".into());
+                        }
+                        None => {
+                            break Err("a message of a kind this agent does not know".into());
+                        }
+                    }
+                }
+                Ok(None) => break Err("the control plane ended the session".into()),
+                Err(s) => break Err(format!("session: {}", s.message())),
+            },
+        }
+    };
+    session_end.cancel();
+    let _ = pump.await;
+    *shared.session_tx.lock().expect("tx") = None;
+    // What was sent but not acknowledged is sent again in the next session.
+    for a in shared.attempts.lock().expect("attempts").values_mut() {
+        a.sent = a.acked;
+        a.complete_sent = None;
+    }
+    result
+}
+
+fn apply_verdicts(shared: &Arc<Shared>, verdicts: &[proto::HeldVerdict]) {
+    for v in verdicts {
+        let Some(r) = &v.attempt else { continue };
+        let key = (r.job_id.clone(), r.attempt);
+        match proto::Verdict::try_from(v.verdict).unwrap_or(proto::Verdict::Abort) {
+            proto::Verdict::Continue => {
+                if let Some(a) = shared.attempts.lock().expect("attempts").get_mut(&key) {
+                    a.acked = v.offset;
+                    a.sent = v.offset;
+                    a.complete_sent = None;
+                }
+            }
+            proto::Verdict::Done => forget(shared, &key),
+            _ => abort(shared, &key, "the control plane gave it up (superseded)"),
+        }
+    }
+    shared.output_ready.notify_waiters();
+}
+
+/// Stops an attempt the control plane refuses and discards it.
+fn abort(shared: &Shared, key: &Key, reason: &str) {
+    let mut attempts = shared.attempts.lock().expect("attempts");
+    let Some(a) = attempts.get_mut(key) else {
+        return;
+    };
+    tracing::warn!(job_id = %key.0, attempt = key.1, reason, "attempt aborted");
+    a.aborted = true;
+    if let Some(c) = &a.canceller {
+        c.cancel();
+    }
+    if a.finished.is_some() {
+        let a = attempts.remove(key).expect("present");
+        let _ = std::fs::remove_dir_all(&a.dir);
+    }
+    drop(attempts);
+    shared.output_ready.notify_waiters();
+}
+
+/// Forgets an attempt whose outcome the control plane holds.
+fn forget(shared: &Shared, key: &Key) {
+    if let Some(a) = shared.attempts.lock().expect("attempts").remove(key) {
+        let _ = std::fs::remove_dir_all(&a.dir);
+    }
+    shared.output_ready.notify_waiters();
+}
+
+fn on_ack(shared: &Shared, ack: proto::OutputAck) {
+    let Some(r) = ack.attempt else { return };
+    let key = (r.job_id, r.attempt);
+    if ack.abort {
+        abort(shared, &key, &ack.error);
+        return;
+    }
+    let mut attempts = shared.attempts.lock().expect("attempts");
+    let Some(a) = attempts.get_mut(&key) else {
+        return;
+    };
+    if !ack.error.is_empty() {
+        tracing::debug!(job_id = %key.0, error = %ack.error, "output chunk not stored; resending from the control plane's offset");
+        a.acked = ack.offset;
+        a.sent = ack.offset;
+    } else if ack.offset > a.acked {
+        a.acked = ack.offset;
+    }
+    drop(attempts);
+    shared.output_ready.notify_waiters();
+}
+
+async fn send_completions(
+    shared: &Shared,
+    tx: &mpsc::Sender<proto::AgentMessage>,
+    every: Duration,
+) {
+    let due: Vec<proto::AgentMessage> = {
+        let mut attempts = shared.attempts.lock().expect("attempts");
+        attempts
+            .iter_mut()
+            .filter_map(|(k, a)| {
+                let f = a.finished.as_ref()?;
+                if a.aborted || a.acked < f.length {
+                    return None;
+                }
+                if a.complete_sent.is_some_and(|t| t.elapsed() < every * 2) {
+                    return None;
+                }
+                a.complete_sent = Some(Instant::now());
+                Some(proto::AgentMessage {
+                    kind: Some(agent_message::Kind::Complete(proto::Complete {
+                        attempt: Some(proto::AttemptRef {
+                            job_id: k.0.clone(),
+                            attempt: k.1,
+                        }),
+                        outcome_json: serde_json::to_string(&f.outcome).expect("serializable"),
+                        length: f.length,
+                        sha256: f.sha256.clone(),
+                        dropped: f.dropped,
+                    })),
+                })
+            })
+            .collect()
+    };
+    for m in due {
+        let _ = tx.send(m).await;
+    }
+}
+
+/// Sends spooled output the control plane does not have yet, at most 1 MiB in flight
+/// per attempt.
+async fn output_pump(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<proto::OutputChunk>,
+    end: CancellationToken,
+) {
+    const IN_FLIGHT: u64 = 1024 * 1024;
+    loop {
+        let notified = shared.output_ready.notified();
+        let mut work = Vec::new();
+        {
+            let mut attempts = shared.attempts.lock().expect("attempts");
+            for (k, a) in attempts.iter_mut() {
+                if a.aborted {
+                    continue;
+                }
+                let spool = a.spool.lock().expect("spool");
+                let len = spool.len();
+                if a.sent >= len || a.sent - a.acked >= IN_FLIGHT {
+                    continue;
+                }
+                let segments = a.segments.lock().expect("segments");
+                let (seg_start, step, stream, seg_end) = segment_at(&segments, a.sent, len);
+                let _ = seg_start;
+                let max = ((seg_end - a.sent) as usize).min(MAX_CHUNK_BYTES);
+                match spool.read_at(a.sent, max) {
+                    Ok(data) if !data.is_empty() => {
+                        let offset = a.sent;
+                        a.sent += data.len() as u64;
+                        work.push(proto::OutputChunk {
+                            attempt: Some(proto::AttemptRef {
+                                job_id: k.0.clone(),
+                                attempt: k.1,
+                            }),
+                            offset,
+                            data,
+                            stream,
+                            step,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "reading a spool"),
+                }
+            }
+        }
+        let idle = work.is_empty();
+        for chunk in work {
+            tokio::select! {
+                _ = end.cancelled() => return,
+                r = tx.send(chunk) => if r.is_err() { return },
+            }
+        }
+        if idle {
+            tokio::select! {
+                _ = end.cancelled() => return,
+                _ = notified => {}
+            }
+        }
+    }
+}
+
+/// The segment holding `offset`: (start, step, stream, end).
+fn segment_at(segments: &[(u64, u32, u32)], offset: u64, len: u64) -> (u64, u32, u32, u64) {
+    let i = segments
+        .partition_point(|s| s.0 <= offset)
+        .saturating_sub(1);
+    let (start, step, stream) = segments.get(i).copied().unwrap_or((0, 0, 0));
+    let end = segments.get(i + 1).map_or(len, |s| s.0).min(len);
+    (start, step, stream, end.max(offset))
+}
+
+async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>, o: proto::Offer) {
+    let Some(r) = o.attempt.clone() else { return };
+    let key = (r.job_id.clone(), r.attempt);
+    let reject = |reason: String, temporary: bool| proto::AgentMessage {
+        kind: Some(agent_message::Kind::Reject(proto::Reject {
+            attempt: Some(r.clone()),
+            reason,
+            temporary,
+        })),
+    };
+    if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = tx.send(reject("the agent is draining".into(), true)).await;
+        return;
+    }
+    let Some((_, runner)) = shared.options.runners.iter().find(|(n, _)| *n == o.runner) else {
+        let _ = tx
+            .send(reject(
+                format!("this agent has no runner named {:?}", o.runner),
+                false,
+            ))
+            .await;
+        return;
+    };
+    let job: Job = match serde_json::from_str(&o.job_json) {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = tx
+                .send(reject(format!("the job does not decode: {e}"), false))
+                .await;
+            return;
+        }
+    };
+    if shared.attempts.lock().expect("attempts").contains_key(&key) {
+        let _ = tx
+            .send(reject("this attempt is already held".into(), false))
+            .await;
+        return;
+    }
+    let exec = rustci_control::attempt_id(&JobId::from(key.0.clone()), key.1);
+    let dir = shared.options.data_dir.join("attempts").join(exec.as_str());
+    let prepared = std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
+        .and_then(|_| {
+            write_atomic(
+                &dir.join("meta.json"),
+                &serde_json::to_vec(&Meta {
+                    job_id: key.0.clone(),
+                    attempt: key.1,
+                    runner: o.runner.clone(),
+                })
+                .expect("serializable"),
+            )
+            .map_err(|e| format!("writing meta.json: {e}"))
+        })
+        .and_then(|_| {
+            Spool::open(&dir.join("output")).map_err(|e| format!("creating the spool: {e}"))
+        });
+    let spool = match prepared {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = tx.send(reject(e, true)).await;
+            return;
+        }
+    };
+    let started = runner
+        .start(&job, exec.clone())
+        .await
+        .map_err(|e| (Chain(&e).to_string(), e.is_temporary()));
+    let mut execution = match started {
+        Ok(e) => e,
+        Err((why, temporary)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = tx.send(reject(why, temporary)).await;
+            return;
+        }
+    };
+    let spool = Arc::new(Mutex::new(spool));
+    let segments = Arc::new(Mutex::new(Vec::new()));
+    shared.attempts.lock().expect("attempts").insert(
+        key.clone(),
+        LocalAttempt {
+            dir: dir.clone(),
+            spool: spool.clone(),
+            segments: segments.clone(),
+            acked: 0,
+            sent: 0,
+            finished: None,
+            complete_sent: None,
+            canceller: Some(execution.canceller()),
+            fenced: false,
+            aborted: false,
+        },
+    );
+    let _ = tx
+        .send(proto::AgentMessage {
+            kind: Some(agent_message::Kind::Accept(proto::Accept {
+                attempt: Some(r.clone()),
+            })),
+        })
+        .await;
+    let cap = shared.options.max_spool_bytes;
+    let mut outcome = Outcome::Lost;
+    let mut last_segment: Option<(u32, u32)> = None;
+    while let Some(event) = execution.next_event().await {
+        match event.kind {
+            EventKind::Output { step, stream, data } => {
+                let stream = match stream {
+                    OutputStream::Stdout => 0,
+                    _ => 1,
+                };
+                let step = step as u32;
+                let mut s = spool.lock().expect("spool");
+                if last_segment != Some((step, stream)) {
+                    segments
+                        .lock()
+                        .expect("segments")
+                        .push((s.len(), step, stream));
+                    last_segment = Some((step, stream));
+                }
+                let marker = format!(
+                    "\n[rustci] output truncated: the agent's spool holds at most {cap} bytes per attempt\n"
+                );
+                if let Err(e) = s.append_capped(&data, cap, marker.as_bytes()) {
+                    tracing::error!(error = %e, "spooling output");
+                }
+                drop(s);
+                shared.output_ready.notify_waiters();
+            }
+            EventKind::StepStarted { step, name } => {
+                send(
+                    shared,
+                    proto::AgentMessage {
+                        kind: Some(agent_message::Kind::Event(proto::AttemptEvent {
+                            attempt: Some(r.clone()),
+                            kind: Some(proto::attempt_event::Kind::StepStarted(
+                                proto::StepStarted {
+                                    step: step as u32,
+                                    name,
+                                },
+                            )),
+                        })),
+                    },
+                )
+                .await;
+            }
+            EventKind::StepFinished {
+                step,
+                name,
+                status,
+                duration,
+            } => {
+                send(
+                    shared,
+                    proto::AgentMessage {
+                        kind: Some(agent_message::Kind::Event(proto::AttemptEvent {
+                            attempt: Some(r.clone()),
+                            kind: Some(proto::attempt_event::Kind::StepFinished(
+                                proto::StepFinished {
+                                    step: step as u32,
+                                    name,
+                                    status_json: serde_json::to_string(&status)
+                                        .expect("serializable"),
+                                    duration_ms: duration.as_millis() as u64,
+                                },
+                            )),
+                        })),
+                    },
+                )
+                .await;
+            }
+            EventKind::Finished { outcome: o } => outcome = o,
+            _ => {}
+        }
+    }
+    let (length, sha256, dropped) = {
+        let s = spool.lock().expect("spool");
+        (s.len(), s.sha256(), s.dropped)
+    };
+    let mut attempts = shared.attempts.lock().expect("attempts");
+    let Some(a) = attempts.get_mut(&key) else {
+        return;
+    };
+    if a.fenced {
+        // Stopped because the lease ran out: the job did not end by itself.
+        outcome = Outcome::Lost;
+    }
+    let finished = Finished {
+        outcome,
+        length,
+        sha256,
+        dropped,
+    };
+    if a.aborted {
+        let a = attempts.remove(&key).expect("present");
+        let _ = std::fs::remove_dir_all(&a.dir);
+        drop(attempts);
+        shared.output_ready.notify_waiters();
+        return;
+    }
+    if let Err(e) = write_atomic(
+        &dir.join("outcome.json"),
+        &serde_json::to_vec(&finished).expect("serializable"),
+    ) {
+        tracing::error!(error = %e, "storing an outcome");
+    }
+    a.finished = Some(finished);
+    a.canceller = None;
+    drop(attempts);
+    shared.output_ready.notify_waiters();
+}

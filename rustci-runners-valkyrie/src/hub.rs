@@ -1,0 +1,1771 @@
+//! The control plane's side of the protocol: registration, sessions, leases, output and
+//! completion, and the registry entries of agents' runners.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use rustci_control::{ControlPlane, JobState, RegisterOptions, RunnerRecord, parse_attempt_id};
+use rustci_runners::error::Chain;
+use rustci_runners::runner::{EventKind, ExecutionSink, JobId, Outcome, OutputStream, StepStatus};
+use rustci_runners::{Capabilities, Runner};
+
+use crate::pki::{self, Authority, ServerIdentity};
+use crate::proto::{self, agent_message, server_message};
+use crate::remote::{RemoteRunner, RemoteRunnerConfig};
+use crate::spool::{Spool, write_atomic};
+use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Timings};
+
+/// How a [`Hub`] behaves.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct HubOptions {
+    /// Where it keeps agents and attempt output (`agents.json`, `attempts/`).
+    pub dir: PathBuf,
+    /// Lease timings.
+    pub timings: Timings,
+    /// How long an agent's client certificate is valid; agents renew at two thirds.
+    pub certificate_validity: Duration,
+    /// Session starts allowed per second on average (a token bucket)…
+    pub session_starts_per_second: f64,
+    /// …and at once.
+    pub session_burst: f64,
+}
+
+impl HubOptions {
+    /// Defaults, keeping state under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        HubOptions {
+            dir: dir.into(),
+            timings: Timings::default(),
+            certificate_validity: Duration::from_secs(24 * 3600),
+            session_starts_per_second: 200.0,
+            session_burst: 400.0,
+        }
+    }
+}
+
+/// What the embedding server decides for the hub: registration tokens and the audit log.
+pub trait Admission: Send + Sync {
+    /// Checks a registration token and uses it up (a token registers one agent); returns
+    /// the labels it grants, or why it is refused.
+    fn admit(&self, token: &str) -> Result<Vec<String>, String>;
+    /// Records a security-relevant event (`agent.register`, `agent.session`, …).
+    fn audit(&self, actor: &str, action: &str, target: Option<&str>, result: &str);
+}
+
+/// Where an agent stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AgentStatus {
+    /// Connected and taking jobs.
+    Healthy,
+    /// Connected, taking no new jobs.
+    Draining,
+    /// Not connected; its attempts are kept until the reassignment time.
+    Disconnected,
+    /// Away for longer than the reassignment time: its attempts were given up.
+    Lost,
+}
+
+/// An agent as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct AgentView {
+    /// Its id (the common name of its certificate).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its host name.
+    pub hostname: String,
+    /// The address of its current (or last) session.
+    pub address: Option<String>,
+    /// Its software version.
+    pub version: String,
+    /// Its labels.
+    pub labels: Vec<String>,
+    /// Its status.
+    pub status: AgentStatus,
+    /// When its last heartbeat arrived (milliseconds since the Unix epoch).
+    pub last_heartbeat_ms: Option<u64>,
+    /// The registry ids of its runners.
+    pub runners: Vec<String>,
+    /// Attempts it is running.
+    pub running: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct AgentRecord {
+    id: String,
+    name: String,
+    hostname: String,
+    labels: Vec<String>,
+    registered_at_ms: u64,
+}
+
+struct SessionHandle {
+    id: u64,
+    tx: mpsc::Sender<Result<proto::ServerMessage, Status>>,
+    close: CancellationToken,
+}
+
+struct AgentLive {
+    record: AgentRecord,
+    session: Option<SessionHandle>,
+    boot_id: Option<String>,
+    address: Option<String>,
+    version: String,
+    last_beat: Option<Instant>,
+    last_beat_at: Option<SystemTime>,
+    since: Instant,
+    heartbeat: Duration,
+    draining: bool,
+    lost: bool,
+    unhealthy: HashMap<String, String>,
+}
+
+type Key = (String, u32);
+
+fn key_of(a: &proto::AttemptRef) -> Key {
+    (a.job_id.clone(), a.attempt)
+}
+
+fn execution_id(key: &Key) -> JobId {
+    rustci_control::attempt_id(&JobId::from(key.0.clone()), key.1)
+}
+
+enum Phase {
+    Offered(Option<oneshot::Sender<Result<(), (String, bool)>>>),
+    Running,
+    /// Taken up after a restart; given up at this instant unless its agent continues it.
+    Reattached(Instant),
+}
+
+pub(crate) struct AttemptIo {
+    spool: Spool,
+    sink: ExecutionSink,
+}
+
+struct AttemptLive {
+    agent: String,
+    runner: String,
+    phase: Phase,
+    io: Arc<tokio::sync::Mutex<AttemptIo>>,
+    ended: CancellationToken,
+}
+
+#[derive(Default)]
+struct HubState {
+    agents: HashMap<String, AgentLive>,
+    attempts: HashMap<Key, AttemptLive>,
+    /// Attempts whose outcome is stored here (`.done`): a reconnecting agent that still
+    /// holds one is told it is done.
+    done: HashSet<Key>,
+    revoked: HashSet<String>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub(crate) struct HubInner {
+    options: HubOptions,
+    authority: Authority,
+    admission: Arc<dyn Admission>,
+    plane: OnceLock<ControlPlane>,
+    state: Mutex<HubState>,
+    sessions: AtomicU64,
+    bucket: Mutex<Bucket>,
+    stop: CancellationToken,
+}
+
+/// The control plane's side of Valkyrie. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("dir", &self.inner.options.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The registry id of runner `local` of agent `agent`.
+pub(crate) fn runner_id(agent: &str, local: &str) -> String {
+    format!("{agent}.{local}")
+}
+
+impl Hub {
+    /// A hub keeping its state under `options.dir` (loading the agents registered
+    /// before), signing with `authority`.
+    pub fn new(
+        options: HubOptions,
+        authority: Authority,
+        admission: Arc<dyn Admission>,
+    ) -> std::io::Result<Hub> {
+        std::fs::create_dir_all(options.dir.join("attempts"))?;
+        let mut state = HubState::default();
+        let path = options.dir.join("agents.json");
+        let stored: (Vec<AgentRecord>, Vec<String>) = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(e),
+        };
+        let now = Instant::now();
+        for record in stored.0 {
+            state.agents.insert(
+                record.id.clone(),
+                AgentLive {
+                    record,
+                    session: None,
+                    boot_id: None,
+                    address: None,
+                    version: String::new(),
+                    last_beat: None,
+                    last_beat_at: None,
+                    since: now,
+                    heartbeat: options.timings.heartbeat,
+                    draining: false,
+                    lost: false,
+                    unhealthy: HashMap::new(),
+                },
+            );
+        }
+        state.revoked = stored.1.into_iter().collect();
+        // Outcomes stored before a restart and not yet cleaned up.
+        if let Ok(dir) = std::fs::read_dir(options.dir.join("attempts")) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(stem) = name.strip_suffix(".done")
+                    && let Some((job, n)) = parse_attempt_id(&JobId::from(stem.to_string()))
+                {
+                    state.done.insert((job.as_str().to_string(), n));
+                }
+            }
+        }
+        let burst = options.session_burst.max(1.0);
+        let inner = Arc::new(HubInner {
+            authority,
+            admission,
+            plane: OnceLock::new(),
+            state: Mutex::new(state),
+            sessions: AtomicU64::new(0),
+            bucket: Mutex::new(Bucket {
+                tokens: burst,
+                at: Instant::now(),
+            }),
+            stop: CancellationToken::new(),
+            options,
+        });
+        tokio::spawn(sweep_loop(Arc::downgrade(&inner)));
+        Ok(Hub { inner })
+    }
+
+    /// Connects the hub to its control plane: agents' runners are registered there.
+    /// Call once, before [`ControlPlane::recover`] (which may take up attempts of
+    /// agents) and before serving.
+    pub fn attach(&self, plane: ControlPlane) {
+        let _ = self.inner.plane.set(plane);
+    }
+
+    /// The backend that rebuilds agents' runners from stored registrations.
+    pub fn backend(&self) -> crate::ValkyrieBackend {
+        crate::ValkyrieBackend::new(self.inner.clone())
+    }
+
+    /// The CA (for its fingerprint and PEM).
+    pub fn authority(&self) -> &Authority {
+        &self.inner.authority
+    }
+
+    /// The gRPC service, for a server of one's own.
+    pub fn service(&self) -> proto::valkyrie_server::ValkyrieServer<Service> {
+        proto::valkyrie_server::ValkyrieServer::new(Service {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Serves the protocol on `listener` with TLS (`identity`), client certificates
+    /// optional at the handshake (registration has none yet) and required by every call
+    /// but `Register`. Returns when [`Hub::shutdown`] is called.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        identity: ServerIdentity,
+    ) -> Result<(), String> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&identity.chain_pem, &identity.key_pem))
+            .client_ca_root(Certificate::from_pem(self.inner.authority.ca_pem()))
+            .client_auth_optional(true);
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stop = self.inner.stop.clone();
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+            .await
+            .map_err(|e| format!("serving agents: {e}"))
+    }
+
+    /// Every registered agent.
+    pub fn agents(&self) -> Vec<AgentView> {
+        let state = self.inner.state.lock().expect("hub");
+        let mut out: Vec<AgentView> = state
+            .agents
+            .values()
+            .map(|a| view(&self.inner, &state, a))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &str) -> Option<AgentView> {
+        let state = self.inner.state.lock().expect("hub");
+        state.agents.get(id).map(|a| view(&self.inner, &state, a))
+    }
+
+    /// Revokes an agent: its session closes now, its runners leave the registry, its
+    /// attempts are lost, and it can never connect again. False when unknown.
+    pub fn revoke(&self, id: &str, actor: &str) -> bool {
+        let (session, attempts) = {
+            let mut state = self.inner.state.lock().expect("hub");
+            let Some(agent) = state.agents.remove(id) else {
+                return false;
+            };
+            state.revoked.insert(id.to_string());
+            let keys: Vec<Key> = state
+                .attempts
+                .iter()
+                .filter(|(_, a)| a.agent == id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let attempts: Vec<AttemptLive> = keys
+                .iter()
+                .filter_map(|k| state.attempts.remove(k))
+                .collect();
+            save_agents(&self.inner, &state);
+            (agent.session, attempts)
+        };
+        if let Some(s) = session {
+            let _ = s.tx.try_send(Ok(disconnect("this agent was revoked", 0)));
+            s.close.cancel();
+        }
+        for a in attempts {
+            end_lost(a);
+        }
+        if let Some(plane) = self.inner.plane.get() {
+            for entry in plane.registry().list() {
+                let rid = entry.info().id.clone();
+                if rid.starts_with(&format!("{id}.")) {
+                    plane.remove(&rid);
+                    let _ = plane.store().remove_runner(&rid);
+                }
+            }
+        }
+        self.inner
+            .admission
+            .audit(actor, "agent.revoke", Some(id), "ok");
+        true
+    }
+
+    /// Stops serving and closes every session (agents keep their jobs and reconnect to
+    /// the next control plane).
+    pub fn shutdown(&self) {
+        self.inner.stop.cancel();
+        let state = self.inner.state.lock().expect("hub");
+        for a in state.agents.values() {
+            if let Some(s) = &a.session {
+                s.close.cancel();
+            }
+        }
+    }
+}
+
+fn view(inner: &HubInner, state: &HubState, a: &AgentLive) -> AgentView {
+    let id = &a.record.id;
+    let runners = inner
+        .plane
+        .get()
+        .map(|p| {
+            p.registry()
+                .list()
+                .into_iter()
+                .map(|e| e.info().id.clone())
+                .filter(|r| r.starts_with(&format!("{id}.")))
+                .collect()
+        })
+        .unwrap_or_default();
+    AgentView {
+        id: id.clone(),
+        name: a.record.name.clone(),
+        hostname: a.record.hostname.clone(),
+        address: a.address.clone(),
+        version: a.version.clone(),
+        labels: a.record.labels.clone(),
+        status: status_of(a),
+        last_heartbeat_ms: a.last_beat_at.map(millis),
+        runners,
+        running: state.attempts.values().filter(|x| x.agent == *id).count(),
+    }
+}
+
+fn status_of(a: &AgentLive) -> AgentStatus {
+    match (&a.session, a.lost, a.draining) {
+        (Some(_), _, true) => AgentStatus::Draining,
+        (Some(_), _, false) => AgentStatus::Healthy,
+        (None, true, _) => AgentStatus::Lost,
+        (None, false, _) => AgentStatus::Disconnected,
+    }
+}
+
+fn save_agents(inner: &HubInner, state: &HubState) {
+    let mut records: Vec<&AgentRecord> = state.agents.values().map(|a| &a.record).collect();
+    records.sort_by(|a, b| a.id.cmp(&b.id));
+    let revoked: BTreeSet<&String> = state.revoked.iter().collect();
+    let json = serde_json::to_vec_pretty(&(records, revoked)).expect("serializable");
+    if let Err(e) = write_atomic(&inner.options.dir.join("agents.json"), &json) {
+        tracing::error!(error = %e, "storing the agents");
+    }
+}
+
+fn disconnect(reason: &str, retry_after_ms: u64) -> proto::ServerMessage {
+    proto::ServerMessage {
+        kind: Some(server_message::Kind::Disconnect(proto::Disconnect {
+            reason: reason.to_string(),
+            retry_after_ms,
+        })),
+    }
+}
+
+fn msg(kind: server_message::Kind) -> proto::ServerMessage {
+    proto::ServerMessage { kind: Some(kind) }
+}
+
+fn attempt_ref(key: &Key) -> proto::AttemptRef {
+    proto::AttemptRef {
+        job_id: key.0.clone(),
+        attempt: key.1,
+    }
+}
+
+/// Ends an attempt the control plane gave up: its execution ends `Lost`.
+fn end_lost(a: AttemptLive) {
+    a.ended.cancel();
+    if let Phase::Offered(Some(tx)) = a.phase {
+        let _ = tx.send(Err(("the agent went away".into(), true)));
+        return;
+    }
+    tokio::spawn(async move {
+        let io = a.io.lock().await;
+        io.sink.finish(Outcome::Lost).await;
+    });
+}
+
+impl HubInner {
+    fn attempt_path(&self, key: &Key, ext: &str) -> PathBuf {
+        self.options
+            .dir
+            .join("attempts")
+            .join(format!("{}.{ext}", execution_id(key)))
+    }
+
+    /// Jobs running on runner `local` of `agent`.
+    pub(crate) fn running(&self, agent: &str, local: &str) -> usize {
+        self.state
+            .lock()
+            .expect("hub")
+            .attempts
+            .values()
+            .filter(|a| a.agent == agent && a.runner == local)
+            .count()
+    }
+
+    pub(crate) fn agent_labels(&self, agent: &str) -> Option<Vec<String>> {
+        self.state
+            .lock()
+            .expect("hub")
+            .agents
+            .get(agent)
+            .map(|a| a.record.labels.clone())
+    }
+
+    /// The health of runner `local` of `agent`, as its registry entry shows it.
+    pub(crate) fn health(&self, agent: &str, local: &str) -> rustci_runners::Health {
+        use rustci_runners::Health;
+        let state = self.state.lock().expect("hub");
+        let Some(a) = state.agents.get(agent) else {
+            return Health::Unhealthy(format!("agent {agent} is not registered (revoked?)"));
+        };
+        match status_of(a) {
+            AgentStatus::Healthy => match a.unhealthy.get(local) {
+                Some(why) => Health::Unhealthy(format!("on agent {}: {why}", a.record.name)),
+                None => Health::Healthy,
+            },
+            AgentStatus::Draining => {
+                Health::Offline(format!("agent {} is draining", a.record.name))
+            }
+            AgentStatus::Disconnected => Health::Offline(format!(
+                "agent {} is disconnected (for {}s)",
+                a.record.name,
+                a.since.elapsed().as_secs()
+            )),
+            AgentStatus::Lost => Health::Offline(format!(
+                "agent {} is lost (disconnected for {}s)",
+                a.record.name,
+                a.since.elapsed().as_secs()
+            )),
+        }
+    }
+
+    /// Offers attempt `id` to runner `local` of `agent` and waits for the answer.
+    pub(crate) async fn offer(
+        self: &Arc<Self>,
+        agent: &str,
+        local: &str,
+        runner_id: &str,
+        job_json: String,
+        id: JobId,
+    ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
+        use rustci_runners::Error;
+        let Some((job, number)) = parse_attempt_id(&id) else {
+            return Err(Error::rejected(format!(
+                "execution id {id} is not an attempt id of the control plane"
+            )));
+        };
+        let key: Key = (job.as_str().to_string(), number);
+        let (execution, sink) = rustci_runners::Execution::channel(id.clone(), 256);
+        let path = self.attempt_path(&key, "out");
+        let _ = std::fs::remove_file(&path);
+        let spool =
+            Spool::open(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let (answer_tx, answer_rx) = oneshot::channel();
+        let ended = CancellationToken::new();
+        let io = Arc::new(tokio::sync::Mutex::new(AttemptIo {
+            spool,
+            sink: sink.clone(),
+        }));
+        let tx = {
+            let mut state = self.state.lock().expect("hub");
+            let Some(a) = state.agents.get(agent) else {
+                return Err(Error::unavailable(format!(
+                    "agent {agent} is not registered"
+                )));
+            };
+            let Some(session) = &a.session else {
+                return Err(Error::unavailable(format!(
+                    "agent {} is not connected",
+                    a.record.name
+                ))
+                .temporary(true));
+            };
+            if a.draining {
+                return Err(
+                    Error::unavailable(format!("agent {} is draining", a.record.name))
+                        .temporary(true),
+                );
+            }
+            let tx = session.tx.clone();
+            state.attempts.insert(
+                key.clone(),
+                AttemptLive {
+                    agent: agent.to_string(),
+                    runner: local.to_string(),
+                    phase: Phase::Offered(Some(answer_tx)),
+                    io: io.clone(),
+                    ended: ended.clone(),
+                },
+            );
+            tx
+        };
+        let timeout = self.options.timings.offer_timeout;
+        let offer = msg(server_message::Kind::Offer(proto::Offer {
+            attempt: Some(attempt_ref(&key)),
+            runner: local.to_string(),
+            job_json,
+            accept_within_ms: timeout.as_millis() as u64,
+        }));
+        let forget = |inner: &HubInner| {
+            inner.state.lock().expect("hub").attempts.remove(&key);
+            let _ = std::fs::remove_file(&path);
+        };
+        if tx.send(Ok(offer)).await.is_err() {
+            forget(self);
+            return Err(Error::unavailable("the agent's session closed").temporary(true));
+        }
+        let answer = tokio::time::timeout(timeout, answer_rx).await;
+        match answer {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err((reason, temporary)))) => {
+                forget(self);
+                let e = Error::rejected(format!("agent {agent} refused the job: {reason}"));
+                return Err(e.temporary(temporary));
+            }
+            Ok(Err(_)) => {
+                forget(self);
+                return Err(Error::unavailable("the offer was withdrawn").temporary(true));
+            }
+            Err(_) => {
+                forget(self);
+                let _ = tx.try_send(Ok(msg(server_message::Kind::Abort(proto::Abort {
+                    attempt: Some(attempt_ref(&key)),
+                    reason: "not accepted in time".into(),
+                }))));
+                return Err(Error::unavailable(format!(
+                    "agent {agent} did not accept the job within {timeout:?}"
+                ))
+                .temporary(true));
+            }
+        }
+        sink.emit(EventKind::Started {
+            job_id: id.as_str().to_string(),
+            runner_id: runner_id.to_string(),
+            runner_kind: rustci_runners::RunnerKind::Valkyrie,
+        })
+        .await;
+        self.watch_cancel(key, sink, ended);
+        Ok(execution)
+    }
+
+    /// Sends `Cancel` to the attempt's agent when its execution is cancelled.
+    fn watch_cancel(self: &Arc<Self>, key: Key, sink: ExecutionSink, ended: CancellationToken) {
+        let inner = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = ended.cancelled() => {}
+                _ = sink.cancelled() => {
+                    let tx = {
+                        let state = inner.state.lock().expect("hub");
+                        state
+                            .attempts
+                            .get(&key)
+                            .and_then(|a| state.agents.get(&a.agent))
+                            .and_then(|a| a.session.as_ref().map(|s| s.tx.clone()))
+                    };
+                    if let Some(tx) = tx {
+                        let _ = tx
+                            .send(Ok(msg(server_message::Kind::Cancel(proto::Cancel {
+                                attempt: Some(attempt_ref(&key)),
+                            }))))
+                            .await;
+                    }
+                    // A cancel while disconnected is delivered by the verdict at
+                    // reconnection: the attempt is then aborted.
+                    let mut state = inner.state.lock().expect("hub");
+                    let connected = state
+                        .attempts
+                        .get(&key)
+                        .map(|a| state.agents.get(&a.agent).is_some_and(|x| x.session.is_some()));
+                    if connected == Some(false) {
+                        let a = state.attempts.remove(&key).expect("present");
+                        drop(state);
+                        a.ended.cancel();
+                        let io = a.io.clone();
+                        tokio::spawn(async move {
+                            io.lock().await.sink.finish(Outcome::Cancelled).await;
+                        });
+                    }
+                }
+            }
+        });
+    }
+
+    /// Takes up an attempt after a control-plane restart (see [`Runner::reattach`]).
+    pub(crate) async fn reattach(
+        self: &Arc<Self>,
+        agent: &str,
+        local: &str,
+        id: &JobId,
+        held: u64,
+    ) -> Result<Option<rustci_runners::Execution>, rustci_runners::Error> {
+        use rustci_runners::Error;
+        let Some((job, number)) = parse_attempt_id(id) else {
+            return Ok(None);
+        };
+        let key: Key = (job.as_str().to_string(), number);
+        if !self.state.lock().expect("hub").agents.contains_key(agent) {
+            return Ok(None);
+        }
+        let path = self.attempt_path(&key, "out");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let spool =
+            Spool::open(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let done: Option<Outcome> = std::fs::read(self.attempt_path(&key, "done"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (execution, sink) = rustci_runners::Execution::channel(id.clone(), 256);
+        let io = Arc::new(tokio::sync::Mutex::new(AttemptIo {
+            spool,
+            sink: sink.clone(),
+        }));
+        // Replayed under the attempt's lock, so chunks the agent sends on are stored
+        // and passed on after it.
+        let guard = io.clone().lock_owned().await;
+        let ended = CancellationToken::new();
+        if done.is_none() {
+            let until = Instant::now() + self.options.timings.restart_grace;
+            self.state.lock().expect("hub").attempts.insert(
+                key.clone(),
+                AttemptLive {
+                    agent: agent.to_string(),
+                    runner: local.to_string(),
+                    phase: Phase::Reattached(until),
+                    io: io.clone(),
+                    ended: ended.clone(),
+                },
+            );
+            self.watch_cancel(key.clone(), sink.clone(), ended);
+        } else {
+            self.state.lock().expect("hub").done.insert(key.clone());
+        }
+        tokio::spawn(async move {
+            let io = guard;
+            let mut at = held;
+            while at < io.spool.len() {
+                match io.spool.read_at(at, MAX_CHUNK_BYTES) {
+                    Ok(data) if !data.is_empty() => {
+                        at += data.len() as u64;
+                        io.sink
+                            .emit(EventKind::Output {
+                                step: 0,
+                                stream: OutputStream::Stdout,
+                                data: data.into(),
+                            })
+                            .await;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "replaying an attempt's stored output");
+                        break;
+                    }
+                }
+            }
+            if let Some(outcome) = done {
+                io.sink.finish(outcome).await;
+            }
+        });
+        Ok(Some(execution))
+    }
+}
+
+/// Gives up attempts whose agent stayed away too long, closes silent sessions and
+/// removes the output of attempts the control plane has settled.
+async fn sweep_loop(inner: std::sync::Weak<HubInner>) {
+    let mut last_cleanup = Instant::now();
+    loop {
+        let Some(hub) = inner.upgrade() else { return };
+        let pause = hub.options.timings.heartbeat / 2;
+        if hub.stop.is_cancelled() {
+            return;
+        }
+        sweep(&hub);
+        if last_cleanup.elapsed() > Duration::from_secs(30) {
+            last_cleanup = Instant::now();
+            cleanup(&hub);
+        }
+        let stop = hub.stop.clone();
+        drop(hub);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+fn sweep(hub: &HubInner) {
+    let now = Instant::now();
+    let timings = hub.options.timings;
+    let mut lost = Vec::new();
+    let mut changed = Vec::new();
+    {
+        let mut state = hub.state.lock().expect("hub");
+        let state = &mut *state;
+        for a in state.agents.values_mut() {
+            let reassign = timings.reassign_for(a.heartbeat);
+            let silent = a.last_beat.map_or(a.since, |b| b.max(a.since));
+            if now.duration_since(silent) > reassign {
+                if let Some(s) = a.session.take() {
+                    tracing::warn!(agent = %a.record.id, "no heartbeat for longer than the reassignment time: closing its session");
+                    let _ = s.tx.try_send(Ok(disconnect("no heartbeat", 0)));
+                    s.close.cancel();
+                }
+                if !a.lost {
+                    a.lost = true;
+                    changed.push(a.record.id.clone());
+                }
+            }
+        }
+        let keys: Vec<Key> = state
+            .attempts
+            .iter()
+            .filter(|(_, at)| match at.phase {
+                Phase::Reattached(until) => now > until,
+                _ => state.agents.get(&at.agent).is_none_or(|a| a.lost),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(a) = state.attempts.remove(&k) {
+                tracing::warn!(job_id = %k.0, attempt = k.1, agent = %a.agent, "the agent stayed away longer than the reassignment time: attempt lost");
+                lost.push(a);
+            }
+        }
+    }
+    for a in lost {
+        end_lost(a);
+    }
+    if let Some(plane) = hub.plane.get() {
+        for agent in changed {
+            for e in plane.registry().list() {
+                if e.info().id.starts_with(&format!("{agent}.")) {
+                    plane.check_runner_soon(&e.info().id);
+                }
+            }
+        }
+    }
+}
+
+/// Deletes stored output and outcomes of attempts the control plane has settled (the
+/// job ended, or moved on to a later attempt).
+fn cleanup(hub: &HubInner) {
+    let Some(plane) = hub.plane.get() else { return };
+    let Ok(dir) = std::fs::read_dir(hub.options.dir.join("attempts")) else {
+        return;
+    };
+    let live: HashSet<Key> = hub
+        .state
+        .lock()
+        .expect("hub")
+        .attempts
+        .keys()
+        .cloned()
+        .collect();
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some((stem, _)) = name.rsplit_once('.') else {
+            continue;
+        };
+        let Some((job, n)) = parse_attempt_id(&JobId::from(stem.to_string())) else {
+            continue;
+        };
+        let key = (job.as_str().to_string(), n);
+        if live.contains(&key) {
+            continue;
+        }
+        let settled = match plane.get(&job) {
+            None => true,
+            Some(r) => {
+                r.state.is_terminal()
+                    || r.attempts.len() as u32 > n
+                    || r.attempts
+                        .get(n as usize - 1)
+                        .is_some_and(|a| a.outcome.is_some())
+                        && r.state != JobState::Running
+            }
+        };
+        if settled {
+            let _ = std::fs::remove_file(entry.path());
+            if name.ends_with(".done") {
+                hub.state.lock().expect("hub").done.remove(&key);
+            }
+        }
+    }
+}
+
+/// The tonic service; see [`Hub::service`].
+pub struct Service {
+    inner: Arc<HubInner>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The verified agent id of a call, from its client certificate.
+fn caller<T>(inner: &HubInner, request: &Request<T>, action: &str) -> Result<String, Status> {
+    let Some(certs) = request.peer_certs() else {
+        inner
+            .admission
+            .audit("anonymous", action, None, "denied: no client certificate");
+        return Err(Status::unauthenticated(
+            "this call needs the agent's client certificate (register first)",
+        ));
+    };
+    let Some(leaf) = certs.first() else {
+        return Err(Status::unauthenticated("no client certificate"));
+    };
+    let id = pki::common_name(leaf).map_err(Status::unauthenticated)?;
+    let state = inner.state.lock().expect("hub");
+    if state.revoked.contains(&id) {
+        drop(state);
+        inner
+            .admission
+            .audit(&format!("agent:{id}"), action, Some(&id), "denied: revoked");
+        return Err(Status::permission_denied(format!("agent {id} is revoked")));
+    }
+    if !state.agents.contains_key(&id) {
+        drop(state);
+        inner.admission.audit(
+            &format!("agent:{id}"),
+            action,
+            Some(&id),
+            "denied: unknown agent",
+        );
+        return Err(Status::permission_denied(format!(
+            "agent {id} is not registered with this control plane"
+        )));
+    }
+    Ok(id)
+}
+
+#[tonic::async_trait]
+impl proto::valkyrie_server::Valkyrie for Service {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterResponse>, Status> {
+        let inner = &self.inner;
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let r = request.into_inner();
+        let name = if r.name.is_empty() {
+            r.hostname.clone()
+        } else {
+            r.name.clone()
+        };
+        let actor = format!("agent-registration:{}", peer.as_deref().unwrap_or("?"));
+        if !valid_name(&name) {
+            inner
+                .admission
+                .audit(&actor, "agent.register", None, "denied: bad name");
+            return Err(Status::invalid_argument(format!(
+                "agent name {name:?}: 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+            )));
+        }
+        for l in &r.labels {
+            if l.is_empty() || l.len() > 128 || l.chars().any(|c| c.is_whitespace() || c == ',') {
+                return Err(Status::invalid_argument(format!(
+                    "label {l:?}: 1 to 128 characters, no spaces or commas"
+                )));
+            }
+        }
+        if inner
+            .state
+            .lock()
+            .expect("hub")
+            .agents
+            .values()
+            .any(|a| a.record.name == name)
+        {
+            inner
+                .admission
+                .audit(&actor, "agent.register", None, "denied: name taken");
+            return Err(Status::already_exists(format!(
+                "an agent named {name:?} is registered; revoke it first or choose another name"
+            )));
+        }
+        let granted = match inner.admission.admit(&r.token) {
+            Ok(l) => l,
+            Err(why) => {
+                inner
+                    .admission
+                    .audit(&actor, "agent.register", None, &format!("denied: {why}"));
+                return Err(Status::permission_denied(why));
+            }
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let (certificate_pem, until) = inner
+            .authority
+            .sign_agent(&r.csr_pem, &id, inner.options.certificate_validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut labels: BTreeSet<String> = r.labels.into_iter().collect();
+        labels.extend(granted);
+        let record = AgentRecord {
+            id: id.clone(),
+            name: name.clone(),
+            hostname: r.hostname,
+            labels: labels.into_iter().collect(),
+            registered_at_ms: millis(SystemTime::now()),
+        };
+        {
+            let mut state = inner.state.lock().expect("hub");
+            state.agents.insert(
+                id.clone(),
+                AgentLive {
+                    record,
+                    session: None,
+                    boot_id: None,
+                    address: peer,
+                    version: r.version,
+                    last_beat: None,
+                    last_beat_at: None,
+                    since: Instant::now(),
+                    heartbeat: inner.options.timings.heartbeat,
+                    draining: false,
+                    lost: false,
+                    unhealthy: HashMap::new(),
+                },
+            );
+            save_agents(inner, &state);
+        }
+        inner
+            .admission
+            .audit(&format!("agent:{id}"), "agent.register", Some(&id), "ok");
+        tracing::info!(agent = %id, name = %name, "agent registered");
+        Ok(Response::new(proto::RegisterResponse {
+            agent_id: id,
+            certificate_pem,
+            ca_pem: inner.authority.ca_pem().to_string(),
+            not_after_ms: millis(until),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::RenewResponse>, Status> {
+        let id = caller(&self.inner, &request, "agent.renew")?;
+        let r = request.into_inner();
+        let (certificate_pem, until) = self
+            .inner
+            .authority
+            .sign_agent(&r.csr_pem, &id, self.inner.options.certificate_validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(proto::RenewResponse {
+            certificate_pem,
+            not_after_ms: millis(until),
+        }))
+    }
+
+    type SessionStream = BoxStream<proto::ServerMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let inner = self.inner.clone();
+        let agent = caller(&inner, &request, "agent.session")?;
+        let peer: Option<SocketAddr> = request.remote_addr();
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<proto::ServerMessage, Status>>(256);
+        let out: Self::SessionStream = Box::pin(futures::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|m| (m, rx))
+        }));
+        if !take_token(&inner) {
+            let wait = (1000.0 / inner.options.session_starts_per_second.max(0.001)) as u64;
+            let jitter = rand_below(wait.max(1) * 4);
+            let _ = tx.try_send(Ok(disconnect(
+                "too many sessions starting; retry later",
+                wait + jitter,
+            )));
+            return Ok(Response::new(out));
+        }
+        let first = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))?;
+        let hello = match first {
+            Some(Ok(proto::AgentMessage {
+                kind: Some(agent_message::Kind::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be a hello",
+                ));
+            }
+            Some(Err(s)) => return Err(s),
+            None => return Err(Status::cancelled("the session ended before its hello")),
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            tracing::warn!(agent = %agent, protocol = hello.protocol, "refused a session: unsupported protocol version");
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported; this control plane speaks version {PROTOCOL_VERSION}",
+                hello.protocol
+            )));
+        }
+        let session_id = inner.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        let close = CancellationToken::new();
+        let welcome = start_session(
+            &inner,
+            &agent,
+            hello,
+            SessionHandle {
+                id: session_id,
+                tx: tx.clone(),
+                close: close.clone(),
+            },
+            peer,
+        )?;
+        let _ = tx.send(Ok(welcome)).await;
+        tokio::spawn(read_session(inner, agent, session_id, incoming, tx, close));
+        Ok(Response::new(out))
+    }
+
+    type OutputStream = BoxStream<proto::OutputAck>;
+
+    async fn output(
+        &self,
+        request: Request<Streaming<proto::OutputChunk>>,
+    ) -> Result<Response<Self::OutputStream>, Status> {
+        let inner = self.inner.clone();
+        let agent = caller(&inner, &request, "agent.output")?;
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<proto::OutputAck, Status>>(64);
+        tokio::spawn(async move {
+            loop {
+                let chunk = tokio::select! {
+                    _ = inner.stop.cancelled() => return,
+                    c = incoming.next() => c,
+                };
+                let chunk = match chunk {
+                    Some(Ok(c)) => c,
+                    Some(Err(_)) | None => return,
+                };
+                let ack = store_chunk(&inner, &agent, chunk).await;
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            rx,
+            |mut rx| async { rx.recv().await.map(|m| (m, rx)) },
+        ))))
+    }
+}
+
+fn rand_below(n: u64) -> u64 {
+    (uuid::Uuid::new_v4().as_u128() % n.max(1) as u128) as u64
+}
+
+fn take_token(inner: &HubInner) -> bool {
+    let mut b = inner.bucket.lock().expect("bucket");
+    let now = Instant::now();
+    let rate = inner.options.session_starts_per_second;
+    let burst = inner.options.session_burst.max(1.0);
+    b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+    b.at = now;
+    if b.tokens >= 1.0 {
+        b.tokens -= 1.0;
+        true
+    } else {
+        false
+    }
+}
+
+/// Takes the hello: replaces an older session, registers the agent's runners, and
+/// answers for every attempt it holds.
+fn start_session(
+    inner: &Arc<HubInner>,
+    agent: &str,
+    hello: proto::Hello,
+    handle: SessionHandle,
+    peer: Option<SocketAddr>,
+) -> Result<proto::ServerMessage, Status> {
+    for r in &hello.runners {
+        if !valid_name(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "local runner name {:?}: 1 to 64 ASCII letters, digits, '-', '_' or '.'",
+                r.name
+            )));
+        }
+        serde_json::from_str::<Capabilities>(&r.capabilities_json).map_err(|e| {
+            Status::invalid_argument(format!("capabilities of local runner {}: {e}", r.name))
+        })?;
+    }
+    let agents = inner.state.lock().expect("hub").agents.len();
+    let heartbeat = inner.options.timings.heartbeat_for(agents);
+    let held: HashMap<Key, &proto::HeldAttempt> = hello
+        .held
+        .iter()
+        .filter_map(|h| h.attempt.as_ref().map(|a| (key_of(a), h)))
+        .collect();
+    let mut verdicts = Vec::new();
+    let mut lost = Vec::new();
+    let (old, labels, name) = {
+        let mut state = inner.state.lock().expect("hub");
+        let state = &mut *state;
+        let Some(a) = state.agents.get_mut(agent) else {
+            return Err(Status::permission_denied(format!(
+                "agent {agent} is not registered"
+            )));
+        };
+        let old = a.session.replace(handle);
+        let new_boot = a.boot_id.as_deref() != Some(hello.boot_id.as_str());
+        a.boot_id = Some(hello.boot_id.clone());
+        a.address = peer.map(|p| p.to_string());
+        a.version = hello.agent_version.clone();
+        a.last_beat = Some(Instant::now());
+        a.last_beat_at = Some(SystemTime::now());
+        a.since = Instant::now();
+        a.heartbeat = heartbeat;
+        a.draining = hello.draining;
+        a.lost = false;
+        a.unhealthy.clear();
+        let (labels, name) = (a.record.labels.clone(), a.record.name.clone());
+        // Attempts the control plane has for this agent that it no longer holds: the
+        // process that ran them is gone (a new boot id), or it forgot them. Lost now,
+        // without waiting for the lease.
+        let mine: Vec<Key> = state
+            .attempts
+            .iter()
+            .filter(|(k, at)| at.agent == agent && !held.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in mine {
+            if let Some(at) = state.attempts.remove(&k) {
+                tracing::warn!(job_id = %k.0, attempt = k.1, agent = %agent, new_boot, "the reconnected agent no longer holds the attempt: lost");
+                lost.push(at);
+            }
+        }
+        for (k, h) in &held {
+            let (verdict, offset) = match state.attempts.get_mut(k) {
+                Some(at) if at.agent == agent => {
+                    if matches!(at.phase, Phase::Reattached(_)) {
+                        at.phase = Phase::Running;
+                    }
+                    (proto::Verdict::Continue, None)
+                }
+                _ if state.done.contains(k) => (proto::Verdict::Done, Some(h.spooled)),
+                _ => (proto::Verdict::Abort, Some(0)),
+            };
+            verdicts.push((k.clone(), verdict, offset));
+        }
+        (old, labels, name)
+    };
+    if let Some(old) = old {
+        let _ = old.tx.try_send(Ok(disconnect(
+            "replaced by a newer session of this agent",
+            0,
+        )));
+        old.close.cancel();
+    }
+    for at in lost {
+        end_lost(at);
+    }
+    // The control plane's durable length of each continued attempt.
+    let mut out = Vec::new();
+    for (k, verdict, offset) in verdicts {
+        let offset = match offset {
+            Some(o) => o,
+            None => {
+                let io = inner
+                    .state
+                    .lock()
+                    .expect("hub")
+                    .attempts
+                    .get(&k)
+                    .map(|a| a.io.clone());
+                // Being replayed or written right now: 0, and the agent learns the
+                // exact offset from the first output ack.
+                io.and_then(|io| io.try_lock().ok().map(|g| g.spool.len()))
+                    .unwrap_or_default()
+            }
+        };
+        out.push(proto::HeldVerdict {
+            attempt: Some(attempt_ref(&k)),
+            verdict: verdict as i32,
+            offset,
+        });
+    }
+    register_runners(inner, agent, &name, &labels, &hello.runners);
+    inner.admission.audit(
+        &format!("agent:{agent}"),
+        "agent.session",
+        Some(agent),
+        "ok",
+    );
+    tracing::info!(agent = %agent, name = %name, held = hello.held.len(), "agent session started");
+    let t = &inner.options.timings;
+    Ok(msg(server_message::Kind::Welcome(proto::Welcome {
+        session_id: format!("{agent}/{}", uuid::Uuid::new_v4()),
+        heartbeat_interval_ms: heartbeat.as_millis() as u64,
+        self_fence_ms: t.self_fence_for(heartbeat).as_millis() as u64,
+        reassign_ms: t.reassign_for(heartbeat).as_millis() as u64,
+        verdicts: out,
+        agent_id: agent.to_string(),
+        protocol: PROTOCOL_VERSION,
+    })))
+}
+
+/// Puts the agent's runners in the registry (and the store, so a restarted control
+/// plane has them before the agent reconnects); removes ones it no longer offers.
+fn register_runners(
+    inner: &Arc<HubInner>,
+    agent: &str,
+    agent_name: &str,
+    labels: &[String],
+    runners: &[proto::LocalRunner],
+) {
+    let Some(plane) = inner.plane.get() else {
+        return;
+    };
+    let prefix = format!("{agent}.");
+    let mut offered = BTreeSet::new();
+    for r in runners {
+        let id = runner_id(agent, &r.name);
+        offered.insert(id.clone());
+        let caps: Capabilities =
+            serde_json::from_str(&r.capabilities_json).expect("checked in start_session");
+        let mut all_labels: BTreeSet<String> = labels.iter().cloned().collect();
+        all_labels.extend(r.labels.iter().cloned());
+        let config = RemoteRunnerConfig {
+            agent: agent.to_string(),
+            runner: r.name.clone(),
+            local_kind: r.kind.clone(),
+            capabilities: caps,
+        };
+        let name = format!("{agent_name}/{}", r.name);
+        let existing = plane.registry().get(&id);
+        if let Some(e) = &existing {
+            let same = e.info().labels == all_labels
+                && e.info().name == name
+                && e.runner.capabilities() == &config.capabilities;
+            if same || e.runner.running() > 0 {
+                plane.check_runner_soon(&id);
+                continue;
+            }
+            plane.remove(&id);
+        }
+        let runner: Arc<dyn Runner> = Arc::new(RemoteRunner::new(
+            inner.clone(),
+            id.clone(),
+            name.clone(),
+            all_labels.iter().cloned().collect(),
+            config.clone(),
+        ));
+        plane.register(runner, RegisterOptions::default());
+        plane.check_runner_soon(&id);
+        let record = RunnerRecord::new(
+            id.clone(),
+            name.clone(),
+            crate::KIND,
+            serde_json::json!({
+                "name": name,
+                "kind": crate::KIND,
+                "labels": all_labels,
+                "slots": config.capabilities.max_concurrency,
+                crate::KIND: config,
+            }),
+        );
+        if let Err(e) = plane.store().put_runner(&record) {
+            tracing::error!(runner = %id, error = %Chain(&e), "storing an agent's runner");
+        }
+    }
+    for e in plane.registry().list() {
+        let id = e.info().id.clone();
+        if id.starts_with(&prefix) && !offered.contains(&id) && e.runner.running() == 0 {
+            plane.remove(&id);
+            let _ = plane.store().remove_runner(&id);
+        }
+    }
+}
+
+async fn read_session(
+    inner: Arc<HubInner>,
+    agent: String,
+    session_id: u64,
+    mut incoming: Streaming<proto::AgentMessage>,
+    tx: mpsc::Sender<Result<proto::ServerMessage, Status>>,
+    close: CancellationToken,
+) {
+    let end = loop {
+        let next = tokio::select! {
+            _ = close.cancelled() => break "closed by the control plane".to_string(),
+            _ = inner.stop.cancelled() => break "the control plane is stopping".to_string(),
+            m = incoming.next() => m,
+        };
+        let m = match next {
+            Some(Ok(m)) => m,
+            Some(Err(s)) => break format!("stream error: {}", s.message()),
+            None => break "the agent closed the session".to_string(),
+        };
+        if let Err(status) = handle(&inner, &agent, session_id, m, &tx).await {
+            tracing::warn!(agent = %agent, error = %status.message(), "refused a message; closing the session");
+            let _ = tx.send(Err(status)).await;
+            break "protocol error".to_string();
+        }
+    };
+    let current = {
+        let mut state = inner.state.lock().expect("hub");
+        match state.agents.get_mut(&agent) {
+            Some(a) if a.session.as_ref().is_some_and(|s| s.id == session_id) => {
+                a.session = None;
+                a.since = a.last_beat.unwrap_or_else(Instant::now);
+                true
+            }
+            _ => false,
+        }
+    };
+    if current {
+        tracing::info!(agent = %agent, reason = %end, "agent session ended");
+        if let Some(plane) = inner.plane.get() {
+            for e in plane.registry().list() {
+                if e.info().id.starts_with(&format!("{agent}.")) {
+                    plane.check_runner_soon(&e.info().id);
+                }
+            }
+        }
+    }
+}
+
+/// The attempt `r` names if `agent` holds it now; otherwise why not.
+fn held_by(inner: &HubInner, agent: &str, r: Option<&proto::AttemptRef>) -> Result<Key, String> {
+    let r = r.ok_or("a message about an attempt without its attempt reference")?;
+    let k = key_of(r);
+    let state = inner.state.lock().expect("hub");
+    match state.attempts.get(&k) {
+        Some(a) if a.agent == agent => Ok(k),
+        _ => Err(format!(
+            "attempt {} of job {} is not held by this agent (superseded, cancelled or unknown)",
+            k.1, k.0
+        )),
+    }
+}
+
+async fn handle(
+    inner: &Arc<HubInner>,
+    agent: &str,
+    session_id: u64,
+    m: proto::AgentMessage,
+    tx: &mpsc::Sender<Result<proto::ServerMessage, Status>>,
+) -> Result<(), Status> {
+    let abort = |r: Option<proto::AttemptRef>, reason: String| {
+        tracing::warn!(agent = %agent, reason = %reason, "refused a message about an attempt");
+        msg(server_message::Kind::Abort(proto::Abort {
+            attempt: r,
+            reason,
+        }))
+    };
+    match m.kind {
+        None => {
+            return Err(Status::invalid_argument(
+                "a message of a kind this control plane does not know (protocol version 1)",
+            ));
+        }
+        Some(agent_message::Kind::Hello(_)) => {
+            return Err(Status::invalid_argument("a second hello in one session"));
+        }
+        Some(agent_message::Kind::Heartbeat(h)) => {
+            let mut state = inner.state.lock().expect("hub");
+            if let Some(a) = state.agents.get_mut(agent)
+                && a.session.as_ref().is_some_and(|s| s.id == session_id)
+            {
+                let was_draining = a.draining;
+                a.last_beat = Some(Instant::now());
+                a.last_beat_at = Some(SystemTime::now());
+                a.draining = h.draining;
+                let unhealthy: HashMap<String, String> = h
+                    .unhealthy
+                    .into_iter()
+                    .filter(|(_, why)| !why.is_empty())
+                    .collect();
+                let changed = unhealthy != a.unhealthy || was_draining != a.draining;
+                a.unhealthy = unhealthy;
+                drop(state);
+                let _ = tx.try_send(Ok(msg(server_message::Kind::HeartbeatAck(
+                    proto::HeartbeatAck { seq: h.seq },
+                ))));
+                if changed && let Some(plane) = inner.plane.get() {
+                    for e in plane.registry().list() {
+                        if e.info().id.starts_with(&format!("{agent}.")) {
+                            plane.check_runner_soon(&e.info().id);
+                        }
+                    }
+                }
+            }
+        }
+        Some(agent_message::Kind::Accept(a)) => {
+            let r = a.attempt.clone();
+            match held_by(inner, agent, a.attempt.as_ref()) {
+                Ok(k) => {
+                    let mut state = inner.state.lock().expect("hub");
+                    if let Some(at) = state.attempts.get_mut(&k)
+                        && let Phase::Offered(answer) = &mut at.phase
+                    {
+                        if let Some(answer) = answer.take() {
+                            let _ = answer.send(Ok(()));
+                        }
+                        at.phase = Phase::Running;
+                    }
+                }
+                Err(why) => {
+                    let _ = tx.send(Ok(abort(r, why))).await;
+                }
+            }
+        }
+        Some(agent_message::Kind::Reject(rj)) => {
+            if let Ok(k) = held_by(inner, agent, rj.attempt.as_ref()) {
+                let mut state = inner.state.lock().expect("hub");
+                if let Some(at) = state.attempts.get_mut(&k)
+                    && let Phase::Offered(answer) = &mut at.phase
+                    && let Some(answer) = answer.take()
+                {
+                    let _ = answer.send(Err((rj.reason, rj.temporary)));
+                }
+            }
+        }
+        Some(agent_message::Kind::Event(ev)) => {
+            let r = ev.attempt.clone();
+            let k = match held_by(inner, agent, ev.attempt.as_ref()) {
+                Ok(k) => k,
+                Err(why) => {
+                    let _ = tx.send(Ok(abort(r, why))).await;
+                    return Ok(());
+                }
+            };
+            let io = inner
+                .state
+                .lock()
+                .expect("hub")
+                .attempts
+                .get(&k)
+                .map(|a| a.io.clone());
+            let kind = match ev.kind {
+                Some(proto::attempt_event::Kind::StepStarted(s)) => EventKind::StepStarted {
+                    step: s.step as usize,
+                    name: s.name,
+                },
+                Some(proto::attempt_event::Kind::StepFinished(s)) => {
+                    let status: StepStatus = serde_json::from_str(&s.status_json).map_err(|e| {
+                        Status::invalid_argument(format!("step_finished.status_json: {e}"))
+                    })?;
+                    EventKind::StepFinished {
+                        step: s.step as usize,
+                        name: s.name,
+                        status,
+                        duration: Duration::from_millis(s.duration_ms),
+                    }
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "an attempt event of a kind this control plane does not know",
+                    ));
+                }
+            };
+            if let Some(io) = io {
+                io.lock().await.sink.emit(kind).await;
+            }
+        }
+        Some(agent_message::Kind::Complete(c)) => {
+            let r = c.attempt.clone();
+            let k = match held_by(inner, agent, c.attempt.as_ref()) {
+                Ok(k) => k,
+                Err(why) => {
+                    // Already stored here: the agent only missed the ack.
+                    if r.as_ref()
+                        .is_some_and(|r| inner.state.lock().expect("hub").done.contains(&key_of(r)))
+                    {
+                        let _ = tx
+                            .send(Ok(msg(server_message::Kind::CompleteAck(
+                                proto::CompleteAck { attempt: r },
+                            ))))
+                            .await;
+                    } else {
+                        let _ = tx.send(Ok(abort(r, why))).await;
+                    }
+                    return Ok(());
+                }
+            };
+            let outcome: Outcome = serde_json::from_str(&c.outcome_json)
+                .map_err(|e| Status::invalid_argument(format!("complete.outcome_json: {e}")))?;
+            let Some(at) = inner
+                .state
+                .lock()
+                .expect("hub")
+                .attempts
+                .get(&k)
+                .map(|a| (a.io.clone(), matches!(a.phase, Phase::Offered(_))))
+            else {
+                return Ok(());
+            };
+            if at.1 {
+                let _ = tx
+                    .send(Ok(abort(
+                        r,
+                        "a completion before the offer was accepted".into(),
+                    )))
+                    .await;
+                return Ok(());
+            }
+            let io = at.0.lock().await;
+            let stored = io.spool.len();
+            if stored < c.length {
+                // Output still on its way (or lost with a connection): not acked; the
+                // agent sends the rest and completes again.
+                tracing::debug!(agent = %agent, job_id = %k.0, stored, length = c.length, "a completion before all output is stored; not acknowledged");
+                return Ok(());
+            }
+            let outcome = if stored > c.length || io.spool.sha256() != c.sha256 {
+                tracing::error!(agent = %agent, job_id = %k.0, stored, length = c.length, "the stored output does not match the agent's");
+                Outcome::RunnerError {
+                    message: format!(
+                        "the control plane's copy of the output ({stored} bytes) does not match the agent's ({} bytes, sha256 {})",
+                        c.length, c.sha256
+                    ),
+                    temporary: true,
+                }
+            } else {
+                outcome
+            };
+            let done_path = inner.attempt_path(&k, "done");
+            let json = serde_json::to_vec(&outcome).expect("serializable");
+            if let Err(e) = write_atomic(&done_path, &json) {
+                tracing::error!(error = %e, path = %done_path.display(), "storing a completion; not acknowledged");
+                return Ok(());
+            }
+            {
+                let mut state = inner.state.lock().expect("hub");
+                if let Some(at) = state.attempts.remove(&k) {
+                    at.ended.cancel();
+                }
+                state.done.insert(k.clone());
+            }
+            if c.dropped > 0 {
+                tracing::warn!(agent = %agent, job_id = %k.0, dropped = c.dropped, "the agent's spool dropped output at its cap");
+            }
+            io.sink.finish(outcome).await;
+            drop(io);
+            let _ = tx
+                .send(Ok(msg(server_message::Kind::CompleteAck(
+                    proto::CompleteAck { attempt: r },
+                ))))
+                .await;
+        }
+        Some(agent_message::Kind::Goodbye(g)) => {
+            tracing::info!(agent = %agent, reason = %g.reason, "agent said goodbye");
+            if let Some(a) = inner.state.lock().expect("hub").agents.get_mut(agent) {
+                a.draining = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores one output chunk at the attempt's durable length and answers with the new one.
+async fn store_chunk(
+    inner: &Arc<HubInner>,
+    agent: &str,
+    chunk: proto::OutputChunk,
+) -> Result<proto::OutputAck, Status> {
+    let r = chunk.attempt.clone();
+    let k = match held_by(inner, agent, chunk.attempt.as_ref()) {
+        Ok(k) => k,
+        Err(why) => {
+            let done = r
+                .as_ref()
+                .is_some_and(|r| inner.state.lock().expect("hub").done.contains(&key_of(r)));
+            return Ok(proto::OutputAck {
+                attempt: r,
+                offset: 0,
+                error: why,
+                abort: !done,
+            });
+        }
+    };
+    if chunk.data.len() > MAX_CHUNK_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "an output chunk of {} bytes; at most {MAX_CHUNK_BYTES}",
+            chunk.data.len()
+        )));
+    }
+    let stream = match chunk.stream {
+        0 => OutputStream::Stdout,
+        1 => OutputStream::Stderr,
+        n => {
+            return Err(Status::invalid_argument(format!(
+                "output stream {n}: 0 (stdout) or 1 (stderr)"
+            )));
+        }
+    };
+    let Some(io) = inner
+        .state
+        .lock()
+        .expect("hub")
+        .attempts
+        .get(&k)
+        .map(|a| a.io.clone())
+    else {
+        return Ok(proto::OutputAck {
+            attempt: r,
+            offset: 0,
+            error: "the attempt ended".into(),
+            abort: true,
+        });
+    };
+    let mut io = io.lock().await;
+    let len = io.spool.len();
+    if chunk.offset != len {
+        return Ok(proto::OutputAck {
+            attempt: r,
+            offset: len,
+            error: format!(
+                "offset {} does not match the stored length {len}; send from {len}",
+                chunk.offset
+            ),
+            abort: false,
+        });
+    }
+    if let Err(e) = io.spool.append(&chunk.data) {
+        tracing::error!(error = %e, path = %io.spool.path().display(), "storing output");
+        return Ok(proto::OutputAck {
+            attempt: r,
+            offset: len,
+            error: format!("the control plane could not store the chunk: {e}"),
+            abort: false,
+        });
+    }
+    let new_len = io.spool.len();
+    io.sink
+        .emit(EventKind::Output {
+            step: chunk.step as usize,
+            stream,
+            data: chunk.data.into(),
+        })
+        .await;
+    Ok(proto::OutputAck {
+        attempt: r,
+        offset: new_len,
+        error: String::new(),
+        abort: false,
+    })
+}
