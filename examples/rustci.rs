@@ -57,6 +57,41 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Run as a remote agent of a control plane: register once (with --token and
+    /// --ca-fingerprint or --ca), then run the jobs it sends on this host's runners.
+    /// SIGTERM or SIGINT drains; a second SIGINT stops at once.
+    Agent {
+        /// The control plane's agent address, host:port (its `agent_listen`).
+        #[arg(long)]
+        server: String,
+        /// Registration token (POST /api/tokens); needed only on the first start.
+        #[arg(long, env = "RUSTCI_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The control plane's CA fingerprint (sha256:…), as the server printed it.
+        #[arg(long)]
+        ca_fingerprint: Option<String>,
+        /// The control plane's CA certificate (PEM), instead of a fingerprint.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Runner kinds to offer, comma-separated (local, native, docker, …).
+        #[arg(long, value_delimiter = ',', default_value = "native")]
+        runners: Vec<String>,
+        /// Labels for every runner, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Jobs each runner runs at once (default 4).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Where the agent keeps its identity and spools.
+        #[arg(long, default_value = "rustci-agent")]
+        data_dir: PathBuf,
+        /// The agent's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long a drain lets running jobs go on, in seconds.
+        #[arg(long, default_value_t = 600)]
+        drain_timeout: u64,
+    },
     /// Jobs on a server.
     Jobs {
         #[command(subcommand)]
@@ -185,6 +220,32 @@ async fn main() {
             follow,
             remote: r,
         } => remote::submit(&r.remote(), &file, follow, &mut out, &mut err).await,
+        Command::Agent {
+            server,
+            token,
+            ca_fingerprint,
+            ca,
+            runners,
+            labels,
+            slots,
+            data_dir,
+            name,
+            drain_timeout,
+        } => {
+            #[cfg(feature = "server")]
+            rustci::server::init_logging();
+            let mut a = cli::agent::AgentArgs::new(server);
+            a.token = token;
+            a.ca_fingerprint = ca_fingerprint;
+            a.ca = ca;
+            a.runners = runners;
+            a.labels = labels;
+            a.slots = slots;
+            a.data_dir = data_dir;
+            a.name = name;
+            a.drain_timeout = std::time::Duration::from_secs(drain_timeout);
+            cli::agent::run(a, &mut err).await
+        }
         Command::Jobs {
             action,
             remote: r,

@@ -25,6 +25,13 @@ struct Args {
     /// Admin API key (env RUSTCI_ADMIN_KEY); generated on first start when none is set.
     #[arg(long)]
     admin_key: Option<String>,
+    /// Listen for remote agents (Valkyrie, gRPC with TLS) on this address, e.g.
+    /// 0.0.0.0:8443.
+    #[arg(long)]
+    agent_listen: Option<std::net::SocketAddr>,
+    /// Further names for the server's certificate (host names or addresses), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    tls_names: Vec<String>,
 }
 
 #[tokio::main]
@@ -37,7 +44,13 @@ async fn main() -> std::process::ExitCode {
     overrides.data_dir = args.data_dir;
     overrides.admin_key = args.admin_key;
     let config = match ServerConfig::resolve(|k| std::env::var(k).ok(), &overrides) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            if args.agent_listen.is_some() {
+                c.agent_listen = args.agent_listen;
+            }
+            c.tls_names.extend(args.tls_names);
+            c
+        }
         Err(e) => {
             eprintln!("rustci-server: {e}");
             return std::process::ExitCode::from(2);
@@ -46,6 +59,9 @@ async fn main() -> std::process::ExitCode {
     match Server::start(config).await {
         Ok(server) => {
             println!("rustci-server: listening on http://{}", server.addr());
+            if let Some(a) = server.agent_addr() {
+                println!("rustci-server: listening for agents on {a}");
+            }
             server.run_until_signalled().await;
             std::process::ExitCode::SUCCESS
         }

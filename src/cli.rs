@@ -5,6 +5,7 @@
 //! step was killed, 124 on timeout, 130 when cancelled (Ctrl-C or SIGTERM), 2 when the file
 //! is invalid, 1 when no runner could run it.
 
+pub mod agent;
 pub mod remote;
 
 use std::io::Write;

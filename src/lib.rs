@@ -59,3 +59,6 @@ pub use rustci_runners_docker as docker;
 /// The Kubernetes backend.
 #[cfg(feature = "k8s")]
 pub use rustci_runners_k8s as k8s;
+/// Remote agents over the Valkyrie protocol.
+#[cfg(feature = "valkyrie")]
+pub use rustci_runners_valkyrie as valkyrie;

@@ -270,8 +270,8 @@ impl Agent {
 
     /// Takes no new jobs; waits for running ones up to `deadline` (then cancels them),
     /// waits for their completions to be acknowledged (up to the same deadline again),
-    /// and stops.
-    pub async fn drain(self, deadline: Duration) {
+    /// and says goodbye. Call [`Agent::stop`] after it.
+    pub async fn drain(&self, deadline: Duration) {
         self.shared
             .draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -310,7 +310,6 @@ impl Agent {
             },
         )
         .await;
-        self.stop().await;
     }
 
     /// Stops at once: cancels running jobs (their spools stay on disk) and closes the

@@ -43,6 +43,8 @@ pub struct App {
     pub config: ServerConfig,
     /// Builds runners for registrations.
     pub factory: RunnerFactory,
+    /// Remote agents, when the server listens for them.
+    pub hub: Option<rustci_runners_valkyrie::Hub>,
 }
 
 impl std::fmt::Debug for App {
@@ -145,6 +147,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/runners/{id}/resume", post(resume_runner))
         .route("/api/runners/{id}/health", post(check_runner_health))
         .route_layer(middleware::from_fn(require_operator));
+    let agents_admin = Router::new()
+        .route("/api/agents/{id}", axum::routing::delete(revoke_agent))
+        .route_layer(middleware::from_fn(require_admin));
+    let agents_viewer = Router::new()
+        .route("/api/agents", get(list_agents))
+        .route("/api/agents/{id}", get(get_agent))
+        .route_layer(middleware::from_fn(require_viewer));
     let admin = Router::new()
         .route("/api/tokens", post(create_token))
         .route("/api/audit", get(list_audit))
@@ -163,6 +172,8 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(operator)
         .merge(admin)
         .merge(registrar)
+        .merge(agents_admin)
+        .merge(agents_viewer)
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .merge(open)
         .fallback(not_found)
@@ -990,6 +1001,48 @@ async fn resume_runner(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     runner_action(&app, &p, &rid, &id, "runner.resume").await
+}
+
+fn hub(app: &App) -> ApiResult<&rustci_runners_valkyrie::Hub> {
+    app.hub.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this server does not listen for agents (set agent_listen)",
+        )
+    })
+}
+
+async fn list_agents(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
+    let agents = hub(&app)?.agents();
+    Ok(Json(json!({ "agents": agents })))
+}
+
+async fn get_agent(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    match hub(&app)?.agent(&id) {
+        Some(a) => Ok(Json(json!(a))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no agent {id}"),
+        )),
+    }
+}
+
+async fn revoke_agent(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if hub(&app)?.revoke(&id, &p.name) {
+        Ok(Json(json!({ "revoked": id })))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no agent {id}"),
+        ))
+    }
 }
 
 async fn delete_runner(

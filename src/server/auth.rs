@@ -188,7 +188,8 @@ impl Keys {
         Ok((token, claims))
     }
 
-    fn verify_token(&self, token: &str) -> Result<RegistrationClaims, String> {
+    /// The claims of a valid, unexpired registration token, or why it is not one.
+    pub fn verify_token(&self, token: &str) -> Result<RegistrationClaims, String> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);

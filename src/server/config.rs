@@ -51,6 +51,14 @@ pub struct ServerConfig {
     /// `kubernetes` is left out because its default configuration reaches the cluster
     /// with the server's own credentials.
     pub registration_kinds: Vec<String>,
+    /// Address the Valkyrie listener for remote agents binds (gRPC with TLS, client
+    /// certificates after registration), e.g. `0.0.0.0:8443`. Its own port, so that its
+    /// TLS policy (client certificates) and its long-lived streams stay apart from the
+    /// HTTP API. Default: none (no agents).
+    pub agent_listen: Option<SocketAddr>,
+    /// Host names and addresses the server's certificate names besides
+    /// `rustci-control-plane` (agents verify that fixed name). Default: none.
+    pub tls_names: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +77,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             health_interval_secs: 10,
             registration_kinds: vec!["local".into(), "native".into(), "docker".into()],
+            agent_listen: None,
+            tls_names: Vec::new(),
         }
     }
 }

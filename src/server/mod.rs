@@ -5,6 +5,7 @@
 //! [`Server::start`] is what the `rustci-server` binary runs; an embedding project can
 //! use it the same way, or build an [`App`] and mount [`router`] in its own axum app.
 
+mod agents;
 mod api;
 mod auth;
 mod config;
@@ -51,6 +52,7 @@ fn runtime(context: &str) -> impl FnOnce(String) -> ServerError + '_ {
 pub struct Server {
     app: Arc<App>,
     addr: SocketAddr,
+    agent_addr: Option<SocketAddr>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     admin_key_file: Option<PathBuf>,
@@ -85,7 +87,7 @@ impl Server {
     /// its own kinds with [`RunnerFactory::with_backends`]).
     pub async fn start_with(
         config: ServerConfig,
-        factory: RunnerFactory,
+        mut factory: RunnerFactory,
     ) -> Result<Server, ServerError> {
         let data = config.data_dir.clone();
         create_private_dir(&data)?;
@@ -96,6 +98,13 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| runtime(&format!("listening on {}", config.listen))(e.to_string()))?;
+        let agent_listener =
+            match config.agent_listen {
+                Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+                    runtime(&format!("listening for agents on {a}"))(e.to_string())
+                })?),
+                None => None,
+            };
         let store = SqliteStore::open(data.join("rustci.db")).map_err(|e| {
             runtime("opening the store")(rustci_runners::error::Chain(&e).to_string())
         })?;
@@ -138,6 +147,26 @@ impl Server {
             ControlPlane::with_options(SelectionEngine::default(), options).map_err(|e| {
                 runtime("starting the control plane")(rustci_runners::error::Chain(&e).to_string())
             })?;
+        // The hub comes before the runners: stored registrations of agents' runners are
+        // rebuilt through it, and recovery may hand it their attempts.
+        let hub = match &agent_listener {
+            Some(_) => {
+                let (hub, created) = agents::hub(&data, &secret, &plane).map_err(|e| {
+                    plane.shutdown();
+                    ServerError::Runtime(e)
+                })?;
+                if created {
+                    println!(
+                        "rustci-server: created a CA for agents; its fingerprint (for `rustci agent --ca-fingerprint`): {}",
+                        hub.authority().fingerprint()
+                    );
+                }
+                hub.attach(plane.clone());
+                factory.register(hub.backend());
+                Some(hub)
+            }
+            None => None,
+        };
         let recovery = match start_runners(&plane, &factory, &config).await {
             Ok(()) => plane.recover().await.map_err(|e| {
                 runtime("recovering jobs")(rustci_runners::error::Chain(&e).to_string())
@@ -148,6 +177,9 @@ impl Server {
             Ok(r) => r,
             Err(e) => {
                 plane.shutdown();
+                if let Some(h) = &hub {
+                    h.shutdown();
+                }
                 return Err(e);
             }
         };
@@ -161,6 +193,23 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| runtime("listener")(e.to_string()))?;
+        let mut agent_addr = None;
+        if let (Some(hub), Some(l)) = (&hub, agent_listener) {
+            agent_addr = l.local_addr().ok();
+            let mut names = config.tls_names.clone();
+            names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+            let identity = hub
+                .authority()
+                .server_identity(&names)
+                .map_err(|e| runtime("the server certificate")(e.to_string()))?;
+            let serving = hub.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serving.serve(l, identity).await {
+                    tracing::error!(error = %e, "the agent listener failed");
+                }
+            });
+            tracing::info!(addr = ?agent_addr, "listening for agents");
+        }
         let app = Arc::new(App {
             plane: plane.clone(),
             keys,
@@ -168,6 +217,7 @@ impl Server {
             metrics,
             config,
             factory,
+            hub,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -184,6 +234,7 @@ impl Server {
         Ok(Server {
             app,
             addr,
+            agent_addr,
             stop,
             task,
             admin_key_file,
@@ -193,6 +244,11 @@ impl Server {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the agent listener is bound to, when it has one.
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        self.agent_addr
     }
 
     /// The shared state (control plane, keys, metrics).
@@ -216,6 +272,9 @@ impl Server {
                 cancelled = cancelled.len(),
                 "cancelled jobs still running at the end of the grace period"
             );
+        }
+        if let Some(hub) = &self.app.hub {
+            hub.shutdown();
         }
         let _ = self.stop.send(());
         let _ = self.task.await;

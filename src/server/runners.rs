@@ -32,6 +32,11 @@ impl RunnerFactory {
         RunnerFactory { backends }
     }
 
+    /// Adds a kind (the server adds `valkyrie` once its hub exists).
+    pub(crate) fn register(&mut self, backend: impl rustci_runners::Backend + 'static) {
+        self.backends.register(backend);
+    }
+
     /// The kinds it builds.
     pub fn backends(&self) -> &Backends {
         &self.backends
