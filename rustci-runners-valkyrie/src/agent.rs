@@ -125,8 +125,13 @@ struct LocalAttempt {
     sent: u64,
     finished: Option<Finished>,
     complete_sent: Option<Instant>,
+    /// `None` while the local runner is still starting it.
     canceller: Option<Canceller>,
-    fenced: bool,
+    /// A cancel that arrived while it was starting.
+    cancel_requested: bool,
+    /// Stopped by the agent itself (self-fence, drain deadline, stop): the job did not
+    /// end by itself, so its outcome is `lost`.
+    interrupted: bool,
     aborted: bool,
 }
 
@@ -142,6 +147,8 @@ struct Shared {
     renewed: Mutex<Option<Instant>>,
     self_fence: Mutex<Duration>,
     draining: std::sync::atomic::AtomicBool,
+    /// Why a local runner cannot run jobs now, by name (from its health checks).
+    unhealthy: Mutex<HashMap<String, String>>,
     stop: CancellationToken,
     connected: tokio::sync::watch::Sender<bool>,
 }
@@ -237,12 +244,14 @@ impl Agent {
             renewed: Mutex::new(None),
             self_fence: Mutex::new(Duration::from_secs(15)),
             draining: std::sync::atomic::AtomicBool::new(false),
+            unhealthy: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             connected: tokio::sync::watch::channel(false).0,
             options,
         });
         load_attempts(&shared).await;
         tokio::spawn(fence_watch(shared.clone()));
+        tokio::spawn(health_watch(shared.clone()));
         let task = tokio::spawn(session_loop(shared.clone()));
         Ok(Agent { shared, task })
     }
@@ -289,11 +298,12 @@ impl Agent {
             let notified = self.shared.output_ready.notified();
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
-        for a in self.shared.attempts.lock().expect("attempts").values() {
-            if a.finished.is_none()
-                && let Some(c) = &a.canceller
-            {
-                c.cancel();
+        for a in self.shared.attempts.lock().expect("attempts").values_mut() {
+            if a.finished.is_none() {
+                a.interrupted = true;
+                if let Some(c) = &a.canceller {
+                    c.cancel();
+                }
             }
         }
         let until = Instant::now() + deadline;
@@ -315,9 +325,12 @@ impl Agent {
     /// Stops at once: cancels running jobs (their spools stay on disk) and closes the
     /// session.
     pub async fn stop(self) {
-        for a in self.shared.attempts.lock().expect("attempts").values() {
-            if let Some(c) = &a.canceller {
-                c.cancel();
+        for a in self.shared.attempts.lock().expect("attempts").values_mut() {
+            if a.finished.is_none() {
+                a.interrupted = true;
+                if let Some(c) = &a.canceller {
+                    c.cancel();
+                }
             }
         }
         self.shared.stop.cancel();
@@ -475,7 +488,8 @@ async fn load_attempts(shared: &Arc<Shared>) {
                             finished: Some(finished),
                             complete_sent: None,
                             canceller: None,
-                            fenced: false,
+                            cancel_requested: false,
+                            interrupted: false,
                             aborted: false,
                         },
                     );
@@ -516,13 +530,35 @@ async fn fence_watch(shared: Arc<Shared>) {
         }
         let mut attempts = shared.attempts.lock().expect("attempts");
         for (k, a) in attempts.iter_mut() {
-            if a.finished.is_none() && !a.fenced {
-                a.fenced = true;
+            if a.finished.is_none() && !a.interrupted {
+                a.interrupted = true;
                 tracing::warn!(job_id = %k.0, attempt = k.1, "no lease renewal for the self-fence time: stopping the attempt");
                 if let Some(c) = &a.canceller {
                     c.cancel();
                 }
             }
+        }
+    }
+}
+
+/// Checks the local runners' health every 10 s; heartbeats carry what is wrong.
+async fn health_watch(shared: Arc<Shared>) {
+    loop {
+        for (name, r) in &shared.options.runners {
+            let why = match tokio::time::timeout(Duration::from_secs(5), r.health()).await {
+                Ok(h) if h.is_usable() => None,
+                Ok(h) => Some(h.to_string()),
+                Err(_) => Some("no health answer within 5 s".to_string()),
+            };
+            let mut unhealthy = shared.unhealthy.lock().expect("health");
+            match why {
+                Some(w) => unhealthy.insert(name.clone(), w),
+                None => unhealthy.remove(name),
+            };
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
     }
 }
@@ -548,7 +584,7 @@ fn heartbeat(shared: &Shared, seq: u64) -> proto::AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
             seq,
             free,
-            unhealthy: HashMap::new(),
+            unhealthy: shared.unhealthy.lock().expect("health").clone(),
             running: attempts
                 .keys()
                 .map(|k| proto::AttemptRef {
@@ -744,6 +780,9 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
     let session_end = CancellationToken::new();
     let pump = tokio::spawn(output_pump(shared.clone(), chunk_tx, session_end.clone()));
 
+    // The certificate is renewed while the session lasts, not only when one starts: an
+    // agent whose certificate expired could not connect again.
+    let mut renew_check = Instant::now() + Duration::from_secs(60);
     let mut sent_at: HashMap<u64, Instant> = HashMap::new();
     let mut seq = 0u64;
     let mut tick = tokio::time::interval(heartbeat_every);
@@ -757,6 +796,11 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
                 sent_at.retain(|s, _| *s + 64 > seq);
                 if tx.send(heartbeat(shared, seq)).await.is_err() {
                     break Err("session channel closed".to_string());
+                }
+                if Instant::now() >= renew_check {
+                    renew_check = Instant::now() + Duration::from_secs(60);
+                    let (shared, mut client) = (shared.clone(), client.clone());
+                    tokio::spawn(async move { renew_if_due(&shared, &mut client).await });
                 }
                 send_completions(shared, &tx, heartbeat_every).await;
             }
@@ -789,10 +833,12 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
                         }
                         Some(server_message::Kind::Cancel(c)) => {
                             if let Some(r) = c.attempt
-                                && let Some(a) = shared.attempts.lock().expect("attempts").get(&(r.job_id, r.attempt))
-                                && let Some(c) = &a.canceller
+                                && let Some(a) = shared.attempts.lock().expect("attempts").get_mut(&(r.job_id, r.attempt))
                             {
-                                c.cancel();
+                                match &a.canceller {
+                                    Some(c) => c.cancel(),
+                                    None => a.cancel_requested = true,
+                                }
                             }
                         }
                         Some(server_message::Kind::Abort(a)) => {
@@ -894,11 +940,13 @@ fn on_ack(shared: &Shared, ack: proto::OutputAck) {
         return;
     };
     if !ack.error.is_empty() {
+        // Not stored: everything from the control plane's length on is sent again.
         tracing::debug!(job_id = %key.0, error = %ack.error, "output chunk not stored; resending from the control plane's offset");
-        a.acked = ack.offset;
-        a.sent = ack.offset;
-    } else if ack.offset > a.acked {
-        a.acked = ack.offset;
+        a.acked = a.acked.max(ack.offset);
+        a.sent = a.acked;
+    } else {
+        a.acked = a.acked.max(ack.offset);
+        a.sent = a.sent.max(a.acked);
     }
     drop(attempts);
     shared.output_ready.notify_waiters();
@@ -961,7 +1009,7 @@ async fn output_pump(
                 }
                 let spool = a.spool.lock().expect("spool");
                 let len = spool.len();
-                if a.sent >= len || a.sent - a.acked >= IN_FLIGHT {
+                if a.sent >= len || a.sent.saturating_sub(a.acked) >= IN_FLIGHT {
                     continue;
                 }
                 let segments = a.segments.lock().expect("segments");
@@ -1079,18 +1127,8 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
             return;
         }
     };
-    let started = runner
-        .start(&job, exec.clone())
-        .await
-        .map_err(|e| (Chain(&e).to_string(), e.is_temporary()));
-    let mut execution = match started {
-        Ok(e) => e,
-        Err((why, temporary)) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = tx.send(reject(why, temporary)).await;
-            return;
-        }
-    };
+    // Held from before the local runner starts it (which may take long, an image pull),
+    // so a reconnection meanwhile lists it and an abort or cancel is not lost.
     let spool = Arc::new(Mutex::new(spool));
     let segments = Arc::new(Mutex::new(Vec::new()));
     shared.attempts.lock().expect("attempts").insert(
@@ -1103,18 +1141,48 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
             sent: 0,
             finished: None,
             complete_sent: None,
-            canceller: Some(execution.canceller()),
-            fenced: false,
+            canceller: None,
+            cancel_requested: false,
+            interrupted: false,
             aborted: false,
         },
     );
-    let _ = tx
-        .send(proto::AgentMessage {
+    let started = runner
+        .start(&job, exec.clone())
+        .await
+        .map_err(|e| (Chain(&e).to_string(), e.is_temporary()));
+    let mut execution = match started {
+        Ok(e) => e,
+        Err((why, temporary)) => {
+            shared.attempts.lock().expect("attempts").remove(&key);
+            let _ = std::fs::remove_dir_all(&dir);
+            send(shared, reject(why, temporary)).await;
+            return;
+        }
+    };
+    let stop_now = {
+        let mut attempts = shared.attempts.lock().expect("attempts");
+        match attempts.get_mut(&key) {
+            Some(a) => {
+                a.canceller = Some(execution.canceller());
+                a.aborted || a.cancel_requested || a.interrupted
+            }
+            None => true,
+        }
+    };
+    if stop_now {
+        execution.cancel();
+    }
+    // Through the session of now: the one that made the offer may be gone.
+    send(
+        shared,
+        proto::AgentMessage {
             kind: Some(agent_message::Kind::Accept(proto::Accept {
                 attempt: Some(r.clone()),
             })),
-        })
-        .await;
+        },
+    )
+    .await;
     let cap = shared.options.max_spool_bytes;
     let mut outcome = Outcome::Lost;
     let mut last_segment: Option<(u32, u32)> = None;
@@ -1197,8 +1265,9 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     let Some(a) = attempts.get_mut(&key) else {
         return;
     };
-    if a.fenced {
-        // Stopped because the lease ran out: the job did not end by itself.
+    if a.interrupted {
+        // Stopped by the agent (the lease ran out, a drain's deadline, a stop): the job
+        // did not end by itself.
         outcome = Outcome::Lost;
     }
     let finished = Finished {

@@ -163,6 +163,134 @@ struct AttemptLive {
     phase: Phase,
     io: Arc<tokio::sync::Mutex<AttemptIo>>,
     ended: CancellationToken,
+    /// Step events and the completion, handled in order by the attempt's own task, so
+    /// the session's reader never waits for an attempt (heartbeats are never delayed).
+    work: mpsc::UnboundedSender<Work>,
+}
+
+enum Work {
+    Event(EventKind),
+    Complete {
+        complete: proto::Complete,
+        outcome: Outcome,
+        tx: mpsc::Sender<Result<proto::ServerMessage, Status>>,
+    },
+}
+
+type Io = Arc<tokio::sync::Mutex<AttemptIo>>;
+
+/// True while `io` is still the attempt's current state (not ended, lost or replaced).
+fn is_current(inner: &HubInner, key: &Key, io: &Io) -> bool {
+    inner
+        .state
+        .lock()
+        .expect("hub")
+        .attempts
+        .get(key)
+        .is_some_and(|a| Arc::ptr_eq(&a.io, io))
+}
+
+/// Applies an attempt's step events and its completion, in the order they arrived.
+async fn attempt_worker(
+    inner: Arc<HubInner>,
+    key: Key,
+    agent: String,
+    io: Io,
+    mut rx: mpsc::UnboundedReceiver<Work>,
+) {
+    while let Some(work) = rx.recv().await {
+        match work {
+            Work::Event(kind) => {
+                let guard = io.lock().await;
+                if is_current(&inner, &key, &io) {
+                    guard.sink.emit(kind).await;
+                }
+            }
+            Work::Complete {
+                complete,
+                outcome,
+                tx,
+            } => {
+                if settle(&inner, &agent, &key, &io, complete, outcome, &tx).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Takes a completion: stores the outcome once the control plane holds every byte of
+/// the output, ends the execution and acknowledges. False when it must wait for more
+/// output (the agent completes again).
+async fn settle(
+    inner: &HubInner,
+    agent: &str,
+    key: &Key,
+    io: &Io,
+    c: proto::Complete,
+    outcome: Outcome,
+    tx: &mpsc::Sender<Result<proto::ServerMessage, Status>>,
+) -> bool {
+    let r = c.attempt.clone();
+    let guard = io.lock().await;
+    if !is_current(inner, key, io) {
+        // Ended meanwhile (lost, revoked, cancelled): this completion decides nothing.
+        let _ = tx
+            .send(Ok(msg(server_message::Kind::Abort(proto::Abort {
+                attempt: r,
+                reason: "the attempt ended before its completion arrived".into(),
+            }))))
+            .await;
+        return true;
+    }
+    let stored = guard.spool.len();
+    if stored < c.length {
+        // Output still on its way (or lost with a connection): not acked; the agent
+        // sends the rest and completes again.
+        tracing::debug!(agent = %agent, job_id = %key.0, stored, length = c.length, "a completion before all output is stored; not acknowledged");
+        return false;
+    }
+    let outcome = if stored > c.length || guard.spool.sha256() != c.sha256 {
+        tracing::error!(agent = %agent, job_id = %key.0, stored, length = c.length, "the stored output does not match the agent's");
+        Outcome::RunnerError {
+            message: format!(
+                "the control plane's copy of the output ({stored} bytes) does not match the agent's ({} bytes, sha256 {})",
+                c.length, c.sha256
+            ),
+            temporary: true,
+        }
+    } else {
+        outcome
+    };
+    let done_path = inner.attempt_path(key, "done");
+    let json = serde_json::to_vec(&outcome).expect("serializable");
+    if let Err(e) = write_atomic(&done_path, &json) {
+        tracing::error!(error = %e, path = %done_path.display(), "storing a completion; not acknowledged");
+        return false;
+    }
+    {
+        let mut state = inner.state.lock().expect("hub");
+        if state
+            .attempts
+            .get(key)
+            .is_some_and(|a| Arc::ptr_eq(&a.io, io))
+            && let Some(at) = state.attempts.remove(key)
+        {
+            at.ended.cancel();
+        }
+        state.done.insert(key.clone());
+    }
+    if c.dropped > 0 {
+        tracing::warn!(agent = %agent, job_id = %key.0, dropped = c.dropped, "the agent's spool dropped output at its cap");
+    }
+    guard.sink.finish(outcome).await;
+    drop(guard);
+    let _ = tx
+        .send(Ok(msg(server_message::Kind::CompleteAck(
+            proto::CompleteAck { attempt: r },
+        ))))
+        .await;
+    true
 }
 
 #[derive(Default)]
@@ -350,11 +478,15 @@ impl Hub {
 
     /// Every registered agent.
     pub fn agents(&self) -> Vec<AgentView> {
+        // The registry is read before the hub's state is locked: the registry calls into
+        // the hub (`running`) while it holds its own lock, so the two are never nested
+        // the other way round.
+        let ids = registry_ids(&self.inner);
         let state = self.inner.state.lock().expect("hub");
         let mut out: Vec<AgentView> = state
             .agents
             .values()
-            .map(|a| view(&self.inner, &state, a))
+            .map(|a| view(&ids, &state, a))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
@@ -362,8 +494,9 @@ impl Hub {
 
     /// One agent.
     pub fn agent(&self, id: &str) -> Option<AgentView> {
+        let ids = registry_ids(&self.inner);
         let state = self.inner.state.lock().expect("hub");
-        state.agents.get(id).map(|a| view(&self.inner, &state, a))
+        state.agents.get(id).map(|a| view(&ids, &state, a))
     }
 
     /// Revokes an agent: its session closes now, its runners leave the registry, its
@@ -423,9 +556,8 @@ impl Hub {
     }
 }
 
-fn view(inner: &HubInner, state: &HubState, a: &AgentLive) -> AgentView {
-    let id = &a.record.id;
-    let runners = inner
+fn registry_ids(inner: &HubInner) -> Vec<String> {
+    inner
         .plane
         .get()
         .map(|p| {
@@ -433,10 +565,19 @@ fn view(inner: &HubInner, state: &HubState, a: &AgentLive) -> AgentView {
                 .list()
                 .into_iter()
                 .map(|e| e.info().id.clone())
-                .filter(|r| r.starts_with(&format!("{id}.")))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn view(ids: &[String], state: &HubState, a: &AgentLive) -> AgentView {
+    let id = &a.record.id;
+    let prefix = format!("{id}.");
+    let runners = ids
+        .iter()
+        .filter(|r| r.starts_with(&prefix))
+        .cloned()
+        .collect();
     AgentView {
         id: id.clone(),
         name: a.record.name.clone(),
@@ -607,6 +748,14 @@ impl HubInner {
                 );
             }
             let tx = session.tx.clone();
+            let (work, rx) = mpsc::unbounded_channel();
+            tokio::spawn(attempt_worker(
+                self.clone(),
+                key.clone(),
+                agent.to_string(),
+                io.clone(),
+                rx,
+            ));
             state.attempts.insert(
                 key.clone(),
                 AttemptLive {
@@ -615,6 +764,7 @@ impl HubInner {
                     phase: Phase::Offered(Some(answer_tx)),
                     io: io.clone(),
                     ended: ended.clone(),
+                    work,
                 },
             );
             tx
@@ -747,6 +897,14 @@ impl HubInner {
         let ended = CancellationToken::new();
         if done.is_none() {
             let until = Instant::now() + self.options.timings.restart_grace;
+            let (work, rx) = mpsc::unbounded_channel();
+            tokio::spawn(attempt_worker(
+                self.clone(),
+                key.clone(),
+                agent.to_string(),
+                io.clone(),
+                rx,
+            ));
             self.state.lock().expect("hub").attempts.insert(
                 key.clone(),
                 AttemptLive {
@@ -755,6 +913,7 @@ impl HubInner {
                     phase: Phase::Reattached(until),
                     io: io.clone(),
                     ended: ended.clone(),
+                    work,
                 },
             );
             self.watch_cancel(key.clone(), sink.clone(), ended);
@@ -1029,6 +1188,17 @@ impl proto::valkyrie_server::Valkyrie for Service {
         };
         {
             let mut state = inner.state.lock().expect("hub");
+            // Checked again under the lock that inserts: two registrations racing for
+            // one name cannot both win (the loser's token is spent).
+            if state.agents.values().any(|a| a.record.name == name) {
+                drop(state);
+                inner
+                    .admission
+                    .audit(&actor, "agent.register", None, "denied: name taken");
+                return Err(Status::already_exists(format!(
+                    "an agent named {name:?} is registered; revoke it first or choose another name"
+                )));
+            }
             state.agents.insert(
                 id.clone(),
                 AgentLive {
@@ -1134,7 +1304,8 @@ impl proto::valkyrie_server::Valkyrie for Service {
                 close: close.clone(),
             },
             peer,
-        )?;
+        )
+        .await?;
         let _ = tx.send(Ok(welcome)).await;
         tokio::spawn(read_session(inner, agent, session_id, incoming, tx, close));
         Ok(Response::new(out))
@@ -1194,7 +1365,7 @@ fn take_token(inner: &HubInner) -> bool {
 
 /// Takes the hello: replaces an older session, registers the agent's runners, and
 /// answers for every attempt it holds.
-fn start_session(
+async fn start_session(
     inner: &Arc<HubInner>,
     agent: &str,
     hello: proto::Hello,
@@ -1260,8 +1431,16 @@ fn start_session(
         for (k, h) in &held {
             let (verdict, offset) = match state.attempts.get_mut(k) {
                 Some(at) if at.agent == agent => {
-                    if matches!(at.phase, Phase::Reattached(_)) {
-                        at.phase = Phase::Running;
+                    match &mut at.phase {
+                        Phase::Reattached(_) => at.phase = Phase::Running,
+                        // Held means taken: its accept was lost with the old session.
+                        Phase::Offered(answer) => {
+                            if let Some(answer) = answer.take() {
+                                let _ = answer.send(Ok(()));
+                            }
+                            at.phase = Phase::Running;
+                        }
+                        Phase::Running => {}
                     }
                     (proto::Verdict::Continue, None)
                 }
@@ -1295,10 +1474,12 @@ fn start_session(
                     .attempts
                     .get(&k)
                     .map(|a| a.io.clone());
-                // Being replayed or written right now: 0, and the agent learns the
-                // exact offset from the first output ack.
-                io.and_then(|io| io.try_lock().ok().map(|g| g.spool.len()))
-                    .unwrap_or_default()
+                // Waits for a replay or a chunk being stored right now, so the offset
+                // is the exact durable length.
+                match io {
+                    Some(io) => io.lock().await.spool.len(),
+                    None => 0,
+                }
             }
         };
         out.push(proto::HeldVerdict {
@@ -1486,25 +1667,50 @@ async fn handle(
             return Err(Status::invalid_argument("a second hello in one session"));
         }
         Some(agent_message::Kind::Heartbeat(h)) => {
-            let mut state = inner.state.lock().expect("hub");
-            if let Some(a) = state.agents.get_mut(agent)
-                && a.session.as_ref().is_some_and(|s| s.id == session_id)
-            {
-                let was_draining = a.draining;
-                a.last_beat = Some(Instant::now());
-                a.last_beat_at = Some(SystemTime::now());
-                a.draining = h.draining;
-                let unhealthy: HashMap<String, String> = h
-                    .unhealthy
-                    .into_iter()
-                    .filter(|(_, why)| !why.is_empty())
-                    .collect();
-                let changed = unhealthy != a.unhealthy || was_draining != a.draining;
-                a.unhealthy = unhealthy;
-                drop(state);
+            let taken = {
+                let mut state = inner.state.lock().expect("hub");
+                let state = &mut *state;
+                match state.agents.get_mut(agent) {
+                    Some(a) if a.session.as_ref().is_some_and(|s| s.id == session_id) => {
+                        let was_draining = a.draining;
+                        a.last_beat = Some(Instant::now());
+                        a.last_beat_at = Some(SystemTime::now());
+                        a.draining = h.draining;
+                        let unhealthy: HashMap<String, String> = h
+                            .unhealthy
+                            .into_iter()
+                            .filter(|(_, why)| !why.is_empty())
+                            .collect();
+                        let changed = unhealthy != a.unhealthy || was_draining != a.draining;
+                        a.unhealthy = unhealthy;
+                        // Attempts the agent runs that the control plane gave up (lost
+                        // while it was away, cancelled meanwhile): it must stop them.
+                        let strays: Vec<proto::AttemptRef> = h
+                            .running
+                            .iter()
+                            .filter(|r| {
+                                let k = key_of(r);
+                                !state.done.contains(&k)
+                                    && state.attempts.get(&k).is_none_or(|at| at.agent != agent)
+                            })
+                            .cloned()
+                            .collect();
+                        Some((changed, strays))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some((changed, strays)) = taken {
                 let _ = tx.try_send(Ok(msg(server_message::Kind::HeartbeatAck(
                     proto::HeartbeatAck { seq: h.seq },
                 ))));
+                for r in strays {
+                    let why = format!(
+                        "attempt {} of job {} is not held by this agent (superseded, cancelled or lost)",
+                        r.attempt, r.job_id
+                    );
+                    let _ = tx.send(Ok(abort(Some(r), why))).await;
+                }
                 if changed && let Some(plane) = inner.plane.get() {
                     for e in plane.registry().list() {
                         if e.info().id.starts_with(&format!("{agent}.")) {
@@ -1553,13 +1759,6 @@ async fn handle(
                     return Ok(());
                 }
             };
-            let io = inner
-                .state
-                .lock()
-                .expect("hub")
-                .attempts
-                .get(&k)
-                .map(|a| a.io.clone());
             let kind = match ev.kind {
                 Some(proto::attempt_event::Kind::StepStarted(s)) => EventKind::StepStarted {
                     step: s.step as usize,
@@ -1582,8 +1781,8 @@ async fn handle(
                     ));
                 }
             };
-            if let Some(io) = io {
-                io.lock().await.sink.emit(kind).await;
+            if let Some(a) = inner.state.lock().expect("hub").attempts.get(&k) {
+                let _ = a.work.send(Work::Event(kind));
             }
         }
         Some(agent_message::Kind::Complete(c)) => {
@@ -1608,68 +1807,29 @@ async fn handle(
             };
             let outcome: Outcome = serde_json::from_str(&c.outcome_json)
                 .map_err(|e| Status::invalid_argument(format!("complete.outcome_json: {e}")))?;
-            let Some(at) = inner
-                .state
-                .lock()
-                .expect("hub")
-                .attempts
-                .get(&k)
-                .map(|a| (a.io.clone(), matches!(a.phase, Phase::Offered(_))))
-            else {
-                return Ok(());
+            let offered = {
+                let state = inner.state.lock().expect("hub");
+                match state.attempts.get(&k) {
+                    Some(a) if matches!(a.phase, Phase::Offered(_)) => true,
+                    Some(a) => {
+                        let _ = a.work.send(Work::Complete {
+                            complete: c,
+                            outcome,
+                            tx: tx.clone(),
+                        });
+                        false
+                    }
+                    None => false,
+                }
             };
-            if at.1 {
+            if offered {
                 let _ = tx
                     .send(Ok(abort(
                         r,
                         "a completion before the offer was accepted".into(),
                     )))
                     .await;
-                return Ok(());
             }
-            let io = at.0.lock().await;
-            let stored = io.spool.len();
-            if stored < c.length {
-                // Output still on its way (or lost with a connection): not acked; the
-                // agent sends the rest and completes again.
-                tracing::debug!(agent = %agent, job_id = %k.0, stored, length = c.length, "a completion before all output is stored; not acknowledged");
-                return Ok(());
-            }
-            let outcome = if stored > c.length || io.spool.sha256() != c.sha256 {
-                tracing::error!(agent = %agent, job_id = %k.0, stored, length = c.length, "the stored output does not match the agent's");
-                Outcome::RunnerError {
-                    message: format!(
-                        "the control plane's copy of the output ({stored} bytes) does not match the agent's ({} bytes, sha256 {})",
-                        c.length, c.sha256
-                    ),
-                    temporary: true,
-                }
-            } else {
-                outcome
-            };
-            let done_path = inner.attempt_path(&k, "done");
-            let json = serde_json::to_vec(&outcome).expect("serializable");
-            if let Err(e) = write_atomic(&done_path, &json) {
-                tracing::error!(error = %e, path = %done_path.display(), "storing a completion; not acknowledged");
-                return Ok(());
-            }
-            {
-                let mut state = inner.state.lock().expect("hub");
-                if let Some(at) = state.attempts.remove(&k) {
-                    at.ended.cancel();
-                }
-                state.done.insert(k.clone());
-            }
-            if c.dropped > 0 {
-                tracing::warn!(agent = %agent, job_id = %k.0, dropped = c.dropped, "the agent's spool dropped output at its cap");
-            }
-            io.sink.finish(outcome).await;
-            drop(io);
-            let _ = tx
-                .send(Ok(msg(server_message::Kind::CompleteAck(
-                    proto::CompleteAck { attempt: r },
-                ))))
-                .await;
         }
         Some(agent_message::Kind::Goodbye(g)) => {
             tracing::info!(agent = %agent, reason = %g.reason, "agent said goodbye");

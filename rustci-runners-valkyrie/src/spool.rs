@@ -63,7 +63,11 @@ impl Spool {
 
     /// Appends `data`.
     pub fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(data)?;
+        if let Err(e) = self.file.write_all(data) {
+            // A partial write is cut off again, so the file stays what `len` says.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
         self.hash.update(data);
         self.len += data.len() as u64;
         Ok(())
