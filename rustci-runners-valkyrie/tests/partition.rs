@@ -112,7 +112,8 @@ async fn a_partition_shorter_than_the_lease_moves_nothing_and_loses_no_byte() {
         "echo first; touch \"$STARTED\"; while [ ! -e \"$GO\" ]; do sleep 0.01; done; \
          i=0; while [ $i -lt 3000 ]; do echo \"line $i of the partition\"; i=$((i+1)); done",
     );
-    job.env.insert("STARTED".into(), started.display().to_string());
+    job.env
+        .insert("STARTED".into(), started.display().to_string());
     job.env.insert("GO".into(), go.display().to_string());
     let id = cp.plane.submit(job, "test").unwrap();
     until("the job started", || started.exists()).await;
@@ -134,7 +135,10 @@ async fn a_partition_shorter_than_the_lease_moves_nothing_and_loses_no_byte() {
     }
     let log = String::from_utf8(log_of(&cp.plane, &id).await).unwrap();
     assert_eq!(log.len(), want.len());
-    assert!(log == want, "the stored log differs from what the job wrote");
+    assert!(
+        log == want,
+        "the stored log differs from what the job wrote"
+    );
     a.stop().await;
     cp.hub.shutdown();
 }

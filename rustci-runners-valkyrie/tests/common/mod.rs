@@ -59,7 +59,11 @@ pub async fn control_side_with(timings: Timings) -> ControlSide {
     let fingerprint = authority.fingerprint();
     let identity = authority.server_identity(&["127.0.0.1".into()]).unwrap();
     let tokens = Arc::new(Tokens::default());
-    tokens.unused.lock().unwrap().extend(["token-1".into(), "token-2".into(), "token-3".into()]);
+    tokens
+        .unused
+        .lock()
+        .unwrap()
+        .extend(["token-1".into(), "token-2".into(), "token-3".into()]);
     let mut options = HubOptions::new(dir.path().join("valkyrie"));
     options.timings = timings;
     let hub = Hub::new(options, authority, tokens.clone()).unwrap();
@@ -159,7 +163,6 @@ pub fn remote_job(script: &str) -> Job {
     job
 }
 
-
 /// A TCP proxy in front of the control plane whose link can be cut (every connection
 /// through it closed, new ones refused) and healed: a network partition between one
 /// agent and the control plane.
@@ -178,7 +181,9 @@ impl Proxy {
         let (c, k) = (cut.clone(), kill.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut down, _)) = listener.accept().await else { return };
+                let Ok((mut down, _)) = listener.accept().await else {
+                    return;
+                };
                 if c.load(Ordering::SeqCst) {
                     drop(down);
                     continue;
