@@ -91,6 +91,9 @@ enum Command {
         /// How long a drain lets running jobs go on, in seconds.
         #[arg(long, default_value_t = 600)]
         drain_timeout: u64,
+        /// Largest window of the random delay before reconnecting, in seconds.
+        #[arg(long, default_value_t = 64)]
+        backoff_max: u64,
     },
     /// Jobs on a server.
     Jobs {
@@ -231,6 +234,7 @@ async fn main() {
             data_dir,
             name,
             drain_timeout,
+            backoff_max,
         } => {
             #[cfg(feature = "server")]
             rustci::server::init_logging();
@@ -244,6 +248,7 @@ async fn main() {
             a.data_dir = data_dir;
             a.name = name;
             a.drain_timeout = std::time::Duration::from_secs(drain_timeout);
+            a.backoff_max = std::time::Duration::from_secs(backoff_max.max(1));
             cli::agent::run(a, &mut err).await
         }
         Command::Jobs {

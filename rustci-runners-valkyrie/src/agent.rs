@@ -791,6 +791,12 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
         tokio::select! {
             _ = shared.stop.cancelled() => break Ok(Duration::ZERO),
             _ = tick.tick() => {
+                // A session that gets no acknowledgement for the self-fence time is not
+                // working (a connection that died silently): end it and connect anew.
+                let fence = *shared.self_fence.lock().expect("fence");
+                if shared.renewed.lock().expect("renewed").is_some_and(|r| r.elapsed() > fence) {
+                    break Err(format!("no heartbeat acknowledged for {fence:?}"));
+                }
                 seq += 1;
                 sent_at.insert(seq, Instant::now());
                 sent_at.retain(|s, _| *s + 64 > seq);

@@ -31,6 +31,8 @@ pub struct AgentArgs {
     pub name: Option<String>,
     /// How long a drain (SIGTERM) lets running jobs go on.
     pub drain_timeout: Duration,
+    /// Largest window of the random delay before reconnecting.
+    pub backoff_max: Duration,
 }
 
 impl AgentArgs {
@@ -48,6 +50,7 @@ impl AgentArgs {
             data_dir: PathBuf::from("rustci-agent"),
             name: None,
             drain_timeout: Duration::from_secs(600),
+            backoff_max: Duration::from_secs(64),
         }
     }
 }
@@ -85,6 +88,8 @@ pub async fn run(args: AgentArgs, err: &mut dyn std::io::Write) -> i32 {
     options.name = args.name.clone();
     options.labels = args.labels.clone();
     options.runners = runners;
+    options.backoff_max = args.backoff_max;
+    options.backoff_base = options.backoff_base.min(args.backoff_max);
     let agent = match Agent::start(options).await {
         Ok(a) => a,
         Err(e) => {

@@ -67,10 +67,11 @@ impl Admission for TokenAdmission {
 
 /// The hub and what it needs, created at server start.
 pub(crate) fn hub(
-    data: &Path,
+    config: &super::ServerConfig,
     secret: &str,
     plane: &ControlPlane,
 ) -> Result<(rustci_runners_valkyrie::Hub, bool), String> {
+    let data = config.data_dir.as_path();
     use rustci_runners_valkyrie::pki::Authority;
     let dir = data.join("valkyrie");
     let (authority, created) = Authority::load_or_create(&data.join("pki"))
@@ -78,11 +79,11 @@ pub(crate) fn hub(
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let admission = TokenAdmission::new(Keys::new(std::iter::empty(), secret), &dir, plane.clone())
         .map_err(|e| format!("reading used registration tokens: {e}"))?;
-    let hub = rustci_runners_valkyrie::Hub::new(
-        rustci_runners_valkyrie::HubOptions::new(&dir),
-        authority,
-        Arc::new(admission),
-    )
-    .map_err(|e| format!("starting the agent hub: {e}"))?;
+    let mut options = rustci_runners_valkyrie::HubOptions::new(&dir);
+    options.timings.heartbeat = std::time::Duration::from_millis(config.agent_heartbeat_ms.max(10));
+    options.timings.margin = std::time::Duration::from_millis(config.agent_margin_ms);
+    options.timings.restart_grace = std::time::Duration::from_secs(config.agent_restart_grace_secs);
+    let hub = rustci_runners_valkyrie::Hub::new(options, authority, Arc::new(admission))
+        .map_err(|e| format!("starting the agent hub: {e}"))?;
     Ok((hub, created))
 }

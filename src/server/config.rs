@@ -59,6 +59,15 @@ pub struct ServerConfig {
     /// Host names and addresses the server's certificate names besides
     /// `rustci-control-plane` (agents verify that fixed name). Default: none.
     pub tls_names: Vec<String>,
+    /// Agents' least heartbeat interval in milliseconds (it grows with the number of
+    /// agents; see docs/valkyrie.md). Default 5000.
+    pub agent_heartbeat_ms: u64,
+    /// What the control plane waits beyond an agent's self-fence time before it gives
+    /// the agent's jobs up, in milliseconds. Default 15000.
+    pub agent_margin_ms: u64,
+    /// After a restart, how long attempts of agents wait for their agent to reconnect,
+    /// in seconds. Default 120.
+    pub agent_restart_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +88,9 @@ impl Default for ServerConfig {
             registration_kinds: vec!["local".into(), "native".into(), "docker".into()],
             agent_listen: None,
             tls_names: Vec::new(),
+            agent_heartbeat_ms: 5000,
+            agent_margin_ms: 15000,
+            agent_restart_grace_secs: 120,
         }
     }
 }

@@ -151,7 +151,7 @@ impl Server {
         // rebuilt through it, and recovery may hand it their attempts.
         let hub = match &agent_listener {
             Some(_) => {
-                let (hub, created) = agents::hub(&data, &secret, &plane).map_err(|e| {
+                let (hub, created) = agents::hub(&config, &secret, &plane).map_err(|e| {
                     plane.shutdown();
                     ServerError::Runtime(e)
                 })?;
