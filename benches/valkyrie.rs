@@ -32,10 +32,7 @@ struct Tokens(Mutex<Vec<String>>);
 impl Admission for Tokens {
     fn admit(&self, token: &str) -> Result<Vec<String>, String> {
         let mut t = self.0.lock().unwrap();
-        let i = t
-            .iter()
-            .position(|x| x == token)
-            .ok_or("unknown token")?;
+        let i = t.iter().position(|x| x == token).ok_or("unknown token")?;
         t.remove(i);
         Ok(Vec::new())
     }

@@ -142,6 +142,9 @@ struct Shared {
     boot_id: String,
     attempts: Mutex<HashMap<Key, LocalAttempt>>,
     output_ready: Notify,
+    /// Wakes the session loop to send completions; a permit is kept when it is busy, so
+    /// no wake-up is lost.
+    complete_ready: Notify,
     session_tx: Mutex<Option<mpsc::Sender<proto::AgentMessage>>>,
     /// Lease: when the last acknowledged heartbeat (or the hello) was sent.
     renewed: Mutex<Option<Instant>>,
@@ -240,6 +243,7 @@ impl Agent {
             boot_id: uuid::Uuid::new_v4().to_string(),
             attempts: Mutex::new(HashMap::new()),
             output_ready: Notify::new(),
+            complete_ready: Notify::new(),
             session_tx: Mutex::new(None),
             renewed: Mutex::new(None),
             self_fence: Mutex::new(Duration::from_secs(15)),
@@ -810,7 +814,7 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
                 }
                 send_completions(shared, &tx, heartbeat_every).await;
             }
-            _ = shared.output_ready.notified() => {
+            _ = shared.complete_ready.notified() => {
                 send_completions(shared, &tx, heartbeat_every).await;
             }
             ack = acks.next() => match ack {
@@ -904,7 +908,13 @@ fn apply_verdicts(shared: &Arc<Shared>, verdicts: &[proto::HeldVerdict]) {
             _ => abort(shared, &key, "the control plane gave it up (superseded)"),
         }
     }
+    wake(shared);
+}
+
+/// Something changed that the output pump, a drain or the completions wait for.
+fn wake(shared: &Shared) {
     shared.output_ready.notify_waiters();
+    shared.complete_ready.notify_one();
 }
 
 /// Stops an attempt the control plane refuses and discards it.
@@ -923,7 +933,7 @@ fn abort(shared: &Shared, key: &Key, reason: &str) {
         let _ = std::fs::remove_dir_all(&a.dir);
     }
     drop(attempts);
-    shared.output_ready.notify_waiters();
+    wake(shared);
 }
 
 /// Forgets an attempt whose outcome the control plane holds.
@@ -931,7 +941,7 @@ fn forget(shared: &Shared, key: &Key) {
     if let Some(a) = shared.attempts.lock().expect("attempts").remove(key) {
         let _ = std::fs::remove_dir_all(&a.dir);
     }
-    shared.output_ready.notify_waiters();
+    wake(shared);
 }
 
 fn on_ack(shared: &Shared, ack: proto::OutputAck) {
@@ -955,7 +965,7 @@ fn on_ack(shared: &Shared, ack: proto::OutputAck) {
         a.sent = a.sent.max(a.acked);
     }
     drop(attempts);
-    shared.output_ready.notify_waiters();
+    wake(shared);
 }
 
 async fn send_completions(
@@ -1215,7 +1225,7 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
                     tracing::error!(error = %e, "spooling output");
                 }
                 drop(s);
-                shared.output_ready.notify_waiters();
+                wake(shared);
             }
             EventKind::StepStarted { step, name } => {
                 send(
@@ -1286,7 +1296,7 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
         let a = attempts.remove(&key).expect("present");
         let _ = std::fs::remove_dir_all(&a.dir);
         drop(attempts);
-        shared.output_ready.notify_waiters();
+        wake(shared);
         return;
     }
     if let Err(e) = write_atomic(
@@ -1298,5 +1308,5 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     a.finished = Some(finished);
     a.canceller = None;
     drop(attempts);
-    shared.output_ready.notify_waiters();
+    wake(shared);
 }

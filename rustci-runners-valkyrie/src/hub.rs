@@ -23,7 +23,7 @@ use rustci_runners::{Capabilities, Runner};
 use crate::pki::{self, Authority, ServerIdentity};
 use crate::proto::{self, agent_message, server_message};
 use crate::remote::{RemoteRunner, RemoteRunnerConfig};
-use crate::spool::{Spool, write_atomic};
+use crate::spool::{Spool, write_atomic, write_synced};
 use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Timings};
 
 /// How a [`Hub`] behaves.
@@ -606,7 +606,7 @@ fn save_agents(inner: &HubInner, state: &HubState) {
     records.sort_by(|a, b| a.id.cmp(&b.id));
     let revoked: BTreeSet<&String> = state.revoked.iter().collect();
     let json = serde_json::to_vec_pretty(&(records, revoked)).expect("serializable");
-    if let Err(e) = write_atomic(&inner.options.dir.join("agents.json"), &json) {
+    if let Err(e) = write_synced(&inner.options.dir.join("agents.json"), &json) {
         tracing::error!(error = %e, "storing the agents");
     }
 }

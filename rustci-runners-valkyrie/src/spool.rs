@@ -123,8 +123,19 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Writes `data` to `path` atomically (a temporary file, synced, then renamed).
+/// Writes `data` to `path` atomically (a temporary file, then renamed): a process crash
+/// leaves the old content or the new, never a part. Not fsynced, like the spools: the
+/// promise is about process crashes, which the per-job path meets without a disk flush.
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// [`write_atomic`] and fsynced: for what is written rarely and must survive the machine
+/// (agent registrations).
+pub(crate) fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(data)?;
