@@ -354,7 +354,8 @@ pub(crate) fn runner_id(agent: &str, local: &str) -> String {
 
 impl Hub {
     /// A hub keeping its state under `options.dir` (loading the agents registered
-    /// before), signing with `authority`.
+    /// before), signing with `authority`. Call it inside a tokio runtime: it starts the
+    /// task that gives up attempts of agents that stayed away too long.
     pub fn new(
         options: HubOptions,
         authority: Authority,
