@@ -198,20 +198,7 @@ fn read_opt(path: &Path) -> Result<Option<String>, String> {
 }
 
 fn write_private(path: &Path, data: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    f.write_all(data.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
+    pki::write_private(path, data).map_err(|e| e.to_string())
 }
 
 fn jitter(window: Duration) -> Duration {
@@ -351,7 +338,7 @@ async fn find_ca(options: &AgentOptions) -> Result<String, String> {
         (Some(CaSource::Fingerprint(fp)), Some(stored)) => {
             let pin = pki::parse_fingerprint(fp)?;
             let der = pki::first_cert_der(&stored)?;
-            if pki::fingerprint(&der) != pki::fingerprint(&der_of_pin(&pin, &der)) {
+            if pki::parse_fingerprint(&pki::fingerprint(&der))? != pin {
                 return Err(format!(
                     "the CA stored in {} does not have the fingerprint given ({fp})",
                     path.display()
@@ -376,19 +363,6 @@ async fn find_ca(options: &AgentOptions) -> Result<String, String> {
         write_private(&path, &ca)?;
     }
     Ok(ca)
-}
-
-/// `der` when its digest is `pin`, else an empty certificate (so the comparison fails).
-fn der_of_pin<'a>(
-    pin: &[u8; 32],
-    der: &rustls::pki_types::CertificateDer<'a>,
-) -> rustls::pki_types::CertificateDer<'a> {
-    use sha2::Digest;
-    if sha2::Sha256::digest(der.as_ref())[..] == pin[..] {
-        der.clone()
-    } else {
-        rustls::pki_types::CertificateDer::from(Vec::new())
-    }
 }
 
 fn endpoint(options: &AgentOptions) -> Result<Endpoint, String> {
@@ -420,7 +394,7 @@ async fn register(options: &AgentOptions, ca_pem: &str) -> Result<IdentityFile, 
         .map_err(|e| format!("TLS: {e}"))?
         .connect()
         .await
-        .map_err(|e| format!("connecting to {}: {}", options.server, source_chain(&e)))?;
+        .map_err(|e| format!("connecting to {}: {}", options.server, Chain(&e)))?;
     let mut client = ValkyrieClient::new(channel);
     let r = client
         .register(proto::RegisterRequest {
@@ -448,17 +422,6 @@ async fn register(options: &AgentOptions, ca_pem: &str) -> Result<IdentityFile, 
     )?;
     tracing::info!(agent = %identity.agent_id, "registered with the control plane");
     Ok(identity)
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Attempts an earlier run of the agent left: finished ones are held (their completion
@@ -647,13 +610,7 @@ async fn client(shared: &Shared) -> Result<ValkyrieClient<Channel>, String> {
         .map_err(|e| format!("TLS: {e}"))?
         .connect()
         .await
-        .map_err(|e| {
-            format!(
-                "connecting to {}: {}",
-                shared.options.server,
-                source_chain(&e)
-            )
-        })?;
+        .map_err(|e| format!("connecting to {}: {}", shared.options.server, Chain(&e)))?;
     Ok(ValkyrieClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -1017,12 +1017,19 @@ fn sweep(hub: &HubInner) {
     for a in lost {
         end_lost(a);
     }
-    if let Some(plane) = hub.plane.get() {
-        for agent in changed {
-            for e in plane.registry().list() {
-                if e.info().id.starts_with(&format!("{agent}.")) {
-                    plane.check_runner_soon(&e.info().id);
-                }
+    for agent in changed {
+        check_runners_of(hub, &agent);
+    }
+}
+
+/// Has the registry check the health of `agent`'s runners now (its connection or
+/// health changed), rather than at the next interval.
+fn check_runners_of(inner: &HubInner, agent: &str) {
+    if let Some(plane) = inner.plane.get() {
+        let prefix = format!("{agent}.");
+        for e in plane.registry().list() {
+            if e.info().id.starts_with(&prefix) {
+                plane.check_runner_soon(&e.info().id);
             }
         }
     }
@@ -1620,13 +1627,7 @@ async fn read_session(
     };
     if current {
         tracing::info!(agent = %agent, reason = %end, "agent session ended");
-        if let Some(plane) = inner.plane.get() {
-            for e in plane.registry().list() {
-                if e.info().id.starts_with(&format!("{agent}.")) {
-                    plane.check_runner_soon(&e.info().id);
-                }
-            }
-        }
+        check_runners_of(&inner, &agent);
     }
 }
 
@@ -1712,12 +1713,8 @@ async fn handle(
                     );
                     let _ = tx.send(Ok(abort(Some(r), why))).await;
                 }
-                if changed && let Some(plane) = inner.plane.get() {
-                    for e in plane.registry().list() {
-                        if e.info().id.starts_with(&format!("{agent}.")) {
-                            plane.check_runner_soon(&e.info().id);
-                        }
-                    }
+                if changed {
+                    check_runners_of(inner, agent);
                 }
             }
         }

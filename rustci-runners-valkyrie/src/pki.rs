@@ -65,13 +65,7 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PkiError {
 
 /// `sha256:<hex>` of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in digest {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("sha256:{}", crate::spool::hex(&Sha256::digest(der)))
 }
 
 /// Parses a fingerprint as printed by the server: `sha256:` and 64 hex digits (colons
@@ -93,7 +87,8 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
+/// Writes a private file (mode 0600) atomically and fsynced.
+pub(crate) fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
