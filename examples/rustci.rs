@@ -42,6 +42,8 @@ enum Command {
         /// API key (env RUSTCI_API_KEY).
         #[arg(long, global = true, env = "RUSTCI_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// JSON output.
         #[arg(long, global = true)]
         json: bool,
@@ -95,6 +97,11 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         backoff_max: u64,
     },
+    /// The server's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        action: CaCmd,
+    },
     /// Jobs on a server.
     Jobs {
         #[command(subcommand)]
@@ -114,20 +121,60 @@ struct RemoteArgs {
         long,
         global = true,
         env = "RUSTCI_SERVER",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "https://127.0.0.1:8080"
     )]
     server: String,
     /// API key (env RUSTCI_API_KEY).
     #[arg(long, global = true, env = "RUSTCI_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// How an https:// server's certificate is checked.
+#[derive(clap::Args)]
+struct TrustArgs {
+    /// The server's CA certificate, PEM (env RUSTCI_CA).
+    #[arg(long, global = true, env = "RUSTCI_CA")]
+    ca: Option<PathBuf>,
+    /// The server's CA fingerprint, sha256:… as the server printed it (env
+    /// RUSTCI_CA_FINGERPRINT).
+    #[arg(long, global = true, env = "RUSTCI_CA_FINGERPRINT")]
+    ca_fingerprint: Option<String>,
+    /// The server's data directory, when running beside it: its CA is read from
+    /// DIR/pki/ca.pem when neither --ca nor --ca-fingerprint is given (env RUSTCI_DATA_DIR).
+    #[arg(
+        long,
+        global = true,
+        env = "RUSTCI_DATA_DIR",
+        default_value = "rustci-data"
+    )]
+    data_dir: PathBuf,
+}
+
+impl TrustArgs {
+    fn remote(self, server: String, api_key: Option<String>) -> Result<remote::Remote, i32> {
+        match remote::trust(
+            self.ca.as_deref(),
+            self.ca_fingerprint.as_deref(),
+            &self.data_dir,
+        ) {
+            Ok(trust) => Ok(remote::Remote {
+                server,
+                api_key,
+                trust,
+            }),
+            Err(e) => {
+                eprintln!("rustci: {e}");
+                Err(2)
+            }
+        }
+    }
 }
 
 impl RemoteArgs {
-    fn remote(self) -> remote::Remote {
-        remote::Remote {
-            server: self.server,
-            api_key: self.api_key,
-        }
+    fn remote(self) -> Result<remote::Remote, i32> {
+        self.trust.remote(self.server, self.api_key)
     }
 }
 
@@ -159,6 +206,23 @@ enum JobsCmd {
         /// Follow until the job ends; exits with its result.
         #[arg(long, short)]
         follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Fetch the CA of an https:// server, checked against its fingerprint, as PEM (for
+    /// tools that take a CA file: curl --cacert, RUSTCI_CA, --ca).
+    Fetch {
+        /// Server URL, https://HOST:PORT (env RUSTCI_SERVER).
+        #[arg(long, env = "RUSTCI_SERVER")]
+        server: String,
+        /// The CA fingerprint the server printed, sha256:… (env RUSTCI_CA_FINGERPRINT).
+        #[arg(long, env = "RUSTCI_CA_FINGERPRINT")]
+        ca_fingerprint: String,
+        /// Write it to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -196,6 +260,7 @@ async fn main() {
             action,
             server,
             api_key,
+            trust,
             json,
         } => {
             let action = match action.unwrap_or(RunnersCmd::List) {
@@ -205,10 +270,10 @@ async fn main() {
                 RunnersCmd::Resume { id } => remote::RunnersAction::Resume(id),
             };
             match server {
-                Some(server) => {
-                    let r = remote::Remote { server, api_key };
-                    remote::runners(&r, action, json, &mut out, &mut err).await
-                }
+                Some(server) => match trust.remote(server, api_key) {
+                    Ok(r) => remote::runners(&r, action, json, &mut out, &mut err).await,
+                    Err(code) => code,
+                },
                 None if matches!(action, remote::RunnersAction::List) => {
                     cli::list_runners(json, &mut out).await
                 }
@@ -222,7 +287,10 @@ async fn main() {
             file,
             follow,
             remote: r,
-        } => remote::submit(&r.remote(), &file, follow, &mut out, &mut err).await,
+        } => match r.remote() {
+            Ok(r) => remote::submit(&r, &file, follow, &mut out, &mut err).await,
+            Err(code) => code,
+        },
         Command::Agent {
             server,
             token,
@@ -251,6 +319,23 @@ async fn main() {
             a.backoff_max = std::time::Duration::from_secs(backoff_max.max(1));
             cli::agent::run(a, &mut err).await
         }
+        Command::Ca {
+            action:
+                CaCmd::Fetch {
+                    server,
+                    ca_fingerprint,
+                    output,
+                },
+        } => {
+            remote::fetch_ca(
+                &server,
+                &ca_fingerprint,
+                output.as_deref(),
+                &mut out,
+                &mut err,
+            )
+            .await
+        }
         Command::Jobs {
             action,
             remote: r,
@@ -262,7 +347,10 @@ async fn main() {
                 JobsCmd::Cancel { id } => remote::JobsAction::Cancel(id),
                 JobsCmd::Logs { id, follow } => remote::JobsAction::Logs { id, follow },
             };
-            remote::jobs(&r.remote(), action, json, &mut out, &mut err).await
+            match r.remote() {
+                Ok(r) => remote::jobs(&r, action, json, &mut out, &mut err).await,
+                Err(code) => code,
+            }
         }
     };
     std::process::exit(code);

@@ -32,6 +32,16 @@ struct Args {
     /// Further names for the server's certificate (host names or addresses), comma-separated.
     #[arg(long, value_delimiter = ',')]
     tls_names: Vec<String>,
+    /// Serve the API over plain HTTP instead of HTTPS (env RUSTCI_PLAIN_HTTP=1); refused
+    /// unless the listen address is a loopback one.
+    #[arg(long)]
+    plain_http: bool,
+    /// The API's own certificate chain (PEM) instead of the generated one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -43,14 +53,13 @@ async fn main() -> std::process::ExitCode {
     overrides.listen = args.listen;
     overrides.data_dir = args.data_dir;
     overrides.admin_key = args.admin_key;
+    overrides.agent_listen = args.agent_listen;
+    overrides.tls_names = args.tls_names;
+    overrides.plain_http = args.plain_http;
+    overrides.tls_cert = args.tls_cert;
+    overrides.tls_key = args.tls_key;
     let config = match ServerConfig::resolve(|k| std::env::var(k).ok(), &overrides) {
-        Ok(mut c) => {
-            if args.agent_listen.is_some() {
-                c.agent_listen = args.agent_listen;
-            }
-            c.tls_names.extend(args.tls_names);
-            c
-        }
+        Ok(c) => c,
         Err(e) => {
             eprintln!("rustci-server: {e}");
             return std::process::ExitCode::from(2);
@@ -58,7 +67,7 @@ async fn main() -> std::process::ExitCode {
     };
     match Server::start(config).await {
         Ok(server) => {
-            println!("rustci-server: listening on http://{}", server.addr());
+            println!("rustci-server: listening on {}", server.url());
             if let Some(a) = server.agent_addr() {
                 println!("rustci-server: listening for agents on {a}");
             }

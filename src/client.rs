@@ -1,10 +1,12 @@
-//! A small client of the server's HTTP API (plain HTTP/1.1), used by the `rustci`
-//! command's server subcommands: JSON requests and server-sent-event streams.
+//! A small client of the server's HTTP API (HTTP/1.1 over TLS, or plain on loopback),
+//! used by the `rustci` command's server subcommands: JSON requests and server-sent-event
+//! streams.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::HeaderMap;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -15,7 +17,84 @@ use serde_json::Value;
 pub struct ApiClient {
     base: String,
     key: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// Which certificate authorities an `https://` client trusts.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum Trust {
+    /// The system's CA bundle (`$SSL_CERT_FILE`, else
+    /// `/etc/ssl/certs/ca-certificates.crt`): for a certificate a public CA issued.
+    #[default]
+    System,
+    /// These CA certificates (PEM, one or more): a server's data-directory CA
+    /// (`<data>/pki/ca.pem`) or the CA of a brought certificate.
+    CaPem(String),
+    /// The CA whose SHA-256 fingerprint this is (`sha256:…` as the server prints it),
+    /// found in the chain the server presents; the leaf must verify against it.
+    Fingerprint([u8; 32]),
+}
+
+impl Trust {
+    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let roots_from = |pem: &[u8], what: &str| -> Result<rustls::RootCertStore, String> {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("reading {what}: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("a certificate of {what} is not usable: {e}"))?;
+            }
+            Ok(roots)
+        };
+        let config = match self {
+            Trust::System => {
+                let path = std::env::var_os("SSL_CERT_FILE")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+                // No bundle: nothing is trusted, and the handshake says so.
+                let pem = std::fs::read(&path).unwrap_or_default();
+                let roots = roots_from(&pem, &path.display().to_string())?;
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            Trust::CaPem(pem) => {
+                let roots = roots_from(pem.as_bytes(), "the CA file")?;
+                if roots.is_empty() {
+                    return Err("the CA file holds no certificate".into());
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            Trust::Fingerprint(pin) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(
+                    rustci_runners_valkyrie::pki::PinnedCa::new(*pin),
+                ))
+                .with_no_client_auth(),
+        };
+        Ok(config)
+    }
+}
+
+/// Every message of an error's source chain, joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }
 
 /// A whole response.
@@ -115,18 +194,30 @@ fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 impl ApiClient {
-    /// A client of the server at `base` (e.g. `http://127.0.0.1:8080`).
+    /// A client of the server at `base` (e.g. `https://127.0.0.1:8080`) that trusts the
+    /// system's CA bundle ([`Trust::System`]).
     pub fn new(base: &str, key: Option<String>) -> Result<Self, String> {
+        Self::with_trust(base, key, Trust::System)
+    }
+
+    /// A client of the server at `base` (`https://…`, or `http://…` for a server with
+    /// plain HTTP on loopback) that verifies the server's certificate with `trust`.
+    pub fn with_trust(base: &str, key: Option<String>, trust: Trust) -> Result<Self, String> {
         let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
+        if !base.starts_with("https://") && !base.starts_with("http://") {
             return Err(format!(
-                "server URL {base:?}: only http:// URLs are supported (e.g. http://127.0.0.1:8080)"
+                "server URL {base:?}: expected https://HOST:PORT (or http:// for a server with plain HTTP on loopback)"
             ));
         }
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(trust.client_config()?)
+            .https_or_http()
+            .enable_http1()
+            .build();
         Ok(ApiClient {
             base,
             key,
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            http: Client::builder(TokioExecutor::new()).build(connector),
         })
     }
 
@@ -161,10 +252,16 @@ impl ApiClient {
         &self,
         req: hyper::Request<Full<Bytes>>,
     ) -> Result<hyper::Response<Incoming>, String> {
-        self.http
-            .request(req)
-            .await
-            .map_err(|e| format!("cannot reach the server at {}: {e}", self.base))
+        self.http.request(req).await.map_err(|e| {
+            let text = chain(&e);
+            let hint = if text.contains("certificate") || text.contains("pinned") {
+                " (trust the server's CA with --ca FILE or --ca-fingerprint sha256:…, \
+                     or run beside the server with --data-dir)"
+            } else {
+                ""
+            };
+            format!("cannot reach the server at {}: {text}{hint}", self.base)
+        })
     }
 
     /// Sends a request and reads the whole response.
@@ -217,5 +314,19 @@ impl ApiClient {
             body: response.into_body(),
             buf: Vec::new(),
         })
+    }
+}
+
+#[cfg(feature = "server")]
+impl ApiClient {
+    /// A client of a [`Server`](crate::server::Server) started in this process: its URL,
+    /// trusting its data directory's CA (the system's bundle when it brought its own
+    /// certificate).
+    pub fn of(server: &crate::server::Server, key: Option<String>) -> Result<Self, String> {
+        let trust = match server.ca_pem() {
+            Some(pem) if server.app().config.tls_cert.is_none() => Trust::CaPem(pem.to_string()),
+            _ => Trust::System,
+        };
+        Self::with_trust(&server.url(), key, trust)
     }
 }

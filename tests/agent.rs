@@ -64,7 +64,7 @@ async fn an_agent_process_registers_runs_jobs_over_mtls_drains_and_is_revoked() 
     config.default_runners = false;
     config.health_interval_secs = 1;
     let server = Server::start(config).await.expect("server starts");
-    let admin = ApiClient::new(&format!("http://{}", server.addr()), Some(ADMIN.into())).unwrap();
+    let admin = ApiClient::of(&server, Some(ADMIN.into())).unwrap();
     let agent_addr = server.agent_addr().expect("agent listener").to_string();
     let ca = std::fs::read_to_string(dir.path().join("data/pki/ca.pem")).unwrap();
     let fp =

@@ -91,7 +91,7 @@ fn expected(name: &str, lines: u32) -> String {
 async fn kill_9_of_the_server_mid_job_keeps_jobs_on_the_agent_and_completes_them_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), "127.0.0.1:0");
-    let admin = ApiClient::new(&server.base, Some(ADMIN.into())).unwrap();
+    let admin = admin_client(dir.path(), &server.base);
     let agent_addr = server.agents.clone();
     let ca = std::fs::read_to_string(dir.path().join("data/pki/ca.pem")).unwrap();
     let fp =
@@ -161,7 +161,7 @@ async fn kill_9_of_the_server_mid_job_keeps_jobs_on_the_agent_and_completes_them
     )
     .await;
     let server = start_server(dir.path(), &agent_addr);
-    let admin = ApiClient::new(&server.base, Some(ADMIN.into())).unwrap();
+    let admin = admin_client(dir.path(), &server.base);
     for (id, name, lines, marker) in [
         (&long, "long", 60, &long_marker),
         (&short, "short", 12, &short_marker),
@@ -195,4 +195,11 @@ async fn kill_9_of_the_server_mid_job_keeps_jobs_on_the_agent_and_completes_them
     }
     agent.kill().await.unwrap();
     drop(server);
+}
+
+/// The admin's client of the server whose data directory is under `dir`, trusting the
+/// CA it created there.
+fn admin_client(dir: &Path, base: &str) -> ApiClient {
+    let ca = std::fs::read_to_string(dir.join("data/pki/ca.pem")).expect("the server's CA");
+    ApiClient::with_trust(base, Some(ADMIN.into()), rustci::client::Trust::CaPem(ca)).unwrap()
 }

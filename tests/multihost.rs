@@ -237,14 +237,19 @@ async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
     extra.extend(library_mounts(server_bin));
     let cp = cluster.run("cp", 2, &extra, &["/bin/rustci-server"]);
     let port = docker(&["port", &cp, "8080/tcp"]).unwrap();
-    let base = format!("http://{}", port.lines().next().unwrap());
-    let admin = ApiClient::new(&base, Some(ADMIN.into())).unwrap();
-    wait_for("the control plane answers", async || {
-        admin.get("/healthz").await.ok().filter(|r| r.status == 200)
-    })
-    .await;
+    let base = format!("https://{}", port.lines().next().unwrap());
     let ca = wait_for("the CA exists", async || {
         std::fs::read_to_string(cp_data.join("pki/ca.pem")).ok()
+    })
+    .await;
+    let admin = ApiClient::with_trust(
+        &base,
+        Some(ADMIN.into()),
+        rustci::client::Trust::CaPem(ca.clone()),
+    )
+    .unwrap();
+    wait_for("the control plane answers", async || {
+        admin.get("/healthz").await.ok().filter(|r| r.status == 200)
     })
     .await;
     let fp =

@@ -118,11 +118,72 @@ fn quick_start_works_with_no_configuration() {
     assert!(v["runners"].as_array().unwrap().len() >= 3);
     let out = Command::new(env!("CARGO_BIN_EXE_rustci"))
         .args(["jobs", "list", "--server", &url])
+        .current_dir(dir.path())
         .env_remove("RUSTCI_API_KEY")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("AUTHENTICATION_REQUIRED"));
+
+    // HTTPS by default: away from the data directory the CLI needs the CA, and the
+    // fingerprint printed at the first start is enough to get it.
+    assert!(url.starts_with("https://"), "{url}");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let away = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rustci"))
+            .args(args)
+            .current_dir(elsewhere.path())
+            .env("RUSTCI_SERVER", &url)
+            .env("RUSTCI_API_KEY", key.trim())
+            .env_remove("RUSTCI_DATA_DIR")
+            .env_remove("RUSTCI_CA")
+            .env_remove("RUSTCI_CA_FINGERPRINT")
+            .output()
+            .unwrap()
+    };
+    let out = away(&["jobs", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--ca-fingerprint"),
+        "{}",
+        text(&out.stderr)
+    );
+    let fingerprint = printed
+        .iter()
+        .find(|l| l.contains("certificate authority"))
+        .and_then(|l| l.rsplit(": ").next())
+        .expect("the CA fingerprint is printed at the first start")
+        .to_string();
+    let out = away(&["jobs", "list", "--ca-fingerprint", &fingerprint]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("cli"));
+    let ca = elsewhere.path().join("ca.pem");
+    let out = away(&[
+        "ca",
+        "fetch",
+        "--ca-fingerprint",
+        &fingerprint,
+        "-o",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = away(&["jobs", "list", "--ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // manage-runners.sh away from the data directory, with the fingerprint.
+    let status = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/runners/manage-runners.sh"),
+    )
+    .arg("status")
+    .current_dir(elsewhere.path())
+    .env("RUSTCI_SERVER", &url)
+    .env("RUSTCI_ADMIN_KEY", key.trim())
+    .env("RUSTCI_CA_FINGERPRINT", &fingerprint)
+    .env("RUSTCI_BIN", env!("CARGO_BIN_EXE_rustci"))
+    .env_remove("RUSTCI_CA")
+    .output()
+    .unwrap();
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    assert!(text(&status.stdout).contains("qs-runner"));
 
     // Restarted, it keeps the key and does not print it again.
     drop(server);

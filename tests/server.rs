@@ -16,7 +16,6 @@ fn key_for(role: Role) -> String {
 struct TestServer {
     server: Option<Server>,
     dir: tempfile::TempDir,
-    base: String,
 }
 
 impl TestServer {
@@ -34,16 +33,14 @@ impl TestServer {
         config.runners = vec![runner("local-a", "local", Some(4), dir.path())];
         tweak(&mut config, dir.path());
         let server = Server::start(config).await.expect("server starts");
-        let base = format!("http://{}", server.addr());
         TestServer {
             server: Some(server),
             dir,
-            base,
         }
     }
 
     fn client(&self, key: Option<&str>) -> ApiClient {
-        ApiClient::new(&self.base, key.map(str::to_string)).unwrap()
+        ApiClient::of(self.server.as_ref().unwrap(), key.map(str::to_string)).unwrap()
     }
 
     fn admin(&self) -> ApiClient {
@@ -650,7 +647,7 @@ async fn registration_tokens_register_runners_and_expire() {
     config.admin_key = Some(ADMIN.into());
     config.runners = vec![runner("local-a", "local", Some(4), dir.path())];
     let again = Server::start(config).await.unwrap();
-    let c = ApiClient::new(&format!("http://{}", again.addr()), Some(ADMIN.into())).unwrap();
+    let c = ApiClient::of(&again, Some(ADMIN.into())).unwrap();
     let r = c.get(&format!("/api/runners/{rid}")).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.error_message());
     assert_eq!(r.json()["name"], "reg-1");
@@ -1028,4 +1025,149 @@ async fn one_server_per_data_directory() {
     let id = submit(&t.admin(), sh_job("still-here", "true")).await;
     assert_eq!(follow_to_end(&t.admin(), &id).await.1["state"], "succeeded");
     t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_https_by_default_and_clients_check_the_certificate() {
+    use rustci::client::Trust;
+    let t = TestServer::start(|_, _| {}).await;
+    let server = t.server.as_ref().unwrap();
+    let url = server.url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    // Trusting the data directory's CA (what the CLI finds beside the server).
+    let ca = std::fs::read_to_string(t.dir.path().join("data/pki/ca.pem")).unwrap();
+    assert_eq!(server.ca_pem(), Some(ca.as_str()));
+    let ok = ApiClient::with_trust(&url, Some(ADMIN.into()), Trust::CaPem(ca.clone()))
+        .unwrap()
+        .get("/api/jobs")
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    // Pinned by fingerprint, as printed at creation.
+    let fp =
+        rustci::valkyrie::pki::fingerprint(&rustci::valkyrie::pki::first_cert_der(&ca).unwrap());
+    let pin = rustci::valkyrie::pki::parse_fingerprint(&fp).unwrap();
+    let pinned = ApiClient::with_trust(&url, Some(ADMIN.into()), Trust::Fingerprint(pin))
+        .unwrap()
+        .get("/api/jobs")
+        .await
+        .unwrap();
+    assert_eq!(pinned.status, 200);
+    // `rustci ca fetch` hands the same CA to tools that take a file, checked by the pin.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = rustci::cli::remote::fetch_ca(&url, &fp, None, &mut out, &mut err).await;
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        rustci::valkyrie::pki::first_cert_der(&String::from_utf8(out).unwrap()).unwrap(),
+        rustci::valkyrie::pki::first_cert_der(&ca).unwrap()
+    );
+
+    // Another CA, a wrong pin, the system's bundle: refused, saying why.
+    let other = tempfile::tempdir().unwrap();
+    let (stranger, _) = rustci::valkyrie::pki::Authority::load_or_create(other.path()).unwrap();
+    let refused = |trust: Trust| {
+        let url = url.clone();
+        async move {
+            ApiClient::with_trust(&url, Some(ADMIN.into()), trust)
+                .unwrap()
+                .get("/api/jobs")
+                .await
+                .unwrap_err()
+        }
+    };
+    for e in [
+        refused(Trust::CaPem(stranger.ca_pem().to_string())).await,
+        refused(Trust::System).await,
+    ] {
+        assert!(e.contains("certificate") && e.contains("--ca"), "{e}");
+    }
+    let wrong = rustci::valkyrie::pki::parse_fingerprint(&stranger.fingerprint()).unwrap();
+    let e = refused(Trust::Fingerprint(wrong)).await;
+    assert!(e.contains("pinned fingerprint"), "{e}");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code =
+        rustci::cli::remote::fetch_ca(&url, &stranger.fingerprint(), None, &mut out, &mut err)
+            .await;
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = format!("http://{}", server.addr());
+    assert!(
+        ApiClient::new(&plain, Some(ADMIN.into()))
+            .unwrap()
+            .get("/api/jobs")
+            .await
+            .is_err()
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_loopback_and_a_brought_certificate() {
+    use rustci::client::Trust;
+    // Plain HTTP when asked for, on loopback.
+    let t = TestServer::start(|c, _| c.plain_http = true).await;
+    let server = t.server.as_ref().unwrap();
+    assert!(server.url().starts_with("http://127.0.0.1:"));
+    assert!(server.ca_pem().is_none(), "no CA is needed for plain HTTP");
+    assert_eq!(t.admin().get("/api/jobs").await.unwrap().status, 200);
+    t.stop().await;
+
+    // The user's own certificate and key, from the user's own CA.
+    let theirs = tempfile::tempdir().unwrap();
+    let (ca, _) = rustci::valkyrie::pki::Authority::load_or_create(theirs.path()).unwrap();
+    ca.server_identity(&["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (
+        theirs.path().join("server.pem"),
+        theirs.path().join("server.key"),
+    );
+    let t = TestServer::start(|c, _| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+    let server = t.server.as_ref().unwrap();
+    assert!(server.ca_pem().is_none(), "no CA was generated");
+    assert!(!t.dir.path().join("data/pki").exists());
+    let r = ApiClient::with_trust(
+        &server.url(),
+        Some(ADMIN.into()),
+        Trust::CaPem(ca.ca_pem().to_string()),
+    )
+    .unwrap()
+    .get("/api/jobs")
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    t.stop().await;
+
+    // A key that does not belong to the certificate stops the start with the cause.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.data_dir = dir.path().join("data");
+    config.admin_key = Some(ADMIN.into());
+    config.default_runners = false;
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(theirs.path().join("ca.key"));
+    let e = Server::start(config).await.unwrap_err().to_string();
+    assert!(e.contains("do not go together"), "{e}");
+}
+
+#[test]
+fn the_server_refuses_plain_http_on_a_non_loopback_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustci-server"))
+        .args(["--plain-http", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env_remove("RUSTCI_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plain_http") && err.contains("non-loopback"),
+        "{err}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was created");
 }

@@ -116,7 +116,7 @@ async fn a_configured_docker_runner_with_a_warm_pool_runs_a_job() {
     )
     .await
     .expect("the server starts with a docker runner");
-    let client = ApiClient::new(&format!("http://{}", server.addr()), Some(ADMIN.into())).unwrap();
+    let client = ApiClient::of(&server, Some(ADMIN.into())).unwrap();
     // The pool the configuration asked for is started by the runner itself.
     eventually("a warm container", || warm_containers(&name).len() == 1).await;
     let before = warm_containers(&name);
@@ -195,7 +195,7 @@ async fn a_configured_kubernetes_runner_runs_a_job_on_the_fake_cluster() {
     )
     .await
     .expect("the server starts with a kubernetes runner");
-    let client = ApiClient::new(&format!("http://{}", server.addr()), Some(ADMIN.into())).unwrap();
+    let client = ApiClient::of(&server, Some(ADMIN.into())).unwrap();
     let (text, state, record) = run(
         &client,
         json!({"name": "in-a-pod", "runs_on": {"kind": "kubernetes"},

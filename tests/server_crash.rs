@@ -124,7 +124,7 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     let marker_d = dir.path().join("d.marks");
 
     let server = start(dir.path());
-    let c = ApiClient::new(&server.base, Some(ADMIN.into())).unwrap();
+    let c = admin_client(dir.path(), &server.base);
     let done = submit(
         &c,
         json!({"name": "before", "steps": [{"run": "echo done-before"}]}),
@@ -155,7 +155,7 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     );
 
     let server = start(dir.path());
-    let c = ApiClient::new(&server.base, Some(ADMIN.into())).unwrap();
+    let c = admin_client(dir.path(), &server.base);
     // Recovery stopped what was left of the interrupted attempts before retrying.
     assert!(
         rustci_runners::testkit::processes_of(&a1)
@@ -211,4 +211,11 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     .unwrap();
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// The admin's client of the server whose data directory is under `dir`, trusting the
+/// CA it created there.
+fn admin_client(dir: &Path, base: &str) -> ApiClient {
+    let ca = std::fs::read_to_string(dir.join("data/pki/ca.pem")).expect("the server's CA");
+    ApiClient::with_trust(base, Some(ADMIN.into()), rustci::client::Trust::CaPem(ca)).unwrap()
 }

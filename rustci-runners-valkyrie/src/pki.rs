@@ -485,6 +485,16 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 /// Connects to `addr` with TLS, verifies the server against the CA pinned by `pin`, and
 /// returns that CA's PEM. The agent's first step, before it registers.
 pub async fn fetch_pinned_ca(addr: &str, pin: [u8; 32]) -> Result<String, String> {
+    fetch_pinned_ca_named(addr, SERVER_NAME, pin).await
+}
+
+/// [`fetch_pinned_ca`] for a server that must prove the name `server_name` (a host name
+/// or an IP address): how a client of the HTTPS API fetches the CA it then trusts.
+pub async fn fetch_pinned_ca_named(
+    addr: &str,
+    server_name: &str,
+    pin: [u8; 32],
+) -> Result<String, String> {
     let verifier = Arc::new(PinnedCa::new(pin));
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -498,7 +508,8 @@ pub async fn fetch_pinned_ca(addr: &str, pin: [u8; 32]) -> Result<String, String
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let name = ServerName::try_from(SERVER_NAME).expect("valid name");
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| format!("server name {server_name:?}: {e}"))?;
     connector
         .connect(name, tcp)
         .await

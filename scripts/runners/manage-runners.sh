@@ -6,9 +6,14 @@
 #   manage-runners.sh status   list the server's runners with their status and load
 #
 # Settings (environment):
-#   RUSTCI_SERVER     server URL                  (default http://127.0.0.1:8080)
+#   RUSTCI_SERVER     server URL                  (default https://127.0.0.1:8080)
 #   RUSTCI_ADMIN_KEY  admin API key               (default: read from $RUSTCI_DATA_DIR/admin.key)
 #   RUSTCI_DATA_DIR   the server's data directory (default ./rustci-data)
+#   RUSTCI_CA         the server's CA certificate (default: $RUSTCI_DATA_DIR/pki/ca.pem
+#                     when it exists, else the system's CA bundle)
+#   RUSTCI_CA_FINGERPRINT  the CA's fingerprint (sha256:…) as the server printed it,
+#                     instead of RUSTCI_CA: the CA is fetched and checked with
+#                     `rustci ca fetch` ($RUSTCI_BIN, default rustci on PATH)
 #   RUNNER_NAME       name of the runner to register   (default registered-<kind>); it runs
 #                     inside the server process, on the server's host
 #   RUNNER_KIND       local, native or docker          (default native)
@@ -17,7 +22,7 @@
 #   TEST_TIMEOUT      seconds the test job may take    (default 60)
 set -euo pipefail
 
-SERVER="${RUSTCI_SERVER:-http://127.0.0.1:8080}"
+SERVER="${RUSTCI_SERVER:-https://127.0.0.1:8080}"
 DATA_DIR="${RUSTCI_DATA_DIR:-rustci-data}"
 KIND="${RUNNER_KIND:-native}"
 NAME="${RUNNER_NAME:-registered-$KIND}"
@@ -29,6 +34,26 @@ die() { echo "manage-runners: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 is required but not installed"; }
 need curl
 need python3
+
+# How curl checks an https:// server: a CA file given, fetched by fingerprint, or found
+# beside the server.
+tls=()
+if [[ "$SERVER" == https://* ]]; then
+  ca="${RUSTCI_CA:-}"
+  if [[ -z "$ca" && -n "${RUSTCI_CA_FINGERPRINT:-}" ]]; then
+    bin="${RUSTCI_BIN:-rustci}"
+    command -v "$bin" >/dev/null 2>&1 || die "RUSTCI_CA_FINGERPRINT needs the rustci command (set RUSTCI_BIN)"
+    ca=$(mktemp)
+    trap 'rm -f "$ca"' EXIT
+    "$bin" ca fetch --server "$SERVER" --ca-fingerprint "$RUSTCI_CA_FINGERPRINT" -o "$ca" \
+      || die "could not fetch the server's CA with the fingerprint $RUSTCI_CA_FINGERPRINT"
+  fi
+  if [[ -z "$ca" && -r "$DATA_DIR/pki/ca.pem" ]]; then ca="$DATA_DIR/pki/ca.pem"; fi
+  if [[ -n "$ca" ]]; then
+    [[ -r "$ca" ]] || die "cannot read the CA file $ca"
+    tls=(--cacert "$ca")
+  fi
+fi
 
 admin_key() {
   if [[ -n "${RUSTCI_ADMIN_KEY:-}" ]]; then
@@ -53,7 +78,7 @@ print("" if doc is None else doc)' "$1"
 # api METHOD PATH KEY [BODY]: prints the body, then the status on the last line.
 api() {
   local method=$1 path=$2 key=$3 body=${4:-}
-  local args=(-sS -X "$method" -H "X-API-Key: $key" -w '\n%{http_code}')
+  local args=(-sS "${tls[@]}" -X "$method" -H "X-API-Key: $key" -w '\n%{http_code}')
   if [[ -n "$body" ]]; then args+=(-H 'Content-Type: application/json' --data-binary "$body"); fi
   curl "${args[@]}" "$SERVER$path" || die "cannot reach the server at $SERVER (is it running? start it with: cargo run)"
 }
@@ -92,7 +117,7 @@ test_job() {
     '{"name": "runner-connectivity-test", "timeout": "'"$TEST_TIMEOUT"'s", "steps": [{"run": "echo rustci-runner-ok; uname -sm"}]}' | json id)
   echo "submitted test job $id"
   # Follow the log until the job ends (server-sent events).
-  curl -sS -N --max-time "$((TEST_TIMEOUT + 10))" -H "X-API-Key: $key" \
+  curl -sS -N "${tls[@]}" --max-time "$((TEST_TIMEOUT + 10))" -H "X-API-Key: $key" \
     "$SERVER/api/jobs/$id/logs?follow=true" | while IFS= read -r line; do
       [[ "$line" == "event: end" ]] && break
     done || true

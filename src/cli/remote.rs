@@ -10,19 +10,47 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::client::{ApiClient, ApiResponse};
+use crate::client::{ApiClient, ApiResponse, Trust};
 
-/// Where the server is and how to authenticate.
+/// Where the server is, how its certificate is checked and how to authenticate.
 #[derive(Clone, Debug)]
 pub struct Remote {
-    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    /// Base URL, e.g. `https://127.0.0.1:8080`.
     pub server: String,
     /// API key.
     pub api_key: Option<String>,
+    /// What an `https://` server's certificate must verify against.
+    pub trust: Trust,
+}
+
+/// The trust the CLI's flags ask for: the CA file `ca`, else the pinned `fingerprint`,
+/// else the server's CA in `data_dir/pki/ca.pem` when that file exists (the CLI runs
+/// beside the server), else the system's CA bundle. An unreadable `ca` or a malformed
+/// fingerprint is an error naming it.
+pub fn trust(
+    ca: Option<&Path>,
+    fingerprint: Option<&str>,
+    data_dir: &Path,
+) -> Result<Trust, String> {
+    if let Some(path) = ca {
+        return std::fs::read_to_string(path)
+            .map(Trust::CaPem)
+            .map_err(|e| format!("reading the CA file {}: {e}", path.display()));
+    }
+    if let Some(f) = fingerprint {
+        return rustci_runners_valkyrie::pki::parse_fingerprint(f)
+            .map(Trust::Fingerprint)
+            .map_err(|e| format!("--ca-fingerprint {f:?}: {e}"));
+    }
+    let beside = data_dir.join("pki").join("ca.pem");
+    match std::fs::read_to_string(&beside) {
+        Ok(pem) => Ok(Trust::CaPem(pem)),
+        Err(_) => Ok(Trust::System),
+    }
 }
 
 fn client(remote: &Remote) -> Result<ApiClient, String> {
-    ApiClient::new(&remote.server, remote.api_key.clone())
+    ApiClient::with_trust(&remote.server, remote.api_key.clone(), remote.trust.clone())
 }
 
 /// The client, or `None` after printing why there is none.
@@ -370,4 +398,55 @@ pub async fn runners(
         }
     }
     0
+}
+
+/// `rustci ca fetch`: connects to the `https://` server `server`, checks that its chain
+/// holds the CA with `fingerprint` and that the server's certificate verifies against it
+/// for the URL's host, and writes that CA (PEM) to `output` (stdout when `None`). What a
+/// tool that takes only a CA file (curl, `manage-runners.sh`) needs first. Exit code 0,
+/// or 1 with the cause on `err`.
+pub async fn fetch_ca(
+    server: &str,
+    fingerprint: &str,
+    output: Option<&Path>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let result = async {
+        let pin = rustci_runners_valkyrie::pki::parse_fingerprint(fingerprint)
+            .map_err(|e| format!("--ca-fingerprint {fingerprint:?}: {e}"))?;
+        let authority = server
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("server URL {server:?}: expected https://HOST:PORT"))?
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            _ => authority,
+        };
+        let addr = if host.len() == authority.len() {
+            format!("{authority}:443")
+        } else {
+            authority.to_string()
+        };
+        let name = host.trim_start_matches('[').trim_end_matches(']');
+        let pem = rustci_runners_valkyrie::pki::fetch_pinned_ca_named(&addr, name, pin).await?;
+        match output {
+            Some(path) => {
+                std::fs::write(path, &pem).map_err(|e| format!("writing {}: {e}", path.display()))
+            }
+            None => out
+                .write_all(pem.as_bytes())
+                .map_err(|e| format!("writing the CA: {e}")),
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(err, "rustci: {e}");
+            1
+        }
+    }
 }

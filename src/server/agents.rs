@@ -70,12 +70,9 @@ pub(crate) fn hub(
     config: &super::ServerConfig,
     secret: &str,
     plane: &ControlPlane,
-) -> Result<(rustci_runners_valkyrie::Hub, bool), String> {
-    let data = config.data_dir.as_path();
-    use rustci_runners_valkyrie::pki::Authority;
-    let dir = data.join("valkyrie");
-    let (authority, created) = Authority::load_or_create(&data.join("pki"))
-        .map_err(|e| format!("the certificate authority: {e}"))?;
+    authority: rustci_runners_valkyrie::pki::Authority,
+) -> Result<rustci_runners_valkyrie::Hub, String> {
+    let dir = config.data_dir.join("valkyrie");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let admission = TokenAdmission::new(Keys::new(std::iter::empty(), secret), &dir, plane.clone())
         .map_err(|e| format!("reading used registration tokens: {e}"))?;
@@ -83,7 +80,6 @@ pub(crate) fn hub(
     options.timings.heartbeat = std::time::Duration::from_millis(config.agent_heartbeat_ms.max(10));
     options.timings.margin = std::time::Duration::from_millis(config.agent_margin_ms);
     options.timings.restart_grace = std::time::Duration::from_secs(config.agent_restart_grace_secs);
-    let hub = rustci_runners_valkyrie::Hub::new(options, authority, Arc::new(admission))
-        .map_err(|e| format!("starting the agent hub: {e}"))?;
-    Ok((hub, created))
+    rustci_runners_valkyrie::Hub::new(options, authority, Arc::new(admission))
+        .map_err(|e| format!("starting the agent hub: {e}"))
 }

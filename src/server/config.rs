@@ -56,9 +56,19 @@ pub struct ServerConfig {
     /// TLS policy (client certificates) and its long-lived streams stay apart from the
     /// HTTP API. Default: none (no agents).
     pub agent_listen: Option<SocketAddr>,
-    /// Host names and addresses the server's certificate names besides
-    /// `rustci-control-plane` (agents verify that fixed name). Default: none.
+    /// Host names and addresses the generated server certificate names besides
+    /// `rustci-control-plane` (agents verify that fixed name), `localhost`, `127.0.0.1`
+    /// and the listen addresses. Default: none.
     pub tls_names: Vec<String>,
+    /// Serve the HTTP API over plain HTTP instead of HTTPS. Refused unless `listen` is a
+    /// loopback address. Default false.
+    pub plain_http: bool,
+    /// The API listener's own certificate chain (PEM, leaf first) instead of the one the
+    /// data directory's CA issues; needs `tls_key`. Agents keep the generated one (they
+    /// pin the data directory's CA). Default: none.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Agents' least heartbeat interval in milliseconds (it grows with the number of
     /// agents; see docs/valkyrie.md). Default 5000.
     pub agent_heartbeat_ms: u64,
@@ -88,6 +98,9 @@ impl Default for ServerConfig {
             registration_kinds: vec!["local".into(), "native".into(), "docker".into()],
             agent_listen: None,
             tls_names: Vec::new(),
+            plain_http: false,
+            tls_cert: None,
+            tls_key: None,
             agent_heartbeat_ms: 5000,
             agent_margin_ms: 15000,
             agent_restart_grace_secs: 120,
@@ -209,6 +222,16 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--admin-key`.
     pub admin_key: Option<String>,
+    /// `--agent-listen`.
+    pub agent_listen: Option<SocketAddr>,
+    /// `--tls-names`, added to the configured ones.
+    pub tls_names: Vec<String>,
+    /// `--plain-http`.
+    pub plain_http: bool,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -228,7 +251,8 @@ impl ServerConfig {
     }
 
     /// Defaults, then the config file (from `overrides.config` or `RUSTCI_CONFIG`), then
-    /// `env` (`RUSTCI_LISTEN`, `RUSTCI_DATA_DIR`, `RUSTCI_ADMIN_KEY`), then `overrides`.
+    /// `env` (`RUSTCI_LISTEN`, `RUSTCI_DATA_DIR`, `RUSTCI_ADMIN_KEY`, `RUSTCI_PLAIN_HTTP`
+    /// = `1`/`true`), then `overrides`.
     pub fn resolve(
         env: impl Fn(&str) -> Option<String>,
         overrides: &Overrides,
@@ -262,6 +286,21 @@ impl ServerConfig {
             .or_else(|| env("RUSTCI_ADMIN_KEY"))
         {
             config.admin_key = Some(key);
+        }
+        if let Some(a) = overrides.agent_listen {
+            config.agent_listen = Some(a);
+        }
+        config.tls_names.extend(overrides.tls_names.iter().cloned());
+        if overrides.plain_http
+            || env("RUSTCI_PLAIN_HTTP").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        {
+            config.plain_http = true;
+        }
+        if overrides.tls_cert.is_some() {
+            config.tls_cert = overrides.tls_cert.clone();
+        }
+        if overrides.tls_key.is_some() {
+            config.tls_key = overrides.tls_key.clone();
         }
         config.check()?;
         Ok(config)
@@ -299,6 +338,26 @@ impl ServerConfig {
             return Err(ConfigError(
                 "rate_limit_per_second must be > 0 and rate_limit_burst >= 1".into(),
             ));
+        }
+        if self.plain_http && !self.listen.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "plain_http: refused for the non-loopback address {}: API keys would cross \
+                 the network in clear (serve HTTPS, the default, or listen on 127.0.0.1)",
+                self.listen
+            )));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError(
+                    "tls_cert and tls_key: give both or neither".into(),
+                ));
+            }
+            (Some(_), Some(_)) if self.plain_http => {
+                return Err(ConfigError(
+                    "plain_http with tls_cert: choose one (plain HTTP uses no certificate)".into(),
+                ));
+            }
+            _ => {}
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.runners.iter().enumerate() {
@@ -441,5 +500,53 @@ mod tests {
         .unwrap();
         let e = ServerConfig::from_file(&f).unwrap_err().to_string();
         assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        let plain = Overrides {
+            plain_http: true,
+            listen: Some("0.0.0.0:8080".into()),
+            ..Overrides::default()
+        };
+        let e = ServerConfig::resolve(|_| None, &plain)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("plain_http") && e.contains("0.0.0.0:8080"),
+            "{e}"
+        );
+        // The environment's switch is the same setting.
+        let e = ServerConfig::resolve(
+            |k| match k {
+                "RUSTCI_PLAIN_HTTP" => Some("true".into()),
+                "RUSTCI_LISTEN" => Some("[::]:8080".into()),
+                _ => None,
+            },
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("non-loopback"), "{e}");
+        let loopback = Overrides {
+            plain_http: true,
+            listen: Some("127.0.0.1:8080".into()),
+            ..Overrides::default()
+        };
+        assert!(
+            ServerConfig::resolve(|_| None, &loopback)
+                .unwrap()
+                .plain_http
+        );
+        // HTTPS is the default.
+        assert!(!ServerConfig::default().plain_http);
+        let half = Overrides {
+            tls_cert: Some("/etc/cert.pem".into()),
+            ..Overrides::default()
+        };
+        let e = ServerConfig::resolve(|_| None, &half)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls_key"), "{e}");
     }
 }

@@ -12,6 +12,7 @@ mod config;
 mod metrics;
 mod openapi;
 mod runners;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,8 @@ fn runtime(context: &str) -> impl FnOnce(String) -> ServerError + '_ {
 pub struct Server {
     app: Arc<App>,
     addr: SocketAddr,
+    scheme: &'static str,
+    ca_pem: Option<String>,
     agent_addr: Option<SocketAddr>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
@@ -147,25 +150,66 @@ impl Server {
             ControlPlane::with_options(SelectionEngine::default(), options).map_err(|e| {
                 runtime("starting the control plane")(rustci_runners::error::Chain(&e).to_string())
             })?;
+        // The certificate authority: it issues the API listener's certificate (unless the
+        // user brings one) and the agents' identities.
+        let tls_api = !config.plain_http;
+        let needs_ca = config.agent_listen.is_some() || (tls_api && config.tls_cert.is_none());
+        let mut authority = None;
+        if needs_ca {
+            let dir = data.join("pki");
+            let (ca, created) = rustci_runners_valkyrie::pki::Authority::load_or_create(&dir)
+                .map_err(|e| {
+                    plane.shutdown();
+                    runtime("the certificate authority")(e.to_string())
+                })?;
+            if created {
+                // Printed once, on the run that created it, next to the admin key.
+                println!(
+                    "rustci-server: created a certificate authority in {}; its fingerprint (for --ca-fingerprint of `rustci` and `rustci agent`): {}",
+                    dir.display(),
+                    ca.fingerprint()
+                );
+            }
+            authority = Some(ca);
+        }
+        let names = certificate_names(&config);
+        let identity = match &authority {
+            Some(ca) => Some(ca.server_identity(&names).map_err(|e| {
+                plane.shutdown();
+                runtime("the server certificate")(e.to_string())
+            })?),
+            None => None,
+        };
+        let ca_pem = authority.as_ref().map(|a| a.ca_pem().to_string());
+        let tls = if !tls_api {
+            None
+        } else {
+            let made = match (&config.tls_cert, &config.tls_key, &identity) {
+                (Some(cert), Some(key), _) => tls::from_files(cert, key),
+                (_, _, Some(id)) => tls::server_config(&id.chain_pem, &id.key_pem),
+                _ => Err("no certificate for the API listener".to_string()),
+            };
+            match made {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    plane.shutdown();
+                    return Err(runtime("HTTPS")(e));
+                }
+            }
+        };
         // The hub comes before the runners: stored registrations of agents' runners are
         // rebuilt through it, and recovery may hand it their attempts.
-        let hub = match &agent_listener {
-            Some(_) => {
-                let (hub, created) = agents::hub(&config, &secret, &plane).map_err(|e| {
+        let hub = match (&agent_listener, authority) {
+            (Some(_), Some(authority)) => {
+                let hub = agents::hub(&config, &secret, &plane, authority).map_err(|e| {
                     plane.shutdown();
                     ServerError::Runtime(e)
                 })?;
-                if created {
-                    println!(
-                        "rustci-server: created a CA for agents; its fingerprint (for `rustci agent --ca-fingerprint`): {}",
-                        hub.authority().fingerprint()
-                    );
-                }
                 hub.attach(plane.clone());
                 factory.register(hub.backend());
                 Some(hub)
             }
-            None => None,
+            _ => None,
         };
         let recovery = match start_runners(&plane, &factory, &config).await {
             Ok(()) => plane.recover().await.map_err(|e| {
@@ -194,14 +238,8 @@ impl Server {
             .local_addr()
             .map_err(|e| runtime("listener")(e.to_string()))?;
         let mut agent_addr = None;
-        if let (Some(hub), Some(l)) = (&hub, agent_listener) {
+        if let (Some(hub), Some(l), Some(identity)) = (&hub, agent_listener, identity) {
             agent_addr = l.local_addr().ok();
-            let mut names = config.tls_names.clone();
-            names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
-            let identity = hub
-                .authority()
-                .server_identity(&names)
-                .map_err(|e| runtime("the server certificate")(e.to_string()))?;
             let serving = hub.clone();
             tokio::spawn(async move {
                 if let Err(e) = serving.serve(l, identity).await {
@@ -221,11 +259,32 @@ impl Server {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let listener = match tls {
+            Some(c) => ApiListener::Tls(tls::TlsListener::new(listener, c).map_err(|e| {
+                app.plane.shutdown();
+                runtime("listener")(e.to_string())
+            })?),
+            None => ApiListener::Plain(listener),
+        };
         let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, service).with_graceful_shutdown(async move {
+            use axum::serve::ListenerExt;
+            let shutdown = async move {
                 let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
+            };
+            let served = match listener {
+                ApiListener::Tls(l) => {
+                    axum::serve(l.tap_io(|_| ()), service)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+                ApiListener::Plain(l) => {
+                    axum::serve(l, service)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "the HTTP server failed");
             }
             drop(lock);
@@ -234,6 +293,8 @@ impl Server {
         Ok(Server {
             app,
             addr,
+            scheme,
+            ca_pem,
             agent_addr,
             stop,
             task,
@@ -244,6 +305,18 @@ impl Server {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The API's base URL: `https://ADDR`, or `http://ADDR` with `plain_http`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// The data directory's CA certificate (PEM), which issued the API listener's
+    /// certificate (unless `tls_cert` brought another) and the agents' identities; `None`
+    /// when no CA is in use (plain HTTP or a brought certificate, and no agents).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The address the agent listener is bound to, when it has one.
@@ -310,6 +383,34 @@ pub fn init_logging() {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The API's listener: HTTPS by default, plain HTTP when configured.
+enum ApiListener {
+    Plain(TcpListener),
+    Tls(tls::TlsListener),
+}
+
+/// The names the generated server certificate covers: the configured ones, the host's
+/// name, `localhost`, the loopback addresses and the specific listen addresses.
+fn certificate_names(config: &ServerConfig) -> Vec<String> {
+    let mut names = config.tls_names.clone();
+    if let Ok(h) = nix::unistd::gethostname()
+        && let Some(h) = h.to_str()
+        && !h.is_empty()
+    {
+        names.push(h.to_string());
+    }
+    names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
+    for a in [Some(config.listen), config.agent_listen]
+        .into_iter()
+        .flatten()
+    {
+        if !a.ip().is_unspecified() {
+            names.push(a.ip().to_string());
+        }
+    }
+    names
 }
 
 /// Takes an exclusive lock on `<data>/lock` for as long as the returned file lives.
