@@ -1,7 +1,8 @@
 //! `rustci agent` as its own process against the server's agent listener: registration
 //! with a token and the CA fingerprint, mutual TLS, a job through the HTTP API run on the
-//! agent, the agent in `/api/agents`, a drain on SIGTERM, a token that registers only
-//! once, and revocation.
+//! agent, the agent in `/api/agents`, its details on its runners in the API, the CLI and
+//! the metrics, a drain on SIGTERM, a token that registers only once, a revoked token,
+//! and revocation through the runners route.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use rustci::server::{Server, ServerConfig};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-key-0123456789abcdef";
+const OPERATOR: &str = "operator-key-0123456789abcdef";
 
 fn agent_cmd(
     server: &str,
@@ -61,6 +63,9 @@ async fn an_agent_process_registers_runs_jobs_over_mtls_drains_and_is_revoked() 
     config.agent_listen = Some("127.0.0.1:0".parse().unwrap());
     config.data_dir = dir.path().join("data");
     config.admin_key = Some(ADMIN.into());
+    config.api_keys = vec![
+        serde_json::from_value(json!({"name": "op", "key": OPERATOR, "role": "operator"})).unwrap(),
+    ];
     config.default_runners = false;
     config.health_interval_secs = 1;
     let server = Server::start(config).await.expect("server starts");
@@ -111,6 +116,70 @@ async fn an_agent_process_registers_runs_jobs_over_mtls_drains_and_is_revoked() 
     })
     .await;
     assert_eq!(runner["kind"], "valkyrie", "{runner}");
+    // The runner carries its agent's host, address, version, status and heartbeat.
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let details = wait_for("the agent's heartbeat is recorded", async || {
+        let v = admin
+            .get(&format!("/api/runners/{runner_id}"))
+            .await
+            .ok()?
+            .json();
+        v["agent"]["last_heartbeat_ms"]
+            .as_u64()
+            .map(|_| v["agent"].clone())
+    })
+    .await;
+    assert_eq!(details["id"], agents["id"], "{details}");
+    assert_eq!(details["hostname"], host.as_str(), "{details}");
+    assert_eq!(details["status"], "healthy", "{details}");
+    assert_eq!(details["version"], env!("CARGO_PKG_VERSION"), "{details}");
+    assert!(
+        details["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{details}"
+    );
+    // The CLI's runner list shows the agent's host and status.
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let listed = tokio::process::Command::new(env!("CARGO_BIN_EXE_rustci"))
+        .args(["runners", "list", "--server", &server.url(), "--ca"])
+        .arg(&ca_file)
+        .env("RUSTCI_API_KEY", ADMIN)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let text = String::from_utf8_lossy(&listed.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&runner_id))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(&format!("{host} healthy")) && line.contains("s ago"),
+        "{line}"
+    );
+    // The metrics count agents by status and carry each one's last heartbeat.
+    let metrics = String::from_utf8_lossy(&admin.get("/metrics").await.unwrap().body).to_string();
+    assert!(
+        metrics.contains("rustci_agents{status=\"healthy\"} 1"),
+        "{metrics}"
+    );
+    let heartbeat = metrics
+        .lines()
+        .find(|l| l.starts_with("rustci_agent_last_heartbeat_timestamp_seconds{"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        heartbeat.contains(&format!("hostname=\"{host}\""))
+            && heartbeat.contains("status=\"healthy\""),
+        "{heartbeat}"
+    );
+    let at: f64 = heartbeat.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(at > 1.0e9, "{heartbeat}");
 
     // A job through the HTTP API runs on the agent.
     let job = json!({
@@ -149,6 +218,43 @@ async fn an_agent_process_registers_runs_jobs_over_mtls_drains_and_is_revoked() 
     assert_eq!(other.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&other.stderr);
     assert!(stderr.contains("already used"), "{stderr}");
+    // A revoked token registers no agent.
+    let revoked = admin
+        .post_json("/api/tokens", &json!({"ttl_seconds": 600}))
+        .await
+        .unwrap()
+        .json();
+    let r = admin
+        .request(
+            "DELETE",
+            &format!("/api/tokens/{}", revoked["id"].as_str().unwrap()),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let third = agent_cmd(
+        &agent_addr,
+        &dir.path().join("agent3"),
+        revoked["token"].as_str().unwrap(),
+        &fp,
+        "agent-three",
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(third.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(stderr.contains("revoked"), "{stderr}");
+    assert_eq!(
+        admin.get("/api/agents").await.unwrap().json()["agents"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "neither refused agent was registered"
+    );
 
     // SIGTERM drains: a running job finishes, then the agent exits 0.
     let job = json!({
@@ -175,14 +281,42 @@ async fn an_agent_process_registers_runs_jobs_over_mtls_drains_and_is_revoked() 
     let v = admin.get(&format!("/api/jobs/{id}")).await.unwrap().json();
     assert_eq!(v["state"], "succeeded", "{v}");
 
-    // Revocation: the agent is gone from the API and its runner from the registry; a
+    // Revocation through the runners route: an operator may not (it revokes the agent),
+    // an admin may. The agent is gone from the API and its runner from the registry; a
     // restart with its stored identity is refused.
     let agent_id = agents["id"].as_str().unwrap().to_string();
+    let operator = ApiClient::of(&server, Some(OPERATOR.into())).unwrap();
+    let r = operator
+        .request("DELETE", &format!("/api/runners/{runner_id}"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    assert!(
+        r.error_message().contains(&agent_id),
+        "{}",
+        r.error_message()
+    );
+    assert_eq!(
+        admin
+            .get(&format!("/api/agents/{agent_id}"))
+            .await
+            .unwrap()
+            .status,
+        200,
+        "the refused request changed nothing"
+    );
+    let r = admin
+        .request("DELETE", &format!("/api/runners/{runner_id}"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    assert_eq!(r.json()["revoked_agent"], agent_id.as_str());
     let r = admin
         .request("DELETE", &format!("/api/agents/{agent_id}"), None, &[])
         .await
         .unwrap();
-    assert_eq!(r.status, 200, "{}", r.error_message());
+    assert_eq!(r.status, 404, "revoked agents are gone");
+    assert_eq!(r.json()["error"]["code"], "AGENT_NOT_FOUND");
     assert_eq!(
         admin
             .get(&format!("/api/runners/{runner_id}"))

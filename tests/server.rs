@@ -538,6 +538,7 @@ async fn registration_tokens_register_runners_and_expire() {
         .await
         .unwrap();
     let token = r.json()["token"].as_str().unwrap().to_string();
+    let first_id = r.json()["id"].as_str().unwrap().to_string();
     let as_runner = t.client(Some(&token));
     let ws = t.dir.path().join("ws-reg");
     std::fs::create_dir_all(&ws).unwrap();
@@ -568,6 +569,9 @@ async fn registration_tokens_register_runners_and_expire() {
             r.error_message()
         );
     }
+    // The token may not read or drain.
+    let r = as_runner.get("/api/runners").await.unwrap();
+    assert_eq!(r.status, 403);
     let r = as_runner
         .post_json(
             "/api/runners",
@@ -588,9 +592,77 @@ async fn registration_tokens_register_runners_and_expire() {
         labels.contains(&"fast") && labels.contains(&"pool-a"),
         "{labels:?}"
     );
-    // The token may not read or drain.
-    let r = as_runner.get("/api/runners").await.unwrap();
-    assert_eq!(r.status, 403);
+    // A token registers one runner.
+    let r = as_runner
+        .post_json("/api/runners", &json!({"name": "reg-2", "kind": "native"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{}", r.error_message());
+    assert!(
+        r.error_message().contains("already used") && r.error_message().contains(&rid),
+        "{}",
+        r.error_message()
+    );
+    // A revoked token registers nothing; the listing says what became of each.
+    let second = admin
+        .post_json("/api/tokens", &json!({"ttl_seconds": 600}))
+        .await
+        .unwrap()
+        .json();
+    let r = admin
+        .request(
+            "DELETE",
+            &format!("/api/tokens/{}", second["id"].as_str().unwrap()),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    let r = t
+        .client(second["token"].as_str())
+        .post_json("/api/runners", &json!({"name": "reg-3", "kind": "native"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert!(
+        r.error_message().contains("revoked"),
+        "{}",
+        r.error_message()
+    );
+    let listed = admin.get("/api/tokens").await.unwrap().json();
+    let state_of = |id: &str| {
+        listed["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id)
+            .map(|e| (e["state"].clone(), e["by"].clone()))
+            .unwrap()
+    };
+    assert_eq!(
+        state_of(&first_id),
+        (json!("used"), json!(format!("runner {rid}")))
+    );
+    assert_eq!(
+        state_of(second["id"].as_str().unwrap()),
+        (json!("revoked"), json!("key:admin"))
+    );
+    let r = admin
+        .request("DELETE", "/api/tokens/no-such-token", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(error_code(&r), "TOKEN_NOT_FOUND");
+    let audit = admin.get("/api/audit?limit=100").await.unwrap().json();
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "token.revoke" && e["target"] == second["id"]),
+        "{audit}"
+    );
     // A job asking for the token's label goes to the new runner.
     let id = submit(
         &admin,

@@ -360,9 +360,12 @@ pub async fn runners(
         RunnersAction::List => {
             let _ = writeln!(
                 out,
-                "{:<38} {:<16} {:<8} {:<10} {:<7} LABELS",
-                "ID", "NAME", "KIND", "STATUS", "SLOTS"
+                "{:<38} {:<16} {:<8} {:<10} {:<7} {:<30} LABELS",
+                "ID", "NAME", "KIND", "STATUS", "SLOTS", "AGENT"
             );
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             for r in v["runners"].as_array().into_iter().flatten() {
                 let slots = match r["slots"].as_u64() {
                     Some(s) => format!("{}/{s}", r["running"]),
@@ -376,12 +379,13 @@ pub async fn runners(
                     .collect();
                 let _ = writeln!(
                     out,
-                    "{:<38} {:<16} {:<8} {:<10} {:<7} {}",
+                    "{:<38} {:<16} {:<8} {:<10} {:<7} {:<30} {}",
                     r["id"].as_str().unwrap_or(""),
                     r["name"].as_str().unwrap_or(""),
                     r["kind"].as_str().unwrap_or(""),
                     r["status"].as_str().unwrap_or(""),
                     slots,
+                    agent_cell(&r["agent"], now_ms),
                     labels.join(",")
                 );
             }
@@ -398,6 +402,19 @@ pub async fn runners(
         }
     }
     0
+}
+
+/// `host status, heartbeat Ns ago` of a runner's agent; `-` for a runner of the server.
+fn agent_cell(agent: &Value, now_ms: u64) -> String {
+    if agent.is_null() {
+        return "-".into();
+    }
+    let host = agent["hostname"].as_str().unwrap_or("?");
+    let status = agent["status"].as_str().unwrap_or("?");
+    match agent["last_heartbeat_ms"].as_u64() {
+        Some(at) => format!("{host} {status} {}s ago", now_ms.saturating_sub(at) / 1000),
+        None => format!("{host} {status}"),
+    }
 }
 
 /// `rustci ca fetch`: connects to the `https://` server `server`, checks that its chain

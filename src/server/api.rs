@@ -35,6 +35,8 @@ pub struct App {
     pub plane: ControlPlane,
     /// Accepted keys and the token secret.
     pub keys: Keys,
+    /// Registration tokens' uses and revocations.
+    pub tokens: Arc<super::tokens::Tokens>,
     /// Per-caller rate limits.
     pub limiter: RateLimiter,
     /// Metrics.
@@ -155,7 +157,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/agents/{id}", get(get_agent))
         .route_layer(middleware::from_fn(require_viewer));
     let admin = Router::new()
-        .route("/api/tokens", post(create_token))
+        .route("/api/tokens", post(create_token).get(list_tokens))
+        .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/audit", get(list_audit))
         .route_layer(middleware::from_fn(require_admin));
     let registrar = Router::new()
@@ -309,7 +312,10 @@ async fn authenticate(
     let action = format!("{} {}", req.method(), req.uri().path());
     let principal = match credential {
         None => Err("no API key given (use X-API-Key or Authorization: Bearer)".to_string()),
-        Some(c) => app.keys.authenticate(&c),
+        Some(c) => app.keys.authenticate(&c).and_then(|p| match &p.token_id {
+            Some(id) => app.tokens.check(id).map(|()| p),
+            None => Ok(p),
+        }),
     };
     let limit_key = match &principal {
         Ok(p) => p.name.clone(),
@@ -472,9 +478,25 @@ fn millis(t: std::time::SystemTime) -> u64 {
         .as_millis() as u64
 }
 
-fn runner_json(e: &RunnerEntry) -> Value {
+/// A runner as the API shows it; a remote agent's runner carries `agent` (`agents` is
+/// the hub's current view, when there is a hub).
+fn runner_json(e: &RunnerEntry, agents: &[rustci_runners_valkyrie::AgentView]) -> Value {
     let info = e.info();
+    let agent = agents
+        .iter()
+        .find(|a| a.runners.contains(&info.id))
+        .map(|a| {
+            json!({
+                "id": a.id,
+                "hostname": a.hostname,
+                "address": a.address,
+                "version": a.version,
+                "status": a.status,
+                "last_heartbeat_ms": a.last_heartbeat_ms,
+            })
+        });
     json!({
+        "agent": agent,
         "id": info.id,
         "name": info.name,
         "kind": info.kind.as_str(),
@@ -554,7 +576,9 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let text = app.metrics.render(&app.plane);
+    let text = app
+        .metrics
+        .render_with_agents(&app.plane, &agent_views(&app));
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -908,19 +932,27 @@ fn async_stream(
 // ---------------------------------------------------------------------------------------
 // Runners
 
+fn agent_views(app: &App) -> Vec<rustci_runners_valkyrie::AgentView> {
+    app.hub.as_ref().map(|h| h.agents()).unwrap_or_default()
+}
+
 async fn list_runners(State(app): State<Arc<App>>) -> Json<Value> {
+    let agents = agent_views(&app);
     let runners: Vec<Value> = app
         .plane
         .registry()
         .list()
         .iter()
-        .map(runner_json)
+        .map(|e| runner_json(e, &agents))
         .collect();
     Json(json!({ "runners": runners }))
 }
 
 async fn get_runner(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(runner_json(&find_runner(&app, &id)?)))
+    Ok(Json(runner_json(
+        &find_runner(&app, &id)?,
+        &agent_views(&app),
+    )))
 }
 
 async fn runner_status(
@@ -1007,7 +1039,7 @@ fn hub(app: &App) -> ApiResult<&rustci_runners_valkyrie::Hub> {
     app.hub.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            "AGENT_NOT_FOUND",
             "this server does not listen for agents (set agent_listen)",
         )
     })
@@ -1023,7 +1055,7 @@ async fn get_agent(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiRe
         Some(a) => Ok(Json(json!(a))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            "AGENT_NOT_FOUND",
             format!("no agent {id}"),
         )),
     }
@@ -1039,7 +1071,7 @@ async fn revoke_agent(
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            "AGENT_NOT_FOUND",
             format!("no agent {id}"),
         ))
     }
@@ -1051,7 +1083,44 @@ async fn delete_runner(
     Extension(rid): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    // A remote agent's runner comes back with the agent's next session: removing it
+    // means revoking the agent, which is for admins.
+    if let Some(agent) = agent_of(&app, &id) {
+        if p.role != Role::Admin {
+            audit(
+                &app,
+                &p.name,
+                "runner.delete",
+                Some(&id),
+                "AUTHORIZATION_FAILED",
+                &rid.0,
+            );
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "AUTHORIZATION_FAILED",
+                format!(
+                    "runner {id} belongs to agent {agent}; removing it revokes the agent, which \
+                     is for admins (DELETE /api/agents/{agent})"
+                ),
+            ));
+        }
+        hub(&app)?.revoke(&agent, &p.name);
+        audit(&app, &p.name, "runner.delete", Some(&id), "ok", &rid.0);
+        return Ok(Json(
+            json!({"id": id, "status": "removed", "revoked_agent": agent}),
+        ));
+    }
     runner_action(&app, &p, &rid, &id, "runner.delete").await
+}
+
+/// The agent whose runner `runner` is, when it is a remote agent's.
+fn agent_of(app: &App, runner: &str) -> Option<String> {
+    app.hub
+        .as_ref()?
+        .agents()
+        .into_iter()
+        .find(|a| a.runners.iter().any(|r| r == runner))
+        .map(|a| a.id)
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(
@@ -1120,6 +1189,14 @@ async fn register_runner(
             config.labels.push(l.clone());
         }
     }
+    // A token registers one runner: held while this registration runs, stored as used
+    // before the registration is.
+    let hold = match &p.token_id {
+        Some(t) => Some(app.tokens.hold(t).map_err(|why| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "AUTHENTICATION_REQUIRED", why)
+        })?),
+        None => None,
+    };
     let id = uuid::Uuid::new_v4().to_string();
     let runner = app
         .factory
@@ -1134,6 +1211,10 @@ async fn register_runner(
         config.kind.clone(),
         serde_json::to_value(&config).unwrap_or(Value::Null),
     );
+    if let Some(hold) = hold {
+        hold.commit(&format!("runner {id}"))
+            .map_err(|e| ApiError::internal(format!("recording the token's use: {e}")))?;
+    }
     app.plane
         .store()
         .put_runner(&record)
@@ -1144,7 +1225,7 @@ async fn register_runner(
     audit(&app, &p.name, "runner.register", Some(&id), "ok", &rid.0);
     tracing::info!(runner = %id, name = %config.name, kind = %config.kind, actor = %p.name, "runner registered");
     let entry = find_runner(&app, &id)?;
-    Ok((StatusCode::CREATED, Json(runner_json(&entry))).into_response())
+    Ok((StatusCode::CREATED, Json(runner_json(&entry, &[]))).into_response())
 }
 
 #[derive(Deserialize)]
@@ -1179,6 +1260,9 @@ async fn create_token(
         .keys
         .issue_token(&p.name, Duration::from_secs(ttl), req.labels)
         .map_err(ApiError::internal)?;
+    app.tokens
+        .issued(&claims)
+        .map_err(|e| ApiError::internal(format!("recording the token: {e}")))?;
     audit(
         &app,
         &p.name,
@@ -1197,6 +1281,31 @@ async fn create_token(
         })),
     )
         .into_response())
+}
+
+async fn list_tokens(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({ "tokens": app.tokens.list() }))
+}
+
+async fn revoke_token(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let known = app
+        .tokens
+        .revoke(&id, &p.name)
+        .map_err(|e| ApiError::internal(format!("recording the revocation: {e}")))?;
+    if !known {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "TOKEN_NOT_FOUND",
+            format!("no registration token {id:?} (expired ones are forgotten)"),
+        ));
+    }
+    audit(&app, &p.name, "token.revoke", Some(&id), "ok", &rid.0);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]

@@ -59,6 +59,8 @@ pub struct Principal {
     pub role: Role,
     /// Labels a registration token grants the runner it registers.
     pub token_labels: Vec<String>,
+    /// The registration token's id, when the caller presented one.
+    pub token_id: Option<String>,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -151,6 +153,7 @@ impl Keys {
                 name: format!("key:{name}"),
                 role: *role,
                 token_labels: Vec::new(),
+                token_id: None,
             });
         }
         if credential.split('.').count() == 3 {
@@ -159,6 +162,7 @@ impl Keys {
                 name: format!("token:{}", claims.jti),
                 role: Role::Runner,
                 token_labels: claims.labels,
+                token_id: Some(claims.jti),
             });
         }
         Err("the API key is not valid".into())

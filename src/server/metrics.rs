@@ -37,6 +37,15 @@ struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+    name: String,
+    hostname: String,
+    version: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
     method: String,
     route: String,
@@ -65,6 +74,8 @@ pub struct Metrics {
     runner_transitions: Family<StatusLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
+    agents: Family<StatusLabels, Gauge>,
+    agent_heartbeat: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -102,6 +113,8 @@ impl Metrics {
             runner_transitions: Family::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(seconds_histogram),
+            agents: Family::default(),
+            agent_heartbeat: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics");
@@ -170,6 +183,16 @@ impl Metrics {
                 "Time to answer an HTTP request",
                 m.http_duration.clone(),
             );
+            r.register(
+                "agents",
+                "Remote agents, by status (healthy, draining, disconnected, lost)",
+                m.agents.clone(),
+            );
+            r.register(
+                "agent_last_heartbeat_timestamp_seconds",
+                "When each remote agent's last heartbeat arrived (Unix time; 0 before the first), with its host name, version and status",
+                m.agent_heartbeat.clone(),
+            );
         }
         m
     }
@@ -193,6 +216,44 @@ impl Metrics {
 
     /// The text exposition, with gauges read from `plane` now.
     pub fn render(&self, plane: &ControlPlane) -> String {
+        self.render_with_agents(plane, &[])
+    }
+
+    /// [`Metrics::render`] with the remote agents' gauges read from `agents`.
+    pub fn render_with_agents(
+        &self,
+        plane: &ControlPlane,
+        agents: &[rustci_runners_valkyrie::AgentView],
+    ) -> String {
+        self.agents.clear();
+        self.agent_heartbeat.clear();
+        for status in ["healthy", "draining", "disconnected", "lost"] {
+            self.agents
+                .get_or_create(&StatusLabels {
+                    status: status.into(),
+                })
+                .set(0);
+        }
+        for a in agents {
+            let status = serde_json::to_value(a.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            self.agents
+                .get_or_create(&StatusLabels {
+                    status: status.clone(),
+                })
+                .inc();
+            self.agent_heartbeat
+                .get_or_create(&AgentLabels {
+                    agent: a.id.clone(),
+                    name: a.name.clone(),
+                    hostname: a.hostname.clone(),
+                    version: a.version.clone(),
+                    status,
+                })
+                .set(a.last_heartbeat_ms.map_or(0.0, |ms| ms as f64 / 1000.0));
+        }
         let (queued, running) = plane.counts();
         self.jobs_queued.set(queued as i64);
         self.jobs_running.set(running as i64);

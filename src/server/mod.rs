@@ -13,6 +13,7 @@ mod metrics;
 mod openapi;
 mod runners;
 mod tls;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub use config::{
 pub use metrics::Metrics;
 pub use openapi::document as openapi_document;
 pub use runners::{DEFAULT_SLOTS, RunnerFactory};
+pub use tokens::{TokenEntry, TokenHold, TokenState, Tokens};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +144,13 @@ impl Server {
             keys.iter().map(|(n, k, r)| (n.as_str(), k.as_str(), *r)),
             &secret,
         );
+        let tokens = Arc::new(
+            Tokens::open(
+                &data.join("tokens"),
+                Some(&data.join("valkyrie").join("used-tokens")),
+            )
+            .map_err(runtime("the registration-token ledger"))?,
+        );
         let metrics = Arc::new(Metrics::new());
         let mut options = ControlOptions::durable(Arc::new(store), data.join("logs"));
         options.health_interval = Duration::from_secs(config.health_interval_secs.max(1));
@@ -201,10 +210,11 @@ impl Server {
         // rebuilt through it, and recovery may hand it their attempts.
         let hub = match (&agent_listener, authority) {
             (Some(_), Some(authority)) => {
-                let hub = agents::hub(&config, &secret, &plane, authority).map_err(|e| {
-                    plane.shutdown();
-                    ServerError::Runtime(e)
-                })?;
+                let hub = agents::hub(&config, &secret, &plane, authority, tokens.clone())
+                    .map_err(|e| {
+                        plane.shutdown();
+                        ServerError::Runtime(e)
+                    })?;
                 hub.attach(plane.clone());
                 factory.register(hub.backend());
                 Some(hub)
@@ -251,6 +261,7 @@ impl Server {
         let app = Arc::new(App {
             plane: plane.clone(),
             keys,
+            tokens,
             limiter: RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst),
             metrics,
             config,

@@ -268,6 +268,36 @@ fn paths(
         },
         "/api/tokens": {
             "post": token,
+            "get": op("Registration tokens that have not expired, with what became of each (admin)", "listTokens", json!([]), json!({
+                "200": ok("Tokens", json!({"type": "object", "required": ["tokens"], "properties": {"tokens": {"type": "array", "items": r("TokenEntry")}}})),
+            })),
+        },
+        "/api/tokens/{id}": {
+            "delete": {
+                "summary": "Revoke a registration token: it registers nothing from now on (admin)",
+                "operationId": "revokeToken",
+                "parameters": [id_param("id", "Token id (the id POST /api/tokens answered)")],
+                "responses": common(json!({
+                    "204": {"description": "Revoked"},
+                    "404": err("No such token (or it expired)"),
+                })),
+            },
+        },
+        "/api/agents": {
+            "get": op("Remote agents and their status", "listAgents", json!([]), json!({
+                "200": ok("Agents", json!({"type": "object", "required": ["agents"], "properties": {"agents": {"type": "array", "items": r("Agent")}}})),
+                "404": err("This server does not listen for agents"),
+            })),
+        },
+        "/api/agents/{id}": {
+            "get": op("One remote agent", "getAgent", json!([id_param("id", "Agent id")]), json!({
+                "200": ok("The agent", r("Agent")),
+                "404": err("No such agent, or no agent listener"),
+            })),
+            "delete": op("Revoke an agent: its session closes at once, its runners go, its running jobs are lost (and retried per policy), and it cannot reconnect (admin)", "revokeAgent", json!([id_param("id", "Agent id")]), json!({
+                "200": ok("Revoked", json!({"type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "string"}}})),
+                "404": err("No such agent, or no agent listener"),
+            })),
         },
         "/api/audit": {
             "get": op("The audit log, newest first (admin)", "listAudit", json!([
@@ -319,6 +349,7 @@ fn schemas(state_enum: &Value) -> Value {
                         "INVALID_REQUEST", "JOB_NOT_FOUND", "RUNNER_NOT_FOUND", "NOT_FOUND",
                         "METHOD_NOT_ALLOWED", "AUTHENTICATION_REQUIRED", "AUTHORIZATION_FAILED",
                         "RATE_LIMIT_EXCEEDED", "PAYLOAD_TOO_LARGE", "JOB_FINISHED",
+                        "AGENT_NOT_FOUND", "TOKEN_NOT_FOUND",
                         "UNAVAILABLE", "NOT_READY", "TIMEOUT", "INTERNAL_ERROR"]},
                     "message": {"type": "string"},
                     "details": {}
@@ -395,7 +426,20 @@ fn schemas(state_enum: &Value) -> Value {
                 "running": {"type": "integer"},
                 "slots": {"type": ["integer", "null"]},
                 "capabilities": {"type": "object"},
-                "startup_ms": {"type": ["number", "null"]}
+                "startup_ms": {"type": ["number", "null"]},
+                "agent": {
+                    "description": "the remote agent this runner belongs to (kind valkyrie), else null",
+                    "type": ["object", "null"],
+                    "required": ["id", "hostname", "version", "status"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "hostname": {"type": "string"},
+                        "address": {"type": ["string", "null"]},
+                        "version": {"type": "string"},
+                        "status": {"type": "string", "enum": ["healthy", "draining", "disconnected", "lost"]},
+                        "last_heartbeat_ms": {"type": ["integer", "null"]}
+                    }
+                }
             }
         },
         "RunnerStatus": {
@@ -432,6 +476,34 @@ fn schemas(state_enum: &Value) -> Value {
             "properties": {
                 "ttl_seconds": {"type": ["integer", "null"], "minimum": 1, "maximum": 2592000},
                 "labels": {"type": "array", "items": {"type": "string"}}
+            }
+        },
+        "TokenEntry": {
+            "type": "object",
+            "required": ["id", "issued_by", "expires_at", "labels", "state"],
+            "properties": {
+                "id": {"type": "string"},
+                "issued_by": {"type": "string"},
+                "expires_at": {"type": "integer", "description": "seconds since the Unix epoch"},
+                "labels": {"type": "array", "items": {"type": "string"}},
+                "state": {"type": "string", "enum": ["active", "used", "revoked"]},
+                "by": {"type": "string", "description": "what it registered (used) or who revoked it (revoked)"}
+            }
+        },
+        "Agent": {
+            "type": "object",
+            "required": ["id", "name", "hostname", "version", "labels", "status", "runners", "running"],
+            "properties": {
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "hostname": {"type": "string"},
+                "address": {"type": ["string", "null"]},
+                "version": {"type": "string"},
+                "labels": {"type": "array", "items": {"type": "string"}},
+                "status": {"type": "string", "enum": ["healthy", "draining", "disconnected", "lost"]},
+                "last_heartbeat_ms": {"type": ["integer", "null"]},
+                "runners": {"type": "array", "items": {"type": "string"}},
+                "running": {"type": "integer", "minimum": 0}
             }
         },
         "Token": {
