@@ -105,7 +105,19 @@ pub struct Attempt {
     /// from here (to the next attempt's marker).
     #[serde(default)]
     pub log_offset: u64,
+    /// The runner handed the job back before any of it ran (see
+    /// [`Error::is_declined`](rustci_runners::Error::is_declined)): the job was queued
+    /// again without this attempt counting toward `retry.max`, up to
+    /// [`MAX_DECLINED`] times per job. Its number is not reused, so messages about it
+    /// stay fenced off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub declined: bool,
 }
+
+/// How many times one job may be handed back by runners before it started (an agent that
+/// did not accept an offer in time, say) without those attempts counting toward its
+/// `retry.max`. Beyond it, a declined attempt counts as a runner failure like any other.
+pub const MAX_DECLINED: usize = 10;
 
 mod opt_millis {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -420,8 +432,9 @@ impl ControlPlane {
                     a.outcome.get_or_insert(Outcome::Lost);
                     a.ended_at.get_or_insert(SystemTime::now());
                 }
+                let counted = record.attempts.iter().filter(|a| !a.declined).count() as u32;
                 let retry = record.job.retry.when.contains(&RetryWhen::Lost)
-                    && number <= record.job.retry.max;
+                    && counted <= record.job.retry.max;
                 if !retry {
                     record.state = JobState::Lost;
                     record.outcome = Some(Outcome::Lost);
@@ -1092,6 +1105,7 @@ fn dispatch_round(state: &Arc<State>) {
                     ended_at: None,
                     outcome: None,
                     log_offset: state.logs.len(&queued.id),
+                    declined: false,
                 });
                 r.attempts.len() as u32
             };
@@ -1134,11 +1148,16 @@ async fn run_attempt(
 ) {
     let attempt_id = attempt_id(&id, number);
     let started = tokio::time::Instant::now();
+    let mut declined = false;
     let outcome = match runner.start(&job, attempt_id).await {
-        Err(e) => Outcome::RunnerError {
-            message: Chain(&e).to_string(),
-            temporary: e.is_temporary(),
-        },
+        Err(e) => {
+            // A permanent refusal ends the job even when nothing ran.
+            declined = e.is_declined() && e.is_temporary();
+            Outcome::RunnerError {
+                message: Chain(&e).to_string(),
+                temporary: e.is_temporary(),
+            }
+        }
         Ok(execution) => {
             follow_execution(
                 &state, &id, &submitter, &job, &runner, number, execution, started,
@@ -1146,7 +1165,11 @@ async fn run_attempt(
             .await
         }
     };
-    end_attempt(state, id, submitter, job, runner, number, outcome, started);
+    if declined {
+        decline_attempt(state, id, submitter, job, runner, number, outcome, started);
+    } else {
+        end_attempt(state, id, submitter, job, runner, number, outcome, started);
+    }
 }
 
 /// Reads an attempt's events until it ends and returns its outcome.
@@ -1211,6 +1234,68 @@ async fn follow_execution(
     }
 }
 
+/// An attempt the runner handed back before it started: queued again without counting
+/// toward `retry.max` while the job has been declined fewer than [`MAX_DECLINED`] times;
+/// otherwise it ends like any runner failure.
+#[allow(clippy::too_many_arguments)]
+fn decline_attempt(
+    state: Arc<State>,
+    id: JobId,
+    submitter: String,
+    job: Job,
+    runner: Arc<dyn Runner>,
+    number: u32,
+    outcome: Outcome,
+    started: tokio::time::Instant,
+) {
+    let declined_before = {
+        let mut jobs = state.jobs.lock().expect("jobs");
+        let Some(r) = jobs.get_mut(&id) else {
+            return;
+        };
+        let before = r.attempts.iter().filter(|a| a.declined).count();
+        if before < MAX_DECLINED
+            && let Some(a) = r.attempts.last_mut()
+        {
+            a.declined = true;
+        }
+        before
+    };
+    if declined_before >= MAX_DECLINED || !state.accepting.load(Ordering::SeqCst) {
+        end_attempt(state, id, submitter, job, runner, number, outcome, started);
+        return;
+    }
+    let runner_id = runner.info().id.clone();
+    // Its health may say why (an agent gone); look now rather than at the interval.
+    state.registry.check_soon(&runner_id);
+    state.health_wake.notify_one();
+    if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&id)
+        && let Some(a) = r.attempts.last_mut()
+    {
+        a.outcome = Some(outcome.clone());
+        a.ended_at = Some(SystemTime::now());
+    }
+    if let Some(o) = &state.observer {
+        o.attempt_ended(runner.info().kind.as_str(), &outcome, started.elapsed());
+    }
+    tracing::info!(job_id = %id, attempt = number, outcome = %outcome, "the runner handed the job back before it started; queued again");
+    state.assigned.lock().expect("assigned").remove(&id);
+    state
+        .tried
+        .lock()
+        .expect("tried")
+        .entry(id.clone())
+        .or_default()
+        .insert(runner_id);
+    state
+        .queue
+        .lock()
+        .expect("queue")
+        .push(id.clone(), job.priority, submitter);
+    set_state(&state, &id, JobState::Queued);
+    state.wake.notify_one();
+}
+
 /// Records how an attempt ended, then retries the job or finishes it.
 #[allow(clippy::too_many_arguments)]
 fn end_attempt(
@@ -1257,8 +1342,17 @@ fn end_attempt(
         // that cannot work) ends the job at once, whatever its policy.
         _ => None,
     };
+    // Attempts handed back before they started do not count.
+    let counted = state
+        .jobs
+        .lock()
+        .expect("jobs")
+        .get(&id)
+        .map_or(number, |r| {
+            r.attempts.iter().filter(|a| !a.declined).count() as u32
+        });
     let retry = cause.is_some_and(|c| job.retry.when.contains(&c))
-        && number <= job.retry.max
+        && counted <= job.retry.max
         && state.accepting.load(Ordering::SeqCst)
         && state.jobs.lock().expect("jobs").contains_key(&id);
     if retry {

@@ -30,8 +30,8 @@ mod sqlite;
 mod store;
 
 pub use dispatcher::{
-    Attempt, ControlEvent, ControlOptions, ControlPlane, JobRecord, JobState, Observer, Recovery,
-    attempt_id, parse_attempt_id,
+    Attempt, ControlEvent, ControlOptions, ControlPlane, JobRecord, JobState, MAX_DECLINED,
+    Observer, Recovery, attempt_id, parse_attempt_id,
 };
 pub use error::Error;
 pub use logs::{LogChunk, LogFollower, LogHub};

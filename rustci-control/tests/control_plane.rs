@@ -300,6 +300,7 @@ struct FailingStarts {
     health_checks: tokio::sync::watch::Sender<usize>,
     hold_first_check: bool,
     release: tokio::sync::Notify,
+    declined: bool,
 }
 
 #[async_trait::async_trait]
@@ -335,6 +336,7 @@ impl Runner for FailingStarts {
             return Err(
                 rustci_runners::Error::unavailable("the engine did not answer")
                     .temporary(self.temporary)
+                    .declined(self.declined)
                     .for_runner(&self.info().name),
             );
         }
@@ -350,7 +352,68 @@ fn failing(name: &str, failures: usize, temporary: bool) -> Arc<FailingStarts> {
         health_checks: tokio::sync::watch::channel(0).0,
         hold_first_check: false,
         release: tokio::sync::Notify::new(),
+        declined: false,
     })
+}
+
+fn declining(name: &str, times: usize) -> Arc<FailingStarts> {
+    let mut r = Arc::into_inner(failing(name, times, true)).unwrap();
+    r.declined = true;
+    Arc::new(r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_handing_a_job_back_before_it_starts_costs_no_retry() {
+    let cp = plane();
+    cp.register(declining("picky", 3), RegisterOptions::default());
+    // No retry policy at all: the declined attempts are not retries.
+    let job = Job::new("handed-back", vec![Step::run("echo ran")]);
+    let id = cp.submit(job, "alice").unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(60), cp.wait(&id))
+        .await
+        .expect("the job ended")
+        .unwrap();
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    let declined: Vec<bool> = record.attempts.iter().map(|a| a.declined).collect();
+    assert_eq!(declined, [true, true, true, false], "{record:?}");
+    // Numbers are not reused: each declined attempt keeps its own.
+    let numbers: Vec<u32> = record.attempts.iter().map(|a| a.number).collect();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_back_too_often_fails_as_a_runner_error() {
+    let cp = plane();
+    cp.register(
+        declining("never", rustci_control::MAX_DECLINED + 5),
+        RegisterOptions::default(),
+    );
+    let job = Job::new("never-taken", vec![Step::run("echo ran")]);
+    let id = cp.submit(job, "alice").unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(60), cp.wait(&id))
+        .await
+        .expect("the job ended")
+        .unwrap();
+    assert_eq!(record.state, JobState::Failed, "{record:?}");
+    assert_eq!(
+        record.attempts.len(),
+        rustci_control::MAX_DECLINED + 1,
+        "{record:?}"
+    );
+    let last = record.attempts.last().unwrap();
+    assert!(!last.declined);
+    assert!(
+        matches!(
+            &last.outcome,
+            Some(Outcome::RunnerError {
+                temporary: true,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    cp.shutdown();
 }
 
 // On a current-thread runtime the control plane's tasks run only when the test awaits:

@@ -740,12 +740,14 @@ impl HubInner {
                     "agent {} is not connected",
                     a.record.name
                 ))
-                .temporary(true));
+                .temporary(true)
+                .declined(true));
             };
             if a.draining {
                 return Err(
                     Error::unavailable(format!("agent {} is draining", a.record.name))
-                        .temporary(true),
+                        .temporary(true)
+                        .declined(true),
                 );
             }
             let tx = session.tx.clone();
@@ -783,7 +785,9 @@ impl HubInner {
         };
         if tx.send(Ok(offer)).await.is_err() {
             forget(self);
-            return Err(Error::unavailable("the agent's session closed").temporary(true));
+            return Err(Error::unavailable("the agent's session closed")
+                .temporary(true)
+                .declined(true));
         }
         let answer = tokio::time::timeout(timeout, answer_rx).await;
         match answer {
@@ -791,11 +795,13 @@ impl HubInner {
             Ok(Ok(Err((reason, temporary)))) => {
                 forget(self);
                 let e = Error::rejected(format!("agent {agent} refused the job: {reason}"));
-                return Err(e.temporary(temporary));
+                return Err(e.temporary(temporary).declined(true));
             }
             Ok(Err(_)) => {
                 forget(self);
-                return Err(Error::unavailable("the offer was withdrawn").temporary(true));
+                return Err(Error::unavailable("the offer was withdrawn")
+                    .temporary(true)
+                    .declined(true));
             }
             Err(_) => {
                 forget(self);
@@ -806,7 +812,8 @@ impl HubInner {
                 return Err(Error::unavailable(format!(
                     "agent {agent} did not accept the job within {timeout:?}"
                 ))
-                .temporary(true));
+                .temporary(true)
+                .declined(true));
             }
         }
         sink.emit(EventKind::Started {

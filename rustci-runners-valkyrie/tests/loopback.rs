@@ -186,3 +186,89 @@ async fn refusals_are_clear_and_audited() {
     agent.stop().await;
     cp.hub.shutdown();
 }
+
+/// A runner whose first start blocks until released, then fails: an agent that cannot
+/// accept an offer in time.
+struct SlowFirstStart {
+    inner: std::sync::Arc<dyn rustci_runners::Runner>,
+    first: std::sync::atomic::AtomicBool,
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl rustci_runners::Runner for SlowFirstStart {
+    fn info(&self) -> &rustci_runners::RunnerInfo {
+        self.inner.info()
+    }
+    fn capabilities(&self) -> &rustci_runners::Capabilities {
+        self.inner.capabilities()
+    }
+    fn running(&self) -> usize {
+        self.inner.running()
+    }
+    async fn health(&self) -> rustci_runners::Health {
+        self.inner.health().await
+    }
+    async fn start(
+        &self,
+        job: &dyn rustci_runners::JobSpec,
+        id: rustci_runners::JobId,
+    ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
+        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.release.notified().await;
+            return Err(rustci_runners::Error::unavailable("released too late"));
+        }
+        self.inner.start(job, id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_not_accepted_in_time_is_placed_again_without_costing_a_retry() {
+    let mut timings = rustci_runners_valkyrie::Timings::fast();
+    timings.offer_timeout = Duration::from_millis(300);
+    let cp = control_side_with(timings).await;
+    let data = tempfile::tempdir().unwrap();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut options = agent_options(&cp, data.path());
+    options.runners = vec![(
+        "local".into(),
+        std::sync::Arc::new(SlowFirstStart {
+            inner: native_runner("agent-local"),
+            first: true.into(),
+            release: release.clone(),
+        }),
+    )];
+    let agent = Agent::start(options).await.unwrap();
+    agent.wait_connected(true).await;
+    wait_runner_healthy(&cp.plane).await;
+    let marks = data.path().join("marks");
+    // No retry policy: only an attempt that does not count can let it run twice.
+    let job = remote_job(&format!("echo ran >> {}", marks.display()));
+    let id = cp.plane.submit(job, "test").unwrap();
+    wait_state(&cp.plane, &id, JobState::Succeeded).await;
+    let record = cp.plane.get(&id).unwrap();
+    assert_eq!(record.attempts.len(), 2, "{record:?}");
+    assert!(record.attempts[0].declined, "{record:?}");
+    assert!(
+        matches!(&record.attempts[0].outcome, Some(Outcome::RunnerError { message, .. }) if message.contains("did not accept")),
+        "{:?}",
+        record.attempts[0].outcome
+    );
+    assert!(!record.attempts[1].declined);
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "ran\n");
+    // Released, the first start gives up; the agent lets the withdrawn attempt go, and
+    // its late refusal changes nothing stored.
+    release.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while agent.held() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the agent let the withdrawn attempt go");
+    let after = cp.plane.get(&id).unwrap();
+    assert_eq!(after.state, JobState::Succeeded);
+    assert_eq!(after.attempts, record.attempts);
+    agent.stop().await;
+    cp.hub.shutdown();
+}

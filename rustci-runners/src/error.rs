@@ -96,6 +96,7 @@ pub struct RunnerError {
     runner: Option<String>,
     kind: ErrorKind,
     temporary: bool,
+    declined: bool,
     context: String,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -154,6 +155,7 @@ impl Error {
             runner: None,
             kind,
             temporary: kind.temporary_by_default(),
+            declined: false,
             context: context.into(),
             source: None,
         }))
@@ -200,6 +202,27 @@ impl Error {
             e.temporary = temporary;
         }
         self
+    }
+
+    /// Says that the runner handed the job back before any of it ran (a remote agent that
+    /// was not connected, did not accept in time, or refused for now), so that a control
+    /// plane may place it again without counting an attempt (no effect on other
+    /// variants).
+    pub fn declined(mut self, declined: bool) -> Self {
+        if let Error::Runner(e) = &mut self {
+            e.declined = declined;
+        }
+        self
+    }
+
+    /// True when nothing of the job ran: a runner failure marked
+    /// [`declined`](Error::declined), or a busy runner.
+    pub fn is_declined(&self) -> bool {
+        match self {
+            Error::Runner(e) => e.declined,
+            Error::Busy { .. } => true,
+            _ => false,
+        }
     }
 
     /// Names the runner, unless the failure already names one (no effect on other

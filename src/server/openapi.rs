@@ -374,7 +374,9 @@ fn schemas(state_enum: &Value) -> Value {
                 "runner_id": {"type": "string"},
                 "started_at": {"type": "integer"},
                 "ended_at": {"type": ["integer", "null"]},
-                "outcome": r("Outcome")
+                "outcome": r("Outcome"),
+                "log_offset": {"type": "integer", "minimum": 0},
+                "declined": {"type": "boolean", "description": "the runner handed the job back before any of it ran; this attempt did not count toward retry.max (absent when false)"}
             }
         },
         "JobSummary": {
