@@ -4,6 +4,8 @@
 //! the metrics, a drain on SIGTERM, a token that registers only once, a revoked token,
 //! and revocation through the runners route.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -42,17 +44,9 @@ fn agent_cmd(
     c
 }
 
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}"))
+/// [`common::wait_for`] with this file's bound.
+async fn wait_for<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    common::wait_for(what, 30, f).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

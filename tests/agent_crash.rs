@@ -3,10 +3,11 @@
 //! finished while the server was down has its completion land once, and both logs are
 //! gapless and exact.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use rustci::client::ApiClient;
 use serde_json::{Value, json};
@@ -59,17 +60,9 @@ fn start_server(dir: &Path, agent_listen: &str) -> Proc {
     }
 }
 
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}"))
+/// [`common::wait_for`] with this file's bound.
+async fn wait_for<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    common::wait_for(what, 60, f).await
 }
 
 fn lines_job(name: &str, lines: u32, pause: &str, marker: &Path) -> Value {

@@ -1,13 +1,17 @@
 //! The control plane and three agents, each in its own container on a private Docker
 //! network: jobs placed by labels, a partition longer than the lease (the agent fences
 //! itself, the job moves, the healed agent's attempt is refused), a partition shorter than
-//! the lease (nothing moves, the log is exact), and `docker kill -s KILL` of an agent
-//! restarted with a new boot id.
+//! the lease (nothing moves, the log is exact), `docker kill -s KILL` of an agent
+//! restarted with a new boot id, and `docker kill -s KILL` of the control plane's
+//! container mid-job (the jobs go on on their agents, a completion made while it was down
+//! lands once, the logs are gapless).
 //!
 //! The containers run the project's own binaries (mounted read-only, with the shared
 //! libraries they link) on the test image `rustci-busybox:local` (`scripts/build-test-image`).
 //! Without a Docker engine, root or that image the test prints `SKIPPED`; with
 //! `RUSTCI_REQUIRE_DOCKER=1` that is a failure.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,12 +91,13 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    fn new() -> Cluster {
-        let prefix = format!("rustci-mh-{}", std::process::id());
+    /// A network of its own; `slot` (0 to 9) tells the tests of one process apart.
+    fn new(slot: u32) -> Cluster {
+        let prefix = format!("rustci-mh-{}-{slot}", std::process::id());
         let net = format!("{prefix}-net");
-        // A private /24 of its own per test process, so fixed addresses survive a
-        // disconnect and reconnect (an agent's TCP connection then lives on).
-        let third = 100 + std::process::id() % 100;
+        // A private /24 of its own per test, so fixed addresses survive a disconnect and
+        // reconnect (an agent's TCP connection then lives on).
+        let third = 100 + (std::process::id() * 10 + slot) % 150;
         let subnet_base = format!("10.213.{third}");
         let _ = docker(&["network", "rm", &net]);
         docker(&[
@@ -158,17 +163,9 @@ impl Cluster {
     }
 }
 
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    tokio::time::timeout(Duration::from_secs(90), async {
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}"))
+/// [`common::wait_for`] with this file's bound.
+async fn wait_for<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    common::wait_for(what, 90, f).await
 }
 
 async fn submit(admin: &ApiClient, job: Value) -> String {
@@ -194,28 +191,60 @@ async fn log(admin: &ApiClient, id: &str) -> String {
     String::from_utf8_lossy(&r.body).to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
-    if let Some(why) = missing() {
-        if std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some() {
-            panic!("RUSTCI_REQUIRE_DOCKER=1 but: {why}");
-        }
-        eprintln!("SKIPPED: {why}");
-        return;
+/// The deployed system: the control plane's container, its CA, an admin client, and the
+/// agents as (name, container, address suffix) with their ids by name.
+struct Deployment {
+    cluster: Cluster,
+    cp: String,
+    ca: String,
+    admin: ApiClient,
+    agents: Vec<(String, String, u8)>,
+    ids: std::collections::HashMap<String, String>,
+}
+
+impl Deployment {
+    fn id_of(&self, name: &str) -> String {
+        self.ids[name].clone()
     }
+}
+
+/// An admin client of the control plane in container `cp` through its published port
+/// (looked up again after a restart), once it answers.
+async fn admin_of(cp: &str, ca: &str) -> ApiClient {
+    let port = wait_for("the control plane's port is published", async || {
+        docker(&["port", cp, "8080/tcp"])
+            .ok()
+            .and_then(|p| p.lines().next().map(str::to_string))
+    })
+    .await;
+    let admin = ApiClient::with_trust(
+        &format!("https://{port}"),
+        Some(ADMIN.into()),
+        rustci::client::Trust::CaPem(ca.to_string()),
+    )
+    .unwrap();
+    wait_for("the control plane answers", async || {
+        admin.get("/healthz").await.ok().filter(|r| r.status == 200)
+    })
+    .await;
+    admin
+}
+
+/// The control plane (heartbeats every `heartbeat_ms`, `margin_ms` between self-fence
+/// and reassignment) and `agent_count` agents labelled `host-N` and `pool`, each in its
+/// own container on a network of its own, all healthy.
+async fn deploy(slot: u32, heartbeat_ms: u64, margin_ms: u64, agent_count: u8) -> Deployment {
     let server_bin = env!("CARGO_BIN_EXE_rustci-server");
     let agent_bin = env!("CARGO_BIN_EXE_rustci");
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::new(slot);
 
-    // The control plane: heartbeats every 300 ms, so self-fence after 900 ms and
-    // reassignment after 2.4 s.
     let cp_data = cluster.path("cp");
     std::fs::write(
         cluster.dir.path().join("server.yaml"),
         format!(
             "listen: 0.0.0.0:8080\ndata_dir: /data\nadmin_key: {ADMIN}\ndefault_runners: false\n\
-             health_interval_secs: 1\nagent_listen: 0.0.0.0:8443\nagent_heartbeat_ms: 300\n\
-             agent_margin_ms: 1500\n"
+             health_interval_secs: 1\nagent_listen: 0.0.0.0:8443\nagent_heartbeat_ms: {heartbeat_ms}\n\
+             agent_margin_ms: {margin_ms}\n"
         ),
     )
     .unwrap();
@@ -236,28 +265,17 @@ async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
     ];
     extra.extend(library_mounts(server_bin));
     let cp = cluster.run("cp", 2, &extra, &["/bin/rustci-server"]);
-    let port = docker(&["port", &cp, "8080/tcp"]).unwrap();
-    let base = format!("https://{}", port.lines().next().unwrap());
     let ca = wait_for("the CA exists", async || {
         std::fs::read_to_string(cp_data.join("pki/ca.pem")).ok()
     })
     .await;
-    let admin = ApiClient::with_trust(
-        &base,
-        Some(ADMIN.into()),
-        rustci::client::Trust::CaPem(ca.clone()),
-    )
-    .unwrap();
-    wait_for("the control plane answers", async || {
-        admin.get("/healthz").await.ok().filter(|r| r.status == 200)
-    })
-    .await;
+    let admin = admin_of(&cp, &ca).await;
     let fp =
         rustci::valkyrie::pki::fingerprint(&rustci::valkyrie::pki::first_cert_der(&ca).unwrap());
 
-    // Three agents, each registered with its own single-use token.
+    // The agents, each registered with its own single-use token.
     let mut agents = Vec::new();
-    for n in 1..=3u8 {
+    for n in 1..=agent_count {
         let token = admin
             .post_json(
                 "/api/tokens",
@@ -307,22 +325,25 @@ async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
         );
         agents.push((name, container, 10 + n));
     }
-    let listed = wait_for("three healthy agents with their runners", async || {
+    let listed = wait_for("every agent is healthy with its runners", async || {
         let v = admin.get("/api/agents").await.ok()?.json();
         let list = v["agents"].as_array()?.clone();
-        (list.len() == 3
+        (list.len() == agent_count as usize
             && list
                 .iter()
                 .all(|a| a["status"] == "healthy" && !a["runners"].as_array().unwrap().is_empty()))
         .then_some(list)
     })
     .await;
-    let id_of = |name: &str| -> String {
-        listed.iter().find(|a| a["name"] == name).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let ids = listed
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap().to_string(),
+                a["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
     for (name, _, n) in &agents {
         let a = listed.iter().find(|a| a["name"] == *name).unwrap();
         assert_eq!(
@@ -337,11 +358,43 @@ async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
             .iter()
             .filter(|r| r["kind"] == "valkyrie" && r["status"] == "healthy")
             .count()
-            == 3)
+            == agent_count as usize)
             .then_some(())
     })
     .await;
+    Deployment {
+        cluster,
+        cp,
+        ca,
+        admin,
+        agents,
+        ids,
+    }
+}
 
+/// Why the test cannot run, or a panic when `RUSTCI_REQUIRE_DOCKER` says it must.
+fn skip() -> bool {
+    match missing() {
+        None => false,
+        Some(why) if std::env::var_os("RUSTCI_REQUIRE_DOCKER").is_some() => {
+            panic!("RUSTCI_REQUIRE_DOCKER=1 but: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            true
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
+    if skip() {
+        return;
+    }
+    // Heartbeats every 300 ms, so self-fence after 900 ms and reassignment after 2.4 s.
+    let d = deploy(0, 300, 1500, 3).await;
+    let (admin, agents, cluster) = (d.admin.clone(), &d.agents, &d.cluster);
+    let id_of = |name: &str| d.id_of(name);
     // Labels choose the host.
     for n in [2, 3, 1] {
         let id = submit(
@@ -499,4 +552,96 @@ async fn agents_on_other_hosts_survive_partitions_and_kill_9() {
         1,
         "one complete run"
     );
+}
+
+/// A job's steps: `lines` numbered lines a `pause` apart, between a start and an end
+/// mark appended to `/data/marks-NAME` on the agent (its data directory, shared with
+/// the test).
+fn lines_job(name: &str, host: u8, lines: u32, pause: &str) -> Value {
+    json!({
+        "name": name,
+        "runs_on": {"labels": [format!("host-{host}")]},
+        "steps": [{"run": format!(
+            "echo run >> /data/marks-{name}; i=1; while [ $i -le {lines} ]; do echo \"{name} line $i\"; i=$((i+1)); sleep {pause}; done; echo end >> /data/marks-{name}"
+        )}]
+    })
+}
+
+fn expected_lines(name: &str, lines: u32) -> String {
+    (1..=lines).map(|i| format!("{name} line {i}\n")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_control_plane_container_keeps_jobs_on_the_agents() {
+    if skip() {
+        return;
+    }
+    // Heartbeats every 2 s: an agent fences itself after 6 s without the control plane,
+    // longer than the restart below takes.
+    let d = deploy(1, 2000, 1500, 2).await;
+    let admin = &d.admin;
+    let (long, short) = (
+        submit(admin, lines_job("long", 1, 100, "0.05")).await,
+        submit(admin, lines_job("short", 2, 10, "0.05")).await,
+    );
+    for id in [&long, &short] {
+        wait_state(admin, id, &["running"]).await;
+    }
+    wait_for("the long job printed", async || {
+        log(admin, &long)
+            .await
+            .contains("long line 3\n")
+            .then_some(())
+    })
+    .await;
+
+    // kill -9 of the control plane's container; the short job ends while it is down.
+    docker(&["kill", "-s", "KILL", &d.cp]).unwrap();
+    let agent_dir = |n: u8| d.cluster.dir.path().join(format!("agent-{n}"));
+    wait_for(
+        "the short job finished on its agent while the control plane was down",
+        async || {
+            std::fs::read_to_string(agent_dir(2).join("marks-short"))
+                .ok()
+                .filter(|m| m == "run\nend\n")
+        },
+    )
+    .await;
+    assert_ne!(
+        std::fs::read_to_string(agent_dir(1).join("marks-long")).unwrap(),
+        "run\nend\n",
+        "the long job was still running when the control plane came back"
+    );
+    docker(&["start", &d.cp]).unwrap();
+    let admin = admin_of(&d.cp, &d.ca).await;
+
+    for (id, name, host, lines) in [(&long, "long", 1, 100), (&short, "short", 2, 10)] {
+        let v = wait_state(&admin, id, &["succeeded", "failed", "lost", "cancelled"]).await;
+        assert_eq!(v["state"], "succeeded", "{name}: {v}");
+        assert_eq!(v["attempts"].as_array().unwrap().len(), 1, "{name}: {v}");
+        assert!(
+            v["attempts"][0]["runner_id"]
+                .as_str()
+                .unwrap()
+                .starts_with(&d.id_of(&format!("agent-{host}"))),
+            "{name}: {v}"
+        );
+        assert_eq!(
+            log(&admin, id).await,
+            expected_lines(name, lines),
+            "{name}: the log is gapless and exact"
+        );
+        assert_eq!(
+            std::fs::read_to_string(agent_dir(host).join(format!("marks-{name}"))).unwrap(),
+            "run\nend\n",
+            "{name} ran once"
+        );
+    }
+    // Both agents are back in their sessions.
+    wait_for("both agents are healthy again", async || {
+        let v = admin.get("/api/agents").await.ok()?.json();
+        let list = v["agents"].as_array()?.clone();
+        (list.len() == 2 && list.iter().all(|a| a["status"] == "healthy")).then_some(())
+    })
+    .await;
 }
