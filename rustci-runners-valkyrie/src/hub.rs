@@ -1344,7 +1344,13 @@ impl proto::valkyrie_server::Valkyrie for Service {
                 };
                 let chunk = match chunk {
                     Some(Ok(c)) => c,
-                    Some(Err(_)) | None => return,
+                    Some(Err(s)) => {
+                        // An undecodable or oversized chunk: the stream ends with why.
+                        tracing::warn!(agent = %agent, error = %s.message(), "refused an output chunk; closing the output stream");
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                    None => return,
                 };
                 let ack = store_chunk(&inner, &agent, chunk).await;
                 if tx.send(ack).await.is_err() {
@@ -1612,7 +1618,13 @@ async fn read_session(
         };
         let m = match next {
             Some(Ok(m)) => m,
-            Some(Err(s)) => break format!("stream error: {}", s.message()),
+            Some(Err(s)) => {
+                // An undecodable or oversized message: the agent is told why the session
+                // ends (the status), not just that it did.
+                let end = format!("stream error: {}", s.message());
+                let _ = tx.send(Err(s)).await;
+                break end;
+            }
             None => break "the agent closed the session".to_string(),
         };
         if let Err(status) = handle(&inner, &agent, session_id, m, &tx).await {
