@@ -458,17 +458,57 @@ impl Hub {
         listener: tokio::net::TcpListener,
         identity: ServerIdentity,
     ) -> Result<(), String> {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&identity.chain_pem, &identity.key_pem))
-            .client_ca_root(Certificate::from_pem(self.inner.authority.ca_pem()))
-            .client_auth_optional(true);
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let config = tls_config(
+            &identity,
+            self.inner.authority.ca_der(),
+            self.inner.admission.clone(),
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let stop = self.inner.stop.clone();
+        // Handshakes run in their own tasks (at most 1024 at once, 10 s each), so a
+        // client that connects and says nothing holds up no one.
+        let (ready, streams) = mpsc::channel::<
+            Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+        >(256);
+        let accepting = stop.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(1024));
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let accepted = tokio::select! {
+                    _ = accepting.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an agent connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, ready) = (acceptor.clone(), ready.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let _ = ready.send(Ok(tls)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "agent TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "agent TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        let incoming =
+            futures::stream::unfold(streams, |mut rx| async { rx.recv().await.map(|s| (s, rx)) });
         tonic::transport::Server::builder()
-            .tls_config(tls)
-            .map_err(|e| format!("TLS configuration: {e}"))?
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(self.service())
@@ -1097,6 +1137,114 @@ pub struct Service {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The verified agent id of a call, from its client certificate.
+/// The agent listener's TLS: the server's identity, HTTP/2, and client certificates
+/// optional (registration has none) but, when presented, checked against the CA, with
+/// every refused one audited.
+fn tls_config(
+    identity: &ServerIdentity,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    admission: Arc<dyn Admission>,
+) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.clone())
+        .map_err(|e| format!("the CA certificate: {e}"))?;
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("the client certificate verifier: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(identity.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the server certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+        .map_err(|e| format!("the server key: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(Arc::new(AuditingVerifier { inner, admission }))
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the server certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Checks client certificates as webpki does, and audits each one it refuses (a
+/// certificate of another CA, an expired one): the hub never sees such a caller.
+struct AuditingVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    admission: Arc<dyn Admission>,
+}
+
+impl std::fmt::Debug for AuditingVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditingVerifier").finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for AuditingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| {
+                let who = pki::common_name(end_entity).unwrap_or_else(|_| "unnamed".into());
+                tracing::warn!(agent = %who, error = %e, "refused a client certificate");
+                self.admission.audit(
+                    &format!("cert:{who}"),
+                    "agent.tls",
+                    Some(&who),
+                    &format!(
+                        "denied: the client certificate is not valid for this control plane ({e})"
+                    ),
+                );
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 fn caller<T>(inner: &HubInner, request: &Request<T>, action: &str) -> Result<String, Status> {
     let Some(certs) = request.peer_certs() else {
         inner
@@ -1293,12 +1441,19 @@ impl proto::valkyrie_server::Valkyrie for Service {
                 kind: Some(agent_message::Kind::Hello(h)),
             })) => h,
             Some(Ok(_)) => {
+                tracing::warn!(agent = %agent, "refused a session: the first message is not a hello");
                 return Err(Status::invalid_argument(
                     "the first message of a session must be a hello",
                 ));
             }
-            Some(Err(s)) => return Err(s),
-            None => return Err(Status::cancelled("the session ended before its hello")),
+            Some(Err(s)) => {
+                tracing::warn!(agent = %agent, error = %s.message(), "refused a session: its first message does not decode");
+                return Err(s);
+            }
+            None => {
+                tracing::info!(agent = %agent, "a session ended before its hello");
+                return Err(Status::cancelled("the session ended before its hello"));
+            }
         };
         if hello.protocol != PROTOCOL_VERSION {
             tracing::warn!(agent = %agent, protocol = hello.protocol, "refused a session: unsupported protocol version");
@@ -1395,12 +1550,14 @@ async fn start_session(
 ) -> Result<proto::ServerMessage, Status> {
     for r in &hello.runners {
         if !valid_name(&r.name) {
+            tracing::warn!(agent = %agent, runner = %r.name, "refused a session: a runner's name is not valid");
             return Err(Status::invalid_argument(format!(
                 "local runner name {:?}: 1 to 64 ASCII letters, digits, '-', '_' or '.'",
                 r.name
             )));
         }
         serde_json::from_str::<Capabilities>(&r.capabilities_json).map_err(|e| {
+            tracing::warn!(agent = %agent, runner = %r.name, error = %e, "refused a session: a runner's capabilities do not decode");
             Status::invalid_argument(format!("capabilities of local runner {}: {e}", r.name))
         })?;
     }
@@ -1756,8 +1913,8 @@ async fn handle(
                 }
             }
         }
-        Some(agent_message::Kind::Reject(rj)) => {
-            if let Ok(k) = held_by(inner, agent, rj.attempt.as_ref()) {
+        Some(agent_message::Kind::Reject(rj)) => match held_by(inner, agent, rj.attempt.as_ref()) {
+            Ok(k) => {
                 let mut state = inner.state.lock().expect("hub");
                 if let Some(at) = state.attempts.get_mut(&k)
                     && let Phase::Offered(answer) = &mut at.phase
@@ -1766,7 +1923,12 @@ async fn handle(
                     let _ = answer.send(Err((rj.reason, rj.temporary)));
                 }
             }
-        }
+            // A late refusal of a withdrawn offer: the agent holds nothing to stop, but
+            // is told, as for any message about an attempt it does not hold.
+            Err(why) => {
+                let _ = tx.send(Ok(abort(rj.attempt, why))).await;
+            }
+        },
         Some(agent_message::Kind::Event(ev)) => {
             let r = ev.attempt.clone();
             let k = match held_by(inner, agent, ev.attempt.as_ref()) {

@@ -212,7 +212,10 @@ impl Authority {
         let key = KeyPair::generate().map_err(invalid("generating the CA key"))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "rustci control plane CA");
+        // A name of its own: a certificate of another control plane's CA then fails as
+        // "unknown issuer", not as a signature that does not verify.
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        dn.push(DnType::CommonName, format!("rustci control plane CA {tag}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
