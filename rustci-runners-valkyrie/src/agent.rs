@@ -3,8 +3,13 @@
 //! it, and fences itself when it cannot reach the control plane.
 //!
 //! Data directory: `agent.json` (id, server, name), `agent.key`, `agent.pem`, `ca.pem`,
-//! and `attempts/<execution id>/` with `output`, `meta.json` and, once finished,
-//! `outcome.json`.
+//! `attempts.journal` (one JSON line per event of an attempt: started with its job,
+//! attempt and runner; finished with its outcome, length and SHA-256; gone once the
+//! control plane holds it), and `attempts/<execution id>.out` for an attempt that wrote
+//! output. No file is created for an attempt that writes nothing, because file creation
+//! and removal are much of what a short job costs. (Directories `attempts/<execution
+//! id>/` with `meta.json`, `output` and `outcome.json` from earlier versions are still
+//! read.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +29,7 @@ use rustci_runners::runner::{Canceller, EventKind, JobId, Outcome, OutputStream}
 
 use crate::pki::{self, SERVER_NAME};
 use crate::proto::{self, agent_message, server_message, valkyrie_client::ValkyrieClient};
-use crate::spool::{Spool, write_atomic};
+use crate::spool::{Journal, Spool};
 use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
 /// How the agent finds the control plane's CA on first contact.
@@ -104,6 +109,29 @@ struct Meta {
     runner: String,
 }
 
+/// A line of `attempts.journal`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Record {
+    Start {
+        exec: String,
+        job_id: String,
+        attempt: u32,
+        runner: String,
+    },
+    Done {
+        exec: String,
+        finished: Finished,
+    },
+    Gone {
+        exec: String,
+    },
+}
+
+/// Lines the journal may reach before it is rewritten with only the live attempts (and
+/// only when there are at most a sixteenth as many of those as lines).
+const JOURNAL_REWRITE_LINES: usize = 4096;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Finished {
     outcome: Outcome,
@@ -115,7 +143,12 @@ struct Finished {
 type Key = (String, u32);
 
 struct LocalAttempt {
-    dir: PathBuf,
+    /// The execution id (`<job id>-<attempt>`): its output is `attempts/<exec>.out`.
+    exec: String,
+    /// Its local runner.
+    runner: String,
+    /// Where an earlier version kept it (a directory), if it did.
+    old_dir: Option<PathBuf>,
     spool: Arc<Mutex<Spool>>,
     /// (offset, step, stream) where each run of output began.
     segments: Arc<Mutex<Vec<(u64, u32, u32)>>>,
@@ -141,6 +174,8 @@ struct Shared {
     ca_pem: String,
     boot_id: String,
     attempts: Mutex<HashMap<Key, LocalAttempt>>,
+    /// `attempts.journal`; locked after `attempts` when both are.
+    journal: Mutex<Journal>,
     output_ready: Notify,
     /// Wakes the session loop to send completions; a permit is kept when it is busy, so
     /// no wake-up is lost.
@@ -201,6 +236,55 @@ fn write_private(path: &Path, data: &str) -> Result<(), String> {
     pki::write_private(path, data).map_err(|e| e.to_string())
 }
 
+/// Appends `record` to the journal; rewrites the journal from `live` when it has grown
+/// long. Called with the attempts locked, so records follow the order of changes.
+fn journal(shared: &Shared, live: &HashMap<Key, LocalAttempt>, record: Record) {
+    let mut j = shared.journal.lock().expect("journal");
+    if let Err(e) = j.append(&record) {
+        tracing::error!(error = %e, "writing the attempts journal");
+    }
+    if j.lines() > JOURNAL_REWRITE_LINES && live.len() * 16 < j.lines() {
+        let mut records = Vec::new();
+        for a in live.values() {
+            if let Some(r) = a.start_record() {
+                records.push(r);
+            }
+            if let Some(f) = &a.finished {
+                records.push(Record::Done {
+                    exec: a.exec.clone(),
+                    finished: f.clone(),
+                });
+            }
+        }
+        if let Err(e) = j.rewrite(&records) {
+            tracing::error!(error = %e, "rewriting the attempts journal");
+        }
+    }
+}
+
+impl LocalAttempt {
+    fn start_record(&self) -> Option<Record> {
+        let (job, attempt) = rustci_control::parse_attempt_id(&JobId::from(self.exec.clone()))?;
+        Some(Record::Start {
+            exec: self.exec.clone(),
+            job_id: job.as_str().to_string(),
+            attempt,
+            runner: self.runner.clone(),
+        })
+    }
+}
+
+/// Lets an attempt go: its output file (or an earlier version's directory) is removed,
+/// and the journal says it is gone. Called with the attempts locked (`live` without it).
+fn let_go(shared: &Shared, live: &HashMap<Key, LocalAttempt>, a: LocalAttempt) {
+    if let Some(dir) = &a.old_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    } else if a.spool.lock().expect("spool").has_file() {
+        let _ = std::fs::remove_file(a.spool.lock().expect("spool").path());
+    }
+    journal(shared, live, Record::Gone { exec: a.exec });
+}
+
 fn jitter(window: Duration) -> Duration {
     let n = uuid::Uuid::new_v4().as_u128() as u64;
     let ms = window.as_millis().max(1) as u64;
@@ -219,6 +303,9 @@ impl Agent {
         std::fs::create_dir_all(dir.join("attempts"))
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let ca_pem = find_ca(&options).await?;
+        let journal_path = dir.join("attempts.journal");
+        let (journal, records) = Journal::open::<Record>(&journal_path)
+            .map_err(|e| format!("reading {}: {e}", journal_path.display()))?;
         let identity = match read_opt(&dir.join("agent.json"))? {
             Some(s) => serde_json::from_str::<IdentityFile>(&s)
                 .map_err(|e| format!("{}: {e}", dir.join("agent.json").display()))?,
@@ -229,6 +316,7 @@ impl Agent {
             ca_pem,
             boot_id: uuid::Uuid::new_v4().to_string(),
             attempts: Mutex::new(HashMap::new()),
+            journal: Mutex::new(journal),
             output_ready: Notify::new(),
             complete_ready: Notify::new(),
             session_tx: Mutex::new(None),
@@ -240,7 +328,7 @@ impl Agent {
             connected: tokio::sync::watch::channel(false).0,
             options,
         });
-        load_attempts(&shared).await;
+        load_attempts(&shared, records).await;
         tokio::spawn(fence_watch(shared.clone()));
         tokio::spawn(health_watch(shared.clone()));
         let task = tokio::spawn(session_loop(shared.clone()));
@@ -427,55 +515,160 @@ async fn register(options: &AgentOptions, ca_pem: &str) -> Result<IdentityFile, 
 /// Attempts an earlier run of the agent left: finished ones are held (their completion
 /// is still owed); unfinished ones died with that run, and what is left of them is
 /// stopped.
-async fn load_attempts(shared: &Arc<Shared>) {
+async fn load_attempts(shared: &Arc<Shared>, records: Vec<Record>) {
     let root = shared.options.data_dir.join("attempts");
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        let meta: Option<Meta> = std::fs::read(dir.join("meta.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let finished: Option<Finished> = std::fs::read(dir.join("outcome.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let exec = JobId::from(entry.file_name().to_string_lossy().to_string());
-        match (meta, finished) {
-            (Some(meta), Some(finished)) => match Spool::open(&dir.join("output")) {
-                Ok(spool) => {
-                    shared.attempts.lock().expect("attempts").insert(
-                        (meta.job_id, meta.attempt),
-                        LocalAttempt {
-                            dir,
-                            spool: Arc::new(Mutex::new(spool)),
-                            segments: Arc::new(Mutex::new(vec![(0, 0, 0)])),
-                            acked: 0,
-                            sent: 0,
-                            finished: Some(finished),
-                            complete_sent: None,
-                            canceller: None,
-                            cancel_requested: false,
-                            interrupted: false,
-                            aborted: false,
-                        },
-                    );
-                }
-                Err(e) => tracing::error!(error = %e, dir = %dir.display(), "reading a spool"),
-            },
-            (meta, _) => {
-                if let Some(meta) = meta
-                    && let Some((_, r)) = shared
-                        .options
-                        .runners
-                        .iter()
-                        .find(|(n, _)| *n == meta.runner)
-                    && let Err(e) = r.abandon(&exec).await
-                {
-                    tracing::warn!(error = %Chain(&e), "stopping what is left of an attempt of an earlier run");
-                }
-                let _ = std::fs::remove_dir_all(&dir);
+    // (meta, finished) by execution id, from the journal, in order.
+    let mut seen: HashMap<String, (Option<Meta>, Option<Finished>)> = HashMap::new();
+    for r in records {
+        match r {
+            Record::Start {
+                exec,
+                job_id,
+                attempt,
+                runner,
+            } => {
+                seen.insert(
+                    exec,
+                    (
+                        Some(Meta {
+                            job_id,
+                            attempt,
+                            runner,
+                        }),
+                        None,
+                    ),
+                );
             }
+            Record::Done { exec, finished } => {
+                if let Some(e) = seen.get_mut(&exec) {
+                    e.1 = Some(finished);
+                }
+            }
+            Record::Gone { exec } => {
+                seen.remove(&exec);
+            }
+        }
+    }
+    // (exec, meta, finished, old directory)
+    type Found = (String, Option<Meta>, Option<Finished>, Option<PathBuf>);
+    let mut found: Vec<Found> = seen
+        .into_iter()
+        .map(|(exec, (m, f))| (exec, m, f, None))
+        .collect();
+    let mut known: std::collections::HashSet<String> = found.iter().map(|f| f.0.clone()).collect();
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if path.is_dir() {
+                // An earlier version's layout.
+                let meta: Option<Meta> = std::fs::read(path.join("meta.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                let finished: Option<Finished> = std::fs::read(path.join("outcome.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                known.insert(name.clone());
+                found.push((name, meta, finished, Some(path)));
+            } else if let Some(stem) = name.strip_suffix(".out")
+                && !known.contains(stem)
+            {
+                // Output of an attempt the journal no longer lists: left over.
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let gone = {
+        let mut attempts = shared.attempts.lock().expect("attempts");
+        let mut stale = Vec::new();
+        for (exec, meta, finished, old_dir) in found {
+            let out = match &old_dir {
+                Some(d) => d.join("output"),
+                None => root.join(format!("{exec}.out")),
+            };
+            match (meta, finished) {
+                (Some(meta), Some(finished)) => {
+                    let spool = if out.exists() {
+                        Spool::open(&out)
+                    } else {
+                        Ok(Spool::lazy(&out))
+                    };
+                    match spool {
+                        Ok(spool) => {
+                            attempts.insert(
+                                (meta.job_id, meta.attempt),
+                                LocalAttempt {
+                                    exec,
+                                    runner: meta.runner,
+                                    old_dir,
+                                    spool: Arc::new(Mutex::new(spool)),
+                                    segments: Arc::new(Mutex::new(vec![(0, 0, 0)])),
+                                    acked: 0,
+                                    sent: 0,
+                                    finished: Some(finished),
+                                    complete_sent: None,
+                                    canceller: None,
+                                    cancel_requested: false,
+                                    interrupted: false,
+                                    aborted: false,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, path = %out.display(), "reading a spool");
+                            stale.push((exec, Some(meta), old_dir, out));
+                        }
+                    }
+                }
+                (meta, _) => stale.push((exec, meta, old_dir, out)),
+            }
+        }
+        // What died with the earlier run: stopped, and its files removed.
+        let mut gone = Vec::new();
+        for (exec, meta, old_dir, out) in stale {
+            match old_dir {
+                Some(d) => {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                None => {
+                    let _ = std::fs::remove_file(out);
+                }
+            }
+            gone.push((exec, meta));
+        }
+        // The journal anew: the held attempts only.
+        {
+            let mut records = Vec::new();
+            for a in attempts.values() {
+                if a.old_dir.is_some() {
+                    continue;
+                }
+                if let Some(r) = a.start_record() {
+                    records.push(r);
+                }
+                if let Some(f) = &a.finished {
+                    records.push(Record::Done {
+                        exec: a.exec.clone(),
+                        finished: f.clone(),
+                    });
+                }
+            }
+            if let Err(e) = shared.journal.lock().expect("journal").rewrite(&records) {
+                tracing::error!(error = %e, "rewriting the attempts journal");
+            }
+        }
+        gone
+    };
+    for (exec, meta) in gone {
+        if let Some(meta) = meta
+            && let Some((_, r)) = shared
+                .options
+                .runners
+                .iter()
+                .find(|(n, _)| *n == meta.runner)
+            && let Err(e) = r.abandon(&JobId::from(exec)).await
+        {
+            tracing::warn!(error = %Chain(&e), "stopping what is left of an attempt of an earlier run");
         }
     }
 }
@@ -887,7 +1080,7 @@ fn abort(shared: &Shared, key: &Key, reason: &str) {
     }
     if a.finished.is_some() {
         let a = attempts.remove(key).expect("present");
-        let _ = std::fs::remove_dir_all(&a.dir);
+        let_go(shared, &attempts, a);
     }
     drop(attempts);
     wake(shared);
@@ -895,9 +1088,11 @@ fn abort(shared: &Shared, key: &Key, reason: &str) {
 
 /// Forgets an attempt whose outcome the control plane holds.
 fn forget(shared: &Shared, key: &Key) {
-    if let Some(a) = shared.attempts.lock().expect("attempts").remove(key) {
-        let _ = std::fs::remove_dir_all(&a.dir);
+    let mut attempts = shared.attempts.lock().expect("attempts");
+    if let Some(a) = attempts.remove(key) {
+        let_go(shared, &attempts, a);
     }
+    drop(attempts);
     wake(shared);
 }
 
@@ -1074,52 +1269,49 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
         return;
     }
     let exec = rustci_control::attempt_id(&JobId::from(key.0.clone()), key.1);
-    let dir = shared.options.data_dir.join("attempts").join(exec.as_str());
-    let prepared = std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("creating {}: {e}", dir.display()))
-        .and_then(|_| {
-            write_atomic(
-                &dir.join("meta.json"),
-                &serde_json::to_vec(&Meta {
-                    job_id: key.0.clone(),
-                    attempt: key.1,
-                    runner: o.runner.clone(),
-                })
-                .expect("serializable"),
-            )
-            .map_err(|e| format!("writing meta.json: {e}"))
-        })
-        .and_then(|_| {
-            Spool::open(&dir.join("output")).map_err(|e| format!("creating the spool: {e}"))
-        });
-    let spool = match prepared {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = tx.send(reject(e, true)).await;
-            return;
-        }
-    };
+    // Its output file comes with its first byte; the journal records it now.
+    let spool = Spool::lazy(
+        &shared
+            .options
+            .data_dir
+            .join("attempts")
+            .join(format!("{exec}.out")),
+    );
     // Held from before the local runner starts it (which may take long, an image pull),
     // so a reconnection meanwhile lists it and an abort or cancel is not lost.
     let spool = Arc::new(Mutex::new(spool));
     let segments = Arc::new(Mutex::new(Vec::new()));
-    shared.attempts.lock().expect("attempts").insert(
-        key.clone(),
-        LocalAttempt {
-            dir: dir.clone(),
-            spool: spool.clone(),
-            segments: segments.clone(),
-            acked: 0,
-            sent: 0,
-            finished: None,
-            complete_sent: None,
-            canceller: None,
-            cancel_requested: false,
-            interrupted: false,
-            aborted: false,
-        },
-    );
+    {
+        let mut attempts = shared.attempts.lock().expect("attempts");
+        journal(
+            shared,
+            &attempts,
+            Record::Start {
+                exec: exec.as_str().to_string(),
+                job_id: key.0.clone(),
+                attempt: key.1,
+                runner: o.runner.clone(),
+            },
+        );
+        attempts.insert(
+            key.clone(),
+            LocalAttempt {
+                exec: exec.as_str().to_string(),
+                runner: o.runner.clone(),
+                old_dir: None,
+                spool: spool.clone(),
+                segments: segments.clone(),
+                acked: 0,
+                sent: 0,
+                finished: None,
+                complete_sent: None,
+                canceller: None,
+                cancel_requested: false,
+                interrupted: false,
+                aborted: false,
+            },
+        );
+    }
     let started = runner
         .start(&job, exec.clone())
         .await
@@ -1127,8 +1319,12 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     let mut execution = match started {
         Ok(e) => e,
         Err((why, temporary)) => {
-            shared.attempts.lock().expect("attempts").remove(&key);
-            let _ = std::fs::remove_dir_all(&dir);
+            {
+                let mut attempts = shared.attempts.lock().expect("attempts");
+                if let Some(a) = attempts.remove(&key) {
+                    let_go(shared, &attempts, a);
+                }
+            }
             send(shared, reject(why, temporary)).await;
             return;
         }
@@ -1251,19 +1447,17 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     };
     if a.aborted {
         let a = attempts.remove(&key).expect("present");
-        let _ = std::fs::remove_dir_all(&a.dir);
+        let_go(shared, &attempts, a);
         drop(attempts);
         wake(shared);
         return;
     }
-    if let Err(e) = write_atomic(
-        &dir.join("outcome.json"),
-        &serde_json::to_vec(&finished).expect("serializable"),
-    ) {
-        tracing::error!(error = %e, "storing an outcome");
-    }
-    a.finished = Some(finished);
+    let exec = a.exec.clone();
+    a.finished = Some(finished.clone());
     a.canceller = None;
+    // A record cut off by a crash is skipped: the attempt then counts as unfinished
+    // (stopped and given up), as if the crash came a moment sooner.
+    journal(shared, &attempts, Record::Done { exec, finished });
     drop(attempts);
     wake(shared);
 }

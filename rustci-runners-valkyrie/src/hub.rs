@@ -23,7 +23,7 @@ use rustci_runners::{Capabilities, Runner};
 use crate::pki::{self, Authority, ServerIdentity};
 use crate::proto::{self, agent_message, server_message};
 use crate::remote::{RemoteRunner, RemoteRunnerConfig};
-use crate::spool::{Spool, write_atomic, write_synced};
+use crate::spool::{Journal, Spool, write_synced};
 use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Timings};
 
 /// How a [`Hub`] behaves.
@@ -262,10 +262,20 @@ async fn settle(
     } else {
         outcome
     };
-    let done_path = inner.attempt_path(key, "done");
-    let json = serde_json::to_vec(&outcome).expect("serializable");
-    if let Err(e) = write_atomic(&done_path, &json) {
-        tracing::error!(error = %e, path = %done_path.display(), "storing a completion; not acknowledged");
+    // A record cut off by a crash is skipped: the attempt then waits for its agent's
+    // completion again, as if it had not arrived.
+    let record = Completion {
+        job_id: key.0.clone(),
+        attempt: key.1,
+        outcome: outcome.clone(),
+    };
+    if let Err(e) = inner
+        .completions
+        .lock()
+        .expect("completions")
+        .append(&record)
+    {
+        tracing::error!(error = %e, "storing a completion; not acknowledged");
         return false;
     }
     {
@@ -278,7 +288,7 @@ async fn settle(
         {
             at.ended.cancel();
         }
-        state.done.insert(key.clone());
+        state.done.insert(key.clone(), outcome.clone());
     }
     if c.dropped > 0 {
         tracing::warn!(agent = %agent, job_id = %key.0, dropped = c.dropped, "the agent's spool dropped output at its cap");
@@ -297,9 +307,10 @@ async fn settle(
 struct HubState {
     agents: HashMap<String, AgentLive>,
     attempts: HashMap<Key, AttemptLive>,
-    /// Attempts whose outcome is stored here (`.done`): a reconnecting agent that still
-    /// holds one is told it is done.
-    done: HashSet<Key>,
+    /// Attempts whose outcome is stored here (the completions journal, or a `.done` file
+    /// of an earlier version), with it: a reconnecting agent that still holds one is told
+    /// it is done, and a restarted control plane finishes it at once.
+    done: HashMap<Key, Outcome>,
     revoked: HashSet<String>,
 }
 
@@ -314,9 +325,20 @@ pub(crate) struct HubInner {
     admission: Arc<dyn Admission>,
     plane: OnceLock<ControlPlane>,
     state: Mutex<HubState>,
+    /// `completions.journal`: the outcome of each completion acknowledged, until the
+    /// control plane has settled its attempt. Locked after `state` when both are.
+    completions: Mutex<Journal>,
     sessions: AtomicU64,
     bucket: Mutex<Bucket>,
     stop: CancellationToken,
+}
+
+/// A line of `completions.journal`.
+#[derive(Serialize, Deserialize)]
+struct Completion {
+    job_id: String,
+    attempt: u32,
+    outcome: Outcome,
 }
 
 /// The control plane's side of Valkyrie. Cheap to clone.
@@ -395,14 +417,23 @@ impl Hub {
             );
         }
         state.revoked = stored.1.into_iter().collect();
-        // Outcomes stored before a restart and not yet cleaned up.
+        // Outcomes stored before a restart and not yet cleaned up: the journal, and the
+        // `.done` files of an earlier version.
+        let (completions, stored) =
+            Journal::open::<Completion>(&options.dir.join("completions.journal"))?;
+        for c in stored {
+            state.done.insert((c.job_id, c.attempt), c.outcome);
+        }
         if let Ok(dir) = std::fs::read_dir(options.dir.join("attempts")) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
                 if let Some(stem) = name.strip_suffix(".done")
                     && let Some((job, n)) = parse_attempt_id(&JobId::from(stem.to_string()))
+                    && let Some(outcome) = std::fs::read(entry.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Outcome>(&b).ok())
                 {
-                    state.done.insert((job.as_str().to_string(), n));
+                    state.done.insert((job.as_str().to_string(), n), outcome);
                 }
             }
         }
@@ -412,6 +443,7 @@ impl Hub {
             admission,
             plane: OnceLock::new(),
             state: Mutex::new(state),
+            completions: Mutex::new(completions),
             sessions: AtomicU64::new(0),
             bucket: Mutex::new(Bucket {
                 tokens: burst,
@@ -759,9 +791,8 @@ impl HubInner {
         let key: Key = (job.as_str().to_string(), number);
         let (execution, sink) = rustci_runners::Execution::channel(id.clone(), 256);
         let path = self.attempt_path(&key, "out");
-        let _ = std::fs::remove_file(&path);
-        let spool =
-            Spool::open(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        // Its file comes with the first byte of output (replacing any earlier one).
+        let spool = Spool::lazy(&path);
         let (answer_tx, answer_rx) = oneshot::channel();
         let ended = CancellationToken::new();
         let io = Arc::new(tokio::sync::Mutex::new(AttemptIo {
@@ -925,15 +956,14 @@ impl HubInner {
         if !self.state.lock().expect("hub").agents.contains_key(agent) {
             return Ok(None);
         }
+        // No file: the attempt had written nothing yet.
         let path = self.attempt_path(&key, "out");
-        if !path.exists() {
-            return Ok(None);
-        }
-        let spool =
-            Spool::open(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let done: Option<Outcome> = std::fs::read(self.attempt_path(&key, "done"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let spool = if path.exists() {
+            Spool::open(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        } else {
+            Spool::lazy(&path)
+        };
+        let done: Option<Outcome> = self.state.lock().expect("hub").done.get(&key).cloned();
         let (execution, sink) = rustci_runners::Execution::channel(id.clone(), 256);
         let io = Arc::new(tokio::sync::Mutex::new(AttemptIo {
             spool,
@@ -965,8 +995,6 @@ impl HubInner {
                 },
             );
             self.watch_cancel(key.clone(), sink.clone(), ended);
-        } else {
-            self.state.lock().expect("hub").done.insert(key.clone());
         }
         tokio::spawn(async move {
             let io = guard;
@@ -1086,17 +1114,52 @@ fn check_runners_of(inner: &HubInner, agent: &str) {
 /// job ended, or moved on to a later attempt).
 fn cleanup(hub: &HubInner) {
     let Some(plane) = hub.plane.get() else { return };
+    // Whether the control plane has the attempt's end: its job ended, a later attempt
+    // began, or this one has an outcome and the job is not running it.
+    let settled = |job: &JobId, n: u32| match plane.get(job) {
+        None => true,
+        Some(r) => {
+            r.state.is_terminal()
+                || r.attempts.len() as u32 > n
+                || r.attempts
+                    .get(n as usize - 1)
+                    .is_some_and(|a| a.outcome.is_some())
+                    && r.state != JobState::Running
+        }
+    };
+    let (live, done): (HashSet<Key>, Vec<Key>) = {
+        let state = hub.state.lock().expect("hub");
+        (
+            state.attempts.keys().cloned().collect(),
+            state.done.keys().cloned().collect(),
+        )
+    };
+    // Settled completions leave the journal (rewritten when any did).
+    let gone: Vec<Key> = done
+        .into_iter()
+        .filter(|k| !live.contains(k) && settled(&JobId::from(k.0.clone()), k.1))
+        .collect();
+    if !gone.is_empty() {
+        let mut state = hub.state.lock().expect("hub");
+        for k in &gone {
+            state.done.remove(k);
+        }
+        let keep: Vec<Completion> = state
+            .done
+            .iter()
+            .map(|((job, n), o)| Completion {
+                job_id: job.clone(),
+                attempt: *n,
+                outcome: o.clone(),
+            })
+            .collect();
+        if let Err(e) = hub.completions.lock().expect("completions").rewrite(&keep) {
+            tracing::error!(error = %e, "rewriting the completions journal");
+        }
+    }
     let Ok(dir) = std::fs::read_dir(hub.options.dir.join("attempts")) else {
         return;
     };
-    let live: HashSet<Key> = hub
-        .state
-        .lock()
-        .expect("hub")
-        .attempts
-        .keys()
-        .cloned()
-        .collect();
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         let Some((stem, _)) = name.rsplit_once('.') else {
@@ -1109,18 +1172,7 @@ fn cleanup(hub: &HubInner) {
         if live.contains(&key) {
             continue;
         }
-        let settled = match plane.get(&job) {
-            None => true,
-            Some(r) => {
-                r.state.is_terminal()
-                    || r.attempts.len() as u32 > n
-                    || r.attempts
-                        .get(n as usize - 1)
-                        .is_some_and(|a| a.outcome.is_some())
-                        && r.state != JobState::Running
-            }
-        };
-        if settled {
+        if settled(&job, n) {
             let _ = std::fs::remove_file(entry.path());
             if name.ends_with(".done") {
                 hub.state.lock().expect("hub").done.remove(&key);
@@ -1622,7 +1674,7 @@ async fn start_session(
                     }
                     (proto::Verdict::Continue, None)
                 }
-                _ if state.done.contains(k) => (proto::Verdict::Done, Some(h.spooled)),
+                _ if state.done.contains_key(k) => (proto::Verdict::Done, Some(h.spooled)),
                 _ => (proto::Verdict::Abort, Some(0)),
             };
             verdicts.push((k.clone(), verdict, offset));
@@ -1868,7 +1920,7 @@ async fn handle(
                             .iter()
                             .filter(|r| {
                                 let k = key_of(r);
-                                !state.done.contains(&k)
+                                !state.done.contains_key(&k)
                                     && state.attempts.get(&k).is_none_or(|at| at.agent != agent)
                             })
                             .cloned()
@@ -1970,9 +2022,14 @@ async fn handle(
                 Ok(k) => k,
                 Err(why) => {
                     // Already stored here: the agent only missed the ack.
-                    if r.as_ref()
-                        .is_some_and(|r| inner.state.lock().expect("hub").done.contains(&key_of(r)))
-                    {
+                    if r.as_ref().is_some_and(|r| {
+                        inner
+                            .state
+                            .lock()
+                            .expect("hub")
+                            .done
+                            .contains_key(&key_of(r))
+                    }) {
                         let _ = tx
                             .send(Ok(msg(server_message::Kind::CompleteAck(
                                 proto::CompleteAck { attempt: r },
@@ -2030,9 +2087,14 @@ async fn store_chunk(
     let k = match held_by(inner, agent, chunk.attempt.as_ref()) {
         Ok(k) => k,
         Err(why) => {
-            let done = r
-                .as_ref()
-                .is_some_and(|r| inner.state.lock().expect("hub").done.contains(&key_of(r)));
+            let done = r.as_ref().is_some_and(|r| {
+                inner
+                    .state
+                    .lock()
+                    .expect("hub")
+                    .done
+                    .contains_key(&key_of(r))
+            });
             return Ok(proto::OutputAck {
                 attempt: r,
                 offset: 0,

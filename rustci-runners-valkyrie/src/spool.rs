@@ -7,35 +7,60 @@
 //! not fsynced: the same promise as the control plane's store and job logs.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// One attempt's output file.
+/// One attempt's output file. A lazy spool creates its file at the first byte: an
+/// attempt that writes nothing costs no file.
 pub(crate) struct Spool {
     path: PathBuf,
-    file: File,
+    file: Option<File>,
     len: u64,
     hash: Sha256,
     /// Bytes the cap dropped (agent side).
     pub dropped: u64,
 }
 
+fn create(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
 impl Spool {
     /// Opens (creating) the file and reads what it holds, for its length and hash.
     pub fn open(path: &Path) -> std::io::Result<Spool> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)?;
+        Self::read_from(path, file)
+    }
+
+    /// A spool with no file until its first byte; an existing file is replaced then.
+    pub fn lazy(path: &Path) -> Spool {
+        Spool {
+            path: path.to_path_buf(),
+            file: None,
+            len: 0,
+            hash: Sha256::new(),
+            dropped: 0,
+        }
+    }
+
+    fn read_from(path: &Path, file: File) -> std::io::Result<Spool> {
         let mut hash = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut len = 0u64;
         loop {
-            let n = file.read(&mut buf)?;
+            let n = file.read_at(&mut buf, len)?;
             if n == 0 {
                 break;
             }
@@ -44,7 +69,7 @@ impl Spool {
         }
         Ok(Spool {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
             len,
             hash,
             dropped: 0,
@@ -56,6 +81,11 @@ impl Spool {
         self.len
     }
 
+    /// True once its file exists (a lazy spool has none before its first byte).
+    pub fn has_file(&self) -> bool {
+        self.file.is_some()
+    }
+
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
@@ -63,9 +93,16 @@ impl Spool {
 
     /// Appends `data`.
     pub fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if let Err(e) = self.file.write_all(data) {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(create(&self.path)?),
+        };
+        if let Err(e) = file.write_all_at(data, self.len) {
             // A partial write is cut off again, so the file stays what `len` says.
-            let _ = self.file.set_len(self.len);
+            let _ = file.set_len(self.len);
             return Err(e);
         }
         self.hash.update(data);
@@ -94,11 +131,12 @@ impl Spool {
     pub fn read_at(&self, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
         let want = (self.len.saturating_sub(offset) as usize).min(max);
         let mut buf = vec![0u8; want];
+        let Some(file) = &self.file else {
+            return Ok(Vec::new());
+        };
         let mut filled = 0;
         while filled < want {
-            let n = self
-                .file
-                .read_at(&mut buf[filled..], offset + filled as u64)?;
+            let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
             if n == 0 {
                 break;
             }
@@ -114,6 +152,81 @@ impl Spool {
     }
 }
 
+/// An append-only file of records, one JSON line each: what an attempt's state needs to
+/// survive a process crash, without a file created per attempt (file creation and
+/// removal are much of what a short job costs). A line cut off by a crash is skipped on
+/// reading. [`Journal::rewrite`] replaces it with the live records (a temporary file,
+/// then renamed), so it stays small.
+pub(crate) struct Journal {
+    path: PathBuf,
+    file: File,
+    lines: usize,
+}
+
+impl Journal {
+    /// Opens (creating) the journal; returns it with the records it holds that decode.
+    pub fn open<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<(Journal, Vec<T>)> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut records = Vec::new();
+        let mut lines = 0;
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            lines += 1;
+            match serde_json::from_slice(line) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipped a journal line that does not decode (cut off by a crash?)")
+                }
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        // A torn last line is ended, so the next record starts on a line of its own.
+        if text.last().is_some_and(|b| *b != b'\n') {
+            (&file).write_all(b"\n")?;
+        }
+        Ok((
+            Journal {
+                path: path.to_path_buf(),
+                file,
+                lines,
+            },
+            records,
+        ))
+    }
+
+    /// Appends one record.
+    pub fn append<T: serde::Serialize>(&mut self, record: &T) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// Lines written since it was opened or rewritten, and read at opening.
+    pub fn lines(&self) -> usize {
+        self.lines
+    }
+
+    /// Replaces the journal with `records`.
+    pub fn rewrite<T: serde::Serialize>(&mut self, records: &[T]) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let mut text = Vec::new();
+        for r in records {
+            text.extend(serde_json::to_vec(r).map_err(std::io::Error::other)?);
+            text.push(b'\n');
+        }
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.lines = records.len();
+        Ok(())
+    }
+}
+
 /// Lower-case hex.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -123,18 +236,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Writes `data` to `path` atomically (a temporary file, then renamed): a process crash
-/// leaves the old content or the new, never a part. Not fsynced, like the spools: the
-/// promise is about process crashes, which the per-job path meets without a disk flush.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// [`write_atomic`] and fsynced: for what is written rarely and must survive the machine
-/// (agent registrations).
+/// Writes `data` to `path` atomically (a temporary file, then renamed) and fsynced: for
+/// what is written rarely and must survive the machine (agent registrations).
 pub(crate) fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
@@ -163,5 +266,58 @@ mod tests {
         assert_eq!(again.sha256(), hex(&Sha256::digest(b"hello worl[cut]")));
         assert_eq!(again.read_at(6, 4).unwrap(), b"worl");
         assert_eq!(again.read_at(15, 4).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_lazy_spool_makes_no_file_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let lazy_path = dir.path().join("lazy.out");
+        std::fs::write(&lazy_path, b"an earlier run's").unwrap();
+        let mut lazy = Spool::lazy(&lazy_path);
+        assert_eq!(lazy.len(), 0);
+        assert_eq!(lazy.read_at(0, 10).unwrap(), b"");
+        assert_eq!(lazy.sha256(), hex(&Sha256::digest(b"")));
+        lazy.append(b"").unwrap();
+        assert_eq!(std::fs::read(&lazy_path).unwrap(), b"an earlier run's");
+        lazy.append(b"new").unwrap();
+        assert_eq!(
+            std::fs::read(&lazy_path).unwrap(),
+            b"new",
+            "replaced at the first byte"
+        );
+        let nothing = dir.path().join("never.out");
+        let _ = Spool::lazy(&nothing);
+        assert!(!nothing.exists());
+    }
+
+    #[test]
+    fn a_journal_survives_reopening_skips_a_torn_line_and_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let (mut j, none) = Journal::open::<u32>(&p).unwrap();
+        assert!(none.is_empty());
+        for n in [1u32, 2, 3] {
+            j.append(&n).unwrap();
+        }
+        drop(j);
+        // A crash cut the last line.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"4").unwrap();
+        f.write_all(b"2x").unwrap();
+        drop(f);
+        let (mut j, got) = Journal::open::<u32>(&p).unwrap();
+        assert_eq!(got, [1, 2, 3]);
+        j.append(&5u32).unwrap();
+        let (mut j, got) = Journal::open::<u32>(&p).unwrap();
+        assert_eq!(
+            got,
+            [1, 2, 3, 5],
+            "the torn line was ended, not glued to the next"
+        );
+        assert_eq!(j.lines(), 5);
+        j.rewrite(&[7u32]).unwrap();
+        j.append(&8u32).unwrap();
+        let (_, got) = Journal::open::<u32>(&p).unwrap();
+        assert_eq!(got, [7, 8]);
     }
 }

@@ -272,3 +272,79 @@ async fn an_offer_not_accepted_in_time_is_placed_again_without_costing_a_retry()
     agent.stop().await;
     cp.hub.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_reads_what_its_last_run_left_and_clears_the_rest() {
+    let cp = control_side().await;
+    let proxy = Proxy::start(cp.addr.clone()).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut options = agent_options(&cp, data.path());
+    options.server = proxy.addr.clone();
+    let agent = Agent::start(options.clone()).await.unwrap();
+    agent.wait_connected(true).await;
+    agent.stop().await;
+
+    // What a crashed run could leave: a finished attempt whose completion is owed (its
+    // output in a file), an unfinished one (output too), one let go, a line cut off by
+    // the crash, an earlier version's directory, and output no record names.
+    let attempts = data.path().join("attempts");
+    std::fs::write(attempts.join("job-z-1.out"), b"output").unwrap();
+    std::fs::write(attempts.join("job-x-1.out"), b"partial").unwrap();
+    let sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(b"output")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let outcome = serde_json::to_string(&Outcome::Succeeded).unwrap();
+    let journal = format!(
+        "{{\"op\":\"start\",\"exec\":\"job-z-1\",\"job_id\":\"job-z\",\"attempt\":1,\"runner\":\"local\"}}\n\
+         {{\"op\":\"start\",\"exec\":\"job-x-1\",\"job_id\":\"job-x\",\"attempt\":1,\"runner\":\"local\"}}\n\
+         {{\"op\":\"start\",\"exec\":\"job-v-1\",\"job_id\":\"job-v\",\"attempt\":1,\"runner\":\"local\"}}\n\
+         {{\"op\":\"done\",\"exec\":\"job-z-1\",\"finished\":{{\"outcome\":{outcome},\"length\":6,\"sha256\":\"{sha}\",\"dropped\":0}}}}\n\
+         {{\"op\":\"gone\",\"exec\":\"job-v-1\"}}\n\
+         {{\"op\":\"done\",\"exec\":\"job-x-1\",\"fini"
+    );
+    std::fs::write(data.path().join("attempts.journal"), journal).unwrap();
+    let old = attempts.join("job-y-1");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join("meta.json"),
+        b"{\"job_id\":\"job-y\",\"attempt\":1,\"runner\":\"local\"}",
+    )
+    .unwrap();
+    std::fs::write(attempts.join("job-w-1.out"), b"nobody's").unwrap();
+
+    // Restarted while the control plane cannot be reached: only the owed completion is
+    // held; the rest is gone.
+    proxy.cut();
+    options.token = None;
+    let agent = Agent::start(options).await.unwrap();
+    assert_eq!(agent.held(), 1);
+    let mut left: Vec<String> = std::fs::read_dir(&attempts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["job-z-1.out"]);
+    // The journal was rewritten with the held attempt only.
+    let journal = std::fs::read_to_string(data.path().join("attempts.journal")).unwrap();
+    assert_eq!(journal.lines().count(), 2, "{journal}");
+    assert!(journal.lines().all(|l| l.contains("job-z-1")), "{journal}");
+    // Reconnected, the control plane does not know that attempt: it is aborted and its
+    // files go.
+    proxy.heal();
+    agent.wait_connected(true).await;
+    until("the unknown attempt is let go", || {
+        agent.held() == 0 && std::fs::read_dir(&attempts).unwrap().next().is_none()
+    })
+    .await;
+    let journal = std::fs::read_to_string(data.path().join("attempts.journal")).unwrap();
+    assert!(
+        journal.lines().last().unwrap().contains("\"gone\""),
+        "{journal}"
+    );
+    agent.stop().await;
+    cp.hub.shutdown();
+}
