@@ -27,6 +27,7 @@ use rustci_runners::error::Chain;
 use rustci_runners::job::Job;
 use rustci_runners::runner::{Canceller, EventKind, JobId, Outcome, OutputStream};
 
+use crate::lease;
 use crate::pki::{self, SERVER_NAME};
 use crate::proto::{self, agent_message, server_message, valkyrie_client::ValkyrieClient};
 use crate::spool::{Journal, Spool};
@@ -682,10 +683,8 @@ async fn fence_watch(shared: Arc<Shared>) {
             _ = shared.stop.cancelled() => return,
             _ = tokio::time::sleep((fence / 20).max(Duration::from_millis(10))) => {}
         }
-        let Some(renewed) = *shared.renewed.lock().expect("renewed") else {
-            continue;
-        };
-        if renewed.elapsed() <= fence {
+        let renewed = *shared.renewed.lock().expect("renewed");
+        if !lease::must_fence(renewed, fence, Instant::now()) {
             continue;
         }
         let mut attempts = shared.attempts.lock().expect("attempts");
@@ -948,7 +947,7 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
                 // A session that gets no acknowledgement for the self-fence time is not
                 // working (a connection that died silently): end it and connect anew.
                 let fence = *shared.self_fence.lock().expect("fence");
-                if shared.renewed.lock().expect("renewed").is_some_and(|r| r.elapsed() > fence) {
+                if lease::must_fence(*shared.renewed.lock().expect("renewed"), fence, Instant::now()) {
                     break Err(format!("no heartbeat acknowledged for {fence:?}"));
                 }
                 seq += 1;
@@ -981,9 +980,7 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
                         Some(server_message::Kind::HeartbeatAck(a)) => {
                             if let Some(at) = sent_at.remove(&a.seq) {
                                 let mut r = shared.renewed.lock().expect("renewed");
-                                if r.is_none_or(|r| r < at) {
-                                    *r = Some(at);
-                                }
+                                *r = Some(lease::renewed(*r, at));
                             }
                         }
                         Some(server_message::Kind::Offer(o)) => {

@@ -20,17 +20,19 @@ use rustci_runners::error::Chain;
 use rustci_runners::runner::{EventKind, ExecutionSink, JobId, Outcome, OutputStream, StepStatus};
 use rustci_runners::{Capabilities, Runner};
 
+use crate::lease;
 use crate::pki::{self, Authority, ServerIdentity};
 use crate::proto::{self, agent_message, server_message};
 use crate::remote::{RemoteRunner, RemoteRunnerConfig};
-use crate::spool::{Journal, Spool, write_synced};
+use crate::spool::{Journal, Spool};
 use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Timings};
 
 /// How a [`Hub`] behaves.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct HubOptions {
-    /// Where it keeps agents and attempt output (`agents.json`, `attempts/`).
+    /// Where it keeps agents and attempt state (`agents.journal`,
+    /// `completions.journal`, `attempts/`).
     pub dir: PathBuf,
     /// Lease timings.
     pub timings: Timings,
@@ -233,22 +235,25 @@ async fn settle(
 ) -> bool {
     let r = c.attempt.clone();
     let guard = io.lock().await;
-    if !is_current(inner, key, io) {
-        // Ended meanwhile (lost, revoked, cancelled): this completion decides nothing.
-        let _ = tx
-            .send(Ok(msg(server_message::Kind::Abort(proto::Abort {
-                attempt: r,
-                reason: "the attempt ended before its completion arrived".into(),
-            }))))
-            .await;
-        return true;
-    }
     let stored = guard.spool.len();
-    if stored < c.length {
-        // Output still on its way (or lost with a connection): not acked; the agent
-        // sends the rest and completes again.
-        tracing::debug!(agent = %agent, job_id = %key.0, stored, length = c.length, "a completion before all output is stored; not acknowledged");
-        return false;
+    match lease::completion(is_current(inner, key, io), stored, c.length) {
+        lease::Completion::Refuse => {
+            // Ended meanwhile (lost, revoked, cancelled): this completion decides nothing.
+            let _ = tx
+                .send(Ok(msg(server_message::Kind::Abort(proto::Abort {
+                    attempt: r,
+                    reason: "the attempt ended before its completion arrived".into(),
+                }))))
+                .await;
+            return true;
+        }
+        lease::Completion::Wait => {
+            // Output still on its way (or lost with a connection): not acked; the agent
+            // sends the rest and completes again.
+            tracing::debug!(agent = %agent, job_id = %key.0, stored, length = c.length, "a completion before all output is stored; not acknowledged");
+            return false;
+        }
+        lease::Completion::Accept => {}
     }
     let outcome = if stored > c.length || guard.spool.sha256() != c.sha256 {
         tracing::error!(agent = %agent, job_id = %key.0, stored, length = c.length, "the stored output does not match the agent's");
@@ -317,6 +322,9 @@ struct HubState {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// The next free slot for an agent told to come back later: refused agents are given
+    /// slots one token apart, so that a storm drains at the limit's rate.
+    next_slot: Instant,
 }
 
 pub(crate) struct HubInner {
@@ -328,9 +336,20 @@ pub(crate) struct HubInner {
     /// `completions.journal`: the outcome of each completion acknowledged, until the
     /// control plane has settled its attempt. Locked after `state` when both are.
     completions: Mutex<Journal>,
+    /// `agents.journal`: registrations and revocations, flushed to disk. Locked after
+    /// `state`.
+    agents_journal: Mutex<Journal>,
     sessions: AtomicU64,
     bucket: Mutex<Bucket>,
     stop: CancellationToken,
+}
+
+/// A line of `agents.journal`.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum AgentEntry {
+    Agent(AgentRecord),
+    Revoked { id: String },
 }
 
 /// A line of `completions.journal`.
@@ -385,8 +404,9 @@ impl Hub {
     ) -> std::io::Result<Hub> {
         std::fs::create_dir_all(options.dir.join("attempts"))?;
         let mut state = HubState::default();
+        // Registered agents: an earlier version's `agents.json`, then the journal.
         let path = options.dir.join("agents.json");
-        let stored: (Vec<AgentRecord>, Vec<String>) = match std::fs::read(&path) {
+        let mut stored: (Vec<AgentRecord>, Vec<String>) = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -396,6 +416,35 @@ impl Hub {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
             Err(e) => return Err(e),
         };
+        let (mut agents_journal, entries) =
+            Journal::open_synced::<AgentEntry>(&options.dir.join("agents.journal"))?;
+        for e in entries {
+            match e {
+                AgentEntry::Agent(r) => {
+                    stored.0.retain(|x| x.id != r.id);
+                    stored.0.push(r);
+                }
+                AgentEntry::Revoked { id } => {
+                    stored.0.retain(|x| x.id != id);
+                    stored.1.push(id);
+                }
+            }
+        }
+        stored.1.sort();
+        stored.1.dedup();
+        // Written anew (and the old file removed): one line per agent.
+        let mut compact: Vec<AgentEntry> =
+            stored.0.iter().cloned().map(AgentEntry::Agent).collect();
+        compact.extend(
+            stored
+                .1
+                .iter()
+                .map(|id| AgentEntry::Revoked { id: id.clone() }),
+        );
+        agents_journal.rewrite(&compact)?;
+        if path.exists() {
+            std::fs::remove_file(&path)?;
+        }
         let now = Instant::now();
         for record in stored.0 {
             state.agents.insert(
@@ -444,10 +493,12 @@ impl Hub {
             plane: OnceLock::new(),
             state: Mutex::new(state),
             completions: Mutex::new(completions),
+            agents_journal: Mutex::new(agents_journal),
             sessions: AtomicU64::new(0),
             bucket: Mutex::new(Bucket {
                 tokens: burst,
                 at: Instant::now(),
+                next_slot: Instant::now(),
             }),
             stop: CancellationToken::new(),
             options,
@@ -591,9 +642,9 @@ impl Hub {
                 .iter()
                 .filter_map(|k| state.attempts.remove(k))
                 .collect();
-            save_agents(&self.inner, &state);
             (agent.session, attempts)
         };
+        save_agent(&self.inner, &AgentEntry::Revoked { id: id.to_string() });
         if let Some(s) = session {
             let _ = s.tx.try_send(Ok(disconnect("this agent was revoked", 0)));
             s.close.cancel();
@@ -674,12 +725,9 @@ fn status_of(a: &AgentLive) -> AgentStatus {
     }
 }
 
-fn save_agents(inner: &HubInner, state: &HubState) {
-    let mut records: Vec<&AgentRecord> = state.agents.values().map(|a| &a.record).collect();
-    records.sort_by(|a, b| a.id.cmp(&b.id));
-    let revoked: BTreeSet<&String> = state.revoked.iter().collect();
-    let json = serde_json::to_vec_pretty(&(records, revoked)).expect("serializable");
-    if let Err(e) = write_synced(&inner.options.dir.join("agents.json"), &json) {
+/// Appends a registration or a revocation to the agents' journal (flushed to disk).
+fn save_agent(inner: &HubInner, entry: &AgentEntry) {
+    if let Err(e) = inner.agents_journal.lock().expect("agents").append(entry) {
         tracing::error!(error = %e, "storing the agents");
     }
 }
@@ -1060,8 +1108,7 @@ fn sweep(hub: &HubInner) {
         let state = &mut *state;
         for a in state.agents.values_mut() {
             let reassign = timings.reassign_for(a.heartbeat);
-            let silent = a.last_beat.map_or(a.since, |b| b.max(a.since));
-            if now.duration_since(silent) > reassign {
+            if lease::lease_expired(a.last_beat, a.since, reassign, now) {
                 if let Some(s) = a.session.take() {
                     tracing::warn!(agent = %a.record.id, "no heartbeat for longer than the reassignment time: closing its session");
                     let _ = s.tx.try_send(Ok(disconnect("no heartbeat", 0)));
@@ -1077,7 +1124,7 @@ fn sweep(hub: &HubInner) {
             .attempts
             .iter()
             .filter(|(_, at)| match at.phase {
-                Phase::Reattached(until) => now > until,
+                Phase::Reattached(until) => lease::grace_over(until, now),
                 _ => state.agents.get(&at.agent).is_none_or(|a| a.lost),
             })
             .map(|(k, _)| k.clone())
@@ -1414,6 +1461,7 @@ impl proto::valkyrie_server::Valkyrie for Service {
                     "an agent named {name:?} is registered; revoke it first or choose another name"
                 )));
             }
+            let saved = AgentEntry::Agent(record.clone());
             state.agents.insert(
                 id.clone(),
                 AgentLive {
@@ -1431,7 +1479,9 @@ impl proto::valkyrie_server::Valkyrie for Service {
                     unhealthy: HashMap::new(),
                 },
             );
-            save_agents(inner, &state);
+            drop(state);
+            // Flushed before the agent gets its identity, outside the hub's lock.
+            save_agent(inner, &saved);
         }
         inner
             .admission
@@ -1476,12 +1526,10 @@ impl proto::valkyrie_server::Valkyrie for Service {
         let out: Self::SessionStream = Box::pin(futures::stream::unfold(rx, |mut rx| async {
             rx.recv().await.map(|m| (m, rx))
         }));
-        if !take_token(&inner) {
-            let wait = (1000.0 / inner.options.session_starts_per_second.max(0.001)) as u64;
-            let jitter = rand_below(wait.max(1) * 4);
+        if let Err(wait) = take_token(&inner) {
             let _ = tx.try_send(Ok(disconnect(
                 "too many sessions starting; retry later",
-                wait + jitter,
+                wait.as_millis() as u64 + 1,
             )));
             return Ok(Response::new(out));
         }
@@ -1572,23 +1620,23 @@ impl proto::valkyrie_server::Valkyrie for Service {
     }
 }
 
-fn rand_below(n: u64) -> u64 {
-    (uuid::Uuid::new_v4().as_u128() % n.max(1) as u128) as u64
-}
-
-fn take_token(inner: &HubInner) -> bool {
+/// Takes a session-start token; when there is none, the wait until this agent's own
+/// slot (slots are one token apart, after the last one given).
+fn take_token(inner: &HubInner) -> Result<(), Duration> {
     let mut b = inner.bucket.lock().expect("bucket");
     let now = Instant::now();
-    let rate = inner.options.session_starts_per_second;
+    let rate = inner.options.session_starts_per_second.max(0.001);
     let burst = inner.options.session_burst.max(1.0);
     b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
     b.at = now;
     if b.tokens >= 1.0 {
         b.tokens -= 1.0;
-        true
-    } else {
-        false
+        return Ok(());
     }
+    let earliest = now + Duration::from_secs_f64((1.0 - b.tokens) / rate);
+    let slot = b.next_slot.max(earliest);
+    b.next_slot = slot + Duration::from_secs_f64(1.0 / rate);
+    Err(slot - now)
 }
 
 /// Takes the hello: replaces an older session, registers the agent's runners, and
@@ -1649,7 +1697,7 @@ async fn start_session(
         let mine: Vec<Key> = state
             .attempts
             .iter()
-            .filter(|(k, at)| at.agent == agent && !held.contains_key(*k))
+            .filter(|(k, at)| lease::lost_at_reconnect(&at.agent, agent, held.contains_key(*k)))
             .map(|(k, _)| k.clone())
             .collect();
         for k in mine {
@@ -1659,23 +1707,27 @@ async fn start_session(
             }
         }
         for (k, h) in &held {
-            let (verdict, offset) = match state.attempts.get_mut(k) {
-                Some(at) if at.agent == agent => {
-                    match &mut at.phase {
-                        Phase::Reattached(_) => at.phase = Phase::Running,
-                        // Held means taken: its accept was lost with the old session.
-                        Phase::Offered(answer) => {
-                            if let Some(answer) = answer.take() {
-                                let _ = answer.send(Ok(()));
+            let holder = state.attempts.get(k).map(|at| at.agent.as_str());
+            let verdict = lease::verdict(holder, agent, state.done.contains_key(k));
+            let offset = match verdict {
+                proto::Verdict::Continue => {
+                    if let Some(at) = state.attempts.get_mut(k) {
+                        match &mut at.phase {
+                            Phase::Reattached(_) => at.phase = Phase::Running,
+                            // Held means taken: its accept was lost with the old session.
+                            Phase::Offered(answer) => {
+                                if let Some(answer) = answer.take() {
+                                    let _ = answer.send(Ok(()));
+                                }
+                                at.phase = Phase::Running;
                             }
-                            at.phase = Phase::Running;
+                            Phase::Running => {}
                         }
-                        Phase::Running => {}
                     }
-                    (proto::Verdict::Continue, None)
+                    None
                 }
-                _ if state.done.contains_key(k) => (proto::Verdict::Done, Some(h.spooled)),
-                _ => (proto::Verdict::Abort, Some(0)),
+                proto::Verdict::Done => Some(h.spooled),
+                _ => Some(0),
             };
             verdicts.push((k.clone(), verdict, offset));
         }
@@ -1864,12 +1916,14 @@ fn held_by(inner: &HubInner, agent: &str, r: Option<&proto::AttemptRef>) -> Resu
     let r = r.ok_or("a message about an attempt without its attempt reference")?;
     let k = key_of(r);
     let state = inner.state.lock().expect("hub");
-    match state.attempts.get(&k) {
-        Some(a) if a.agent == agent => Ok(k),
-        _ => Err(format!(
+    let holder = state.attempts.get(&k).map(|a| a.agent.as_str());
+    if lease::holds(holder, agent) {
+        Ok(k)
+    } else {
+        Err(format!(
             "attempt {} of job {} is not held by this agent (superseded, cancelled or unknown)",
             k.1, k.0
-        )),
+        ))
     }
 }
 
@@ -1921,7 +1975,10 @@ async fn handle(
                             .filter(|r| {
                                 let k = key_of(r);
                                 !state.done.contains_key(&k)
-                                    && state.attempts.get(&k).is_none_or(|at| at.agent != agent)
+                                    && !lease::holds(
+                                        state.attempts.get(&k).map(|at| at.agent.as_str()),
+                                        agent,
+                                    )
                             })
                             .cloned()
                             .collect();

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 pub mod agent;
 mod hub;
+mod lease;
 pub mod pki;
 mod remote;
 mod spool;

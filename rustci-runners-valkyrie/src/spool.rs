@@ -161,6 +161,8 @@ pub(crate) struct Journal {
     path: PathBuf,
     file: File,
     lines: usize,
+    /// Every write flushed to disk (for what must survive the machine).
+    sync: bool,
 }
 
 impl Journal {
@@ -192,9 +194,19 @@ impl Journal {
                 path: path.to_path_buf(),
                 file,
                 lines,
+                sync: false,
             },
             records,
         ))
+    }
+
+    /// [`Journal::open`] with every append and rewrite flushed to disk before it returns.
+    pub fn open_synced<T: serde::de::DeserializeOwned>(
+        path: &Path,
+    ) -> std::io::Result<(Journal, Vec<T>)> {
+        let (mut j, records) = Self::open(path)?;
+        j.sync = true;
+        Ok((j, records))
     }
 
     /// Appends one record.
@@ -202,6 +214,9 @@ impl Journal {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
+        if self.sync {
+            self.file.sync_data()?;
+        }
         self.lines += 1;
         Ok(())
     }
@@ -219,7 +234,11 @@ impl Journal {
             text.extend(serde_json::to_vec(r).map_err(std::io::Error::other)?);
             text.push(b'\n');
         }
-        std::fs::write(&tmp, &text)?;
+        let mut f = File::create(&tmp)?;
+        f.write_all(&text)?;
+        if self.sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, &self.path)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.lines = records.len();
@@ -234,16 +253,6 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
-}
-
-/// Writes `data` to `path` atomically (a temporary file, then renamed) and fsynced: for
-/// what is written rarely and must survive the machine (agent registrations).
-pub(crate) fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
