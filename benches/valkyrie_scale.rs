@@ -290,7 +290,14 @@ impl Swarm {
         }
     }
 
-    fn kill(mut self) {
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Swarm {
+    // A panic in the bench must not leave 10,000 sessions running.
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -204,7 +204,24 @@ impl ApiClient {
     /// plain HTTP on loopback) that verifies the server's certificate with `trust`.
     pub fn with_trust(base: &str, key: Option<String>, trust: Trust) -> Result<Self, String> {
         let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("https://") && !base.starts_with("http://") {
+        if let Some(rest) = base.strip_prefix("http://") {
+            // The API key would cross the network in clear: plain HTTP is for loopback.
+            let authority = rest.split('/').next().unwrap_or_default();
+            let host = match authority.rsplit_once(':') {
+                Some((h, p)) if p.parse::<u16>().is_ok() => h,
+                _ => authority,
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(format!(
+                    "server URL {base:?}: plain http:// only to a loopback address (the API key would cross the network in clear); use https://"
+                ));
+            }
+        } else if !base.starts_with("https://") {
             return Err(format!(
                 "server URL {base:?}: expected https://HOST:PORT (or http:// for a server with plain HTTP on loopback)"
             ));

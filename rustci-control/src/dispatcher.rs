@@ -115,7 +115,7 @@ pub struct Attempt {
 }
 
 /// How many times one job may be handed back by runners before it started (an agent that
-/// did not accept an offer in time, say) without those attempts counting toward its
+/// refused an offer for now, say) without those attempts counting toward its
 /// `retry.max`. Beyond it, a declined attempt counts as a runner failure like any other.
 pub const MAX_DECLINED: usize = 10;
 
@@ -1248,22 +1248,25 @@ fn decline_attempt(
     outcome: Outcome,
     started: tokio::time::Instant,
 ) {
-    let declined_before = {
-        let mut jobs = state.jobs.lock().expect("jobs");
-        let Some(r) = jobs.get_mut(&id) else {
-            return;
-        };
-        let before = r.attempts.iter().filter(|a| a.declined).count();
-        if before < MAX_DECLINED
-            && let Some(a) = r.attempts.last_mut()
-        {
-            a.declined = true;
-        }
-        before
+    let declined_before = match state.jobs.lock().expect("jobs").get(&id) {
+        Some(r) => r.attempts.iter().filter(|a| a.declined).count(),
+        None => return,
     };
-    if declined_before >= MAX_DECLINED || !state.accepting.load(Ordering::SeqCst) {
+    // A cancel that came while it was being started ends it here: it is not placed again.
+    let cancelled = state.cancel_requested.lock().expect("cancel").remove(&id);
+    if cancelled || declined_before >= MAX_DECLINED || !state.accepting.load(Ordering::SeqCst) {
+        let outcome = if cancelled {
+            Outcome::Cancelled
+        } else {
+            outcome
+        };
         end_attempt(state, id, submitter, job, runner, number, outcome, started);
         return;
+    }
+    if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&id)
+        && let Some(a) = r.attempts.last_mut()
+    {
+        a.declined = true;
     }
     let runner_id = runner.info().id.clone();
     // Its health may say why (an agent gone); look now rather than at the interval.

@@ -1280,16 +1280,6 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     let segments = Arc::new(Mutex::new(Vec::new()));
     {
         let mut attempts = shared.attempts.lock().expect("attempts");
-        journal(
-            shared,
-            &attempts,
-            Record::Start {
-                exec: exec.as_str().to_string(),
-                job_id: key.0.clone(),
-                attempt: key.1,
-                runner: o.runner.clone(),
-            },
-        );
         attempts.insert(
             key.clone(),
             LocalAttempt {
@@ -1306,6 +1296,17 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
                 cancel_requested: false,
                 interrupted: false,
                 aborted: false,
+            },
+        );
+        // Journalled once in the map, so a rewrite of the journal keeps it.
+        journal(
+            shared,
+            &attempts,
+            Record::Start {
+                exec: exec.as_str().to_string(),
+                job_id: key.0.clone(),
+                attempt: key.1,
+                runner: o.runner.clone(),
             },
         );
     }

@@ -268,23 +268,24 @@ async fn settle(
         outcome
     };
     // A record cut off by a crash is skipped: the attempt then waits for its agent's
-    // completion again, as if it had not arrived.
+    // completion again, as if it had not arrived. Appended with the hub's state locked
+    // (then the journal), so a rewrite by the cleanup cannot miss it.
     let record = Completion {
         job_id: key.0.clone(),
         attempt: key.1,
         outcome: outcome.clone(),
     };
-    if let Err(e) = inner
-        .completions
-        .lock()
-        .expect("completions")
-        .append(&record)
-    {
-        tracing::error!(error = %e, "storing a completion; not acknowledged");
-        return false;
-    }
     {
         let mut state = inner.state.lock().expect("hub");
+        if let Err(e) = inner
+            .completions
+            .lock()
+            .expect("completions")
+            .append(&record)
+        {
+            tracing::error!(error = %e, "storing a completion; not acknowledged");
+            return false;
+        }
         if state
             .attempts
             .get(key)
@@ -916,11 +917,12 @@ impl HubInner {
                 let e = Error::rejected(format!("agent {agent} refused the job: {reason}"));
                 return Err(e.temporary(temporary).declined(true));
             }
+            // Withdrawn (the session went) or not accepted in time: the agent may have
+            // started it already (it starts before it accepts), so this is a runner
+            // failure like any other, not a hand-back that costs nothing.
             Ok(Err(_)) => {
                 forget(self);
-                return Err(Error::unavailable("the offer was withdrawn")
-                    .temporary(true)
-                    .declined(true));
+                return Err(Error::unavailable("the offer was withdrawn").temporary(true));
             }
             Err(_) => {
                 forget(self);
@@ -931,8 +933,7 @@ impl HubInner {
                 return Err(Error::unavailable(format!(
                     "agent {agent} did not accept the job within {timeout:?}"
                 ))
-                .temporary(true)
-                .declined(true));
+                .temporary(true));
             }
         }
         sink.emit(EventKind::Started {
@@ -1235,7 +1236,6 @@ pub struct Service {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The verified agent id of a call, from its client certificate.
 /// The agent listener's TLS: the server's identity, HTTP/2, and client certificates
 /// optional (registration has none) but, when presented, checked against the CA, with
 /// every refused one audited.
@@ -1344,6 +1344,7 @@ impl rustls::server::danger::ClientCertVerifier for AuditingVerifier {
     }
 }
 
+/// The verified agent id of a call, from its client certificate.
 fn caller<T>(inner: &HubInner, request: &Request<T>, action: &str) -> Result<String, Status> {
     let Some(certs) = request.peer_certs() else {
         inner

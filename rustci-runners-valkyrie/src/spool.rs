@@ -173,21 +173,31 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
+        // A last line without its newline was cut off by a crash mid-append (a record is
+        // one write ending in its newline): it is dropped. Any other line that does not
+        // decode is damage, and is not guessed past.
+        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if whole < text.len() {
+            tracing::warn!(path = %path.display(), bytes = text.len() - whole, "dropped a journal line cut off by a crash");
+        }
         let mut records = Vec::new();
         let mut lines = 0;
-        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            lines += 1;
-            match serde_json::from_slice(line) {
-                Ok(r) => records.push(r),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "skipped a journal line that does not decode (cut off by a crash?)")
-                }
+        for (i, line) in text[..whole].split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
             }
+            lines += 1;
+            let r = serde_json::from_slice(line).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} line {}: {e}", path.display(), i + 1),
+                )
+            })?;
+            records.push(r);
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        // A torn last line is ended, so the next record starts on a line of its own.
-        if text.last().is_some_and(|b| *b != b'\n') {
-            (&file).write_all(b"\n")?;
+        if whole < text.len() {
+            file.set_len(whole as u64)?;
         }
         Ok((
             Journal {
@@ -321,12 +331,16 @@ mod tests {
         assert_eq!(
             got,
             [1, 2, 3, 5],
-            "the torn line was ended, not glued to the next"
+            "the torn line was dropped, not glued to the next"
         );
-        assert_eq!(j.lines(), 5);
+        assert_eq!(j.lines(), 4);
         j.rewrite(&[7u32]).unwrap();
         j.append(&8u32).unwrap();
         let (_, got) = Journal::open::<u32>(&p).unwrap();
         assert_eq!(got, [7, 8]);
+        // A damaged line that is not the last is an error naming it.
+        std::fs::write(&p, b"1\nbad\n3\n").unwrap();
+        let e = Journal::open::<u32>(&p).err().unwrap().to_string();
+        assert!(e.contains("line 2"), "{e}");
     }
 }

@@ -187,16 +187,15 @@ async fn refusals_are_clear_and_audited() {
     cp.hub.shutdown();
 }
 
-/// A runner whose first start blocks until released, then fails: an agent that cannot
-/// accept an offer in time.
-struct SlowFirstStart {
+/// A runner whose first start fails: at once (`release` None), or once released.
+struct FirstStartFails {
     inner: std::sync::Arc<dyn rustci_runners::Runner>,
     first: std::sync::atomic::AtomicBool,
-    release: std::sync::Arc<tokio::sync::Notify>,
+    release: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 #[async_trait::async_trait]
-impl rustci_runners::Runner for SlowFirstStart {
+impl rustci_runners::Runner for FirstStartFails {
     fn info(&self) -> &rustci_runners::RunnerInfo {
         self.inner.info()
     }
@@ -215,34 +214,42 @@ impl rustci_runners::Runner for SlowFirstStart {
         id: rustci_runners::JobId,
     ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
         if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.release.notified().await;
-            return Err(rustci_runners::Error::unavailable("released too late"));
+            if let Some(r) = &self.release {
+                r.notified().await;
+            }
+            return Err(rustci_runners::Error::unavailable("no room right now"));
         }
         self.inner.start(job, id).await
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offer_not_accepted_in_time_is_placed_again_without_costing_a_retry() {
-    let mut timings = rustci_runners_valkyrie::Timings::fast();
-    timings.offer_timeout = Duration::from_millis(300);
-    let cp = control_side_with(timings).await;
-    let data = tempfile::tempdir().unwrap();
-    let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut options = agent_options(&cp, data.path());
+async fn agent_with(
+    cp: &ControlSide,
+    data: &std::path::Path,
+    release: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> Agent {
+    let mut options = agent_options(cp, data);
     options.runners = vec![(
         "local".into(),
-        std::sync::Arc::new(SlowFirstStart {
+        std::sync::Arc::new(FirstStartFails {
             inner: native_runner("agent-local"),
             first: true.into(),
-            release: release.clone(),
+            release,
         }),
     )];
     let agent = Agent::start(options).await.unwrap();
     agent.wait_connected(true).await;
     wait_runner_healthy(&cp.plane).await;
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_refusal_is_placed_again_without_costing_a_retry() {
+    let cp = control_side().await;
+    let data = tempfile::tempdir().unwrap();
+    let agent = agent_with(&cp, data.path(), None).await;
     let marks = data.path().join("marks");
-    // No retry policy: only an attempt that does not count can let it run twice.
+    // No retry policy: only an attempt that does not count can let it run again.
     let job = remote_job(&format!("echo ran >> {}", marks.display()));
     let id = cp.plane.submit(job, "test").unwrap();
     wait_state(&cp.plane, &id, JobState::Succeeded).await;
@@ -250,14 +257,37 @@ async fn an_offer_not_accepted_in_time_is_placed_again_without_costing_a_retry()
     assert_eq!(record.attempts.len(), 2, "{record:?}");
     assert!(record.attempts[0].declined, "{record:?}");
     assert!(
-        matches!(&record.attempts[0].outcome, Some(Outcome::RunnerError { message, .. }) if message.contains("did not accept")),
+        matches!(&record.attempts[0].outcome, Some(Outcome::RunnerError { message, .. }) if message.contains("refused the job") && message.contains("no room right now")),
         "{:?}",
         record.attempts[0].outcome
     );
     assert!(!record.attempts[1].declined);
     assert_eq!(std::fs::read_to_string(&marks).unwrap(), "ran\n");
-    // Released, the first start gives up; the agent lets the withdrawn attempt go, and
-    // its late refusal changes nothing stored.
+    agent.stop().await;
+    cp.hub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_not_accepted_in_time_counts_as_a_runner_failure() {
+    // The agent starts a job before it accepts it: one whose accept is late may be
+    // running, so placing it again would not be free.
+    let mut timings = rustci_runners_valkyrie::Timings::fast();
+    timings.offer_timeout = Duration::from_millis(300);
+    let cp = control_side_with(timings).await;
+    let data = tempfile::tempdir().unwrap();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let agent = agent_with(&cp, data.path(), Some(release.clone())).await;
+    let id = cp.plane.submit(remote_job("echo ran"), "test").unwrap();
+    wait_state(&cp.plane, &id, JobState::Failed).await;
+    let record = cp.plane.get(&id).unwrap();
+    assert_eq!(record.attempts.len(), 1, "{record:?}");
+    assert!(!record.attempts[0].declined, "{record:?}");
+    assert!(
+        matches!(&record.attempts[0].outcome, Some(Outcome::RunnerError { message, temporary: true }) if message.contains("did not accept")),
+        "{:?}",
+        record.attempts[0].outcome
+    );
+    // Released, the late start gives up; the agent lets the withdrawn attempt go.
     release.notify_one();
     tokio::time::timeout(Duration::from_secs(10), async {
         while agent.held() > 0 {
@@ -266,9 +296,7 @@ async fn an_offer_not_accepted_in_time_is_placed_again_without_costing_a_retry()
     })
     .await
     .expect("the agent let the withdrawn attempt go");
-    let after = cp.plane.get(&id).unwrap();
-    assert_eq!(after.state, JobState::Succeeded);
-    assert_eq!(after.attempts, record.attempts);
+    assert_eq!(cp.plane.get(&id).unwrap().attempts, record.attempts);
     agent.stop().await;
     cp.hub.shutdown();
 }

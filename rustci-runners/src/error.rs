@@ -205,7 +205,7 @@ impl Error {
     }
 
     /// Says that the runner handed the job back before any of it ran (a remote agent that
-    /// was not connected, did not accept in time, or refused for now), so that a control
+    /// was not connected, was draining, or refused it for now), so that a control
     /// plane may place it again without counting an attempt (no effect on other
     /// variants).
     pub fn declined(mut self, declined: bool) -> Self {

@@ -35,6 +35,15 @@ need() { command -v "$1" >/dev/null 2>&1 || die "$1 is required but not installe
 need curl
 need python3
 
+# Plain HTTP only to loopback: the admin key would cross the network in clear.
+if [[ "$SERVER" == http://* ]]; then
+  host=${SERVER#http://}; host=${host%%/*}; host=${host%:*}; host=${host#[}; host=${host%]}
+  case "$host" in
+    localhost|127.*|::1) ;;
+    *) die "RUSTCI_SERVER $SERVER: plain http:// only to a loopback address; use https://" ;;
+  esac
+fi
+
 # How curl checks an https:// server: a CA file given, fetched by fingerprint, or found
 # beside the server.
 tls=()
@@ -78,7 +87,7 @@ print("" if doc is None else doc)' "$1"
 # api METHOD PATH KEY [BODY]: prints the body, then the status on the last line.
 api() {
   local method=$1 path=$2 key=$3 body=${4:-}
-  local args=(-sS "${tls[@]}" -X "$method" -H "X-API-Key: $key" -w '\n%{http_code}')
+  local args=(-sS ${tls[@]+"${tls[@]}"} -X "$method" -H "X-API-Key: $key" -w '\n%{http_code}')
   if [[ -n "$body" ]]; then args+=(-H 'Content-Type: application/json' --data-binary "$body"); fi
   curl "${args[@]}" "$SERVER$path" || die "cannot reach the server at $SERVER (is it running? start it with: cargo run)"
 }
@@ -117,7 +126,7 @@ test_job() {
     '{"name": "runner-connectivity-test", "timeout": "'"$TEST_TIMEOUT"'s", "steps": [{"run": "echo rustci-runner-ok; uname -sm"}]}' | json id)
   echo "submitted test job $id"
   # Follow the log until the job ends (server-sent events).
-  curl -sS -N "${tls[@]}" --max-time "$((TEST_TIMEOUT + 10))" -H "X-API-Key: $key" \
+  curl -sS -N ${tls[@]+"${tls[@]}"} --max-time "$((TEST_TIMEOUT + 10))" -H "X-API-Key: $key" \
     "$SERVER/api/jobs/$id/logs?follow=true" | while IFS= read -r line; do
       [[ "$line" == "event: end" ]] && break
     done || true

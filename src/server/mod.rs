@@ -94,6 +94,8 @@ impl Server {
         config: ServerConfig,
         mut factory: RunnerFactory,
     ) -> Result<Server, ServerError> {
+        // Embedders build the config themselves: the same checks as a loaded one.
+        config.check_with(factory.backends())?;
         let data = config.data_dir.clone();
         create_private_dir(&data)?;
         // One server per data directory: a second one would take the first one's
