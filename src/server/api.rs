@@ -1212,8 +1212,13 @@ async fn register_runner(
         serde_json::to_value(&config).unwrap_or(Value::Null),
     );
     if let Some(hold) = hold {
-        hold.commit(&format!("runner {id}"))
-            .map_err(|e| ApiError::internal(format!("recording the token's use: {e}")))?;
+        hold.commit(&format!("runner {id}")).map_err(|e| {
+            if e == super::tokens::REVOKED {
+                ApiError::new(StatusCode::UNAUTHORIZED, "AUTHENTICATION_REQUIRED", e)
+            } else {
+                ApiError::internal(format!("recording the token's use: {e}"))
+            }
+        })?;
     }
     app.plane
         .store()

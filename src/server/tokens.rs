@@ -92,6 +92,9 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
+/// Why a revoked token registers nothing.
+pub(crate) const REVOKED: &str = "the registration token was revoked";
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -298,6 +301,15 @@ impl TokenHold<'_> {
     /// Stores the token as used by `by` (`runner <id>`, `agent <id>`), flushed to disk.
     pub fn commit(mut self, by: &str) -> Result<(), String> {
         let mut state = self.tokens.state.lock().expect("tokens");
+        // Revoked while this registration ran: it registers nothing.
+        if matches!(
+            state.entries.get(&self.id).map(|e| &e.state),
+            Some(TokenState::Revoked { .. })
+        ) {
+            state.pending.remove(&self.id);
+            self.done = true;
+            return Err(REVOKED.into());
+        }
         let line = Line::Used {
             id: self.id.clone(),
             by: by.to_string(),
@@ -366,7 +378,7 @@ fn refusal(state: &State, id: &str) -> Option<String> {
         Some(TokenState::Used { by }) => Some(format!(
             "the registration token was already used (it registered {by})"
         )),
-        Some(TokenState::Revoked { .. }) => Some("the registration token was revoked".into()),
+        Some(TokenState::Revoked { .. }) => Some(REVOKED.into()),
         _ if state.pending.contains(id) => {
             Some("the registration token is being used by another registration".into())
         }
@@ -403,6 +415,12 @@ mod tests {
         let hold = t.hold("a").unwrap();
         assert!(t.hold("a").unwrap_err().contains("another registration"));
         drop(hold);
+        // A revocation during a registration stops it.
+        t.issued(&claims("d", later)).unwrap();
+        let hold = t.hold("d").unwrap();
+        assert!(t.revoke("d", "key:admin").unwrap());
+        assert!(hold.commit("runner r0").unwrap_err().contains("revoked"));
+        assert!(t.check("d").unwrap_err().contains("revoked"));
         t.hold("a").unwrap().commit("runner r1").unwrap();
         let e = t.check("a").unwrap_err();
         assert!(e.contains("already used") && e.contains("runner r1"), "{e}");
@@ -421,11 +439,11 @@ mod tests {
         t.check("c").unwrap();
         assert!(t.get("old").is_none());
         let listed: Vec<String> = t.list().into_iter().map(|e| e.id).collect();
-        assert_eq!(listed, ["a", "b", "c"]);
+        assert_eq!(listed, ["a", "b", "c", "d"]);
         assert_eq!(
             std::fs::read_to_string(&path).unwrap().lines().count(),
-            5,
-            "rewritten without the expired token: 3 issued, 1 used, 1 revoked"
+            7,
+            "rewritten without the expired token: 4 issued, 1 used, 2 revoked"
         );
 
         // A line cut off by a crash (the last, without its newline) is dropped; a damaged
