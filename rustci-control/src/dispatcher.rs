@@ -1268,35 +1268,8 @@ fn decline_attempt(
     {
         a.declined = true;
     }
-    let runner_id = runner.info().id.clone();
-    // Its health may say why (an agent gone); look now rather than at the interval.
-    state.registry.check_soon(&runner_id);
-    state.health_wake.notify_one();
-    if let Some(r) = state.jobs.lock().expect("jobs").get_mut(&id)
-        && let Some(a) = r.attempts.last_mut()
-    {
-        a.outcome = Some(outcome.clone());
-        a.ended_at = Some(SystemTime::now());
-    }
-    if let Some(o) = &state.observer {
-        o.attempt_ended(runner.info().kind.as_str(), &outcome, started.elapsed());
-    }
-    tracing::info!(job_id = %id, attempt = number, outcome = %outcome, "the runner handed the job back before it started; queued again");
-    state.assigned.lock().expect("assigned").remove(&id);
-    state
-        .tried
-        .lock()
-        .expect("tried")
-        .entry(id.clone())
-        .or_default()
-        .insert(runner_id);
-    state
-        .queue
-        .lock()
-        .expect("queue")
-        .push(id.clone(), job.priority, submitter);
-    set_state(&state, &id, JobState::Queued);
-    state.wake.notify_one();
+    // Queued again by the shared path, whatever the policy (see `end_attempt`).
+    end_attempt(state, id, submitter, job, runner, number, outcome, started);
 }
 
 /// Records how an attempt ended, then retries the job or finishes it.
@@ -1345,17 +1318,22 @@ fn end_attempt(
         // that cannot work) ends the job at once, whatever its policy.
         _ => None,
     };
-    // Attempts handed back before they started do not count.
-    let counted = state
-        .jobs
-        .lock()
-        .expect("jobs")
-        .get(&id)
-        .map_or(number, |r| {
-            r.attempts.iter().filter(|a| !a.declined).count() as u32
-        });
-    let retry = cause.is_some_and(|c| job.retry.when.contains(&c))
-        && counted <= job.retry.max
+    // Attempts handed back before they started do not count, and one just handed back
+    // (marked by `decline_attempt`) is placed again whatever the policy.
+    let (counted, declined) =
+        state
+            .jobs
+            .lock()
+            .expect("jobs")
+            .get(&id)
+            .map_or((number, false), |r| {
+                (
+                    r.attempts.iter().filter(|a| !a.declined).count() as u32,
+                    r.attempts.last().is_some_and(|a| a.declined),
+                )
+            });
+    let retry = (declined
+        || cause.is_some_and(|c| job.retry.when.contains(&c)) && counted <= job.retry.max)
         && state.accepting.load(Ordering::SeqCst)
         && state.jobs.lock().expect("jobs").contains_key(&id);
     if retry {
