@@ -182,6 +182,9 @@ struct Shared {
     /// no wake-up is lost.
     complete_ready: Notify,
     session_tx: Mutex<Option<mpsc::Sender<proto::AgentMessage>>>,
+    /// Aborted attempts this agent has stopped (or never held), to be reported with
+    /// `Released` by the session loop; locked after `attempts` when both are.
+    released: Mutex<Vec<Key>>,
     /// Lease: when the last acknowledged heartbeat (or the hello) was sent.
     renewed: Mutex<Option<Instant>>,
     self_fence: Mutex<Duration>,
@@ -321,6 +324,7 @@ impl Agent {
             output_ready: Notify::new(),
             complete_ready: Notify::new(),
             session_tx: Mutex::new(None),
+            released: Mutex::new(Vec::new()),
             renewed: Mutex::new(None),
             self_fence: Mutex::new(Duration::from_secs(15)),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -849,20 +853,22 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
     let mut client = client(shared).await?;
     renew_if_due(shared, &mut client).await;
     let (tx, rx) = mpsc::channel::<proto::AgentMessage>(256);
-    let held: Vec<proto::HeldAttempt> = shared
-        .attempts
-        .lock()
-        .expect("attempts")
-        .iter()
-        .map(|(k, a)| proto::HeldAttempt {
-            attempt: Some(proto::AttemptRef {
-                job_id: k.0.clone(),
-                attempt: k.1,
-            }),
-            spooled: a.spool.lock().expect("spool").len(),
-            finished: a.finished.is_some(),
-        })
-        .collect();
+    let held: Vec<proto::HeldAttempt> = {
+        let attempts = shared.attempts.lock().expect("attempts");
+        // What is not held now is not listed in the hello, which says the same.
+        shared.released.lock().expect("released").clear();
+        attempts
+            .iter()
+            .map(|(k, a)| proto::HeldAttempt {
+                attempt: Some(proto::AttemptRef {
+                    job_id: k.0.clone(),
+                    attempt: k.1,
+                }),
+                spooled: a.spool.lock().expect("spool").len(),
+                finished: a.finished.is_some(),
+            })
+            .collect()
+    };
     let runners = shared
         .options
         .runners
@@ -983,11 +989,17 @@ async fn run_session(shared: &Arc<Shared>) -> Result<Duration, String> {
                                 *r = Some(lease::renewed(*r, at));
                             }
                         }
-                        Some(server_message::Kind::Offer(o)) => {
-                            let shared = shared.clone();
-                            let tx = tx.clone();
-                            tokio::spawn(async move { take_offer(&shared, &tx, o).await });
-                        }
+                        Some(server_message::Kind::Offer(o)) => match hold_offer(shared, o) {
+                            Ok(taken) => {
+                                let shared = shared.clone();
+                                tokio::spawn(async move { run_offer(&shared, taken).await });
+                            }
+                            Err(Some(reject)) => {
+                                let tx = tx.clone();
+                                tokio::spawn(async move { tx.send(*reject).await });
+                            }
+                            Err(None) => {}
+                        },
                         Some(server_message::Kind::Cancel(c)) => {
                             if let Some(r) = c.attempt
                                 && let Some(a) = shared.attempts.lock().expect("attempts").get_mut(&(r.job_id, r.attempt))
@@ -1068,6 +1080,11 @@ fn wake(shared: &Shared) {
 fn abort(shared: &Shared, key: &Key, reason: &str) {
     let mut attempts = shared.attempts.lock().expect("attempts");
     let Some(a) = attempts.get_mut(key) else {
+        // Not held (never taken, refused, or stopped already): the control plane may be
+        // waiting to hear it does not run here.
+        release(shared, key);
+        drop(attempts);
+        wake(shared);
         return;
     };
     tracing::warn!(job_id = %key.0, attempt = key.1, reason, "attempt aborted");
@@ -1078,9 +1095,17 @@ fn abort(shared: &Shared, key: &Key, reason: &str) {
     if a.finished.is_some() {
         let a = attempts.remove(key).expect("present");
         let_go(shared, &attempts, a);
+        release(shared, key);
     }
     drop(attempts);
     wake(shared);
+}
+
+/// Queues a `Released` for `key`: an aborted attempt no longer runs here. Sent by the
+/// session loop (`send_completions`); lost with the session, which is harmless: the next
+/// hello does not list the attempt, and that tells the control plane the same.
+fn release(shared: &Shared, key: &Key) {
+    shared.released.lock().expect("released").push(key.clone());
 }
 
 /// Forgets an attempt whose outcome the control plane holds.
@@ -1150,7 +1175,15 @@ async fn send_completions(
             })
             .collect()
     };
-    for m in due {
+    let released = std::mem::take(&mut *shared.released.lock().expect("released"));
+    let released = released
+        .into_iter()
+        .map(|(job_id, attempt)| proto::AgentMessage {
+            kind: Some(agent_message::Kind::Released(proto::Released {
+                attempt: Some(proto::AttemptRef { job_id, attempt }),
+            })),
+        });
+    for m in due.into_iter().chain(released) {
         let _ = tx.send(m).await;
     }
 }
@@ -1227,43 +1260,71 @@ fn segment_at(segments: &[(u64, u32, u32)], offset: u64, len: u64) -> (u64, u32,
     (start, step, stream, end.max(offset))
 }
 
-async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>, o: proto::Offer) {
-    let Some(r) = o.attempt.clone() else { return };
-    let key = (r.job_id.clone(), r.attempt);
-    let reject = |reason: String, temporary: bool| proto::AgentMessage {
+/// An offer this agent holds from the moment its session loop read it, before the local
+/// runner starts it.
+struct Taken {
+    key: Key,
+    r: proto::AttemptRef,
+    job: Job,
+    runner: Arc<dyn Runner>,
+    exec: JobId,
+    spool: Arc<Mutex<Spool>>,
+    segments: Arc<Mutex<Vec<(u64, u32, u32)>>>,
+}
+
+fn reject_msg(r: &proto::AttemptRef, reason: String, temporary: bool) -> proto::AgentMessage {
+    proto::AgentMessage {
         kind: Some(agent_message::Kind::Reject(proto::Reject {
             attempt: Some(r.clone()),
             reason,
             temporary,
         })),
+    }
+}
+
+/// Takes an offer into the held attempts, or says why not (the reject to send). Called
+/// by the session loop itself, so an abort that follows the offer on the session
+/// always finds the attempt (and stops it, however far its start has got). An offer
+/// without an attempt reference is ignored (`Err(None)`).
+fn hold_offer(
+    shared: &Arc<Shared>,
+    o: proto::Offer,
+) -> Result<Taken, Option<Box<proto::AgentMessage>>> {
+    let Some(r) = o.attempt.clone() else {
+        return Err(None);
     };
+    let key = (r.job_id.clone(), r.attempt);
     if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        let _ = tx.send(reject("the agent is draining".into(), true)).await;
-        return;
+        return Err(Some(Box::new(reject_msg(
+            &r,
+            "the agent is draining".into(),
+            true,
+        ))));
     }
     let Some((_, runner)) = shared.options.runners.iter().find(|(n, _)| *n == o.runner) else {
-        let _ = tx
-            .send(reject(
-                format!("this agent has no runner named {:?}", o.runner),
-                false,
-            ))
-            .await;
-        return;
+        return Err(Some(Box::new(reject_msg(
+            &r,
+            format!("this agent has no runner named {:?}", o.runner),
+            false,
+        ))));
     };
     let job: Job = match serde_json::from_str(&o.job_json) {
         Ok(j) => j,
         Err(e) => {
-            let _ = tx
-                .send(reject(format!("the job does not decode: {e}"), false))
-                .await;
-            return;
+            return Err(Some(Box::new(reject_msg(
+                &r,
+                format!("the job does not decode: {e}"),
+                false,
+            ))));
         }
     };
-    if shared.attempts.lock().expect("attempts").contains_key(&key) {
-        let _ = tx
-            .send(reject("this attempt is already held".into(), false))
-            .await;
-        return;
+    let mut attempts = shared.attempts.lock().expect("attempts");
+    if attempts.contains_key(&key) {
+        return Err(Some(Box::new(reject_msg(
+            &r,
+            "this attempt is already held".into(),
+            false,
+        ))));
     }
     let exec = rustci_control::attempt_id(&JobId::from(key.0.clone()), key.1);
     // Its output file comes with its first byte; the journal records it now.
@@ -1278,38 +1339,57 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     // so a reconnection meanwhile lists it and an abort or cancel is not lost.
     let spool = Arc::new(Mutex::new(spool));
     let segments = Arc::new(Mutex::new(Vec::new()));
-    {
-        let mut attempts = shared.attempts.lock().expect("attempts");
-        attempts.insert(
-            key.clone(),
-            LocalAttempt {
-                exec: exec.as_str().to_string(),
-                runner: o.runner.clone(),
-                old_dir: None,
-                spool: spool.clone(),
-                segments: segments.clone(),
-                acked: 0,
-                sent: 0,
-                finished: None,
-                complete_sent: None,
-                canceller: None,
-                cancel_requested: false,
-                interrupted: false,
-                aborted: false,
-            },
-        );
-        // Journalled once in the map, so a rewrite of the journal keeps it.
-        journal(
-            shared,
-            &attempts,
-            Record::Start {
-                exec: exec.as_str().to_string(),
-                job_id: key.0.clone(),
-                attempt: key.1,
-                runner: o.runner.clone(),
-            },
-        );
-    }
+    attempts.insert(
+        key.clone(),
+        LocalAttempt {
+            exec: exec.as_str().to_string(),
+            runner: o.runner.clone(),
+            old_dir: None,
+            spool: spool.clone(),
+            segments: segments.clone(),
+            acked: 0,
+            sent: 0,
+            finished: None,
+            complete_sent: None,
+            canceller: None,
+            cancel_requested: false,
+            interrupted: false,
+            aborted: false,
+        },
+    );
+    // Journalled once in the map, so a rewrite of the journal keeps it.
+    journal(
+        shared,
+        &attempts,
+        Record::Start {
+            exec: exec.as_str().to_string(),
+            job_id: key.0.clone(),
+            attempt: key.1,
+            runner: o.runner.clone(),
+        },
+    );
+    Ok(Taken {
+        key,
+        r,
+        job,
+        runner: runner.clone(),
+        exec,
+        spool,
+        segments,
+    })
+}
+
+/// Starts a held offer on its local runner, accepts it, and follows it to its end.
+async fn run_offer(shared: &Arc<Shared>, taken: Taken) {
+    let Taken {
+        key,
+        r,
+        job,
+        runner,
+        exec,
+        spool,
+        segments,
+    } = taken;
     let started = runner
         .start(&job, exec.clone())
         .await
@@ -1323,7 +1403,7 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
                     let_go(shared, &attempts, a);
                 }
             }
-            send(shared, reject(why, temporary)).await;
+            send(shared, reject_msg(&r, why, temporary)).await;
             return;
         }
     };
@@ -1446,6 +1526,7 @@ async fn take_offer(shared: &Arc<Shared>, tx: &mpsc::Sender<proto::AgentMessage>
     if a.aborted {
         let a = attempts.remove(&key).expect("present");
         let_go(shared, &attempts, a);
+        release(shared, &key);
         drop(attempts);
         wake(shared);
         return;

@@ -103,8 +103,12 @@ pub struct AgentView {
     pub last_heartbeat_ms: Option<u64>,
     /// The registry ids of its runners.
     pub runners: Vec<String>,
-    /// Attempts it is running.
+    /// Attempts it is running (withdrawn offers included).
     pub running: usize,
+    /// Offers it did not accept in time that it may still be running (its local runner
+    /// was slow to start them, or the session broke): their jobs wait until it says it
+    /// stopped them, reconnects without them, or stays away past the reassignment time.
+    pub withdrawn: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -149,6 +153,11 @@ fn execution_id(key: &Key) -> JobId {
 
 enum Phase {
     Offered(Option<oneshot::Sender<Result<(), (String, bool)>>>),
+    /// Not accepted in time: aborted, but the agent may be running it (it starts before
+    /// it accepts). Kept until the agent says it no longer runs it (`Released`, a
+    /// `Reject` or a `Complete`), reconnects without it, or stays away past the
+    /// reassignment time; the sender then tells the offer to give the job back.
+    Withdrawn(Option<oneshot::Sender<()>>),
     Running,
     /// Taken up after a restart; given up at this instant unless its agent continues it.
     Reattached(Instant),
@@ -157,6 +166,18 @@ enum Phase {
 pub(crate) struct AttemptIo {
     spool: Spool,
     sink: ExecutionSink,
+}
+
+impl AttemptLive {
+    /// The agent the control plane holds the attempt for (`lease::holds`); none for a
+    /// withdrawn offer, whose messages are refused while the control plane waits to hear
+    /// its agent no longer runs it.
+    fn holder(&self) -> Option<&str> {
+        match self.phase {
+            Phase::Withdrawn(_) => None,
+            _ => Some(&self.agent),
+        }
+    }
 }
 
 struct AttemptLive {
@@ -608,11 +629,8 @@ impl Hub {
         // the other way round.
         let ids = registry_ids(&self.inner);
         let state = self.inner.state.lock().expect("hub");
-        let mut out: Vec<AgentView> = state
-            .agents
-            .values()
-            .map(|a| view(&ids, &state, a))
-            .collect();
+        let index = Index::new(&ids, &state);
+        let mut out: Vec<AgentView> = state.agents.values().map(|a| index.view(a)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -621,7 +639,12 @@ impl Hub {
     pub fn agent(&self, id: &str) -> Option<AgentView> {
         let ids = registry_ids(&self.inner);
         let state = self.inner.state.lock().expect("hub");
-        state.agents.get(id).map(|a| view(&ids, &state, a))
+        let a = state.agents.get(id)?;
+        let ids: Vec<String> = ids
+            .into_iter()
+            .filter(|r| r.split_once('.').is_some_and(|(x, _)| x == id))
+            .collect();
+        Some(Index::new(&ids, &state).view(a))
     }
 
     /// Revokes an agent: its session closes now, its runners leave the registry, its
@@ -695,25 +718,50 @@ fn registry_ids(inner: &HubInner) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn view(ids: &[String], state: &HubState, a: &AgentLive) -> AgentView {
-    let id = &a.record.id;
-    let prefix = format!("{id}.");
-    let runners = ids
-        .iter()
-        .filter(|r| r.starts_with(&prefix))
-        .cloned()
-        .collect();
-    AgentView {
-        id: id.clone(),
-        name: a.record.name.clone(),
-        hostname: a.record.hostname.clone(),
-        address: a.address.clone(),
-        version: a.version.clone(),
-        labels: a.record.labels.clone(),
-        status: status_of(a),
-        last_heartbeat_ms: a.last_beat_at.map(millis),
-        runners,
-        running: state.attempts.values().filter(|x| x.agent == *id).count(),
+/// Each agent's runners and attempts, in one pass over the registry and the attempts
+/// (a view per agent stays O(1) with thousands of agents).
+struct Index<'a> {
+    runners: HashMap<&'a str, Vec<String>>,
+    /// (attempts, withdrawn ones) by agent.
+    attempts: HashMap<&'a str, (usize, usize)>,
+}
+
+impl<'a> Index<'a> {
+    fn new(ids: &'a [String], state: &'a HubState) -> Index<'a> {
+        let mut runners: HashMap<&str, Vec<String>> = HashMap::new();
+        for r in ids {
+            // A remote runner's id is `<agent id>.<local name>`; agent ids have no dot.
+            if let Some((agent, _)) = r.split_once('.') {
+                runners.entry(agent).or_default().push(r.clone());
+            }
+        }
+        let mut attempts: HashMap<&str, (usize, usize)> = HashMap::new();
+        for at in state.attempts.values() {
+            let n = attempts.entry(at.agent.as_str()).or_default();
+            n.0 += 1;
+            if matches!(at.phase, Phase::Withdrawn(_)) {
+                n.1 += 1;
+            }
+        }
+        Index { runners, attempts }
+    }
+
+    fn view(&self, a: &AgentLive) -> AgentView {
+        let id = a.record.id.as_str();
+        let (running, withdrawn) = self.attempts.get(id).copied().unwrap_or_default();
+        AgentView {
+            id: id.to_string(),
+            name: a.record.name.clone(),
+            hostname: a.record.hostname.clone(),
+            address: a.address.clone(),
+            version: a.version.clone(),
+            labels: a.record.labels.clone(),
+            status: status_of(a),
+            last_heartbeat_ms: a.last_beat_at.map(millis),
+            runners: self.runners.get(id).cloned().unwrap_or_default(),
+            running,
+            withdrawn,
+        }
     }
 }
 
@@ -756,9 +804,18 @@ fn attempt_ref(key: &Key) -> proto::AttemptRef {
 /// Ends an attempt the control plane gave up: its execution ends `Lost`.
 fn end_lost(a: AttemptLive) {
     a.ended.cancel();
-    if let Phase::Offered(Some(tx)) = a.phase {
-        let _ = tx.send(Err(("the agent went away".into(), true)));
-        return;
+    match a.phase {
+        Phase::Offered(Some(tx)) => {
+            let _ = tx.send(Err(("the agent went away".into(), true)));
+            return;
+        }
+        Phase::Withdrawn(confirm) => {
+            if let Some(tx) = confirm {
+                let _ = tx.send(());
+            }
+            return;
+        }
+        _ => {}
     }
     tokio::spawn(async move {
         let io = a.io.lock().await;
@@ -772,6 +829,45 @@ impl HubInner {
             .dir
             .join("attempts")
             .join(format!("{}.{ext}", execution_id(key)))
+    }
+
+    /// Withdraws an offer not accepted in time: the attempt stays held for its agent
+    /// (phase `Withdrawn`) until the agent no longer runs it, which the returned receiver
+    /// tells. `None` when it is no longer an unanswered offer (answered as the time ran
+    /// out, or gone).
+    fn withdraw(&self, key: &Key) -> Option<oneshot::Receiver<()>> {
+        let mut state = self.state.lock().expect("hub");
+        let at = state.attempts.get_mut(key)?;
+        match &at.phase {
+            Phase::Offered(Some(_)) => {
+                let (tx, rx) = oneshot::channel();
+                at.phase = Phase::Withdrawn(Some(tx));
+                tracing::info!(job_id = %key.0, attempt = key.1, agent = %at.agent, "offer not accepted in time: withdrawn; the job is placed again once the agent no longer runs it");
+                Some(rx)
+            }
+            _ => None,
+        }
+    }
+
+    /// True when `r` names an attempt withdrawn from `agent`, which `agent` now says it
+    /// does not run (it released, refused or completed it): the attempt ends, and its
+    /// job is placed again.
+    fn release_withdrawn(&self, agent: &str, r: Option<&proto::AttemptRef>) -> bool {
+        let Some(r) = r else { return false };
+        let k = key_of(r);
+        let mut state = self.state.lock().expect("hub");
+        let withdrawn = state
+            .attempts
+            .get(&k)
+            .is_some_and(|a| a.agent == agent && matches!(a.phase, Phase::Withdrawn(_)));
+        if !withdrawn {
+            return false;
+        }
+        let a = state.attempts.remove(&k).expect("present");
+        drop(state);
+        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent no longer runs the withdrawn attempt");
+        end_lost(a);
+        true
     }
 
     /// Jobs running on runner `local` of `agent`.
@@ -909,31 +1005,40 @@ impl HubInner {
                 .temporary(true)
                 .declined(true));
         }
-        let answer = tokio::time::timeout(timeout, answer_rx).await;
+        let mut answer_rx = answer_rx;
+        let answer = match tokio::time::timeout(timeout, &mut answer_rx).await {
+            Ok(answer) => answer,
+            Err(_) => match self.withdraw(&key) {
+                Some(released) => {
+                    let _ = tx.try_send(Ok(msg(server_message::Kind::Abort(proto::Abort {
+                        attempt: Some(attempt_ref(&key)),
+                        reason: "not accepted in time".into(),
+                    }))));
+                    // The agent may be running it already (it starts before it accepts):
+                    // the job goes back only once the agent no longer runs it.
+                    let _ = released.await;
+                    forget(self);
+                    return Err(Error::unavailable(format!(
+                        "agent {agent} did not accept the job within {timeout:?}"
+                    ))
+                    .temporary(true));
+                }
+                // Answered as the time ran out.
+                None => answer_rx.await,
+            },
+        };
         match answer {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err((reason, temporary)))) => {
+            Ok(Ok(())) => {}
+            Ok(Err((reason, temporary))) => {
                 forget(self);
                 let e = Error::rejected(format!("agent {agent} refused the job: {reason}"));
                 return Err(e.temporary(temporary).declined(true));
             }
-            // Withdrawn (the session went) or not accepted in time: the agent may have
-            // started it already (it starts before it accepts), so this is a runner
-            // failure like any other, not a hand-back that costs nothing.
-            Ok(Err(_)) => {
-                forget(self);
-                return Err(Error::unavailable("the offer was withdrawn").temporary(true));
-            }
+            // The attempt went without an answer (the control plane is stopping, or the
+            // agent was revoked): a runner failure like any other.
             Err(_) => {
                 forget(self);
-                let _ = tx.try_send(Ok(msg(server_message::Kind::Abort(proto::Abort {
-                    attempt: Some(attempt_ref(&key)),
-                    reason: "not accepted in time".into(),
-                }))));
-                return Err(Error::unavailable(format!(
-                    "agent {agent} did not accept the job within {timeout:?}"
-                ))
-                .temporary(true));
+                return Err(Error::unavailable("the offer was withdrawn").temporary(true));
             }
         }
         sink.emit(EventKind::Started {
@@ -1708,7 +1813,7 @@ async fn start_session(
             }
         }
         for (k, h) in &held {
-            let holder = state.attempts.get(k).map(|at| at.agent.as_str());
+            let holder = state.attempts.get(k).and_then(AttemptLive::holder);
             let verdict = lease::verdict(holder, agent, state.done.contains_key(k));
             let offset = match verdict {
                 proto::Verdict::Continue => {
@@ -1722,7 +1827,7 @@ async fn start_session(
                                 }
                                 at.phase = Phase::Running;
                             }
-                            Phase::Running => {}
+                            Phase::Running | Phase::Withdrawn(_) => {}
                         }
                     }
                     None
@@ -1917,7 +2022,7 @@ fn held_by(inner: &HubInner, agent: &str, r: Option<&proto::AttemptRef>) -> Resu
     let r = r.ok_or("a message about an attempt without its attempt reference")?;
     let k = key_of(r);
     let state = inner.state.lock().expect("hub");
-    let holder = state.attempts.get(&k).map(|a| a.agent.as_str());
+    let holder = state.attempts.get(&k).and_then(AttemptLive::holder);
     if lease::holds(holder, agent) {
         Ok(k)
     } else {
@@ -1977,7 +2082,7 @@ async fn handle(
                                 let k = key_of(r);
                                 !state.done.contains_key(&k)
                                     && !lease::holds(
-                                        state.attempts.get(&k).map(|at| at.agent.as_str()),
+                                        state.attempts.get(&k).and_then(AttemptLive::holder),
                                         agent,
                                     )
                             })
@@ -2023,6 +2128,9 @@ async fn handle(
                 }
             }
         }
+        // A refused withdrawn offer: the agent does not run it.
+        Some(agent_message::Kind::Reject(rj))
+            if inner.release_withdrawn(agent, rj.attempt.as_ref()) => {}
         Some(agent_message::Kind::Reject(rj)) => match held_by(inner, agent, rj.attempt.as_ref()) {
             Ok(k) => {
                 let mut state = inner.state.lock().expect("hub");
@@ -2073,6 +2181,18 @@ async fn handle(
             if let Some(a) = inner.state.lock().expect("hub").attempts.get(&k) {
                 let _ = a.work.send(Work::Event(kind));
             }
+        }
+        // A withdrawn offer's attempt ended on the agent: it decides nothing (the job was
+        // given back), and the agent is told to forget it.
+        Some(agent_message::Kind::Complete(c))
+            if inner.release_withdrawn(agent, c.attempt.as_ref()) =>
+        {
+            let why = "the offer was withdrawn (not accepted in time)".to_string();
+            let _ = tx.send(Ok(abort(c.attempt, why))).await;
+        }
+        Some(agent_message::Kind::Released(rl)) => {
+            // Never answered; about anything but a withdrawn offer it changes nothing.
+            inner.release_withdrawn(agent, rl.attempt.as_ref());
         }
         Some(agent_message::Kind::Complete(c)) => {
             let r = c.attempt.clone();

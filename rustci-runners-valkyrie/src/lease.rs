@@ -137,10 +137,15 @@ pub(crate) fn completion(current: bool, stored: u64, length: u64) -> Completion 
 /// lost with its connection. A partition breaks an agent's connections without telling
 /// either side and keeps it from connecting for a while.
 ///
+/// An offer not accepted within `Timings::offer_timeout` is withdrawn: aborted, and its
+/// job placed again only once the agent says it no longer runs it (`Released`, a reject
+/// or a completion), reconnects without it, or stays away past the reassignment time
+/// (what `HubInner::offer` does). Placing it again at once lets a job run twice
+/// (`placing_a_withdrawn_offer_again_at_once_lets_a_job_run_twice`).
+///
 /// Simplifications: a crashed agent's running jobs die with it; killing a job takes no
 /// time (no termination grace); the agents' and the control plane's clocks run at the
-/// same rate; offers are not withdrawn on a timer (see
-/// `a_withdrawn_offer_keeps_a_job_from_running_twice`, ignored: that does not hold).
+/// same rate.
 ///
 /// [`Timings`]: crate::Timings
 #[cfg(test)]
@@ -183,16 +188,23 @@ mod model {
         /// The reassignment time for a heartbeat interval (the real one:
         /// [`Timings::reassign_for`]).
         reassign: fn(&Timings, Duration) -> Duration,
-        /// Whether an offer not accepted within `Timings::offer_timeout` is withdrawn and
-        /// its job placed again at once (what `HubInner::offer` does).
-        withdraw_offers: bool,
+        /// What happens to an offer not accepted within `Timings::offer_timeout`.
+        withdraw: Withdraw,
     }
 
-    /// The real rules, but offers are never withdrawn on a timer: they end with an
-    /// accept, a reject, the agent's reconnection or its lease.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Withdraw {
+        /// Aborted, and its job placed again once the agent no longer runs it (the real
+        /// rule, `HubInner::offer`).
+        UntilReleased,
+        /// Aborted, and its job placed again at once.
+        AtOnce,
+    }
+
+    /// The real rules.
     const LEASES: Rules = Rules {
         reassign: Timings::reassign_for,
-        withdraw_offers: false,
+        withdraw: Withdraw::UntilReleased,
     };
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,7 +255,7 @@ mod model {
         HubRestart { quarters: u8 },
         /// The agent sends a message about an attempt of `job` that is not its current
         /// one (superseded, or another agent's): an accept, a reject, an event, a
-        /// completion or an output chunk (`kind`).
+        /// completion, an output chunk or a release (`kind`).
         Stale {
             agent: u8,
             job: u8,
@@ -303,7 +315,7 @@ mod model {
                 .prop_map(|(agent, quarters, busy)| Action::Partition { agent, quarters, busy }),
             1 => (any::<u8>(), outage()).prop_map(|(agent, quarters)| Action::Crash { agent, quarters }),
             1 => outage().prop_map(|quarters| Action::HubRestart { quarters }),
-            2 => (any::<u8>(), any::<u8>(), any::<u8>(), 0u8..5)
+            2 => (any::<u8>(), any::<u8>(), any::<u8>(), 0u8..6)
                 .prop_map(|(agent, job, pick, kind)| Action::Stale { agent, job, pick, kind }),
         ]
     }
@@ -359,6 +371,9 @@ mod model {
             offset: u64,
             len: u64,
         },
+        /// The agent no longer holds the attempt (it stopped an aborted one, or never
+        /// held it).
+        Released(Key),
     }
 
     /// Control plane → agent.
@@ -493,6 +508,8 @@ mod model {
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     enum Phase {
         Offered,
+        /// Not accepted in time, aborted; kept until its agent no longer runs it.
+        Withdrawn,
         Running,
         Reattached(Instant),
     }
@@ -554,6 +571,10 @@ mod model {
         verdicts_continue: u64,
         verdicts_done: u64,
         verdicts_abort: u64,
+        /// Offers withdrawn, and withdrawn attempts given back once their agent no longer
+        /// ran them.
+        withdrawn: u64,
+        withdrawn_released: u64,
     }
 
     impl Stats {
@@ -573,6 +594,8 @@ mod model {
             self.verdicts_continue += o.verdicts_continue;
             self.verdicts_done += o.verdicts_done;
             self.verdicts_abort += o.verdicts_abort;
+            self.withdrawn += o.withdrawn;
+            self.withdrawn_released += o.withdrawn_released;
         }
     }
 
@@ -735,8 +758,30 @@ mod model {
             }
         }
 
+        /// The agent the control plane holds `key` for: none once it is withdrawn (as
+        /// `AttemptLive::holder`).
         fn holder(&self, key: &Key) -> Option<&'static str> {
-            self.hub.attempts.get(key).map(|a| NAMES[a.agent])
+            self.hub
+                .attempts
+                .get(key)
+                .filter(|a| a.phase != Phase::Withdrawn)
+                .map(|a| NAMES[a.agent])
+        }
+
+        /// True when `k` is an attempt withdrawn from agent `x`.
+        fn withdrawn_from(&self, x: usize, k: &Key) -> bool {
+            self.hub
+                .attempts
+                .get(k)
+                .is_some_and(|a| a.agent == x && a.phase == Phase::Withdrawn)
+        }
+
+        /// Its agent says it no longer runs withdrawn attempt `k`: the attempt ends, and
+        /// its job is placed again (`HubInner::release_withdrawn`).
+        fn release_withdrawn(&mut self, k: Key) {
+            self.hub.attempts.remove(&k);
+            self.stats.withdrawn_released += 1;
+            self.end_lost(k, Phase::Withdrawn);
         }
 
         /// Ground truth: `key` is the job's current attempt, and it was offered to `agent`.
@@ -783,7 +828,8 @@ mod model {
             }
         }
 
-        /// The control plane gave the attempt up (`end_lost`, or a withdrawn offer).
+        /// The control plane gave the attempt up (`end_lost`, or a withdrawn offer the
+        /// agent released or that was placed again at once).
         fn end_lost(&mut self, key: Key, phase: Phase) {
             if self.jobs[key.0].state != JobState::Running(key.1) {
                 self.violations.push(format!(
@@ -819,7 +865,7 @@ mod model {
             );
             self.stats.offers += 1;
             self.send_down(sid, DOWN, Down::Offer(key));
-            if self.rules.withdraw_offers {
+            {
                 let epoch = self.hub.epoch;
                 self.schedule(self.t.offer_timeout, Ev::OfferTimeout { epoch, key, sid });
             }
@@ -856,7 +902,7 @@ mod model {
                 match phase {
                     Phase::Reattached(_) => self.stats.grace_over += 1,
                     Phase::Running => self.stats.reassigned += 1,
-                    Phase::Offered => {}
+                    Phase::Offered | Phase::Withdrawn => {}
                 }
                 self.end_lost(k, phase);
             }
@@ -973,6 +1019,23 @@ mod model {
                         }
                     } else {
                         self.send_down(sid, DOWN, Down::Abort(k));
+                    }
+                }
+                Up::Reject(k) if self.withdrawn_from(x, &k) => {
+                    self.refusal(&k, x, false, "a reject of a withdrawn offer");
+                    self.release_withdrawn(k);
+                }
+                Up::Complete { key: k, .. } if self.withdrawn_from(x, &k) => {
+                    // Decides nothing: the agent is told to forget it.
+                    self.refusal(&k, x, false, "a completion of a withdrawn offer");
+                    self.release_withdrawn(k);
+                    self.send_down(sid, DOWN, Down::Abort(k));
+                }
+                Up::Released(k) => {
+                    let taken = self.withdrawn_from(x, &k);
+                    self.refusal(&k, x, !taken, "a release");
+                    if taken {
+                        self.release_withdrawn(k);
                     }
                 }
                 Up::Reject(k) => {
@@ -1099,16 +1162,21 @@ mod model {
             if !self.hub.up || epoch != self.hub.epoch {
                 return;
             }
-            if self
-                .hub
-                .attempts
-                .get(&key)
-                .is_some_and(|a| a.phase == Phase::Offered)
-            {
-                self.hub.attempts.remove(&key);
-                self.end_lost(key, Phase::Offered);
-                self.send_down(sid, DOWN, Down::Abort(key));
+            let Some(at) = self.hub.attempts.get_mut(&key) else {
+                return;
+            };
+            if at.phase != Phase::Offered {
+                return;
             }
+            self.stats.withdrawn += 1;
+            match self.rules.withdraw {
+                Withdraw::UntilReleased => at.phase = Phase::Withdrawn,
+                Withdraw::AtOnce => {
+                    self.hub.attempts.remove(&key);
+                    self.end_lost(key, Phase::Withdrawn);
+                }
+            }
+            self.send_down(sid, DOWN, Down::Abort(key));
         }
 
         fn hub_crash(&mut self, quarters: u8) {
@@ -1273,12 +1341,17 @@ mod model {
             }
             let l = self.agents[i].attempts.get_mut(&k).expect("offered");
             l.started = true;
-            if l.aborted {
+            let aborted = l.aborted;
+            if aborted {
                 self.agents[i].attempts.remove(&k);
             } else if l.interrupted {
                 l.finished = Some((Outcome::Lost, 0));
             }
             self.agent_send(i, UP, Up::Accept(k));
+            if aborted {
+                // Stopped at once: the control plane hears it no longer runs.
+                self.agent_send(i, UP, Up::Released(k));
+            }
             self.flush(i);
         }
 
@@ -1286,6 +1359,8 @@ mod model {
         fn agent_abort(&mut self, i: usize, k: &Key) {
             let a = &mut self.agents[i];
             let Some(l) = a.attempts.get_mut(k) else {
+                // Not held: said so, for a control plane waiting on a withdrawn offer.
+                self.agent_send(i, UP, Up::Released(*k));
                 return;
             };
             l.aborted = true;
@@ -1293,6 +1368,7 @@ mod model {
                 // Killed (if running) and let go; one still starting is let go when its
                 // start returns.
                 a.attempts.remove(k);
+                self.agent_send(i, UP, Up::Released(*k));
             }
             self.flush(i);
         }
@@ -1551,7 +1627,7 @@ mod model {
                         outcome: Outcome::Succeeded,
                     },
                 ),
-                _ => (
+                4 => (
                     OUT_UP,
                     Up::Chunk {
                         key: k,
@@ -1559,6 +1635,7 @@ mod model {
                         len: 1,
                     },
                 ),
+                _ => (UP, Up::Released(k)),
             };
             self.agent_send(i, ch, msg);
         }
@@ -1876,6 +1953,7 @@ mod model {
             assert!(s.lost_at_reconnect > 0 && s.grace_over > 0, "{s:?}");
             assert!(s.verdicts_continue > 0 && s.verdicts_abort > 0, "{s:?}");
             assert!(s.stale_refused > 0 && s.waits > 0, "{s:?}");
+            assert!(s.withdrawn > 0 && s.withdrawn_released > 0, "{s:?}");
         }
     }
 
@@ -1886,7 +1964,7 @@ mod model {
     fn a_reassignment_time_shorter_than_the_self_fence_lets_a_job_run_twice() {
         let broken = Rules {
             reassign: |t, h| t.self_fence_for(h) - h,
-            withdraw_offers: false,
+            ..LEASES
         };
         match check(broken, 1) {
             Err(TestError::Fail(why, _)) => assert!(why.message().contains("(d)"), "{why}"),
@@ -1897,23 +1975,17 @@ mod model {
         assert!(why.contains("(a)"), "{why}");
     }
 
-    /// What the control plane does today when an offer is not accepted within
-    /// `offer_timeout` (`HubInner::offer`): it withdraws it and places the job again at
-    /// once, while the agent may already run it (`take_offer` starts the job before it
-    /// accepts) — its accept late (a round trip longer than the offer timeout) or lost
-    /// with a broken connection. The first run then lasts until the abort arrives or the
-    /// agent fences itself (up to F = 15 s after its last renewal, more than the 10 s
-    /// offer timeout). This does not hold today; it is here to show the gap and to check
-    /// a fix.
+    /// The test can fail: placing a withdrawn offer's job again at once (what the
+    /// control plane once did), while the agent may already run it (it starts before it
+    /// accepts: its accept late, or lost with a broken connection), lets a job run twice.
     #[test]
-    #[ignore = "a withdrawn offer can still be running on its agent: see the doc comment"]
-    fn a_withdrawn_offer_keeps_a_job_from_running_twice() {
-        let withdraw = Rules {
-            reassign: Timings::reassign_for,
-            withdraw_offers: true,
+    fn placing_a_withdrawn_offer_again_at_once_lets_a_job_run_twice() {
+        let at_once = Rules {
+            withdraw: Withdraw::AtOnce,
+            ..LEASES
         };
-        if let Err(e) = check(withdraw, 1024) {
-            panic!("{e}");
-        }
+        let (why, c) = counterexample(at_once);
+        eprintln!("{why}\n{c:?}");
+        assert!(why.contains("(a)"), "{why}");
     }
 }

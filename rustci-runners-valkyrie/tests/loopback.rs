@@ -187,11 +187,13 @@ async fn refusals_are_clear_and_audited() {
     cp.hub.shutdown();
 }
 
-/// A runner whose first start fails: at once (`release` None), or once released.
+/// A runner whose first start is special: it fails at once (`release` None), or waits
+/// until released and then fails (`then_runs` false) or starts the job (true).
 struct FirstStartFails {
     inner: std::sync::Arc<dyn rustci_runners::Runner>,
     first: std::sync::atomic::AtomicBool,
     release: Option<std::sync::Arc<tokio::sync::Notify>>,
+    then_runs: bool,
 }
 
 #[async_trait::async_trait]
@@ -217,7 +219,9 @@ impl rustci_runners::Runner for FirstStartFails {
             if let Some(r) = &self.release {
                 r.notified().await;
             }
-            return Err(rustci_runners::Error::unavailable("no room right now"));
+            if !self.then_runs {
+                return Err(rustci_runners::Error::unavailable("no room right now"));
+            }
         }
         self.inner.start(job, id).await
     }
@@ -227,6 +231,7 @@ async fn agent_with(
     cp: &ControlSide,
     data: &std::path::Path,
     release: Option<std::sync::Arc<tokio::sync::Notify>>,
+    then_runs: bool,
 ) -> Agent {
     let mut options = agent_options(cp, data);
     options.runners = vec![(
@@ -235,6 +240,7 @@ async fn agent_with(
             inner: native_runner("agent-local"),
             first: true.into(),
             release,
+            then_runs,
         }),
     )];
     let agent = Agent::start(options).await.unwrap();
@@ -247,7 +253,7 @@ async fn agent_with(
 async fn a_temporary_refusal_is_placed_again_without_costing_a_retry() {
     let cp = control_side().await;
     let data = tempfile::tempdir().unwrap();
-    let agent = agent_with(&cp, data.path(), None).await;
+    let agent = agent_with(&cp, data.path(), None, false).await;
     let marks = data.path().join("marks");
     // No retry policy: only an attempt that does not count can let it run again.
     let job = remote_job(&format!("echo ran >> {}", marks.display()));
@@ -267,18 +273,42 @@ async fn a_temporary_refusal_is_placed_again_without_costing_a_retry() {
     cp.hub.shutdown();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offer_not_accepted_in_time_counts_as_a_runner_failure() {
-    // The agent starts a job before it accepts it: one whose accept is late may be
-    // running, so placing it again would not be free.
+/// An offer not accepted in time (the local runner's start is slow) is withdrawn, but
+/// the agent starts a job before it accepts it, so it may be running: the job is placed
+/// again only once the agent says it stopped it. Then it counts as a runner failure
+/// (not declined). `then_runs`: the slow start fails (the agent refuses), or it starts
+/// the job, which the agent stops at once (it releases the attempt).
+async fn withdrawn_offer(then_runs: bool) {
     let mut timings = rustci_runners_valkyrie::Timings::fast();
     timings.offer_timeout = Duration::from_millis(300);
     let cp = control_side_with(timings).await;
     let data = tempfile::tempdir().unwrap();
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let agent = agent_with(&cp, data.path(), Some(release.clone())).await;
-    let id = cp.plane.submit(remote_job("echo ran"), "test").unwrap();
+    let agent = agent_with(&cp, data.path(), Some(release.clone()), then_runs).await;
+    let marks = data.path().join("marks");
+    let job = remote_job(&format!(
+        "echo started >> {m}; sleep 2; echo finished >> {m}",
+        m = marks.display()
+    ));
+    let id = cp.plane.submit(job, "test").unwrap();
+    until("the offer is withdrawn", || {
+        cp.hub.agent(agent.id()).unwrap().withdrawn == 1
+    })
+    .await;
+    // Withdrawn, but not given back: the agent still holds it (its start is pending).
+    let record = cp.plane.get(&id).unwrap();
+    assert!(!record.state.is_terminal(), "{record:?}");
+    assert_eq!(record.attempts.len(), 1, "{record:?}");
+    assert_eq!(record.attempts[0].outcome, None, "{record:?}");
+    assert_eq!(agent.held(), 1);
+
+    release.notify_one();
     wait_state(&cp.plane, &id, JobState::Failed).await;
+    // By then the agent no longer holds it, and the job never ran to its end.
+    assert_eq!(agent.held(), 0);
+    assert_eq!(cp.hub.agent(agent.id()).unwrap().withdrawn, 0);
+    let marks = std::fs::read_to_string(&marks).unwrap_or_default();
+    assert!(!marks.contains("finished"), "{marks:?}");
     let record = cp.plane.get(&id).unwrap();
     assert_eq!(record.attempts.len(), 1, "{record:?}");
     assert!(!record.attempts[0].declined, "{record:?}");
@@ -287,18 +317,18 @@ async fn an_offer_not_accepted_in_time_counts_as_a_runner_failure() {
         "{:?}",
         record.attempts[0].outcome
     );
-    // Released, the late start gives up; the agent lets the withdrawn attempt go.
-    release.notify_one();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while agent.held() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the agent let the withdrawn attempt go");
-    assert_eq!(cp.plane.get(&id).unwrap().attempts, record.attempts);
     agent.stop().await;
     cp.hub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_offer_that_the_agent_refuses_late_is_given_back_then() {
+    withdrawn_offer(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_offer_that_started_late_is_stopped_and_given_back_then() {
+    withdrawn_offer(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, the error envelope, request ids, authentication, roles, rate
 //! limits, body limits and timeouts.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -480,21 +481,29 @@ fn millis(t: std::time::SystemTime) -> u64 {
 
 /// A runner as the API shows it; a remote agent's runner carries `agent` (`agents` is
 /// the hub's current view, when there is a hub).
-fn runner_json(e: &RunnerEntry, agents: &[rustci_runners_valkyrie::AgentView]) -> Value {
-    let info = e.info();
-    let agent = agents
+/// Agents by the registry id of each of their runners.
+type AgentsByRunner<'a> = HashMap<&'a str, &'a rustci_runners_valkyrie::AgentView>;
+
+fn by_runner(agents: &[rustci_runners_valkyrie::AgentView]) -> AgentsByRunner<'_> {
+    agents
         .iter()
-        .find(|a| a.runners.contains(&info.id))
-        .map(|a| {
-            json!({
-                "id": a.id,
-                "hostname": a.hostname,
-                "address": a.address,
-                "version": a.version,
-                "status": a.status,
-                "last_heartbeat_ms": a.last_heartbeat_ms,
-            })
-        });
+        .flat_map(|a| a.runners.iter().map(move |r| (r.as_str(), a)))
+        .collect()
+}
+
+fn runner_json(e: &RunnerEntry, agents: &AgentsByRunner<'_>) -> Value {
+    let info = e.info();
+    let agent = agents.get(info.id.as_str()).map(|a| {
+        json!({
+            "id": a.id,
+            "hostname": a.hostname,
+            "address": a.address,
+            "version": a.version,
+            "status": a.status,
+            "last_heartbeat_ms": a.last_heartbeat_ms,
+            "withdrawn": a.withdrawn,
+        })
+    });
     json!({
         "agent": agent,
         "id": info.id,
@@ -938,6 +947,7 @@ fn agent_views(app: &App) -> Vec<rustci_runners_valkyrie::AgentView> {
 
 async fn list_runners(State(app): State<Arc<App>>) -> Json<Value> {
     let agents = agent_views(&app);
+    let agents = by_runner(&agents);
     let runners: Vec<Value> = app
         .plane
         .registry()
@@ -949,9 +959,10 @@ async fn list_runners(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn get_runner(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let agents = agent_views(&app);
     Ok(Json(runner_json(
         &find_runner(&app, &id)?,
-        &agent_views(&app),
+        &by_runner(&agents),
     )))
 }
 
@@ -1230,7 +1241,11 @@ async fn register_runner(
     audit(&app, &p.name, "runner.register", Some(&id), "ok", &rid.0);
     tracing::info!(runner = %id, name = %config.name, kind = %config.kind, actor = %p.name, "runner registered");
     let entry = find_runner(&app, &id)?;
-    Ok((StatusCode::CREATED, Json(runner_json(&entry, &[]))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(runner_json(&entry, &AgentsByRunner::new())),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

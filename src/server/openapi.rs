@@ -246,7 +246,7 @@ fn paths(
                 "200": ok("The runner", r("Runner")),
                 "404": err("No such runner"),
             })),
-            "delete": runner_action("Remove a runner (its running jobs are lost and retried per policy)", "deleteRunner"),
+            "delete": runner_action("Remove a runner (its running jobs are lost and retried per policy). For a remote agent's runner (kind valkyrie) this revokes the agent, admin only: its session closes, all its runners leave, and it can never reconnect", "deleteRunner"),
         },
         "/api/runners/{id}/status": {
             "get": op("A runner's status and load", "runnerStatus", json!([runner_id.clone()]), json!({
@@ -439,7 +439,8 @@ fn schemas(state_enum: &Value) -> Value {
                         "address": {"type": ["string", "null"]},
                         "version": {"type": "string"},
                         "status": {"type": "string", "enum": ["healthy", "draining", "disconnected", "lost"]},
-                        "last_heartbeat_ms": {"type": ["integer", "null"]}
+                        "last_heartbeat_ms": {"type": ["integer", "null"]},
+                        "withdrawn": {"type": "integer", "minimum": 0, "description": "offers not accepted in time that the agent may still be running; their jobs wait until it stops them"}
                     }
                 }
             }
@@ -494,7 +495,7 @@ fn schemas(state_enum: &Value) -> Value {
         },
         "Agent": {
             "type": "object",
-            "required": ["id", "name", "hostname", "version", "labels", "status", "runners", "running"],
+            "required": ["id", "name", "hostname", "version", "labels", "status", "runners", "running", "withdrawn"],
             "properties": {
                 "id": {"type": "string"},
                 "name": {"type": "string"},
@@ -505,7 +506,8 @@ fn schemas(state_enum: &Value) -> Value {
                 "status": {"type": "string", "enum": ["healthy", "draining", "disconnected", "lost"]},
                 "last_heartbeat_ms": {"type": ["integer", "null"]},
                 "runners": {"type": "array", "items": {"type": "string"}},
-                "running": {"type": "integer", "minimum": 0}
+                "running": {"type": "integer", "minimum": 0, "description": "attempts it holds, withdrawn offers included"},
+                "withdrawn": {"type": "integer", "minimum": 0, "description": "offers not accepted in time that it may still be running; their jobs wait until it stops them"}
             }
         },
         "Token": {

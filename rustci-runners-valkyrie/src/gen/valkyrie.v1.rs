@@ -50,7 +50,7 @@ pub struct RenewResponse {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentMessage {
-    #[prost(oneof = "agent_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "agent_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: ::core::option::Option<agent_message::Kind>,
 }
 /// Nested message and enum types in `AgentMessage`.
@@ -71,6 +71,8 @@ pub mod agent_message {
         Complete(super::Complete),
         #[prost(message, tag = "7")]
         Goodbye(super::Goodbye),
+        #[prost(message, tag = "8")]
+        Released(super::Released),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -321,6 +323,17 @@ pub struct Abort {
     pub attempt: ::core::option::Option<AttemptRef>,
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
+}
+/// The agent no longer holds this attempt: it has stopped an attempt the control plane
+/// aborted (its process is gone), or it holds no attempt of that reference (it never took
+/// the offer). Sent once, in answer to an Abort (or an abort in an OutputAck, or an ABORT
+/// verdict); never answered. A control plane that withdrew an offer places the job again
+/// only after this, a Reject or a Complete of the attempt, or when the agent reconnects
+/// without it or stays away past the reassignment time.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Released {
+    #[prost(message, optional, tag = "1")]
+    pub attempt: ::core::option::Option<AttemptRef>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Drain {}

@@ -149,6 +149,14 @@ def main():
 
     threading.Thread(target=heartbeats, daemon=True).start()
 
+    # Attempts taken (key -> aborted?); an aborted one is released, not completed, once
+    # it has stopped.
+    held = {}
+    held_lock = threading.Lock()
+
+    def release(ref):
+        outbox.put(pb.AgentMessage(released=pb.Released(attempt=ref)))
+
     def run(offer):
         ref = offer.attempt
         key = (ref.job_id, ref.attempt)
@@ -201,6 +209,11 @@ def main():
                         "exit_code": proc.returncode,
                     }
                     break
+        with held_lock:
+            aborted = held.pop(key, False)
+        if aborted:
+            release(ref)
+            return
         # Complete only once every byte is acknowledged.
         with acked_cv:
             acked_cv.wait_for(lambda: acked.get(key, 0) >= offset or offset == 0, timeout=30)
@@ -219,7 +232,18 @@ def main():
     for m in session:
         kind = m.WhichOneof("kind")
         if kind == "offer":
+            # Held before the next message is read, so an abort right behind it finds it.
+            with held_lock:
+                held[(m.offer.attempt.job_id, m.offer.attempt.attempt)] = False
             threading.Thread(target=run, args=(m.offer,), daemon=True).start()
+        elif kind == "abort":
+            ref = m.abort.attempt
+            with held_lock:
+                running = (ref.job_id, ref.attempt) in held
+                if running:
+                    held[(ref.job_id, ref.attempt)] = True
+            if not running:
+                release(ref)
         elif kind == "complete_ack":
             print(f"completed {m.complete_ack.attempt.job_id}", flush=True)
         elif kind == "disconnect":
