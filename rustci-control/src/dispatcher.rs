@@ -937,27 +937,24 @@ fn dispatch_round(state: &Arc<State>) {
     if state.queue.lock().expect("queue").is_empty() {
         return;
     }
-    // Jobs assigned in earlier rounds whose runner has not started them yet do not show
-    // in the runner's own `running()`; counted here, a runner is never offered more jobs
-    // than it has slots while starts are in flight.
-    let mut assigned_to: HashMap<String, usize> = HashMap::new();
-    for runner in state.assigned.lock().expect("assigned").values() {
-        *assigned_to.entry(runner.clone()).or_default() += 1;
-    }
-    // One snapshot of every runner per round, indexed by label; loads are updated in
-    // place as this round assigns jobs.
-    let mut snapshots = state.registry.snapshots(&by_runner);
-    for snap in &mut snapshots {
-        let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);
-        snap.running = snap.running.max(ours);
-    }
-    let mut pool = RunnerPool::new(snapshots);
-    // Free slots left among the runners taking jobs; `None` when one has no bound. Once
-    // none is left, the rest of the queue waits without a selection each.
-    let mut free: Option<usize> = pool
-        .runners()
-        .iter()
-        .try_fold(0usize, |sum, r| r.free_slots().map(|f| sum + f));
+    // When every queued job asks for labels, the round starts with the runners that
+    // carry all the labels of at least one of them (selection needs that), not with
+    // every runner: with thousands of runners (remote agents) most cannot take any job
+    // queued now, and copying them all is most of a round's cost. Where that smaller
+    // pool places nothing (no fit, or full), the round widens to every runner and goes
+    // on from the same job, so placements and the reasons jobs wait are those of a
+    // round over all runners.
+    let wanted = wanted_labels(state);
+    let mut pool = build_pool(state, &by_runner, wanted.as_deref());
+    let mut narrow = wanted.is_some();
+    // Free slots left among the pool's runners; `None` when one has no bound. Once none
+    // is left, the rest of the queue waits without a selection each.
+    let free_in = |pool: &RunnerPool| -> Option<usize> {
+        pool.runners()
+            .iter()
+            .try_fold(0usize, |sum, r| r.free_slots().map(|f| sum + f))
+    };
+    let mut free = free_in(&pool);
     *state.waiting_reason.lock().expect("waiting") = None;
     let mut skip = 0usize;
     'round: loop {
@@ -968,6 +965,11 @@ fn dispatch_round(state: &Arc<State>) {
             break;
         }
         for queued in chunk {
+            if free == Some(0) && narrow {
+                pool = build_pool(state, &by_runner, None);
+                free = free_in(&pool);
+                narrow = false;
+            }
             if free == Some(0) {
                 // The rest waits; `get` reports this reason for jobs without their own.
                 let text = if pool.runners().is_empty() {
@@ -999,18 +1001,28 @@ fn dispatch_round(state: &Arc<State>) {
                 .cloned()
                 .unwrap_or_default();
             let picked_at = Instant::now();
-            let runners = pool.runners();
-            let chosen = if tried.is_empty() {
-                state.selector.select_in(&job, &pool)
-            } else {
-                let fresh: Vec<usize> = (0..runners.len())
-                    .filter(|&i| !tried.contains(&runners[i].info.id))
-                    .collect();
-                let subset: Vec<RunnerSnapshot> =
-                    fresh.iter().map(|&i| runners[i].clone()).collect();
-                match state.selector.select(&job, &subset) {
-                    Ok(i) => Ok(fresh[i]),
-                    Err(_) => state.selector.select_in(&job, &pool),
+            let chosen = loop {
+                let runners = pool.runners();
+                let chosen = if tried.is_empty() {
+                    state.selector.select_in(&job, &pool)
+                } else {
+                    let fresh: Vec<usize> = (0..runners.len())
+                        .filter(|&i| !tried.contains(&runners[i].info.id))
+                        .collect();
+                    let subset: Vec<RunnerSnapshot> =
+                        fresh.iter().map(|&i| runners[i].clone()).collect();
+                    match state.selector.select(&job, &subset) {
+                        Ok(i) => Ok(fresh[i]),
+                        Err(_) => state.selector.select_in(&job, &pool),
+                    }
+                };
+                match chosen {
+                    Err(_) if narrow => {
+                        pool = build_pool(state, &by_runner, None);
+                        free = free_in(&pool);
+                        narrow = false;
+                    }
+                    chosen => break chosen,
                 }
             };
             let chosen = chosen.map(|i| (i, pool.runners()[i].info.id.clone()));
@@ -1060,7 +1072,6 @@ fn dispatch_round(state: &Arc<State>) {
             if let Some(f) = free.as_mut() {
                 *f = f.saturating_sub(1);
             }
-            *assigned_to.entry(runner_id.clone()).or_default() += 1;
             state
                 .assigned
                 .lock()
@@ -1130,6 +1141,50 @@ fn dispatch_round(state: &Arc<State>) {
 }
 
 /// `text` followed by the runners out of service, by status ("; 1 runner is draining").
+/// The label sets the queued jobs ask for, each once; `None` when a queued job asks for
+/// no label (any runner may fit it).
+fn wanted_labels(state: &State) -> Option<Vec<BTreeSet<String>>> {
+    let ids: Vec<JobId> = state.queue.lock().expect("queue").ids().cloned().collect();
+    let jobs = state.jobs.lock().expect("jobs");
+    let mut sets = BTreeSet::new();
+    for id in &ids {
+        // Gone since (cancelled): not placed, so it asks for nothing.
+        let Some(r) = jobs.get(id) else { continue };
+        if r.job.runs_on.labels.is_empty() {
+            return None;
+        }
+        sets.insert(r.job.runs_on.labels.iter().cloned().collect::<BTreeSet<_>>());
+    }
+    Some(sets.into_iter().collect())
+}
+
+/// A round's pool: the runners taking jobs (only those carrying every label of one of
+/// `only`, when given), with the jobs assigned to them but not started yet counted as
+/// running, so a runner is never offered more jobs than it has slots while starts are in
+/// flight (they do not show in its own `running()` yet). Loads are updated in place as
+/// the round assigns jobs.
+fn build_pool(
+    state: &State,
+    by_runner: &BTreeMap<String, BTreeMap<String, usize>>,
+    only: Option<&[BTreeSet<String>]>,
+) -> RunnerPool {
+    let mut assigned_to: HashMap<String, usize> = HashMap::new();
+    for runner in state.assigned.lock().expect("assigned").values() {
+        *assigned_to.entry(runner.clone()).or_default() += 1;
+    }
+    let mut snapshots = match only {
+        None => state.registry.snapshots(by_runner),
+        Some(sets) => state.registry.snapshots_where(by_runner, |e| {
+            sets.iter().any(|set| set.iter().all(|l| e.carries(l)))
+        }),
+    };
+    for snap in &mut snapshots {
+        let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);
+        snap.running = snap.running.max(ours);
+    }
+    RunnerPool::new(snapshots)
+}
+
 fn with_out_of_service(state: &State, mut text: String) -> String {
     for (status, n) in state.registry.out_of_service() {
         let noun = if n == 1 { "runner is" } else { "runners are" };

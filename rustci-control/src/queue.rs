@@ -71,6 +71,11 @@ impl JobQueue {
         true
     }
 
+    /// Every queued job's id, in no particular order.
+    pub fn ids(&self) -> impl Iterator<Item = &JobId> {
+        self.index.keys()
+    }
+
     /// Number of queued jobs.
     pub fn len(&self) -> usize {
         self.index.len()

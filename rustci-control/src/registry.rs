@@ -104,6 +104,14 @@ impl RunnerEntry {
             .collect()
     }
 
+    /// True when the runner carries `label` for selection: its own, an added one, or a
+    /// reserved one.
+    pub fn carries(&self, label: &str) -> bool {
+        self.info().labels.contains(label)
+            || self.extra_labels.contains(label)
+            || self.reserved_labels.contains(label)
+    }
+
     /// Median of the recent start-up times.
     pub fn startup(&self) -> Option<Duration> {
         let mut s = self.startups.clone();
@@ -246,11 +254,22 @@ impl Registry {
         &self,
         running: &BTreeMap<String, BTreeMap<String, usize>>,
     ) -> Vec<RunnerSnapshot> {
+        self.snapshots_where(running, |_| true)
+    }
+
+    /// [`Registry::snapshots`] of only the runners taking jobs for which `keep` holds,
+    /// checked before anything is copied (so a filter that keeps few of many runners
+    /// makes the call cheap).
+    pub fn snapshots_where(
+        &self,
+        running: &BTreeMap<String, BTreeMap<String, usize>>,
+        keep: impl Fn(&RunnerEntry) -> bool,
+    ) -> Vec<RunnerSnapshot> {
         self.entries
             .read()
             .expect("registry")
             .values()
-            .filter(|e| e.status.takes_jobs())
+            .filter(|e| e.status.takes_jobs() && keep(e))
             .map(|e| {
                 let by_name = running.get(&e.info().id).cloned().unwrap_or_default();
                 let mut info = e.info().clone();

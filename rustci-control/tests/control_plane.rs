@@ -511,3 +511,56 @@ async fn a_check_asked_for_during_a_health_round_is_not_lost() {
     registry.check_health(hour, hour).await;
     assert_eq!(*checks.borrow(), 2);
 }
+
+/// A round starts with only the runners carrying a queued job's labels (own, added or
+/// reserved); where they place nothing, it widens to every runner, so a waiting job's
+/// reason is the one a round over all runners gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_jobs_among_many_runners_are_placed_and_say_why_they_wait() {
+    let cp = plane();
+    for i in 0..20 {
+        cp.register(local(&format!("plain-{i}"), Some(1)), RegisterOptions::default());
+    }
+    let mut options = RegisterOptions::default();
+    options.labels.insert("special".into());
+    let special = cp.register(local("special", Some(1)), options);
+    let mut options = RegisterOptions::default();
+    options.reserved_labels.insert("gpu".into());
+    let gpu = cp.register(local("gpu", Some(1)), options);
+
+    let job = |name: &str, label: &str, script: &str| {
+        let mut j = Job::new(name, vec![Step::run(script)]);
+        j.runs_on.labels = vec![label.into()];
+        j
+    };
+    let long = cp.submit(job("long", "special", "sleep 30"), "alice").unwrap();
+    wait_state(&cp, &long, JobState::Running).await;
+    assert_eq!(cp.get(&long).unwrap().attempts[0].runner_id, special);
+    let reserved = cp.submit(job("reserved", "gpu", "true"), "alice").unwrap();
+    let record = cp.wait(&reserved).await.unwrap();
+    assert_eq!(record.state, JobState::Succeeded);
+    assert_eq!(record.attempts[0].runner_id, gpu);
+
+    // The one runner carrying the label is busy: the job waits, and says why in terms of
+    // every runner, not only the one it was looking at first.
+    let waits = cp.submit(job("waits", "special", "true"), "bob").unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(why) = cp.get(&waits).unwrap().why_pending {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the dispatcher looked at the job");
+    assert_eq!(
+        why,
+        "no runner fits (1 runner: is full; 21 runners: lacks label special)"
+    );
+    assert!(cp.cancel(&long));
+    let record = cp.wait(&waits).await.unwrap();
+    assert_eq!(record.state, JobState::Succeeded);
+    assert_eq!(record.attempts[0].runner_id, special);
+    cp.shutdown();
+}

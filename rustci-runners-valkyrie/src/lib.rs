@@ -18,6 +18,7 @@
 use std::time::Duration;
 
 pub mod agent;
+mod codec;
 mod hub;
 mod lease;
 pub mod pki;

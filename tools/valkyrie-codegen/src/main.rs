@@ -18,6 +18,8 @@ fn main() {
         .out_dir(&out)
         .build_client(true)
         .build_server(true)
+        // Small per-call buffers: thousands of sessions each hold two calls open.
+        .codec_path("crate::codec::SmallCodec")
         .compile_fds(fds)
         .unwrap_or_else(|e| {
             eprintln!("generating code: {e}");
