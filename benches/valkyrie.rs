@@ -30,7 +30,7 @@ const SLOTS: usize = 4;
 struct Tokens(Mutex<Vec<String>>);
 
 impl Admission for Tokens {
-    fn admit(&self, token: &str) -> Result<Vec<String>, String> {
+    fn admit(&self, token: &str, _: &str) -> Result<Vec<String>, String> {
         let mut t = self.0.lock().unwrap();
         let i = t.iter().position(|x| x == token).ok_or("unknown token")?;
         t.remove(i);

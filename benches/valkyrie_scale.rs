@@ -52,7 +52,7 @@ struct Open {
 }
 
 impl Admission for Open {
-    fn admit(&self, _: &str) -> Result<Vec<String>, String> {
+    fn admit(&self, _: &str, _: &str) -> Result<Vec<String>, String> {
         Ok(Vec::new())
     }
     fn audit(&self, _: &str, action: &str, _: Option<&str>, result: &str) {
@@ -495,6 +495,19 @@ fn scale(c: &mut Criterion) {
     }
     let record = rt.block_on(plane.wait(&id)).unwrap();
     let job_ok = record.state == JobState::Succeeded && record.attempts.len() == 1;
+    // What became of each of its attempts, for when it did not succeed at once.
+    let job_attempts: Vec<serde_json::Value> = record
+        .attempts
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "runner": a.runner_id,
+                "outcome": a.outcome,
+                "declined": a.declined,
+                "seconds": a.ended_at.and_then(|e| e.duration_since(a.started_at).ok()).map(|d| d.as_secs_f64()),
+            })
+        })
+        .collect();
     swarm.kill();
     let documented = Duration::from_secs_f64((n as f64 - burst).max(0.0) / rate + 2.0);
     let storm_started = storm_from.elapsed();
@@ -513,6 +526,7 @@ fn scale(c: &mut Criterion) {
         "storm_max_starts_in_a_second": max_per_second,
         "session_start_limit": {"rate": rate, "burst": burst},
         "storm_job_succeeded_once": job_ok,
+        "storm_job_attempts": job_attempts,
     });
     println!(
         "valkyrie_scale: {figures} (storm measured over {:.1} s)",

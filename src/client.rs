@@ -59,9 +59,25 @@ impl Trust {
                 let path = std::env::var_os("SSL_CERT_FILE")
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-                // No bundle: nothing is trusted, and the handshake says so.
-                let pem = std::fs::read(&path).unwrap_or_default();
-                let roots = roots_from(&pem, &path.display().to_string())?;
+                let pem = std::fs::read(&path).map_err(|e| {
+                    format!(
+                        "reading the system's CA bundle {} ({e}); give the server's CA \
+                         (--ca, or --ca-fingerprint) or set SSL_CERT_FILE",
+                        path.display()
+                    )
+                })?;
+                // A system bundle may hold a certificate this client cannot use (an
+                // unusual key or extension); the others still count.
+                let mut roots = rustls::RootCertStore::empty();
+                let (usable, _) = roots.add_parsable_certificates(
+                    CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok),
+                );
+                if usable == 0 {
+                    return Err(format!(
+                        "the system's CA bundle {} holds no usable certificate",
+                        path.display()
+                    ));
+                }
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
             Trust::CaPem(pem) => {

@@ -1153,7 +1153,14 @@ fn wanted_labels(state: &State) -> Option<Vec<BTreeSet<String>>> {
         if r.job.runs_on.labels.is_empty() {
             return None;
         }
-        sets.insert(r.job.runs_on.labels.iter().cloned().collect::<BTreeSet<_>>());
+        sets.insert(
+            r.job
+                .runs_on
+                .labels
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<_>>(),
+        );
     }
     Some(sets.into_iter().collect())
 }

@@ -231,6 +231,33 @@ impl Registry {
             .collect()
     }
 
+    /// The ids of every registered runner, in order (without copying the entries).
+    pub fn ids(&self) -> Vec<String> {
+        self.entries
+            .read()
+            .expect("registry")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// The ids of the registered runners whose id starts with `prefix`, in order: a
+    /// range lookup, not a scan, so it stays cheap with thousands of runners (a remote
+    /// agent's runners share the prefix `<agent id>.`).
+    pub fn ids_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.entries
+            .read()
+            .expect("registry")
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(id, _)| id)
+            .take_while(|id| id.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     /// Records an assignment (for round-robin).
     pub fn record_assignment(&self, id: &str, seq: u64) {
         if let Some(e) = self.entries.write().expect("registry").get_mut(id) {

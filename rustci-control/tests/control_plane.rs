@@ -519,7 +519,10 @@ async fn a_check_asked_for_during_a_health_round_is_not_lost() {
 async fn labelled_jobs_among_many_runners_are_placed_and_say_why_they_wait() {
     let cp = plane();
     for i in 0..20 {
-        cp.register(local(&format!("plain-{i}"), Some(1)), RegisterOptions::default());
+        cp.register(
+            local(&format!("plain-{i}"), Some(1)),
+            RegisterOptions::default(),
+        );
     }
     let mut options = RegisterOptions::default();
     options.labels.insert("special".into());
@@ -533,7 +536,9 @@ async fn labelled_jobs_among_many_runners_are_placed_and_say_why_they_wait() {
         j.runs_on.labels = vec![label.into()];
         j
     };
-    let long = cp.submit(job("long", "special", "sleep 30"), "alice").unwrap();
+    let long = cp
+        .submit(job("long", "special", "sleep 30"), "alice")
+        .unwrap();
     wait_state(&cp, &long, JobState::Running).await;
     assert_eq!(cp.get(&long).unwrap().attempts[0].runner_id, special);
     let reserved = cp.submit(job("reserved", "gpu", "true"), "alice").unwrap();

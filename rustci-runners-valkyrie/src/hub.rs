@@ -60,8 +60,9 @@ impl HubOptions {
 /// What the embedding server decides for the hub: registration tokens and the audit log.
 pub trait Admission: Send + Sync {
     /// Checks a registration token and uses it up (a token registers one agent); returns
-    /// the labels it grants, or why it is refused.
-    fn admit(&self, token: &str) -> Result<Vec<String>, String>;
+    /// the labels it grants, or why it is refused. `agent` names the agent it registers
+    /// (`<name> (<id>)`, the id it gets if admitted), for the token's record.
+    fn admit(&self, token: &str, agent: &str) -> Result<Vec<String>, String>;
     /// Records a security-relevant event (`agent.register`, `agent.session`, …).
     fn audit(&self, actor: &str, action: &str, target: Option<&str>, result: &str);
 }
@@ -363,7 +364,101 @@ pub(crate) struct HubInner {
     agents_journal: Mutex<Journal>,
     sessions: AtomicU64,
     bucket: Mutex<Bucket>,
+    /// Refused client certificates, audited one by one up to a rate.
+    refusals: Arc<RefusalAudit>,
     stop: CancellationToken,
+}
+
+/// Audits refused client certificates (`agent.tls`) one by one, at most
+/// [`RefusalAudit::PER_WINDOW`] a minute; past that it counts them, and the count is
+/// audited as one entry when the minute is over (by the next refusal or the hub's sweep).
+/// Anyone can present a certificate, so refusals must not be able to flood the audit
+/// log.
+struct RefusalAudit {
+    admission: Arc<dyn Admission>,
+    window: Mutex<RefusalWindow>,
+}
+
+struct RefusalWindow {
+    since: Instant,
+    recorded: u32,
+    suppressed: u64,
+}
+
+impl RefusalAudit {
+    const PER_WINDOW: u32 = 20;
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn new(admission: Arc<dyn Admission>) -> RefusalAudit {
+        RefusalAudit {
+            admission,
+            window: Mutex::new(RefusalWindow {
+                since: Instant::now(),
+                recorded: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Records one refusal of `who`'s certificate for `why`.
+    fn refused(&self, who: &str, why: &str) {
+        let record = {
+            let mut w = self.window.lock().expect("refusals");
+            self.roll(&mut w, Instant::now());
+            if w.recorded < Self::PER_WINDOW {
+                w.recorded += 1;
+                true
+            } else {
+                w.suppressed += 1;
+                false
+            }
+        };
+        if record {
+            tracing::warn!(agent = %who, error = %why, "refused a client certificate");
+            self.admission.audit(
+                &format!("cert:{who}"),
+                "agent.tls",
+                Some(who),
+                &format!(
+                    "denied: the client certificate is not valid for this control plane ({why})"
+                ),
+            );
+        } else {
+            tracing::debug!(agent = %who, error = %why, "refused a client certificate (not audited one by one)");
+        }
+    }
+
+    /// Ends the window if it is over, auditing what it left uncounted.
+    fn flush(&self) {
+        let mut w = self.window.lock().expect("refusals");
+        self.roll(&mut w, Instant::now());
+    }
+
+    fn roll(&self, w: &mut RefusalWindow, now: Instant) {
+        if now.duration_since(w.since) < Self::WINDOW {
+            return;
+        }
+        if w.suppressed > 0 {
+            tracing::warn!(
+                count = w.suppressed,
+                "refused client certificates not audited one by one"
+            );
+            self.admission.audit(
+                "cert:*",
+                "agent.tls",
+                None,
+                &format!(
+                    "denied: {} more client certificates refused in the minute since the first of them, not recorded one by one",
+                    w.suppressed
+                ),
+            );
+        }
+        *w = RefusalWindow {
+            since: now,
+            recorded: 0,
+            suppressed: 0,
+        };
+    }
 }
 
 /// A line of `agents.journal`.
@@ -511,12 +606,13 @@ impl Hub {
         let burst = options.session_burst.max(1.0);
         let inner = Arc::new(HubInner {
             authority,
-            admission,
+            admission: admission.clone(),
             plane: OnceLock::new(),
             state: Mutex::new(state),
             completions: Mutex::new(completions),
             agents_journal: Mutex::new(agents_journal),
             sessions: AtomicU64::new(0),
+            refusals: Arc::new(RefusalAudit::new(admission.clone())),
             bucket: Mutex::new(Bucket {
                 tokens: burst,
                 at: Instant::now(),
@@ -566,7 +662,7 @@ impl Hub {
         let config = tls_config(
             &identity,
             self.inner.authority.ca_der(),
-            self.inner.admission.clone(),
+            self.inner.refusals.clone(),
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let stop = self.inner.stop.clone();
@@ -637,13 +733,14 @@ impl Hub {
 
     /// One agent.
     pub fn agent(&self, id: &str) -> Option<AgentView> {
-        let ids = registry_ids(&self.inner);
+        let ids = self
+            .inner
+            .plane
+            .get()
+            .map(|p| p.registry().ids_with_prefix(&format!("{id}.")))
+            .unwrap_or_default();
         let state = self.inner.state.lock().expect("hub");
         let a = state.agents.get(id)?;
-        let ids: Vec<String> = ids
-            .into_iter()
-            .filter(|r| r.split_once('.').is_some_and(|(x, _)| x == id))
-            .collect();
         Some(Index::new(&ids, &state).view(a))
     }
 
@@ -677,12 +774,9 @@ impl Hub {
             end_lost(a);
         }
         if let Some(plane) = self.inner.plane.get() {
-            for entry in plane.registry().list() {
-                let rid = entry.info().id.clone();
-                if rid.starts_with(&format!("{id}.")) {
-                    plane.remove(&rid);
-                    let _ = plane.store().remove_runner(&rid);
-                }
+            for rid in plane.registry().ids_with_prefix(&format!("{id}.")) {
+                plane.remove(&rid);
+                let _ = plane.store().remove_runner(&rid);
             }
         }
         self.inner
@@ -708,13 +802,7 @@ fn registry_ids(inner: &HubInner) -> Vec<String> {
     inner
         .plane
         .get()
-        .map(|p| {
-            p.registry()
-                .list()
-                .into_iter()
-                .map(|e| e.info().id.clone())
-                .collect()
-        })
+        .map(|p| p.registry().ids())
         .unwrap_or_default()
 }
 
@@ -1205,6 +1293,7 @@ async fn sweep_loop(inner: std::sync::Weak<HubInner>) {
 }
 
 fn sweep(hub: &HubInner) {
+    hub.refusals.flush();
     let now = Instant::now();
     let timings = hub.options.timings;
     let mut lost = Vec::new();
@@ -1254,11 +1343,8 @@ fn sweep(hub: &HubInner) {
 /// health changed), rather than at the next interval.
 fn check_runners_of(inner: &HubInner, agent: &str) {
     if let Some(plane) = inner.plane.get() {
-        let prefix = format!("{agent}.");
-        for e in plane.registry().list() {
-            if e.info().id.starts_with(&prefix) {
-                plane.check_runner_soon(&e.info().id);
-            }
+        for id in plane.registry().ids_with_prefix(&format!("{agent}.")) {
+            plane.check_runner_soon(&id);
         }
     }
 }
@@ -1347,7 +1433,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 fn tls_config(
     identity: &ServerIdentity,
     ca: &rustls::pki_types::CertificateDer<'static>,
-    admission: Arc<dyn Admission>,
+    refusals: Arc<RefusalAudit>,
 ) -> Result<rustls::ServerConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -1371,7 +1457,7 @@ fn tls_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(Arc::new(AuditingVerifier { inner, admission }))
+        .with_client_cert_verifier(Arc::new(AuditingVerifier { inner, refusals }))
         .with_single_cert(chain, key)
         .map_err(|e| format!("the server certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -1382,7 +1468,7 @@ fn tls_config(
 /// certificate of another CA, an expired one): the hub never sees such a caller.
 struct AuditingVerifier {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    admission: Arc<dyn Admission>,
+    refusals: Arc<RefusalAudit>,
 }
 
 impl std::fmt::Debug for AuditingVerifier {
@@ -1414,15 +1500,7 @@ impl rustls::server::danger::ClientCertVerifier for AuditingVerifier {
             .verify_client_cert(end_entity, intermediates, now)
             .inspect_err(|e| {
                 let who = pki::common_name(end_entity).unwrap_or_else(|_| "unnamed".into());
-                tracing::warn!(agent = %who, error = %e, "refused a client certificate");
-                self.admission.audit(
-                    &format!("cert:{who}"),
-                    "agent.tls",
-                    Some(&who),
-                    &format!(
-                        "denied: the client certificate is not valid for this control plane ({e})"
-                    ),
-                );
+                self.refusals.refused(&who, &e.to_string());
             })
     }
 
@@ -1531,7 +1609,8 @@ impl proto::valkyrie_server::Valkyrie for Service {
                 "an agent named {name:?} is registered; revoke it first or choose another name"
             )));
         }
-        let granted = match inner.admission.admit(&r.token) {
+        let id = uuid::Uuid::new_v4().to_string();
+        let granted = match inner.admission.admit(&r.token, &format!("{name} ({id})")) {
             Ok(l) => l,
             Err(why) => {
                 inner
@@ -1540,7 +1619,6 @@ impl proto::valkyrie_server::Valkyrie for Service {
                 return Err(Status::permission_denied(why));
             }
         };
-        let id = uuid::Uuid::new_v4().to_string();
         let (certificate_pem, until) = inner
             .authority
             .sign_agent(&r.csr_pem, &id, inner.options.certificate_validity)
@@ -1960,9 +2038,15 @@ fn register_runners(
             tracing::error!(runner = %id, error = %Chain(&e), "storing an agent's runner");
         }
     }
-    for e in plane.registry().list() {
-        let id = e.info().id.clone();
-        if id.starts_with(&prefix) && !offered.contains(&id) && e.runner.running() == 0 {
+    // The agent's runners it no longer offers (and that run nothing) leave. Looked up by
+    // their id prefix: a scan of the whole registry per session start would make a storm
+    // of reconnecting agents quadratic.
+    for id in plane.registry().ids_with_prefix(&prefix) {
+        let idle = plane
+            .registry()
+            .get(&id)
+            .is_some_and(|e| e.runner.running() == 0);
+        if !offered.contains(&id) && idle {
             plane.remove(&id);
             let _ = plane.store().remove_runner(&id);
         }
@@ -2347,4 +2431,53 @@ async fn store_chunk(
         error: String::new(),
         abort: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(String, String)>>);
+
+    impl Admission for Recorded {
+        fn admit(&self, _: &str, _: &str) -> Result<Vec<String>, String> {
+            Err("not here".into())
+        }
+        fn audit(&self, actor: &str, action: &str, _: Option<&str>, result: &str) {
+            assert_eq!(action, "agent.tls");
+            self.0
+                .lock()
+                .unwrap()
+                .push((actor.to_string(), result.to_string()));
+        }
+    }
+
+    #[test]
+    fn refused_certificates_are_audited_one_by_one_up_to_a_rate_then_counted() {
+        let audit = Arc::new(Recorded::default());
+        let refusals = RefusalAudit::new(audit.clone());
+        for i in 0..25 {
+            refusals.refused(&format!("who-{i}"), "unknown issuer");
+        }
+        {
+            let entries = audit.0.lock().unwrap();
+            assert_eq!(entries.len(), RefusalAudit::PER_WINDOW as usize);
+            assert_eq!(entries[0].0, "cert:who-0");
+            assert!(entries[0].1.contains("unknown issuer"), "{:?}", entries[0]);
+        }
+        // Within the minute, nothing more is written.
+        refusals.flush();
+        assert_eq!(audit.0.lock().unwrap().len(), 20);
+        // Once the minute is over, the five not written one by one are, as one entry,
+        // and the next window starts empty.
+        let later = Instant::now() + RefusalAudit::WINDOW + Duration::from_secs(1);
+        refusals.roll(&mut refusals.window.lock().unwrap(), later);
+        let entries = audit.0.lock().unwrap().clone();
+        assert_eq!(entries.len(), 21);
+        assert_eq!(entries[20].0, "cert:*");
+        assert!(entries[20].1.contains("5 more"), "{:?}", entries[20]);
+        let w = refusals.window.lock().unwrap();
+        assert_eq!((w.recorded, w.suppressed), (0, 0));
+    }
 }

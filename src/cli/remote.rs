@@ -25,8 +25,8 @@ pub struct Remote {
 
 /// The trust the CLI's flags ask for: the CA file `ca`, else the pinned `fingerprint`,
 /// else the server's CA in `data_dir/pki/ca.pem` when that file exists (the CLI runs
-/// beside the server), else the system's CA bundle. An unreadable `ca` or a malformed
-/// fingerprint is an error naming it.
+/// beside the server), else the system's CA bundle. An unreadable `ca` or data-directory
+/// CA, or a malformed fingerprint, is an error naming it.
 pub fn trust(
     ca: Option<&Path>,
     fingerprint: Option<&str>,
@@ -45,7 +45,10 @@ pub fn trust(
     let beside = data_dir.join("pki").join("ca.pem");
     match std::fs::read_to_string(&beside) {
         Ok(pem) => Ok(Trust::CaPem(pem)),
-        Err(_) => Ok(Trust::System),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Trust::System),
+        // There but unreadable: trusting the system's CAs instead would fail later with
+        // a less clear error, or trust what was not meant.
+        Err(e) => Err(format!("reading the server's CA {}: {e}", beside.display())),
     }
 }
 

@@ -29,9 +29,11 @@ impl TokenAdmission {
 }
 
 impl Admission for TokenAdmission {
-    fn admit(&self, token: &str) -> Result<Vec<String>, String> {
+    fn admit(&self, token: &str, agent: &str) -> Result<Vec<String>, String> {
         let claims = self.keys.verify_token(token)?;
-        self.tokens.hold(&claims.jti)?.commit("an agent")?;
+        self.tokens
+            .hold(&claims.jti)?
+            .commit(&format!("agent {agent}"))?;
         Ok(claims.labels)
     }
 

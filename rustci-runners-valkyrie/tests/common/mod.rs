@@ -22,7 +22,7 @@ pub struct Tokens {
 }
 
 impl Admission for Tokens {
-    fn admit(&self, token: &str) -> Result<Vec<String>, String> {
+    fn admit(&self, token: &str, _: &str) -> Result<Vec<String>, String> {
         let mut unused = self.unused.lock().unwrap();
         match unused.iter().position(|t| t == token) {
             Some(i) => {
