@@ -2,7 +2,7 @@
 //! real TLS over loopback, and one real agent beside them:
 //!
 //! - `valkyrie_scale_pickup/with_sessions` — submit to first output byte of `echo x` on
-//!   the real agent while every session is connected, vs `valkyrie_scale_pickup/idle`,
+//!   the real agent (`rustci agent`, a process of its own) while every session is connected, vs `valkyrie_scale_pickup/idle`,
 //!   the same before any of them is. Target: at most 2x.
 //! - Memory: the control plane's resident memory with every session connected and idle,
 //!   less the same with them registered but not connected, per session. Target: under
@@ -35,8 +35,8 @@ use rustci::valkyrie::pki::{self, Authority};
 use rustci::valkyrie::proto::{
     self, agent_message, server_message, valkyrie_client::ValkyrieClient,
 };
-use rustci::valkyrie::{Admission, Agent, AgentOptions, CaSource, Hub, HubOptions};
-use rustci::{Job, NativeConfig, NativeRunner, Runner, RunnerKind, Step};
+use rustci::valkyrie::{Admission, Hub, HubOptions};
+use rustci::{Job, RunnerKind, Step};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn sessions() -> usize {
@@ -241,11 +241,14 @@ fn swarm_main(addr: String, ids: String) -> ! {
 
 // --- the control plane: this process ---------------------------------------------------
 
-fn native() -> Arc<dyn Runner> {
-    let mut config = NativeConfig::default();
-    config.host.name = "real-native".into();
-    config.host.max_concurrency = Some(4);
-    Arc::new(NativeRunner::new(config).unwrap())
+/// The real agent's process, stopped with the bench.
+struct RealAgent(std::process::Child);
+
+impl Drop for RealAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 struct Swarm {
@@ -338,14 +341,21 @@ fn scale(c: &mut Criterion) {
         let addr = listener.local_addr().unwrap().to_string();
         let serving = hub.clone();
         tokio::spawn(async move { serving.serve(listener, identity).await });
-        let mut options = AgentOptions::new(addr.clone(), dir.path().join("agent"));
-        options.token = Some("real".into());
-        options.ca = Some(CaSource::Fingerprint(fingerprint));
-        options.name = Some("real-agent".into());
-        options.labels = vec!["real".into()];
-        options.runners = vec![("native".into(), native())];
-        let agent = Agent::start(options).await.unwrap();
-        agent.wait_connected(true).await;
+        // The real agent is a process of its own, as in production: a job it spawns must
+        // not inherit (and close) the control plane's 10,000 sockets.
+        let agent = RealAgent(
+            std::process::Command::new(env!("CARGO_BIN_EXE_rustci"))
+                .args(["agent", "--server", &addr, "--token", "real"])
+                .args(["--ca-fingerprint", &fingerprint])
+                .args(["--runners", "native", "--slots", "4", "--labels", "real"])
+                .args(["--name", "real-agent"])
+                .arg("--data-dir")
+                .arg(dir.path().join("agent"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("starting the real agent (rustci agent)"),
+        );
         while !plane
             .registry()
             .list()
@@ -538,8 +548,8 @@ fn scale(c: &mut Criterion) {
     .join("criterion");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("valkyrie_scale.json"), figures.to_string()).unwrap();
+    drop(agent);
     rt.block_on(async {
-        agent.stop().await;
         hub.shutdown();
         plane.shutdown();
     });

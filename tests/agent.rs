@@ -127,6 +127,16 @@ async fn an_agent_process_registers_runs_jobs_over_mtls_drains_and_is_revoked() 
     assert_eq!(details["hostname"], host.as_str(), "{details}");
     assert_eq!(details["status"], "healthy", "{details}");
     assert_eq!(details["version"], env!("CARGO_PKG_VERSION"), "{details}");
+    assert_eq!(details["withdrawn"], 0, "{details}");
+    // The token's ledger entry names the agent it registered.
+    let tokens = admin.get("/api/tokens").await.unwrap().json();
+    let used = &tokens["tokens"].as_array().unwrap()[0];
+    assert_eq!(used["state"], "used", "{tokens}");
+    assert_eq!(
+        used["by"],
+        format!("agent agent-one ({})", agents["id"].as_str().unwrap()),
+        "{tokens}"
+    );
     assert!(
         details["address"]
             .as_str()
