@@ -1181,9 +1181,7 @@ fn build_pool(
     }
     let mut snapshots = match only {
         None => state.registry.snapshots(by_runner),
-        Some(sets) => state.registry.snapshots_where(by_runner, |e| {
-            sets.iter().any(|set| set.iter().all(|l| e.carries(l)))
-        }),
+        Some(sets) => state.registry.snapshots_carrying(by_runner, sets),
     };
     for snap in &mut snapshots {
         let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);

@@ -9,7 +9,7 @@
 //!  remove ──► gone (its running jobs are lost)
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -132,10 +132,138 @@ pub struct StatusChange {
     pub to: Option<RunnerStatus>,
 }
 
+fn snapshot(e: &RunnerEntry, running: &BTreeMap<String, BTreeMap<String, usize>>) -> RunnerSnapshot {
+    let by_name = running.get(&e.info().id).cloned().unwrap_or_default();
+    let mut info = e.info().clone();
+    info.labels.extend(e.extra_labels.iter().cloned());
+    let mut snap = RunnerSnapshot::new(
+        info,
+        e.runner.capabilities().clone(),
+        e.health.clone(),
+        e.runner.running(),
+    );
+    snap.reserved_labels = e.reserved_labels.clone();
+    snap.last_assigned = e.last_assigned;
+    snap.startup = e.startup();
+    snap.running_by_name = by_name;
+    snap
+}
+
 /// Runners known to a control plane.
 #[derive(Default)]
 pub struct Registry {
-    entries: RwLock<BTreeMap<String, RunnerEntry>>,
+    entries: RwLock<Entries>,
+}
+
+/// The entries by id, and the ids by every label they carry (own, added or reserved),
+/// kept together under one lock. Entries are added, relabelled and removed only through
+/// [`Entries::insert`], [`Entries::relabel`] and [`Entries::remove`], which keep the
+/// index; everything else reaches the map through `Deref`.
+#[derive(Default)]
+struct Entries {
+    map: BTreeMap<String, RunnerEntry>,
+    by_label: HashMap<String, BTreeSet<String>>,
+}
+
+impl std::ops::Deref for Entries {
+    type Target = BTreeMap<String, RunnerEntry>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Entries {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+fn all_labels(e: &RunnerEntry) -> impl Iterator<Item = &String> {
+    e.info()
+        .labels
+        .iter()
+        .chain(&e.extra_labels)
+        .chain(&e.reserved_labels)
+}
+
+impl Entries {
+    fn index(&mut self, id: &str) {
+        let Some(e) = self.map.get(id) else { return };
+        for l in all_labels(e) {
+            self.by_label
+                .entry(l.clone())
+                .or_default()
+                .insert(id.to_string());
+        }
+    }
+
+    fn unindex(&mut self, id: &str) {
+        let Some(e) = self.map.get(id) else { return };
+        for l in all_labels(e) {
+            if let Some(ids) = self.by_label.get_mut(l) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_label.remove(l);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, id: String, entry: RunnerEntry) {
+        self.unindex(&id);
+        self.map.insert(id.clone(), entry);
+        self.index(&id);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<RunnerEntry> {
+        self.unindex(id);
+        self.map.remove(id)
+    }
+
+    fn relabel(&mut self, id: &str, options: RegisterOptions) -> bool {
+        if !self.map.contains_key(id) {
+            return false;
+        }
+        self.unindex(id);
+        let e = self.map.get_mut(id).expect("present");
+        e.reserved_labels = options.reserved_labels;
+        e.extra_labels = options.labels;
+        self.index(id);
+        true
+    }
+
+    /// The ids of the runners carrying every label of at least one of `sets`, in order.
+    fn carrying(&self, sets: &[BTreeSet<String>]) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for set in sets {
+            let mut lists: Vec<&BTreeSet<String>> = Vec::new();
+            for l in set {
+                match self.by_label.get(l) {
+                    Some(ids) => lists.push(ids),
+                    None => {
+                        lists.clear();
+                        break;
+                    }
+                }
+            }
+            // An empty set asks for nothing: every runner carries it.
+            if set.is_empty() {
+                out.extend(self.map.keys().cloned());
+                continue;
+            }
+            lists.sort_by_key(|ids| ids.len());
+            let Some((first, rest)) = lists.split_first() else {
+                continue;
+            };
+            out.extend(
+                first
+                    .iter()
+                    .filter(|id| rest.iter().all(|ids| ids.contains(*id)))
+                    .cloned(),
+            );
+        }
+        out
+    }
 }
 
 impl Registry {
@@ -185,13 +313,10 @@ impl Registry {
 
     /// Replaces a runner's added and reserved labels. False when it is unknown.
     pub fn update(&self, id: &str, options: RegisterOptions) -> bool {
-        let mut entries = self.entries.write().expect("registry");
-        let Some(e) = entries.get_mut(id) else {
-            return false;
-        };
-        e.reserved_labels = options.reserved_labels;
-        e.extra_labels = options.labels;
-        true
+        self.entries
+            .write()
+            .expect("registry")
+            .relabel(id, options)
     }
 
     /// Stops giving the runner new jobs. `None` when unknown or unchanged.
@@ -284,9 +409,26 @@ impl Registry {
         self.snapshots_where(running, |_| true)
     }
 
+    /// [`Registry::snapshots`] of only the runners taking jobs that carry every label
+    /// (own, added or reserved) of at least one of `sets`: found through an index by
+    /// label, so the cost follows the runners that match, not all runners.
+    pub fn snapshots_carrying(
+        &self,
+        running: &BTreeMap<String, BTreeMap<String, usize>>,
+        sets: &[BTreeSet<String>],
+    ) -> Vec<RunnerSnapshot> {
+        let entries = self.entries.read().expect("registry");
+        entries
+            .carrying(sets)
+            .iter()
+            .filter_map(|id| entries.get(id))
+            .filter(|e| e.status.takes_jobs())
+            .map(|e| snapshot(e, running))
+            .collect()
+    }
+
     /// [`Registry::snapshots`] of only the runners taking jobs for which `keep` holds,
-    /// checked before anything is copied (so a filter that keeps few of many runners
-    /// makes the call cheap).
+    /// checked before anything is copied.
     pub fn snapshots_where(
         &self,
         running: &BTreeMap<String, BTreeMap<String, usize>>,
@@ -297,22 +439,7 @@ impl Registry {
             .expect("registry")
             .values()
             .filter(|e| e.status.takes_jobs() && keep(e))
-            .map(|e| {
-                let by_name = running.get(&e.info().id).cloned().unwrap_or_default();
-                let mut info = e.info().clone();
-                info.labels.extend(e.extra_labels.iter().cloned());
-                let mut snap = RunnerSnapshot::new(
-                    info,
-                    e.runner.capabilities().clone(),
-                    e.health.clone(),
-                    e.runner.running(),
-                );
-                snap.reserved_labels = e.reserved_labels.clone();
-                snap.last_assigned = e.last_assigned;
-                snap.startup = e.startup();
-                snap.running_by_name = by_name;
-                snap
-            })
+            .map(|e| snapshot(e, running))
             .collect()
     }
 

@@ -569,3 +569,68 @@ async fn labelled_jobs_among_many_runners_are_placed_and_say_why_they_wait() {
     assert_eq!(record.attempts[0].runner_id, special);
     cp.shutdown();
 }
+
+/// The registry's label index follows registration, relabelling, draining and removal:
+/// the snapshots for a set of labels are exactly the runners taking jobs that carry them
+/// all (own, added or reserved), the same as a filter over every runner.
+#[test]
+fn the_label_index_matches_a_scan_of_every_runner() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let registry = rustci_control::Registry::new();
+    let set = |ls: &[&str]| ls.iter().map(|l| l.to_string()).collect::<BTreeSet<_>>();
+    let with = |labels: &[&str], reserved: &[&str]| {
+        let mut o = RegisterOptions::default();
+        o.labels = set(labels);
+        o.reserved_labels = set(reserved);
+        o
+    };
+    let a = registry.register(local("a", None), with(&["x", "y"], &[]));
+    let b = registry.register(local("b", None), with(&["x"], &["gpu"]));
+    let c = registry.register(local("c", None), with(&[], &[]));
+    let none = BTreeMap::new();
+    let ids = |sets: &[BTreeSet<String>]| -> Vec<String> {
+        registry
+            .snapshots_carrying(&none, sets)
+            .into_iter()
+            .map(|s| s.info.id)
+            .collect()
+    };
+    let scan = |sets: &[BTreeSet<String>]| -> Vec<String> {
+        registry
+            .snapshots_where(&none, |e| {
+                sets.iter().any(|s| s.iter().all(|l| e.carries(l)))
+            })
+            .into_iter()
+            .map(|s| s.info.id)
+            .collect()
+    };
+    let cases = [
+        vec![set(&["x"])],
+        vec![set(&["x", "y"])],
+        vec![set(&["gpu"])],
+        vec![set(&["x", "gpu"]), set(&["y"])],
+        vec![set(&["nowhere"])],
+        vec![set(&[])],
+    ];
+    let check = |what: &str| {
+        for sets in &cases {
+            assert_eq!(ids(sets), scan(sets), "{what}: {sets:?}");
+        }
+    };
+    check("registered");
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(ids(&[set(&["x"])]), both);
+    assert_eq!(ids(&[set(&["gpu"])]), vec![b.clone()]);
+    assert!(registry.update(&c, with(&["y", "gpu"], &[])));
+    assert!(registry.update(&a, with(&[], &[])));
+    check("relabelled");
+    assert_eq!(ids(&[set(&["y"])]), vec![c.clone()]);
+    registry.drain(&b);
+    check("drained");
+    assert_eq!(ids(&[set(&["gpu"])]), vec![c.clone()]);
+    registry.remove(&c);
+    check("removed");
+    assert!(ids(&[set(&["gpu"])]).is_empty());
+    assert_eq!(ids(&[set(&[])]), vec![a]);
+}
