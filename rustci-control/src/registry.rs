@@ -132,7 +132,10 @@ pub struct StatusChange {
     pub to: Option<RunnerStatus>,
 }
 
-fn snapshot(e: &RunnerEntry, running: &BTreeMap<String, BTreeMap<String, usize>>) -> RunnerSnapshot {
+fn snapshot(
+    e: &RunnerEntry,
+    running: &BTreeMap<String, BTreeMap<String, usize>>,
+) -> RunnerSnapshot {
     let by_name = running.get(&e.info().id).cloned().unwrap_or_default();
     let mut info = e.info().clone();
     info.labels.extend(e.extra_labels.iter().cloned());
@@ -313,10 +316,7 @@ impl Registry {
 
     /// Replaces a runner's added and reserved labels. False when it is unknown.
     pub fn update(&self, id: &str, options: RegisterOptions) -> bool {
-        self.entries
-            .write()
-            .expect("registry")
-            .relabel(id, options)
+        self.entries.write().expect("registry").relabel(id, options)
     }
 
     /// Stops giving the runner new jobs. `None` when unknown or unchanged.
