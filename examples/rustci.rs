@@ -154,6 +154,14 @@ struct TrustArgs {
 
 impl TrustArgs {
     fn remote(self, server: String, api_key: Option<String>) -> Result<remote::Remote, i32> {
+        // Plain HTTP checks no certificate: no CA is read (nor can a missing one fail).
+        if server.starts_with("http://") {
+            return Ok(remote::Remote {
+                server,
+                api_key,
+                trust: rustci::client::Trust::System,
+            });
+        }
         match remote::trust(
             self.ca.as_deref(),
             self.ca_fingerprint.as_deref(),

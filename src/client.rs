@@ -37,6 +37,16 @@ pub enum Trust {
 }
 
 impl Trust {
+    /// A configuration with no roots, for a client that never opens TLS.
+    fn unused_config() -> Result<rustls::ClientConfig, String> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth())
+    }
+
     fn client_config(&self) -> Result<rustls::ClientConfig, String> {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
@@ -242,8 +252,15 @@ impl ApiClient {
                 "server URL {base:?}: expected https://HOST:PORT (or http:// for a server with plain HTTP on loopback)"
             ));
         }
+        // Plain HTTP checks no certificate, so it reads no CA (a host without a system
+        // bundle can still reach a loopback server over http://).
+        let tls = if base.starts_with("https://") {
+            trust.client_config()?
+        } else {
+            Trust::unused_config()?
+        };
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(trust.client_config()?)
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .build();

@@ -1183,6 +1183,30 @@ async fn plain_http_on_loopback_and_a_brought_certificate() {
     assert!(server.url().starts_with("http://127.0.0.1:"));
     assert!(server.ca_pem().is_none(), "no CA is needed for plain HTTP");
     assert_eq!(t.admin().get("/api/jobs").await.unwrap().status, 200);
+    // The CLI over plain HTTP reads no CA: neither a missing system bundle nor an
+    // unreadable data-directory CA (a directory in its place) stops it.
+    let data = t.dir.path().join("cli-data");
+    std::fs::create_dir_all(data.join("pki/ca.pem")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustci"))
+        .args([
+            "jobs",
+            "list",
+            "--server",
+            &server.url(),
+            "--api-key",
+            ADMIN,
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("SSL_CERT_FILE", t.dir.path().join("no-such-bundle.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("STATE"));
     t.stop().await;
 
     // The user's own certificate and key, from the user's own CA.

@@ -459,16 +459,18 @@ impl ControlPlane {
             self.state.store.put_job(&record)?;
             self.state.logs.open(&id);
             let (priority, submitter) = (record.job.priority, record.submitter.clone());
+            let labels = asks(&record.job);
             self.state
                 .jobs
                 .lock()
                 .expect("jobs")
                 .insert(id.clone(), record);
-            self.state
-                .queue
-                .lock()
-                .expect("queue")
-                .push(id.clone(), priority, submitter);
+            self.state.queue.lock().expect("queue").push_asking(
+                id.clone(),
+                priority,
+                submitter,
+                labels,
+            );
             report.requeued.push(id);
         }
         self.state.wake.notify_one();
@@ -629,11 +631,12 @@ impl ControlPlane {
             }
             jobs.insert(id.clone(), record);
         }
-        self.state
-            .queue
-            .lock()
-            .expect("queue")
-            .push(id.clone(), job.priority, submitter);
+        self.state.queue.lock().expect("queue").push_asking(
+            id.clone(),
+            job.priority,
+            submitter,
+            asks(&job),
+        );
         let _ = self.state.events.send(ControlEvent::JobState {
             id: id.clone(),
             state: JobState::Queued,
@@ -944,8 +947,13 @@ fn dispatch_round(state: &Arc<State>) {
     // pool places nothing (no fit, or full), the round widens to every runner and goes
     // on from the same job, so placements and the reasons jobs wait are those of a
     // round over all runners.
-    let wanted = wanted_labels(state);
-    let mut pool = build_pool(state, &by_runner, wanted.as_deref());
+    let wanted = if state.selector.filters_by_labels() {
+        state.queue.lock().expect("queue").label_sets()
+    } else {
+        None
+    };
+    let assigned_to = assigned_counts(state);
+    let mut pool = build_pool(state, &by_runner, &assigned_to, wanted.as_deref());
     let mut narrow = wanted.is_some();
     // Free slots left among the pool's runners; `None` when one has no bound. Once none
     // is left, the rest of the queue waits without a selection each.
@@ -966,7 +974,7 @@ fn dispatch_round(state: &Arc<State>) {
         }
         for queued in chunk {
             if free == Some(0) && narrow {
-                pool = build_pool(state, &by_runner, None);
+                pool = widen(state, &by_runner, &assigned_to, pool);
                 free = free_in(&pool);
                 narrow = false;
             }
@@ -1018,7 +1026,7 @@ fn dispatch_round(state: &Arc<State>) {
                 };
                 match chosen {
                     Err(_) if narrow => {
-                        pool = build_pool(state, &by_runner, None);
+                        pool = widen(state, &by_runner, &assigned_to, pool);
                         free = free_in(&pool);
                         narrow = false;
                     }
@@ -1140,56 +1148,69 @@ fn dispatch_round(state: &Arc<State>) {
     }
 }
 
-/// `text` followed by the runners out of service, by status ("; 1 runner is draining").
-/// The label sets the queued jobs ask for, each once; `None` when a queued job asks for
-/// no label (any runner may fit it).
-fn wanted_labels(state: &State) -> Option<Vec<BTreeSet<String>>> {
-    let ids: Vec<JobId> = state.queue.lock().expect("queue").ids().cloned().collect();
-    let jobs = state.jobs.lock().expect("jobs");
-    let mut sets = BTreeSet::new();
-    for id in &ids {
-        // Gone since (cancelled): not placed, so it asks for nothing.
-        let Some(r) = jobs.get(id) else { continue };
-        if r.job.runs_on.labels.is_empty() {
-            return None;
-        }
-        sets.insert(
-            r.job
-                .runs_on
-                .labels
-                .iter()
-                .cloned()
-                .collect::<BTreeSet<_>>(),
-        );
-    }
-    Some(sets.into_iter().collect())
+/// The labels `job` asks for, as the queue counts them.
+fn asks(job: &Job) -> BTreeSet<String> {
+    job.runs_on.labels.iter().cloned().collect()
 }
 
-/// A round's pool: the runners taking jobs (only those carrying every label of one of
-/// `only`, when given), with the jobs assigned to them but not started yet counted as
-/// running, so a runner is never offered more jobs than it has slots while starts are in
-/// flight (they do not show in its own `running()` yet). Loads are updated in place as
-/// the round assigns jobs.
-fn build_pool(
-    state: &State,
-    by_runner: &BTreeMap<String, BTreeMap<String, usize>>,
-    only: Option<&[BTreeSet<String>]>,
-) -> RunnerPool {
+/// Jobs assigned to each runner but not started yet, as a round starts.
+fn assigned_counts(state: &State) -> HashMap<String, usize> {
     let mut assigned_to: HashMap<String, usize> = HashMap::new();
     for runner in state.assigned.lock().expect("assigned").values() {
         *assigned_to.entry(runner.clone()).or_default() += 1;
     }
+    assigned_to
+}
+
+/// A round's pool: the runners taking jobs (only those carrying every label of one of
+/// `only`, when given), with the jobs assigned to them but not started yet
+/// (`assigned_to`, taken as the round started) counted as running, so a runner is never
+/// offered more jobs than it has slots while starts are in flight (they do not show in
+/// its own `running()` yet). Loads are updated in place as the round assigns jobs.
+fn build_pool(
+    state: &State,
+    by_runner: &BTreeMap<String, BTreeMap<String, usize>>,
+    assigned_to: &HashMap<String, usize>,
+    only: Option<&[BTreeSet<String>]>,
+) -> RunnerPool {
     let mut snapshots = match only {
         None => state.registry.snapshots(by_runner),
         Some(sets) => state.registry.snapshots_carrying(by_runner, sets),
     };
-    for snap in &mut snapshots {
-        let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);
-        snap.running = snap.running.max(ours);
-    }
+    count_assigned(&mut snapshots, assigned_to);
     RunnerPool::new(snapshots)
 }
 
+fn count_assigned(snapshots: &mut [RunnerSnapshot], assigned_to: &HashMap<String, usize>) {
+    for snap in snapshots {
+        let ours = assigned_to.get(&snap.info.id).copied().unwrap_or(0);
+        snap.running = snap.running.max(ours);
+    }
+}
+
+/// `narrow` with every other runner taking jobs added, in the registry's order (by id),
+/// as [`build_pool`] over all runners orders them. `narrow`'s snapshots are kept as the
+/// round updated them, so the jobs it assigned still count for loads and spreading, as
+/// in a round that started with every runner.
+fn widen(
+    state: &State,
+    by_runner: &BTreeMap<String, BTreeMap<String, usize>>,
+    assigned_to: &HashMap<String, usize>,
+    narrow: RunnerPool,
+) -> RunnerPool {
+    let have: std::collections::HashSet<String> =
+        narrow.runners().iter().map(|r| r.info.id.clone()).collect();
+    let mut others = state
+        .registry
+        .snapshots_where(by_runner, |e| !have.contains(&e.info().id));
+    count_assigned(&mut others, assigned_to);
+    let mut all = narrow.runners().to_vec();
+    all.extend(others);
+    all.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+    RunnerPool::new(all)
+}
+
+/// `text` followed by the runners out of service, by status ("; 1 runner is draining").
 fn with_out_of_service(state: &State, mut text: String) -> String {
     for (status, n) in state.registry.out_of_service() {
         let noun = if n == 1 { "runner is" } else { "runners are" };
@@ -1404,11 +1425,12 @@ fn end_attempt(
             .entry(id.clone())
             .or_default()
             .insert(runner_id);
-        state
-            .queue
-            .lock()
-            .expect("queue")
-            .push(id.clone(), job.priority, submitter);
+        state.queue.lock().expect("queue").push_asking(
+            id.clone(),
+            job.priority,
+            submitter,
+            asks(&job),
+        );
         set_state(&state, &id, JobState::Queued);
     } else {
         let final_state = match &outcome {

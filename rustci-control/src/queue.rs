@@ -2,7 +2,7 @@
 //! (the submitter with the fewest running jobs goes first), FIFO otherwise.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use rustci_runners::runner::JobId;
 
@@ -25,8 +25,11 @@ pub struct QueuedJob {
 pub struct JobQueue {
     /// Priority (highest first) → submitter → sequence → job.
     levels: BTreeMap<Reverse<i32>, HashMap<String, BTreeMap<u64, JobId>>>,
-    index: HashMap<JobId, (i32, String, u64)>,
+    index: HashMap<JobId, (i32, String, u64, BTreeSet<String>)>,
     next_seq: u64,
+    /// How many queued jobs ask for each set of labels; the empty set counts the jobs
+    /// that ask for none.
+    label_sets: HashMap<BTreeSet<String>, usize>,
 }
 
 impl JobQueue {
@@ -35,8 +38,21 @@ impl JobQueue {
         JobQueue::default()
     }
 
-    /// Adds a job at the end of its priority.
+    /// Adds a job at the end of its priority. Its labels are not known to the queue:
+    /// it counts as a job any runner may take (see [`JobQueue::label_sets`]).
     pub fn push(&mut self, id: JobId, priority: i32, submitter: impl Into<String>) {
+        self.push_asking(id, priority, submitter, BTreeSet::new());
+    }
+
+    /// [`JobQueue::push`] of a job asking for runners carrying every label of `labels`.
+    /// A job already queued stays as it is.
+    pub fn push_asking(
+        &mut self,
+        id: JobId,
+        priority: i32,
+        submitter: impl Into<String>,
+        labels: BTreeSet<String>,
+    ) {
         let submitter = submitter.into();
         if self.index.contains_key(&id) {
             return;
@@ -49,12 +65,13 @@ impl JobQueue {
             .entry(submitter.clone())
             .or_default()
             .insert(seq, id.clone());
-        self.index.insert(id, (priority, submitter, seq));
+        *self.label_sets.entry(labels.clone()).or_default() += 1;
+        self.index.insert(id, (priority, submitter, seq, labels));
     }
 
     /// Removes a job; true when it was queued.
     pub fn remove(&mut self, id: &JobId) -> bool {
-        let Some((priority, submitter, seq)) = self.index.remove(id) else {
+        let Some((priority, submitter, seq, labels)) = self.index.remove(id) else {
             return false;
         };
         if let Some(level) = self.levels.get_mut(&Reverse(priority)) {
@@ -68,7 +85,25 @@ impl JobQueue {
                 self.levels.remove(&Reverse(priority));
             }
         }
+        if let Some(n) = self.label_sets.get_mut(&labels) {
+            *n -= 1;
+            if *n == 0 {
+                self.label_sets.remove(&labels);
+            }
+        }
         true
+    }
+
+    /// The sets of labels the queued jobs ask for, each once, in order; `None` when a
+    /// queued job asks for no label (or was queued by [`JobQueue::push`]), as any runner
+    /// may fit it then. Costs the number of distinct sets, not the length of the queue.
+    pub fn label_sets(&self) -> Option<Vec<BTreeSet<String>>> {
+        if self.label_sets.contains_key(&BTreeSet::new()) {
+            return None;
+        }
+        let mut sets: Vec<BTreeSet<String>> = self.label_sets.keys().cloned().collect();
+        sets.sort();
+        Some(sets)
     }
 
     /// Every queued job's id, in no particular order.
@@ -159,5 +194,40 @@ mod tests {
         assert!(q.remove(&ids[2]));
         assert!(!q.remove(&ids[2]));
         assert_eq!(q.len(), 4);
+    }
+
+    #[test]
+    fn label_sets_follow_pushes_and_removals() {
+        let mut q = JobQueue::new();
+        let set = |ls: &[&str]| ls.iter().map(|l| l.to_string()).collect::<BTreeSet<_>>();
+        let id = |i: u32| JobId::from(format!("j{i}"));
+        assert_eq!(q.label_sets(), Some(vec![]));
+        q.push_asking(id(0), 0, "a", set(&["linux", "x86"]));
+        q.push_asking(id(1), 0, "a", set(&["gpu"]));
+        q.push_asking(id(2), 0, "b", set(&["gpu"]));
+        // Pushed again while queued: nothing changes.
+        q.push_asking(id(2), 0, "b", set(&["other"]));
+        assert_eq!(
+            q.label_sets(),
+            Some(vec![set(&["gpu"]), set(&["linux", "x86"])])
+        );
+        q.push_asking(id(3), 0, "b", set(&[]));
+        assert_eq!(
+            q.label_sets(),
+            None,
+            "a job asking for no label fits any runner"
+        );
+        q.push(id(4), 0, "c");
+        assert!(q.remove(&id(3)));
+        assert_eq!(q.label_sets(), None, "labels unknown (push) count as none");
+        assert!(q.remove(&id(4)));
+        assert!(q.remove(&id(1)));
+        assert_eq!(
+            q.label_sets(),
+            Some(vec![set(&["gpu"]), set(&["linux", "x86"])]),
+            "one job still asks for gpu"
+        );
+        assert!(q.remove(&id(2)) && q.remove(&id(0)));
+        assert_eq!(q.label_sets(), Some(vec![]));
     }
 }

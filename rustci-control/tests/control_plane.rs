@@ -570,6 +570,88 @@ async fn labelled_jobs_among_many_runners_are_placed_and_say_why_they_wait() {
     cp.shutdown();
 }
 
+fn labelled(label: &str) -> RegisterOptions {
+    let mut options = RegisterOptions::default();
+    options.labels.insert(label.into());
+    options
+}
+
+fn asking(name: &str, label: &str) -> Job {
+    let mut j = Job::new(name, vec![Step::run("true")]);
+    j.runs_on.labels = vec![label.into()];
+    j
+}
+
+/// A round that widens (a job that no runner carrying its labels fits) keeps what it
+/// assigned before: the second copy of a job goes to the other runner carrying its
+/// label, as in a round over every runner.
+// One thread: the three submissions are queued before any round runs.
+#[tokio::test]
+async fn a_widened_round_still_spreads_the_copies_of_a_job() {
+    use rustci_runners::select::{ScorerKind, SelectionConfig, SelectionEngine};
+    let mut config = SelectionConfig::default();
+    config.weights = std::collections::BTreeMap::from([(ScorerKind::Spread, 1.0)]);
+    let cp = ControlPlane::new(
+        SelectionEngine::from_config(&config),
+        Duration::from_secs(3600),
+    );
+    let mut carrying = [
+        cp.register(local("x-1", Some(4)), labelled("x")),
+        cp.register(local("x-2", Some(4)), labelled("x")),
+    ];
+    carrying.sort();
+    cp.register(local("plain", Some(4)), RegisterOptions::default());
+    let a = cp.submit(asking("build", "x"), "alice").unwrap();
+    let nowhere = cp.submit(asking("elsewhere", "nowhere"), "alice").unwrap();
+    let b = cp.submit(asking("build", "x"), "alice").unwrap();
+    let (a, b) = (cp.wait(&a).await.unwrap(), cp.wait(&b).await.unwrap());
+    assert_eq!(
+        a.attempts[0].runner_id, carrying[0],
+        "ties go to the first runner"
+    );
+    assert_eq!(
+        b.attempts[0].runner_id, carrying[1],
+        "the second copy of build is spread to the other runner carrying x"
+    );
+    let waits = cp.get(&nowhere).unwrap();
+    assert_eq!(waits.state, JobState::Queued);
+    assert!(
+        waits
+            .why_pending
+            .as_deref()
+            .is_some_and(|w| w.contains("3 runners: lacks label nowhere")),
+        "{waits:?}"
+    );
+    cp.shutdown();
+}
+
+/// A selector that does not promise to filter by labels is given every runner, even for
+/// a job that asks for labels: it may choose one that lacks them.
+#[tokio::test]
+async fn a_selector_without_a_label_filter_sees_every_runner() {
+    use rustci_runners::select::SelectionEngine;
+    // No filters and no scorers: the first runner (by id) wins.
+    let cp = ControlPlane::new(SelectionEngine::new(Vec::new()), Duration::from_secs(3600));
+    let with_x = cp.register(local("with-x", Some(4)), labelled("x"));
+    // A runner without the label whose id orders first (each id is random).
+    let plain = (0..64)
+        .map(|i| {
+            cp.register(
+                local(&format!("plain-{i}"), Some(4)),
+                RegisterOptions::default(),
+            )
+        })
+        .find(|id| *id < with_x)
+        .expect("one of 64 random ids orders before another");
+    let first = cp.registry().ids().into_iter().min().unwrap();
+    let id = cp.submit(asking("build", "x"), "alice").unwrap();
+    let record = cp.wait(&id).await.unwrap();
+    assert!(plain >= first);
+    assert_eq!(record.attempts[0].runner_id, first);
+    assert_ne!(record.attempts[0].runner_id, with_x);
+    cp.shutdown();
+}
+
 /// The registry's label index follows registration, relabelling, draining and removal:
 /// the snapshots for a set of labels are exactly the runners taking jobs that carry them
 /// all (own, added or reserved), the same as a filter over every runner.
@@ -626,6 +708,16 @@ fn the_label_index_matches_a_scan_of_every_runner() {
     assert!(registry.update(&a, with(&[], &[])));
     check("relabelled");
     assert_eq!(ids(&[set(&["y"])]), vec![c.clone()]);
+    // Registered again under its id, with other labels: the old ones are gone from the
+    // index, the new ones in it.
+    assert_eq!(ids(&[set(&["x"])]), vec![b.clone()]);
+    let again = registry.get(&a).expect("registered").runner.clone();
+    assert_eq!(registry.register(again, with(&["x", "z"], &[])), a);
+    check("registered again");
+    assert_eq!(ids(&[set(&["z"])]), vec![a.clone()]);
+    assert_eq!(ids(&[set(&["x"])]), both);
+    assert!(registry.update(&a, with(&[], &[])));
+    check("relabelled again");
     registry.drain(&b);
     check("drained");
     assert_eq!(ids(&[set(&["gpu"])]), vec![c.clone()]);

@@ -157,8 +157,9 @@ enum Phase {
     /// Not accepted in time: aborted, but the agent may be running it (it starts before
     /// it accepts). Kept until the agent says it no longer runs it (`Released`, a
     /// `Reject` or a `Complete`), reconnects without it, or stays away past the
-    /// reassignment time; the sender then tells the offer to give the job back.
-    Withdrawn(Option<oneshot::Sender<()>>),
+    /// reassignment time; the sender then tells the offer to give the job back, and
+    /// whether the agent never ran it (it refused it).
+    Withdrawn(Option<oneshot::Sender<bool>>),
     Running,
     /// Taken up after a restart; given up at this instant unless its agent continues it.
     Reattached(Instant),
@@ -402,17 +403,19 @@ impl RefusalAudit {
 
     /// Records one refusal of `who`'s certificate for `why`.
     fn refused(&self, who: &str, why: &str) {
-        let record = {
+        let (record, rolled) = {
             let mut w = self.window.lock().expect("refusals");
-            self.roll(&mut w, Instant::now());
+            let rolled = Self::roll(&mut w, Instant::now());
             if w.recorded < Self::PER_WINDOW {
                 w.recorded += 1;
-                true
+                (true, rolled)
             } else {
                 w.suppressed += 1;
-                false
+                (false, rolled)
             }
         };
+        // Audited outside the window's lock: the store may be slow.
+        self.audit_suppressed(rolled);
         if record {
             tracing::warn!(agent = %who, error = %why, "refused a client certificate");
             self.admission.audit(
@@ -430,34 +433,36 @@ impl RefusalAudit {
 
     /// Ends the window if it is over, auditing what it left uncounted.
     fn flush(&self) {
-        let mut w = self.window.lock().expect("refusals");
-        self.roll(&mut w, Instant::now());
+        let rolled = Self::roll(&mut self.window.lock().expect("refusals"), Instant::now());
+        self.audit_suppressed(rolled);
     }
 
-    fn roll(&self, w: &mut RefusalWindow, now: Instant) {
+    /// Starts a new window if the current one is over; the refusals it did not audit
+    /// one by one, if any.
+    fn roll(w: &mut RefusalWindow, now: Instant) -> Option<u64> {
         if now.duration_since(w.since) < Self::WINDOW {
-            return;
+            return None;
         }
-        if w.suppressed > 0 {
-            tracing::warn!(
-                count = w.suppressed,
-                "refused client certificates not audited one by one"
-            );
-            self.admission.audit(
-                "cert:*",
-                "agent.tls",
-                None,
-                &format!(
-                    "denied: {} more client certificates refused in the minute since the first of them, not recorded one by one",
-                    w.suppressed
-                ),
-            );
-        }
+        let suppressed = w.suppressed;
         *w = RefusalWindow {
             since: now,
             recorded: 0,
             suppressed: 0,
         };
+        (suppressed > 0).then_some(suppressed)
+    }
+
+    fn audit_suppressed(&self, count: Option<u64>) {
+        let Some(count) = count else { return };
+        tracing::warn!(count, "refused client certificates not audited one by one");
+        self.admission.audit(
+            "cert:*",
+            "agent.tls",
+            None,
+            &format!(
+                "denied: {count} more client certificates refused within a minute, not recorded one by one"
+            ),
+        );
     }
 }
 
@@ -899,7 +904,7 @@ fn end_lost(a: AttemptLive) {
         }
         Phase::Withdrawn(confirm) => {
             if let Some(tx) = confirm {
-                let _ = tx.send(());
+                let _ = tx.send(false);
             }
             return;
         }
@@ -923,7 +928,7 @@ impl HubInner {
     /// (phase `Withdrawn`) until the agent no longer runs it, which the returned receiver
     /// tells. `None` when it is no longer an unanswered offer (answered as the time ran
     /// out, or gone).
-    fn withdraw(&self, key: &Key) -> Option<oneshot::Receiver<()>> {
+    fn withdraw(&self, key: &Key) -> Option<oneshot::Receiver<bool>> {
         let mut state = self.state.lock().expect("hub");
         let at = state.attempts.get_mut(key)?;
         match &at.phase {
@@ -941,19 +946,69 @@ impl HubInner {
     /// does not run (it released, refused or completed it): the attempt ends, and its
     /// job is placed again.
     fn release_withdrawn(&self, agent: &str, r: Option<&proto::AttemptRef>) -> bool {
+        self.release_where(agent, r, |phase| matches!(phase, Phase::Withdrawn(_)))
+    }
+
+    /// [`HubInner::release_withdrawn`] for a refusal: the agent never ran the attempt
+    /// (its start failed), so the job is placed again as declined, costing no retry.
+    fn refuse_withdrawn(&self, agent: &str, r: Option<&proto::AttemptRef>) -> bool {
         let Some(r) = r else { return false };
         let k = key_of(r);
         let mut state = self.state.lock().expect("hub");
-        let withdrawn = state
+        let Some(at) = state.attempts.get_mut(&k).filter(|a| a.agent == agent) else {
+            return false;
+        };
+        let Phase::Withdrawn(confirm) = &mut at.phase else {
+            return false;
+        };
+        let confirm = confirm.take();
+        let a = state.attempts.remove(&k).expect("present");
+        drop(state);
+        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent refused the withdrawn offer: it never ran");
+        a.ended.cancel();
+        if let Some(tx) = confirm {
+            let _ = tx.send(true);
+        }
+        true
+    }
+
+    /// True when `r` names an attempt the control plane holds for `agent` in any phase,
+    /// which `agent` says it no longer runs and will not complete (`Released`): it ends
+    /// lost, and its job is retried per its policy. This covers an attempt withdrawn
+    /// and then taken up again by a restarted control plane, which the agent stops
+    /// because it was told to before the restart.
+    fn release(&self, agent: &str, r: Option<&proto::AttemptRef>) -> bool {
+        self.release_where(agent, r, |_| true)
+    }
+
+    /// True when `r` names an attempt running for `agent` (accepted, or continued after
+    /// a reconnect) that `agent` now refuses: it never started it (a start still in
+    /// progress when an earlier abort arrived), so it ends lost.
+    fn release_running(&self, agent: &str, r: Option<&proto::AttemptRef>) -> bool {
+        self.release_where(agent, r, |phase| {
+            matches!(phase, Phase::Running | Phase::Reattached(_))
+        })
+    }
+
+    fn release_where(
+        &self,
+        agent: &str,
+        r: Option<&proto::AttemptRef>,
+        phase: impl Fn(&Phase) -> bool,
+    ) -> bool {
+        let Some(r) = r else { return false };
+        let k = key_of(r);
+        let mut state = self.state.lock().expect("hub");
+        let held = state
             .attempts
             .get(&k)
-            .is_some_and(|a| a.agent == agent && matches!(a.phase, Phase::Withdrawn(_)));
-        if !withdrawn {
+            .is_some_and(|a| a.agent == agent && phase(&a.phase));
+        if !held {
             return false;
         }
         let a = state.attempts.remove(&k).expect("present");
         drop(state);
-        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent no longer runs the withdrawn attempt");
+        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent no longer runs the attempt");
         end_lost(a);
         true
     }
@@ -1103,13 +1158,27 @@ impl HubInner {
                         reason: "not accepted in time".into(),
                     }))));
                     // The agent may be running it already (it starts before it accepts):
-                    // the job goes back only once the agent no longer runs it.
-                    let _ = released.await;
+                    // the job goes back only once the agent no longer runs it (it says
+                    // so, reconnects without it, or its lease runs out). A hub that
+                    // stops waits no longer: it places nothing again.
+                    let never_ran = tokio::select! {
+                        r = released => r.unwrap_or(false),
+                        _ = self.stop.cancelled() => false,
+                    };
                     forget(self);
-                    return Err(Error::unavailable(format!(
-                        "agent {agent} did not accept the job within {timeout:?}"
-                    ))
-                    .temporary(true));
+                    // Refused late: it never ran, so it costs the job no retry.
+                    return Err(if never_ran {
+                        Error::unavailable(format!(
+                            "agent {agent} did not accept the job within {timeout:?}, then refused it"
+                        ))
+                        .temporary(true)
+                        .declined(true)
+                    } else {
+                        Error::unavailable(format!(
+                            "agent {agent} did not accept the job within {timeout:?}"
+                        ))
+                        .temporary(true)
+                    });
                 }
                 // Answered as the time ran out.
                 None => answer_rx.await,
@@ -1610,6 +1679,21 @@ impl proto::valkyrie_server::Valkyrie for Service {
             )));
         }
         let id = uuid::Uuid::new_v4().to_string();
+        // Signed before the token is spent, so a request with a CSR that does not decode
+        // leaves the token usable (the certificate is discarded if the token is refused).
+        let (certificate_pem, until) =
+            match inner
+                .authority
+                .sign_agent(&r.csr_pem, &id, inner.options.certificate_validity)
+            {
+                Ok(signed) => signed,
+                Err(e) => {
+                    inner
+                        .admission
+                        .audit(&actor, "agent.register", None, "denied: bad CSR");
+                    return Err(Status::invalid_argument(e.to_string()));
+                }
+            };
         let granted = match inner.admission.admit(&r.token, &format!("{name} ({id})")) {
             Ok(l) => l,
             Err(why) => {
@@ -1619,10 +1703,6 @@ impl proto::valkyrie_server::Valkyrie for Service {
                 return Err(Status::permission_denied(why));
             }
         };
-        let (certificate_pem, until) = inner
-            .authority
-            .sign_agent(&r.csr_pem, &id, inner.options.certificate_validity)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut labels: BTreeSet<String> = r.labels.into_iter().collect();
         labels.extend(granted);
         let record = AgentRecord {
@@ -2133,9 +2213,10 @@ async fn handle(
     };
     match m.kind {
         None => {
-            return Err(Status::invalid_argument(
-                "a message of a kind this control plane does not know (protocol version 1)",
-            ));
+            return Err(Status::invalid_argument(format!(
+                "a message of a kind this control plane does not know (protocol version \
+                 {PROTOCOL_VERSION})"
+            )));
         }
         Some(agent_message::Kind::Hello(_)) => {
             return Err(Status::invalid_argument("a second hello in one session"));
@@ -2212,9 +2293,11 @@ async fn handle(
                 }
             }
         }
-        // A refused withdrawn offer: the agent does not run it.
+        // A refused withdrawn offer, or a refusal of an attempt continued since (after a
+        // control-plane restart): the agent does not run it.
         Some(agent_message::Kind::Reject(rj))
-            if inner.release_withdrawn(agent, rj.attempt.as_ref()) => {}
+            if inner.refuse_withdrawn(agent, rj.attempt.as_ref())
+                || inner.release_running(agent, rj.attempt.as_ref()) => {}
         Some(agent_message::Kind::Reject(rj)) => match held_by(inner, agent, rj.attempt.as_ref()) {
             Ok(k) => {
                 let mut state = inner.state.lock().expect("hub");
@@ -2225,8 +2308,8 @@ async fn handle(
                     let _ = answer.send(Err((rj.reason, rj.temporary)));
                 }
             }
-            // A late refusal of a withdrawn offer: the agent holds nothing to stop, but
-            // is told, as for any message about an attempt it does not hold.
+            // A refusal of an attempt this agent does not hold: it is told, as for any
+            // message about such an attempt.
             Err(why) => {
                 let _ = tx.send(Ok(abort(rj.attempt, why))).await;
             }
@@ -2275,8 +2358,8 @@ async fn handle(
             let _ = tx.send(Ok(abort(c.attempt, why))).await;
         }
         Some(agent_message::Kind::Released(rl)) => {
-            // Never answered; about anything but a withdrawn offer it changes nothing.
-            inner.release_withdrawn(agent, rl.attempt.as_ref());
+            // Never answered; about an attempt not held for this agent it changes nothing.
+            inner.release(agent, rl.attempt.as_ref());
         }
         Some(agent_message::Kind::Complete(c)) => {
             let r = c.attempt.clone();
@@ -2472,7 +2555,9 @@ mod tests {
         // Once the minute is over, the five not written one by one are, as one entry,
         // and the next window starts empty.
         let later = Instant::now() + RefusalAudit::WINDOW + Duration::from_secs(1);
-        refusals.roll(&mut refusals.window.lock().unwrap(), later);
+        let rolled = RefusalAudit::roll(&mut refusals.window.lock().unwrap(), later);
+        assert_eq!(rolled, Some(5));
+        refusals.audit_suppressed(rolled);
         let entries = audit.0.lock().unwrap().clone();
         assert_eq!(entries.len(), 21);
         assert_eq!(entries[20].0, "cert:*");

@@ -190,6 +190,17 @@ mod model {
         reassign: fn(&Timings, Duration) -> Duration,
         /// What happens to an offer not accepted within `Timings::offer_timeout`.
         withdraw: Withdraw,
+        /// Which attempts a `Released` (or a late `Reject`) of their agent ends.
+        release: Release,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Release {
+        /// Any attempt the control plane holds for that agent (the real rule,
+        /// `HubInner::release` and `release_running`).
+        AnyPhase,
+        /// Only a withdrawn offer (what the control plane once did).
+        WithdrawnOnly,
     }
 
     #[derive(Clone, Copy, PartialEq, Eq)]
@@ -205,6 +216,7 @@ mod model {
     const LEASES: Rules = Rules {
         reassign: Timings::reassign_for,
         withdraw: Withdraw::UntilReleased,
+        release: Release::AnyPhase,
     };
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -575,6 +587,11 @@ mod model {
         /// ran them.
         withdrawn: u64,
         withdrawn_released: u64,
+        /// Attempts held as running (or taken up after a restart) that their agent
+        /// released or refused.
+        released_running: u64,
+        /// Cases settled for (e).
+        settled: u64,
     }
 
     impl Stats {
@@ -596,6 +613,8 @@ mod model {
             self.verdicts_abort += o.verdicts_abort;
             self.withdrawn += o.withdrawn;
             self.withdrawn_released += o.withdrawn_released;
+            self.released_running += o.released_running;
+            self.settled += o.settled;
         }
     }
 
@@ -1031,20 +1050,29 @@ mod model {
                     self.release_withdrawn(k);
                     self.send_down(sid, DOWN, Down::Abort(k));
                 }
+                Up::Released(k) if self.withdrawn_from(x, &k) => {
+                    self.refusal(&k, x, false, "a release");
+                    self.release_withdrawn(k);
+                }
                 Up::Released(k) => {
-                    let taken = self.withdrawn_from(x, &k);
+                    // Any other attempt held for this agent: it no longer runs there.
+                    let taken = self.rules.release == Release::AnyPhase
+                        && self.hub.attempts.get(&k).is_some_and(|a| a.agent == x);
                     self.refusal(&k, x, !taken, "a release");
                     if taken {
-                        self.release_withdrawn(k);
+                        let at = self.hub.attempts.remove(&k).expect("held");
+                        self.stats.released_running += 1;
+                        self.end_lost(k, at.phase);
                     }
                 }
                 Up::Reject(k) => {
                     let held = holds(self.holder(&k), me);
                     self.refusal(&k, x, !held, "a reject");
                     if held {
-                        if self.hub.attempts[&k].phase == Phase::Offered {
+                        let phase = self.hub.attempts[&k].phase;
+                        if phase == Phase::Offered || self.rules.release == Release::AnyPhase {
                             self.hub.attempts.remove(&k);
-                            self.end_lost(k, Phase::Offered);
+                            self.end_lost(k, phase);
                         }
                     } else {
                         self.send_down(sid, DOWN, Down::Abort(k));
@@ -1875,12 +1903,75 @@ mod model {
         }
     }
 
-    /// Runs one case; the first invariant it breaks, if any.
+    impl Sim {
+        /// After the case's actions: every outage over, every start in progress
+        /// returned, and time enough for offers, leases and the restart grace to run out.
+        /// Then (e): the control plane holds no attempt that waits forever. A withdrawn
+        /// or taken-up attempt is settled by then, and one it holds as running is one its
+        /// agent is up and still running.
+        fn settle(&mut self) -> Result<(), String> {
+            let n = self.agents.len();
+            let reassign = [self.t.heartbeat, self.t.heartbeat_for(n)]
+                .into_iter()
+                .map(|h| (self.rules.reassign)(&self.t, h))
+                .max()
+                .expect("two");
+            let long = self.t.restart_grace + reassign * 2 + self.t.offer_timeout + self.h * 8;
+            // The longest outage is 255 quarters of h.
+            let sleep = |sim: &mut Sim, d: Duration| {
+                let beats = d.as_nanos().div_ceil(sim.h.as_nanos()).min(255) as u8;
+                sim.act(Action::Sleep { beats })
+            };
+            sleep(self, self.h * 64)?;
+            sleep(self, long)?;
+            for i in 0..n {
+                if !self.agents[i].up {
+                    continue;
+                }
+                let starting: Vec<Key> = self.agents[i]
+                    .attempts
+                    .iter()
+                    .filter(|(_, l)| !l.started)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in starting {
+                    self.start(i, k);
+                }
+            }
+            sleep(self, long)?;
+            sleep(self, long)?;
+            self.stats.settled += 1;
+            for (k, at) in &self.hub.attempts {
+                let agent = &self.agents[at.agent];
+                let running = agent.attempts.get(k).is_some_and(|l| !l.aborted);
+                let stuck = match at.phase {
+                    Phase::Offered => false,
+                    Phase::Withdrawn | Phase::Reattached(_) => true,
+                    Phase::Running => !(agent.up && running),
+                };
+                if stuck {
+                    return Err(format!(
+                        "(e) at {:?}: the control plane still holds attempt {} of job {} for {} as {:?}, which that agent does not run (it holds {:?})",
+                        self.now,
+                        k.1,
+                        k.0,
+                        NAMES[at.agent],
+                        at.phase,
+                        agent.attempts.keys().collect::<Vec<_>>()
+                    ));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Runs one case, then lets it settle; the first invariant it breaks, if any.
     fn simulate(c: &Case, rules: Rules) -> Result<Stats, String> {
         let mut sim = Sim::new(c, rules);
         for a in &c.actions {
             sim.act(*a)?;
         }
+        sim.settle()?;
         Ok(sim.stats)
     }
 
@@ -1954,7 +2045,22 @@ mod model {
             assert!(s.verdicts_continue > 0 && s.verdicts_abort > 0, "{s:?}");
             assert!(s.stale_refused > 0 && s.waits > 0, "{s:?}");
             assert!(s.withdrawn > 0 && s.withdrawn_released > 0, "{s:?}");
+            assert!(s.released_running > 0 && s.settled == s.cases, "{s:?}");
         }
+    }
+
+    /// The test can fail: a control plane that hears `Released` only for a withdrawn
+    /// offer (what it once did) keeps, after a restart, an attempt it took up and its
+    /// agent continued, then stopped because it was told to before the restart: (e).
+    #[test]
+    fn a_release_heard_only_for_withdrawn_offers_leaves_an_attempt_held_forever() {
+        let withdrawn_only = Rules {
+            release: Release::WithdrawnOnly,
+            ..LEASES
+        };
+        let (why, c) = counterexample(withdrawn_only);
+        eprintln!("{why}\n{c:?}");
+        assert!(why.contains("(e)"), "{why}");
     }
 
     /// The test can fail: with a reassignment time shorter than the self-fence time (by

@@ -36,7 +36,7 @@ pub mod proto {
 }
 
 /// The protocol version this crate speaks (`Hello.protocol`, `Welcome.protocol`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The runner kind of an agent's runners in the control plane.
 pub const KIND: &str = "valkyrie";

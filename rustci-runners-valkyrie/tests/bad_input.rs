@@ -707,7 +707,10 @@ async fn a_message_of_no_known_kind_ends_the_session_with_invalid_argument() {
     let (job, r) = take_job(&cp, &mut s, "first").await;
     let runners = agents(&cp)[0].3.clone();
 
-    let unknown = "a message of a kind this control plane does not know (protocol version 1)";
+    let unknown = format!(
+        "a message of a kind this control plane does not know (protocol version {PROTOCOL_VERSION})"
+    );
+    let unknown = unknown.as_str();
     let refusals: Vec<(&str, proto::AgentMessage, &str)> = vec![
         (
             "an unset oneof",
@@ -1212,6 +1215,44 @@ async fn a_client_certificate_signed_by_another_ca_is_refused() {
     assert_eq!(&after[..audit_before.len()], &audit_before[..]);
     live.alive(1).await;
     assert_eq!(status_of(&cp, &creds.id), AgentStatus::Healthy);
+    cp.hub.shutdown();
+}
+
+// A registration whose CSR does not decode is refused before its token is spent: the
+// same token then registers the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_with_a_bad_csr_is_refused_and_keeps_its_token() {
+    let cp = plane().await;
+    let channel = connect(&cp, cp.hub.authority().ca_pem(), None)
+        .await
+        .unwrap();
+    let status = ValkyrieClient::new(channel)
+        .register(proto::RegisterRequest {
+            token: "token-1".into(),
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nnot base64\n-----END CERTIFICATE REQUEST-----\n".into(),
+            name: "bad-csr".into(),
+            hostname: "hand-made".into(),
+            version: "test".into(),
+            labels: vec![],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("certificate signing request"),
+        "{status:?}"
+    );
+    assert!(agents(&cp).is_empty(), "nothing registered");
+    assert!(
+        audit(&cp)
+            .iter()
+            .any(|(_, a, r)| a == "agent.register" && r == "denied: bad CSR"),
+        "{:?}",
+        audit(&cp)
+    );
+    let creds = register(&cp, "token-1", "bad-csr", &[]).await;
+    assert_eq!(agents(&cp).len(), 1);
+    assert_eq!(agents(&cp)[0].0, creds.id);
     cp.hub.shutdown();
 }
 

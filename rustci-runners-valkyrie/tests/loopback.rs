@@ -194,6 +194,8 @@ struct FirstStartFails {
     first: std::sync::atomic::AtomicBool,
     release: Option<std::sync::Arc<tokio::sync::Notify>>,
     then_runs: bool,
+    /// Starts of the inner runner that returned an execution.
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[async_trait::async_trait]
@@ -223,7 +225,10 @@ impl rustci_runners::Runner for FirstStartFails {
                 return Err(rustci_runners::Error::unavailable("no room right now"));
             }
         }
-        self.inner.start(job, id).await
+        let execution = self.inner.start(job, id).await?;
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(execution)
     }
 }
 
@@ -232,8 +237,9 @@ async fn agent_with(
     data: &std::path::Path,
     release: Option<std::sync::Arc<tokio::sync::Notify>>,
     then_runs: bool,
-) -> Agent {
+) -> (Agent, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let mut options = agent_options(cp, data);
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     options.runners = vec![(
         "local".into(),
         std::sync::Arc::new(FirstStartFails {
@@ -241,19 +247,20 @@ async fn agent_with(
             first: true.into(),
             release,
             then_runs,
+            started: started.clone(),
         }),
     )];
     let agent = Agent::start(options).await.unwrap();
     agent.wait_connected(true).await;
     wait_runner_healthy(&cp.plane).await;
-    agent
+    (agent, started)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_temporary_refusal_is_placed_again_without_costing_a_retry() {
     let cp = control_side().await;
     let data = tempfile::tempdir().unwrap();
-    let agent = agent_with(&cp, data.path(), None, false).await;
+    let (agent, _) = agent_with(&cp, data.path(), None, false).await;
     let marks = data.path().join("marks");
     // No retry policy: only an attempt that does not count can let it run again.
     let job = remote_job(&format!("echo ran >> {}", marks.display()));
@@ -275,16 +282,17 @@ async fn a_temporary_refusal_is_placed_again_without_costing_a_retry() {
 
 /// An offer not accepted in time (the local runner's start is slow) is withdrawn, but
 /// the agent starts a job before it accepts it, so it may be running: the job is placed
-/// again only once the agent says it stopped it. Then it counts as a runner failure
-/// (not declined). `then_runs`: the slow start fails (the agent refuses), or it starts
-/// the job, which the agent stops at once (it releases the attempt).
+/// again only once the agent says it no longer runs it. `then_runs`: the slow start
+/// fails, and the agent refuses the offer late (it never ran: declined, costing no
+/// retry, and the job runs on its next attempt); or it starts the job, which the agent
+/// stops at once and releases (a runner failure: with no retry policy the job fails).
 async fn withdrawn_offer(then_runs: bool) {
     let mut timings = rustci_runners_valkyrie::Timings::fast();
     timings.offer_timeout = Duration::from_millis(300);
     let cp = control_side_with(timings).await;
     let data = tempfile::tempdir().unwrap();
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let agent = agent_with(&cp, data.path(), Some(release.clone()), then_runs).await;
+    let (agent, started) = agent_with(&cp, data.path(), Some(release.clone()), then_runs).await;
     let marks = data.path().join("marks");
     let job = remote_job(&format!(
         "echo started >> {m}; sleep 2; echo finished >> {m}",
@@ -303,26 +311,46 @@ async fn withdrawn_offer(then_runs: bool) {
     assert_eq!(agent.held(), 1);
 
     release.notify_one();
-    wait_state(&cp.plane, &id, JobState::Failed).await;
-    // By then the agent no longer holds it, and the job never ran to its end.
-    assert_eq!(agent.held(), 0);
+    let ends = if then_runs {
+        JobState::Failed
+    } else {
+        JobState::Succeeded
+    };
+    wait_state(&cp.plane, &id, ends).await;
+    until("the agent holds nothing", || agent.held() == 0).await;
     assert_eq!(cp.hub.agent(agent.id()).unwrap().withdrawn, 0);
     let marks = std::fs::read_to_string(&marks).unwrap_or_default();
-    assert!(!marks.contains("finished"), "{marks:?}");
     let record = cp.plane.get(&id).unwrap();
-    assert_eq!(record.attempts.len(), 1, "{record:?}");
-    assert!(!record.attempts[0].declined, "{record:?}");
+    let first = &record.attempts[0];
     assert!(
-        matches!(&record.attempts[0].outcome, Some(Outcome::RunnerError { message, temporary: true }) if message.contains("did not accept")),
+        matches!(&first.outcome, Some(Outcome::RunnerError { message, temporary: true }) if message.contains("did not accept")),
         "{:?}",
-        record.attempts[0].outcome
+        first.outcome
     );
+    // One start of the job reached the runner either way: the late one that was
+    // stopped, or the next attempt's.
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
+    if then_runs {
+        // Stopped before its end, and not placed again.
+        assert!(!marks.contains("finished"), "{marks:?}");
+        assert_eq!(record.attempts.len(), 1, "{record:?}");
+        assert!(!first.declined, "{record:?}");
+    } else {
+        assert!(first.declined, "{record:?}");
+        assert!(
+            matches!(&first.outcome, Some(Outcome::RunnerError { message, .. }) if message.contains("then refused it")),
+            "{:?}",
+            first.outcome
+        );
+        assert_eq!(record.attempts.len(), 2, "{record:?}");
+        assert_eq!(marks, "started\nfinished\n");
+    }
     agent.stop().await;
     cp.hub.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_withdrawn_offer_that_the_agent_refuses_late_is_given_back_then() {
+async fn a_withdrawn_offer_that_the_agent_refuses_late_is_declined_and_placed_again() {
     withdrawn_offer(false).await;
 }
 

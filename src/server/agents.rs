@@ -61,6 +61,8 @@ pub(crate) fn hub(
     options.timings.heartbeat = std::time::Duration::from_millis(config.agent_heartbeat_ms.max(10));
     options.timings.margin = std::time::Duration::from_millis(config.agent_margin_ms);
     options.timings.restart_grace = std::time::Duration::from_secs(config.agent_restart_grace_secs);
+    options.timings.offer_timeout =
+        std::time::Duration::from_millis(config.agent_offer_timeout_ms.max(100));
     rustci_runners_valkyrie::Hub::new(options, authority, Arc::new(admission))
         .map_err(|e| format!("starting the agent hub: {e}"))
 }

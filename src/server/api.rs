@@ -479,8 +479,6 @@ fn millis(t: std::time::SystemTime) -> u64 {
         .as_millis() as u64
 }
 
-/// A runner as the API shows it; a remote agent's runner carries `agent` (`agents` is
-/// the hub's current view, when there is a hub).
 /// Agents by the registry id of each of their runners.
 type AgentsByRunner<'a> = HashMap<&'a str, &'a rustci_runners_valkyrie::AgentView>;
 
@@ -491,6 +489,8 @@ fn by_runner(agents: &[rustci_runners_valkyrie::AgentView]) -> AgentsByRunner<'_
         .collect()
 }
 
+/// A runner as the API shows it; a remote agent's runner carries `agent` (`agents` is
+/// the hub's current view, when there is a hub).
 fn runner_json(e: &RunnerEntry, agents: &AgentsByRunner<'_>) -> Value {
     let info = e.info();
     let agent = agents.get(info.id.as_str()).map(|a| {
@@ -1273,8 +1273,10 @@ async fn create_token(
         json_body(Ok(bytes), app.config.max_body_bytes)?
     };
     let ttl = req.ttl_seconds.unwrap_or(3600);
-    if !(1..=30 * 86_400).contains(&ttl) {
-        return Err(ApiError::invalid("ttl_seconds: must be 1 to 2592000"));
+    if !(1..=super::tokens::MAX_TOKEN_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::invalid(
+            "ttl_seconds: must be 1 to 2592000 (30 days)",
+        ));
     }
     let (token, claims) = app
         .keys
@@ -1321,7 +1323,10 @@ async fn revoke_token(
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "TOKEN_NOT_FOUND",
-            format!("no registration token {id:?} (expired ones are forgotten)"),
+            format!(
+                "no registration token {id:?}: token ids are UUIDs, and expired tokens are \
+                 forgotten"
+            ),
         ));
     }
     audit(&app, &p.name, "token.revoke", Some(&id), "ok", &rid.0);

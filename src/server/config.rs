@@ -78,6 +78,10 @@ pub struct ServerConfig {
     /// After a restart, how long attempts of agents wait for their agent to reconnect,
     /// in seconds. Default 120.
     pub agent_restart_grace_secs: u64,
+    /// How long an agent has to accept a job it is offered, in milliseconds: its local
+    /// runner's start (an image pull included) must be done by then, or the offer is
+    /// withdrawn and the attempt counts as a runner failure. Default 10000.
+    pub agent_offer_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +108,7 @@ impl Default for ServerConfig {
             agent_heartbeat_ms: 5000,
             agent_margin_ms: 15000,
             agent_restart_grace_secs: 120,
+            agent_offer_timeout_ms: 10_000,
         }
     }
 }

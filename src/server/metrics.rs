@@ -225,6 +225,9 @@ impl Metrics {
         plane: &ControlPlane,
         agents: &[rustci_runners_valkyrie::AgentView],
     ) -> String {
+        // Held from the first gauge cleared to the last line encoded: two scrapes at once
+        // would otherwise clear each other's per-runner and per-agent series mid-render.
+        let registry = self.registry.lock().expect("metrics");
         self.agents.clear();
         self.agent_heartbeat.clear();
         for status in ["healthy", "draining", "disconnected", "lost"] {
@@ -278,7 +281,6 @@ impl Metrics {
                 .set(entry.runner.capabilities().max_concurrency.unwrap_or(0) as i64);
         }
         let mut out = String::new();
-        let registry = self.registry.lock().expect("metrics");
         if encode(&mut out, &registry).is_err() {
             out.clear();
         }
@@ -365,5 +367,40 @@ impl Observer for Metrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustci_control::RegisterOptions;
+    use rustci_runners::select::SelectionEngine;
+    use rustci_runners::{HostConfig, LocalRunner};
+
+    use super::*;
+
+    // Scrapes at once each see every runner's series: a render's clearing of the
+    // per-runner families must not reach another render's output.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_scrapes_each_show_every_runner() {
+        let plane = ControlPlane::new(SelectionEngine::default(), Duration::from_secs(60));
+        let runner = LocalRunner::new(HostConfig::named("scraped")).unwrap();
+        let id = plane.register(Arc::new(runner), RegisterOptions::default());
+        let metrics = Arc::new(Metrics::new());
+        let series = format!("rustci_runner_slots{{runner=\"{id}\"");
+        let scrapers: Vec<_> = (0..4)
+            .map(|_| {
+                let (metrics, plane, series) = (metrics.clone(), plane.clone(), series.clone());
+                std::thread::spawn(move || {
+                    (0..300)
+                        .filter(|_| !metrics.render(&plane).contains(&series))
+                        .count()
+                })
+            })
+            .collect();
+        let missing: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
+        assert_eq!(missing, 0, "{missing} of 1,200 scrapes lacked {series}");
+        plane.shutdown();
     }
 }

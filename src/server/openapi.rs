@@ -278,8 +278,8 @@ fn paths(
                 "operationId": "revokeToken",
                 "parameters": [id_param("id", "Token id (the id POST /api/tokens answered)")],
                 "responses": common(json!({
-                    "204": {"description": "Revoked"},
-                    "404": err("No such token (or it expired)"),
+                    "204": {"description": "Revoked (also a UUID this ledger never saw: a token issued before it kept one is refused from now on)"},
+                    "404": err("The id is not a token id (a UUID), or the token expired"),
                 })),
             },
         },

@@ -70,6 +70,10 @@ enum Line {
     Revoked {
         id: String,
         by: String,
+        /// Set when the ledger did not know the token (issued before it kept one): the
+        /// latest the token can expire, after which the entry is dropped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
 }
 
@@ -91,6 +95,9 @@ impl std::fmt::Debug for Tokens {
         f.debug_struct("Tokens").field("path", &self.path).finish()
     }
 }
+
+/// The longest lifetime `POST /api/tokens` gives a token: 30 days.
+pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
 
 /// Why a revoked token registers nothing.
 pub(crate) const REVOKED: &str = "the registration token was revoked";
@@ -202,18 +209,23 @@ impl Tokens {
         })
     }
 
-    /// Revokes the token `id` (`by`: the admin). `Ok(false)` when the ledger does not
-    /// know it. A used token can be revoked too (nothing changes for what it registered).
+    /// Revokes the token `id` (`by`: the admin). A used token can be revoked too
+    /// (nothing changes for what it registered). A token the ledger does not know was
+    /// issued before it kept one, or never: when `id` has the form of a token id (a
+    /// UUID) its revocation is recorded all the same, kept until the longest lifetime a
+    /// token can have ([`MAX_TOKEN_TTL_SECS`]) has passed; `Ok(false)` for any other id.
     pub fn revoke(&self, id: &str, by: &str) -> Result<bool, String> {
         let mut state = self.state.lock().expect("tokens");
-        match state.entries.get(id) {
-            None => return Ok(false),
+        let exp = match state.entries.get(id) {
             Some(e) if matches!(e.state, TokenState::Revoked { .. }) => return Ok(true),
-            Some(_) => {}
-        }
+            Some(_) => None,
+            None if uuid::Uuid::parse_str(id).is_ok() => Some(now_secs() + MAX_TOKEN_TTL_SECS),
+            None => return Ok(false),
+        };
         let line = Line::Revoked {
             id: id.to_string(),
             by: by.to_string(),
+            exp,
         };
         self.append(&line)?;
         apply(&mut state.entries, line);
@@ -271,6 +283,7 @@ impl Tokens {
                 TokenState::Revoked { by } => lines.push(Line::Revoked {
                     id: e.id.clone(),
                     by: by.clone(),
+                    exp: None,
                 }),
             }
             for l in lines {
@@ -366,8 +379,13 @@ fn apply(entries: &mut HashMap<String, TokenEntry>, line: Line) {
                 e.state = TokenState::Used { by };
             }
         }
-        Line::Revoked { id, by } => {
+        Line::Revoked { id, by, exp } => {
             let e = entries.entry(id.clone()).or_insert_with(|| unknown(&id));
+            if let Some(exp) = exp
+                && e.expires_at == u64::MAX
+            {
+                e.expires_at = exp;
+            }
             e.state = TokenState::Revoked { by };
         }
     }
@@ -468,5 +486,41 @@ mod tests {
         assert!(t.check("t1").unwrap_err().contains("already used"));
         assert!(t.check("t2").is_err());
         t.check("t3").unwrap();
+    }
+
+    // A token issued before the ledger existed is in no entry; revoking its id (a UUID)
+    // still refuses it, after a restart too, and the entry goes once no token issued
+    // then can be valid any more.
+    #[test]
+    fn a_token_the_ledger_never_saw_can_be_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let old = uuid::Uuid::new_v4().to_string();
+        let t = Tokens::open(&path, None).unwrap();
+        t.check(&old).unwrap();
+        assert!(t.revoke(&old, "key:admin").unwrap());
+        assert!(t.check(&old).unwrap_err().contains("revoked"));
+        assert!(t.hold(&old).unwrap_err().contains("revoked"));
+        let entry = t.get(&old).unwrap();
+        let kept = entry.expires_at.saturating_sub(now_secs());
+        assert!(
+            (MAX_TOKEN_TTL_SECS - 60..=MAX_TOKEN_TTL_SECS).contains(&kept),
+            "kept for {kept} s"
+        );
+        drop(t);
+        let t = Tokens::open(&path, None).unwrap();
+        assert!(t.check(&old).unwrap_err().contains("revoked"));
+        drop(t);
+        // Past that lifetime the entry is dropped when the ledger is opened.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&format!("\"exp\":{}", entry.expires_at), "\"exp\":1");
+        assert!(text.contains("\"exp\":1"), "{text}");
+        std::fs::write(&path, text).unwrap();
+        assert!(Tokens::open(&path, None).unwrap().get(&old).is_none());
+        // An id that cannot be a token's is not recorded.
+        let t = Tokens::open(&path, None).unwrap();
+        assert!(!t.revoke("not-a-token-id", "key:admin").unwrap());
+        assert!(t.get("not-a-token-id").is_none());
     }
 }

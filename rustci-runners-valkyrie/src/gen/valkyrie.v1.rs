@@ -324,12 +324,14 @@ pub struct Abort {
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
 }
-/// The agent no longer holds this attempt: it has stopped an attempt the control plane
-/// aborted (its process is gone), or it holds no attempt of that reference (it never took
-/// the offer). Sent once, in answer to an Abort (or an abort in an OutputAck, or an ABORT
-/// verdict); never answered. A control plane that withdrew an offer places the job again
-/// only after this, a Reject or a Complete of the attempt, or when the agent reconnects
-/// without it or stays away past the reassignment time.
+/// The agent no longer holds this attempt and will not complete it: it has stopped an
+/// attempt the control plane aborted (its process is gone), or it holds no attempt of
+/// that reference (it never took the offer). Sent in answer to an Abort (or an abort in
+/// an OutputAck, or an ABORT verdict), again for a repeated abort; never answered. An
+/// attempt the control plane holds for this agent ends with it: a withdrawn offer's job
+/// is placed again (it waits for this, a Reject or a Complete of the attempt, the agent
+/// reconnecting without it, or its staying away past the reassignment time); any other
+/// attempt is lost and its job retried per its policy. New in protocol version 2.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Released {
     #[prost(message, optional, tag = "1")]

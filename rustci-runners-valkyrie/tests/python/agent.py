@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 SERVER_NAME = "rustci-control-plane"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 def main():
@@ -152,7 +153,15 @@ def main():
     # Attempts taken (key -> aborted?); an aborted one is released, not completed, once
     # it has stopped.
     held = {}
+    # The process of each attempt's current step, stopped at once by an abort.
+    procs = {}
     held_lock = threading.Lock()
+
+    def stop(proc):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def release(ref):
         outbox.put(pb.AgentMessage(released=pb.Released(attempt=ref)))
@@ -180,8 +189,25 @@ def main():
                 argv = ["/bin/sh", "-c", step["run"]] if "run" in step else step["command"]
                 step_env = dict(env)
                 step_env.update(step.get("env", {}))
-                proc = subprocess.run(argv, cwd=work, env=step_env, capture_output=True)
-                for stream, data in ((0, proc.stdout), (1, proc.stderr)):
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=work,
+                    env=step_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+                with held_lock:
+                    procs[key] = proc
+                    if held.get(key):
+                        stop(proc)
+                stdout, stderr = proc.communicate()
+                with held_lock:
+                    procs.pop(key, None)
+                    if held.get(key):
+                        # Aborted: stopped, and no further step runs.
+                        break
+                for stream, data in ((0, stdout), (1, stderr)):
                     if data:
                         chunks.put(
                             pb.OutputChunk(
@@ -242,6 +268,9 @@ def main():
                 running = (ref.job_id, ref.attempt) in held
                 if running:
                     held[(ref.job_id, ref.attempt)] = True
+                    proc = procs.get((ref.job_id, ref.attempt))
+                    if proc is not None:
+                        stop(proc)
             if not running:
                 release(ref)
         elif kind == "complete_ack":

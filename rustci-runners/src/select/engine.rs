@@ -598,6 +598,10 @@ impl Selector for SelectionEngine {
             .ok_or_else(|| self.explain(job, runners))
     }
 
+    fn filters_by_labels(&self) -> bool {
+        self.has_label_filter
+    }
+
     fn select_in(&self, job: &dyn JobSpec, pool: &RunnerPool) -> Result<usize, NoRunnerFits> {
         let runners = pool.runners();
         let chosen = match pool.label_candidates(job) {

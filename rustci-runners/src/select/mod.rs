@@ -122,6 +122,14 @@ pub trait Selector: Send + Sync {
     fn select_in(&self, job: &dyn JobSpec, pool: &RunnerPool) -> Result<usize, NoRunnerFits> {
         self.select(job, pool.runners())
     }
+
+    /// True when this selector never chooses a runner that lacks a label the job asks
+    /// for (own, added or reserved), as [`LabelMatch`] rules: a
+    /// caller may then offer it only the runners carrying those labels and get the same
+    /// choice. The default, false, makes no such promise.
+    fn filters_by_labels(&self) -> bool {
+        false
+    }
 }
 
 /// Runner snapshots prepared for many decisions: an index from each label (ordinary or
@@ -234,6 +242,9 @@ impl Selector for LeastLoaded {
     }
     fn select_in(&self, job: &dyn JobSpec, pool: &RunnerPool) -> Result<usize, NoRunnerFits> {
         SelectionEngine::default().select_in(job, pool)
+    }
+    fn filters_by_labels(&self) -> bool {
+        true
     }
 }
 
