@@ -337,7 +337,7 @@ fn scale(c: &mut Criterion) {
             ControlPlane::with_options(SelectionEngine::default(), ControlOptions::default())
                 .unwrap();
         hub.attach(plane.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = rustci::valkyrie::listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let serving = hub.clone();
         tokio::spawn(async move { serving.serve(listener, identity).await });

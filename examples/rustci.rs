@@ -154,8 +154,9 @@ struct TrustArgs {
 
 impl TrustArgs {
     fn remote(self, server: String, api_key: Option<String>) -> Result<remote::Remote, i32> {
-        // Plain HTTP checks no certificate: no CA is read (nor can a missing one fail).
-        if server.starts_with("http://") {
+        // Plain HTTP checks no certificate: the data directory's CA is not read (nor can
+        // an unreadable one fail). A CA or fingerprint given is still checked.
+        if server.starts_with("http://") && self.ca.is_none() && self.ca_fingerprint.is_none() {
             return Ok(remote::Remote {
                 server,
                 api_key,

@@ -1187,7 +1187,7 @@ async fn plain_http_on_loopback_and_a_brought_certificate() {
     // unreadable data-directory CA (a directory in its place) stops it.
     let data = t.dir.path().join("cli-data");
     std::fs::create_dir_all(data.join("pki/ca.pem")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustci"))
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rustci"))
         .args([
             "jobs",
             "list",
@@ -1199,7 +1199,11 @@ async fn plain_http_on_loopback_and_a_brought_certificate() {
         .arg("--data-dir")
         .arg(&data)
         .env("SSL_CERT_FILE", t.dir.path().join("no-such-bundle.crt"))
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .expect("the CLI answers within a minute")
         .unwrap();
     assert!(
         out.status.success(),

@@ -998,6 +998,17 @@ fn dispatch_round(state: &Arc<State>) {
                 skip += 1;
                 continue;
             };
+            // Queued since the round started, asking for labels the pool was not built
+            // for: runners outside it may carry them.
+            if narrow
+                && wanted
+                    .as_deref()
+                    .is_some_and(|w| w.binary_search(&asks(&job)).is_err())
+            {
+                pool = widen(state, &by_runner, &assigned_to, pool);
+                free = free_in(&pool);
+                narrow = false;
+            }
             // A retry prefers runners it has not failed on, when any of them fits. A
             // preference, not an exclusion: when only a runner it failed on fits, the job
             // goes there rather than waiting for a runner that may never come.

@@ -1397,13 +1397,14 @@ async fn run_offer(shared: &Arc<Shared>, taken: Taken) {
     let mut execution = match started {
         Ok(e) => e,
         Err((why, temporary)) => {
-            {
-                let mut attempts = shared.attempts.lock().expect("attempts");
-                if let Some(a) = attempts.remove(&key) {
-                    let_go(shared, &attempts, a);
-                }
-            }
+            // Refused while still held: an abort that arrives meanwhile finds it and
+            // sends no `Released` that could overtake the refusal (the control plane
+            // treats a withdrawn offer's refusal as one that never ran).
             send(shared, reject_msg(&r, why, temporary)).await;
+            let mut attempts = shared.attempts.lock().expect("attempts");
+            if let Some(a) = attempts.remove(&key) {
+                let_go(shared, &attempts, a);
+            }
             return;
         }
     };

@@ -157,13 +157,16 @@ enum Phase {
     /// Not accepted in time: aborted, but the agent may be running it (it starts before
     /// it accepts). Kept until the agent says it no longer runs it (`Released`, a
     /// `Reject` or a `Complete`), reconnects without it, or stays away past the
-    /// reassignment time; the sender then tells the offer to give the job back, and
-    /// whether the agent never ran it (it refused it).
-    Withdrawn(Option<oneshot::Sender<bool>>),
+    /// reassignment time; the sender then tells the offer to give the job back, with
+    /// the agent's refusal (reason, temporary) when it refused it: it never ran then.
+    Withdrawn(Option<oneshot::Sender<Option<Refusal>>>),
     Running,
     /// Taken up after a restart; given up at this instant unless its agent continues it.
     Reattached(Instant),
 }
+
+/// An agent's refusal of an offer: its reason, and whether it is temporary.
+type Refusal = (String, bool);
 
 pub(crate) struct AttemptIo {
     spool: Spool,
@@ -466,6 +469,31 @@ impl RefusalAudit {
     }
 }
 
+/// Connections the kernel queues for the agent listener before it accepts them.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener for [`Hub::serve`] on `addr`, with an accept backlog of [`LISTEN_BACKLOG`]
+/// (the system's `net.core.somaxconn` caps it), as a reconnect storm of thousands of
+/// agents needs: a connection the kernel cannot queue is dropped, and its agent waits
+/// out TCP's retransmission delays. `tokio::net::TcpListener::bind` queues 1,024.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// TLS handshakes of agents in progress at once.
+const MAX_HANDSHAKES: usize = 1024;
+/// Accepted agent connections waiting for a handshake slot; more are closed at once.
+const MAX_WAITING_HANDSHAKES: usize = 8192;
+/// Longest time an agent may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A line of `agents.journal`.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -671,18 +699,23 @@ impl Hub {
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let stop = self.inner.stop.clone();
-        // Handshakes run in their own tasks (at most 1024 at once, 10 s each), so a
-        // client that connects and says nothing holds up no one.
+        // Handshakes run in their own tasks, at most 1024 at once and each for at most
+        // 10 s, so a client that connects and says nothing holds up no one for longer.
+        // The accept loop never waits for a handshake slot: a connection waits for one
+        // in its own task (in arrival order), up to 8,192 of them, and one beyond that
+        // is closed at once. Left in the kernel's accept backlog instead, connections of
+        // a reconnect storm overflow it, and their clients wait out TCP's exponential
+        // retransmission delays (up to a minute and more) instead of a slot.
         let (ready, streams) = mpsc::channel::<
             Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
         >(256);
         let accepting = stop.clone();
         tokio::spawn(async move {
-            let slots = Arc::new(tokio::sync::Semaphore::new(1024));
+            let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+            let waiting = Arc::new(tokio::sync::Semaphore::new(
+                MAX_HANDSHAKES + MAX_WAITING_HANDSHAKES,
+            ));
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let accepted = tokio::select! {
                     _ = accepting.cancelled() => return,
                     a = listener.accept() => a,
@@ -695,12 +728,21 @@ impl Hub {
                         continue;
                     }
                 };
+                let Ok(place) = waiting.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many agent handshakes waiting: connection closed");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, ready) = (acceptor.clone(), ready.clone());
+                let (handshaking, stopped) = (handshaking.clone(), accepting.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
+                    let _place = place;
+                    let slot = tokio::select! {
+                        slot = handshaking.acquire_owned() => slot,
+                        _ = stopped.cancelled() => return,
+                    };
+                    let Ok(_slot) = slot else { return };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = ready.send(Ok(tls)).await;
                         }
@@ -904,7 +946,7 @@ fn end_lost(a: AttemptLive) {
         }
         Phase::Withdrawn(confirm) => {
             if let Some(tx) = confirm {
-                let _ = tx.send(false);
+                let _ = tx.send(None);
             }
             return;
         }
@@ -928,7 +970,7 @@ impl HubInner {
     /// (phase `Withdrawn`) until the agent no longer runs it, which the returned receiver
     /// tells. `None` when it is no longer an unanswered offer (answered as the time ran
     /// out, or gone).
-    fn withdraw(&self, key: &Key) -> Option<oneshot::Receiver<bool>> {
+    fn withdraw(&self, key: &Key) -> Option<oneshot::Receiver<Option<Refusal>>> {
         let mut state = self.state.lock().expect("hub");
         let at = state.attempts.get_mut(key)?;
         match &at.phase {
@@ -949,10 +991,11 @@ impl HubInner {
         self.release_where(agent, r, |phase| matches!(phase, Phase::Withdrawn(_)))
     }
 
-    /// [`HubInner::release_withdrawn`] for a refusal: the agent never ran the attempt
-    /// (its start failed), so the job is placed again as declined, costing no retry.
-    fn refuse_withdrawn(&self, agent: &str, r: Option<&proto::AttemptRef>) -> bool {
-        let Some(r) = r else { return false };
+    /// [`HubInner::release_withdrawn`] for a refusal `rj`: the agent never ran the
+    /// attempt (its start failed), so the job is placed again as declined when the
+    /// refusal is temporary, and ends with it when it is not, as for a refusal in time.
+    fn refuse_withdrawn(&self, agent: &str, rj: &proto::Reject) -> bool {
+        let Some(r) = &rj.attempt else { return false };
         let k = key_of(r);
         let mut state = self.state.lock().expect("hub");
         let Some(at) = state.attempts.get_mut(&k).filter(|a| a.agent == agent) else {
@@ -964,10 +1007,10 @@ impl HubInner {
         let confirm = confirm.take();
         let a = state.attempts.remove(&k).expect("present");
         drop(state);
-        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent refused the withdrawn offer: it never ran");
+        tracing::info!(job_id = %k.0, attempt = k.1, agent, reason = %rj.reason, "the agent refused the withdrawn offer: it never ran");
         a.ended.cancel();
         if let Some(tx) = confirm {
-            let _ = tx.send(true);
+            let _ = tx.send(Some((rj.reason.clone(), rj.temporary)));
         }
         true
     }
@@ -1161,17 +1204,20 @@ impl HubInner {
                     // the job goes back only once the agent no longer runs it (it says
                     // so, reconnects without it, or its lease runs out). A hub that
                     // stops waits no longer: it places nothing again.
-                    let never_ran = tokio::select! {
-                        r = released => r.unwrap_or(false),
-                        _ = self.stop.cancelled() => false,
+                    let refusal = tokio::select! {
+                        r = released => r.ok().flatten(),
+                        // A hub that stops decides nothing more: the attempt stays as
+                        // the store has it, for recovery to take up.
+                        _ = self.stop.cancelled() => std::future::pending().await,
                     };
                     forget(self);
-                    // Refused late: it never ran, so it costs the job no retry.
-                    return Err(if never_ran {
-                        Error::unavailable(format!(
-                            "agent {agent} did not accept the job within {timeout:?}, then refused it"
+                    // Refused late: it never ran. A temporary refusal costs the job no
+                    // retry; a permanent one ends it, as a refusal in time would.
+                    return Err(if let Some((reason, temporary)) = refusal {
+                        Error::rejected(format!(
+                            "agent {agent} did not accept the job within {timeout:?}, then refused it: {reason}"
                         ))
-                        .temporary(true)
+                        .temporary(temporary)
                         .declined(true)
                     } else {
                         Error::unavailable(format!(
@@ -1350,7 +1396,12 @@ async fn sweep_loop(inner: std::sync::Weak<HubInner>) {
         sweep(&hub);
         if last_cleanup.elapsed() > Duration::from_secs(30) {
             last_cleanup = Instant::now();
-            cleanup(&hub);
+            // Store lookups and the removal of every settled attempt's files since the
+            // last cleanup block: on a thread of their own, not one of the runtime's
+            // workers (with two of them, one blocked for the burst slowed every session
+            // and pickup meanwhile).
+            let h = hub.clone();
+            let _ = tokio::task::spawn_blocking(move || cleanup(&h)).await;
         }
         let stop = hub.stop.clone();
         drop(hub);
@@ -2296,7 +2347,7 @@ async fn handle(
         // A refused withdrawn offer, or a refusal of an attempt continued since (after a
         // control-plane restart): the agent does not run it.
         Some(agent_message::Kind::Reject(rj))
-            if inner.refuse_withdrawn(agent, rj.attempt.as_ref())
+            if inner.refuse_withdrawn(agent, &rj)
                 || inner.release_running(agent, rj.attempt.as_ref()) => {}
         Some(agent_message::Kind::Reject(rj)) => match held_by(inner, agent, rj.attempt.as_ref()) {
             Ok(k) => {

@@ -1041,8 +1041,11 @@ mod model {
                     }
                 }
                 Up::Reject(k) if self.withdrawn_from(x, &k) => {
+                    // It never ran: declined, as a refusal in time (`refuse_withdrawn`).
                     self.refusal(&k, x, false, "a reject of a withdrawn offer");
-                    self.release_withdrawn(k);
+                    self.hub.attempts.remove(&k);
+                    self.stats.withdrawn_released += 1;
+                    self.end_lost(k, Phase::Offered);
                 }
                 Up::Complete { key: k, .. } if self.withdrawn_from(x, &k) => {
                     // Decides nothing: the agent is told to forget it.
@@ -1945,7 +1948,9 @@ mod model {
                 let agent = &self.agents[at.agent];
                 let running = agent.attempts.get(k).is_some_and(|l| !l.aborted);
                 let stuck = match at.phase {
-                    Phase::Offered => false,
+                    // The eager dispatcher goes on placing jobs; an offer of its last
+                    // sweep may be on its way.
+                    Phase::Offered => !self.eager,
                     Phase::Withdrawn | Phase::Reattached(_) => true,
                     Phase::Running => !(agent.up && running),
                 };

@@ -26,7 +26,7 @@ mod remote;
 mod spool;
 
 pub use agent::{Agent, AgentOptions, CaSource};
-pub use hub::{Admission, AgentStatus, AgentView, Hub, HubOptions};
+pub use hub::{Admission, AgentStatus, AgentView, Hub, HubOptions, LISTEN_BACKLOG, listen};
 pub use remote::{RemoteRunner, RemoteRunnerConfig, ValkyrieBackend};
 
 /// The generated protocol types and the tonic client and server.

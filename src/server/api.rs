@@ -1323,10 +1323,7 @@ async fn revoke_token(
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "TOKEN_NOT_FOUND",
-            format!(
-                "no registration token {id:?}: token ids are UUIDs, and expired tokens are \
-                 forgotten"
-            ),
+            format!("{id:?} is not a registration token id (a UUID)"),
         ));
     }
     audit(&app, &p.name, "token.revoke", Some(&id), "ok", &rid.0);

@@ -105,13 +105,13 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| runtime(&format!("listening on {}", config.listen))(e.to_string()))?;
-        let agent_listener =
-            match config.agent_listen {
-                Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
-                    runtime(&format!("listening for agents on {a}"))(e.to_string())
-                })?),
-                None => None,
-            };
+        let agent_listener = match config.agent_listen {
+            Some(a) => Some(
+                rustci_runners_valkyrie::listen(a)
+                    .map_err(|e| runtime(&format!("listening for agents on {a}"))(e.to_string()))?,
+            ),
+            None => None,
+        };
         let store = SqliteStore::open(data.join("rustci.db")).map_err(|e| {
             runtime("opening the store")(rustci_runners::error::Chain(&e).to_string())
         })?;

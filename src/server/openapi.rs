@@ -279,7 +279,7 @@ fn paths(
                 "parameters": [id_param("id", "Token id (the id POST /api/tokens answered)")],
                 "responses": common(json!({
                     "204": {"description": "Revoked (also a UUID this ledger never saw: a token issued before it kept one is refused from now on)"},
-                    "404": err("The id is not a token id (a UUID), or the token expired"),
+                    "404": err("The id is not a token id (a UUID)"),
                 })),
             },
         },

@@ -235,25 +235,31 @@ def main():
                         "exit_code": proc.returncode,
                     }
                     break
+        # Complete only once every byte is acknowledged.
+        if not held.get(key):
+            with acked_cv:
+                acked_cv.wait_for(
+                    lambda: acked.get(key, 0) >= offset or offset == 0, timeout=30
+                )
+        # Let go under the lock that aborts take: an abort before this is answered with
+        # Released and no completion; one after it finds nothing held and is answered
+        # with Released behind the completion.
         with held_lock:
             aborted = held.pop(key, False)
-        if aborted:
-            release(ref)
-            return
-        # Complete only once every byte is acknowledged.
-        with acked_cv:
-            acked_cv.wait_for(lambda: acked.get(key, 0) >= offset or offset == 0, timeout=30)
-        outbox.put(
-            pb.AgentMessage(
-                complete=pb.Complete(
-                    attempt=ref,
-                    outcome_json=json.dumps(outcome),
-                    length=offset,
-                    sha256=digest.hexdigest(),
-                    dropped=0,
+            if aborted:
+                release(ref)
+            else:
+                outbox.put(
+                    pb.AgentMessage(
+                        complete=pb.Complete(
+                            attempt=ref,
+                            outcome_json=json.dumps(outcome),
+                            length=offset,
+                            sha256=digest.hexdigest(),
+                            dropped=0,
+                        )
+                    )
                 )
-            )
-        )
 
     for m in session:
         kind = m.WhichOneof("kind")
