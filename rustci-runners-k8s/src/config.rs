@@ -163,7 +163,10 @@ pub struct PodOptions {
 pub enum LogStreams {
     /// Ask for stdout and stderr separately (`stream=Stdout`/`Stderr`, Kubernetes 1.32+
     /// with `PodLogsQuerySplitStreams`); when the cluster turns out not to separate them,
-    /// read one combined stream from then on (default).
+    /// read one combined stream from then on (default). A cluster that refuses the
+    /// parameter is noticed before any output; one that ignores it only when a marker of
+    /// the other stream shows up, so on the runner's first job there, output that came
+    /// before may also show once more as stderr.
     #[default]
     Auto,
     /// Always separate.
