@@ -58,8 +58,19 @@ struct Remote {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
+/// A temporary directory under the directory `var` names, or the default one.
+fn temp_in(var: &str) -> tempfile::TempDir {
+    match std::env::var_os(var) {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
 async fn remote() -> Remote {
-    let dir = tempfile::tempdir().unwrap();
+    // The control plane's state (CA, journals, output) under RUSTCI_BENCH_STATE_DIR and
+    // the agent's under RUSTCI_BENCH_AGENT_DIR when set (`/dev/shm` compares tmpfs with
+    // the default temporary directory).
+    let dir = temp_in("RUSTCI_BENCH_STATE_DIR");
     let (authority, _) = Authority::load_or_create(&dir.path().join("pki")).unwrap();
     let identity = authority.server_identity(&[]).unwrap();
     let fingerprint = authority.fingerprint();
@@ -75,7 +86,7 @@ async fn remote() -> Remote {
     let addr = listener.local_addr().unwrap().to_string();
     let serving = hub.clone();
     tokio::spawn(async move { serving.serve(listener, identity).await });
-    let data = tempfile::tempdir().unwrap();
+    let data = temp_in("RUSTCI_BENCH_AGENT_DIR");
     let mut options = AgentOptions::new(addr, data.path());
     options.token = Some("t".into());
     options.ca = Some(CaSource::Fingerprint(fingerprint));

@@ -995,21 +995,13 @@ impl HubInner {
     /// attempt (its start failed), so the job is placed again as declined when the
     /// refusal is temporary, and ends with it when it is not, as for a refusal in time.
     fn refuse_withdrawn(&self, agent: &str, rj: &proto::Reject) -> bool {
-        let Some(r) = &rj.attempt else { return false };
-        let k = key_of(r);
-        let mut state = self.state.lock().expect("hub");
-        let Some(at) = state.attempts.get_mut(&k).filter(|a| a.agent == agent) else {
+        let withdrawn = |phase: &Phase| matches!(phase, Phase::Withdrawn(_));
+        let Some((k, a)) = self.take_where(agent, rj.attempt.as_ref(), withdrawn) else {
             return false;
         };
-        let Phase::Withdrawn(confirm) = &mut at.phase else {
-            return false;
-        };
-        let confirm = confirm.take();
-        let a = state.attempts.remove(&k).expect("present");
-        drop(state);
         tracing::info!(job_id = %k.0, attempt = k.1, agent, reason = %rj.reason, "the agent refused the withdrawn offer: it never ran");
         a.ended.cancel();
-        if let Some(tx) = confirm {
+        if let Phase::Withdrawn(Some(tx)) = a.phase {
             let _ = tx.send(Some((rj.reason.clone(), rj.temporary)));
         }
         true
@@ -1039,21 +1031,33 @@ impl HubInner {
         r: Option<&proto::AttemptRef>,
         phase: impl Fn(&Phase) -> bool,
     ) -> bool {
-        let Some(r) = r else { return false };
-        let k = key_of(r);
+        let Some((k, a)) = self.take_where(agent, r, phase) else {
+            return false;
+        };
+        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent no longer runs the attempt");
+        end_lost(a);
+        true
+    }
+
+    /// Removes and returns the attempt `r` names when the control plane holds it for
+    /// `agent` in a phase for which `phase` holds.
+    fn take_where(
+        &self,
+        agent: &str,
+        r: Option<&proto::AttemptRef>,
+        phase: impl Fn(&Phase) -> bool,
+    ) -> Option<(Key, AttemptLive)> {
+        let k = key_of(r?);
         let mut state = self.state.lock().expect("hub");
         let held = state
             .attempts
             .get(&k)
             .is_some_and(|a| a.agent == agent && phase(&a.phase));
         if !held {
-            return false;
+            return None;
         }
-        let a = state.attempts.remove(&k).expect("present");
-        drop(state);
-        tracing::info!(job_id = %k.0, attempt = k.1, agent, "the agent no longer runs the attempt");
-        end_lost(a);
-        true
+        let a = state.attempts.remove(&k)?;
+        Some((k, a))
     }
 
     /// Jobs running on runner `local` of `agent`.
@@ -1202,8 +1206,7 @@ impl HubInner {
                     }))));
                     // The agent may be running it already (it starts before it accepts):
                     // the job goes back only once the agent no longer runs it (it says
-                    // so, reconnects without it, or its lease runs out). A hub that
-                    // stops waits no longer: it places nothing again.
+                    // so, reconnects without it, or its lease runs out).
                     let refusal = tokio::select! {
                         r = released => r.ok().flatten(),
                         // A hub that stops decides nothing more: the attempt stays as
