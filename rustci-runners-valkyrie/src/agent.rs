@@ -30,8 +30,8 @@ use rustci_runners::runner::{Canceller, EventKind, JobId, Outcome, OutputStream}
 use crate::lease;
 use crate::pki::{self, SERVER_NAME};
 use crate::proto::{self, agent_message, server_message, valkyrie_client::ValkyrieClient};
-use crate::spool::{Journal, Spool};
-use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::spool::{Journal, Spares, Spool};
+use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_SPARE_FILES, PROTOCOL_VERSION};
 
 /// How the agent finds the control plane's CA on first contact.
 #[derive(Clone, Debug)]
@@ -177,6 +177,8 @@ struct Shared {
     attempts: Mutex<HashMap<Key, LocalAttempt>>,
     /// `attempts.journal`; locked after `attempts` when both are.
     journal: Mutex<Journal>,
+    /// Emptied output files for the next attempts (`spare/`).
+    spares: Arc<Spares>,
     output_ready: Notify,
     /// Wakes the session loop to send completions; a permit is kept when it is busy, so
     /// no wake-up is lost.
@@ -278,13 +280,14 @@ impl LocalAttempt {
     }
 }
 
-/// Lets an attempt go: its output file (or an earlier version's directory) is removed,
-/// and the journal says it is gone. Called with the attempts locked (`live` without it).
+/// Lets an attempt go: its output file becomes a spare (an earlier version's directory
+/// is removed), and the journal says it is gone. Called with the attempts locked (`live`
+/// without it).
 fn let_go(shared: &Shared, live: &HashMap<Key, LocalAttempt>, a: LocalAttempt) {
     if let Some(dir) = &a.old_dir {
         let _ = std::fs::remove_dir_all(dir);
-    } else if a.spool.lock().expect("spool").has_file() {
-        let _ = std::fs::remove_file(a.spool.lock().expect("spool").path());
+    } else {
+        a.spool.lock().expect("spool").retire(&shared.spares);
     }
     journal(shared, live, Record::Gone { exec: a.exec });
 }
@@ -310,6 +313,8 @@ impl Agent {
         let journal_path = dir.join("attempts.journal");
         let (journal, records) = Journal::open::<Record>(&journal_path)
             .map_err(|e| format!("reading {}: {e}", journal_path.display()))?;
+        let spares = Spares::open(&dir.join("spare"), MAX_SPARE_FILES)
+            .map_err(|e| format!("opening {}: {e}", dir.join("spare").display()))?;
         let identity = match read_opt(&dir.join("agent.json"))? {
             Some(s) => serde_json::from_str::<IdentityFile>(&s)
                 .map_err(|e| format!("{}: {e}", dir.join("agent.json").display()))?,
@@ -321,6 +326,7 @@ impl Agent {
             boot_id: uuid::Uuid::new_v4().to_string(),
             attempts: Mutex::new(HashMap::new()),
             journal: Mutex::new(journal),
+            spares,
             output_ready: Notify::new(),
             complete_ready: Notify::new(),
             session_tx: Mutex::new(None),
@@ -1328,12 +1334,13 @@ fn hold_offer(
     }
     let exec = rustci_control::attempt_id(&JobId::from(key.0.clone()), key.1);
     // Its output file comes with its first byte; the journal records it now.
-    let spool = Spool::lazy(
+    let spool = Spool::lazy_with(
         &shared
             .options
             .data_dir
             .join("attempts")
             .join(format!("{exec}.out")),
+        &shared.spares,
     );
     // Held from before the local runner starts it (which may take long, an image pull),
     // so a reconnection meanwhile lists it and an abort or cancel is not lost.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -24,8 +24,16 @@ use crate::lease;
 use crate::pki::{self, Authority, ServerIdentity};
 use crate::proto::{self, agent_message, server_message};
 use crate::remote::{RemoteRunner, RemoteRunnerConfig};
-use crate::spool::{Journal, Spool};
-use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Timings};
+use crate::spool::{Journal, Spares, Spool};
+use crate::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_SPARE_FILES, PROTOCOL_VERSION, Timings};
+
+/// Most completed attempts waiting for their output file to become a spare; past it
+/// they wait for the periodic cleanup.
+const MAX_SETTLING: usize = 65_536;
+
+/// Completed attempts that wake the hub to turn their output files into spares before
+/// the next sweep.
+const SETTLE_BATCH: usize = 64;
 
 /// How a [`Hub`] behaves.
 #[derive(Clone, Debug)]
@@ -322,6 +330,17 @@ async fn settle(
         }
         state.done.insert(key.clone(), outcome.clone());
     }
+    // An attempt that wrote nothing has no file to keep.
+    if stored > 0 {
+        let mut settling = inner.settling.lock().expect("settling");
+        // Bounded: what does not fit waits for the periodic cleanup.
+        if settling.len() < MAX_SETTLING {
+            settling.push(key.clone());
+        }
+        if settling.len() == SETTLE_BATCH {
+            inner.settle_wake.notify_one();
+        }
+    }
     if c.dropped > 0 {
         tracing::warn!(agent = %agent, job_id = %key.0, dropped = c.dropped, "the agent's spool dropped output at its cap");
     }
@@ -366,6 +385,13 @@ pub(crate) struct HubInner {
     /// `agents.journal`: registrations and revocations, flushed to disk. Locked after
     /// `state`.
     agents_journal: Mutex<Journal>,
+    /// Emptied output files for the next attempts (`spare/`).
+    spares: Arc<Spares>,
+    /// Attempts completed since the last sweep, whose output files become spares once
+    /// the control plane has settled them (the rest wait for the periodic cleanup).
+    settling: Mutex<Vec<Key>>,
+    /// Wakes [`settle_loop`] early when [`SETTLE_BATCH`] attempts are settling.
+    settle_wake: Arc<Notify>,
     sessions: AtomicU64,
     bucket: Mutex<Bucket>,
     /// Refused client certificates, audited one by one up to a rate.
@@ -636,6 +662,7 @@ impl Hub {
                 }
             }
         }
+        let spares = Spares::open(&options.dir.join("spare"), MAX_SPARE_FILES)?;
         let burst = options.session_burst.max(1.0);
         let inner = Arc::new(HubInner {
             authority,
@@ -644,6 +671,9 @@ impl Hub {
             state: Mutex::new(state),
             completions: Mutex::new(completions),
             agents_journal: Mutex::new(agents_journal),
+            spares,
+            settling: Mutex::new(Vec::new()),
+            settle_wake: Arc::new(Notify::new()),
             sessions: AtomicU64::new(0),
             refusals: Arc::new(RefusalAudit::new(admission.clone())),
             bucket: Mutex::new(Bucket {
@@ -655,6 +685,7 @@ impl Hub {
             options,
         });
         tokio::spawn(sweep_loop(Arc::downgrade(&inner)));
+        tokio::spawn(settle_loop(Arc::downgrade(&inner)));
         Ok(Hub { inner })
     }
 
@@ -1127,7 +1158,7 @@ impl HubInner {
         let (execution, sink) = rustci_runners::Execution::channel(id.clone(), 256);
         let path = self.attempt_path(&key, "out");
         // Its file comes with the first byte of output (replacing any earlier one).
-        let spool = Spool::lazy(&path);
+        let spool = Spool::lazy_with(&path, &self.spares);
         let (answer_tx, answer_rx) = oneshot::channel();
         let ended = CancellationToken::new();
         let io = Arc::new(tokio::sync::Mutex::new(AttemptIo {
@@ -1321,7 +1352,7 @@ impl HubInner {
         let spool = if path.exists() {
             Spool::open(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?
         } else {
-            Spool::lazy(&path)
+            Spool::lazy_with(&path, &self.spares)
         };
         let done: Option<Outcome> = self.state.lock().expect("hub").done.get(&key).cloned();
         let (execution, sink) = rustci_runners::Execution::channel(id.clone(), 256);
@@ -1383,6 +1414,31 @@ impl HubInner {
             }
         });
         Ok(Some(execution))
+    }
+}
+
+/// Turns the output files of settled attempts into spares every half heartbeat, or
+/// sooner when [`SETTLE_BATCH`] attempts are waiting (so a busy hub keeps spares for
+/// what it starts next).
+async fn settle_loop(inner: std::sync::Weak<HubInner>) {
+    loop {
+        let Some(hub) = inner.upgrade() else { return };
+        if hub.stop.is_cancelled() {
+            return;
+        }
+        if !hub.settling.lock().expect("settling").is_empty() {
+            let h = hub.clone();
+            let _ = tokio::task::spawn_blocking(move || retire_settled(&h)).await;
+        }
+        let pause = hub.options.timings.heartbeat / 2;
+        let stop = hub.stop.clone();
+        let woken = hub.settle_wake.clone();
+        drop(hub);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+            _ = woken.notified() => {}
+        }
     }
 }
 
@@ -1472,13 +1528,10 @@ fn check_runners_of(inner: &HubInner, agent: &str) {
     }
 }
 
-/// Deletes stored output and outcomes of attempts the control plane has settled (the
-/// job ended, or moved on to a later attempt).
-fn cleanup(hub: &HubInner) {
-    let Some(plane) = hub.plane.get() else { return };
-    // Whether the control plane has the attempt's end: its job ended, a later attempt
-    // began, or this one has an outcome and the job is not running it.
-    let settled = |job: &JobId, n: u32| match plane.get(job) {
+/// Whether the control plane has attempt `n` of `job` to its end: its job ended, a
+/// later attempt began, or this one has an outcome and the job is not running it.
+fn settled(plane: &ControlPlane, job: &JobId, n: u32) -> bool {
+    match plane.get(job) {
         None => true,
         Some(r) => {
             r.state.is_terminal()
@@ -1488,7 +1541,39 @@ fn cleanup(hub: &HubInner) {
                     .is_some_and(|a| a.outcome.is_some())
                     && r.state != JobState::Running
         }
-    };
+    }
+}
+
+/// Turns the output files of attempts completed since the last sweep into spares, for
+/// those the control plane has settled; the others wait for the next sweep. Their
+/// outcomes stay for [`cleanup`].
+fn retire_settled(hub: &HubInner) {
+    let Some(plane) = hub.plane.get() else { return };
+    let keys = std::mem::take(&mut *hub.settling.lock().expect("settling"));
+    let mut later = Vec::new();
+    for key in keys {
+        let live = hub.state.lock().expect("hub").attempts.contains_key(&key);
+        if live {
+            // Taken up again: its file is in use, and the cleanup decides later.
+            continue;
+        }
+        if settled(plane, &JobId::from(key.0.clone()), key.1) {
+            hub.spares.retire(&hub.attempt_path(&key, "out"));
+        } else {
+            later.push(key);
+        }
+    }
+    let mut settling = hub.settling.lock().expect("settling");
+    let room = MAX_SETTLING.saturating_sub(settling.len());
+    later.truncate(room);
+    settling.extend(later);
+}
+
+/// Deletes stored output and outcomes of attempts the control plane has settled (the
+/// job ended, or moved on to a later attempt); output files become spares.
+fn cleanup(hub: &HubInner) {
+    let Some(plane) = hub.plane.get() else { return };
+    let settled = |job: &JobId, n: u32| settled(plane, job, n);
     let (live, done): (HashSet<Key>, Vec<Key>) = {
         let state = hub.state.lock().expect("hub");
         (
@@ -1535,7 +1620,11 @@ fn cleanup(hub: &HubInner) {
             continue;
         }
         if settled(&job, n) {
-            let _ = std::fs::remove_file(entry.path());
+            if name.ends_with(".out") {
+                hub.spares.retire(&entry.path());
+            } else {
+                let _ = std::fs::remove_file(entry.path());
+            }
             if name.ends_with(".done") {
                 hub.state.lock().expect("hub").done.remove(&key);
             }

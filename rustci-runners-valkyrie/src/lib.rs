@@ -47,6 +47,10 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest output chunk an agent sends.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
+/// Most emptied output files the hub and an agent each keep for the attempts to come
+/// (see `spool::Spares`).
+pub(crate) const MAX_SPARE_FILES: usize = 4096;
+
 /// The timings of leases (see `docs/valkyrie.md`, "Timings").
 ///
 /// An agent renews the leases of all its attempts with every heartbeat the control plane

@@ -10,6 +10,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -22,6 +24,114 @@ pub(crate) struct Spool {
     hash: Sha256,
     /// Bytes the cap dropped (agent side).
     pub dropped: u64,
+    /// Where its file comes from, when spares are kept.
+    spares: Option<Arc<Spares>>,
+    /// Its file went to the spares: it takes no more bytes.
+    retired: bool,
+}
+
+/// Emptied output files kept for the attempts to come. An attempt's file is a spare
+/// renamed to the attempt's name, and a finished attempt's file is emptied and renamed
+/// back, so a steady stream of short jobs allocates no inode: on ext4 without a journal
+/// each new inode is found by skipping every inode freed in the last minute, which made
+/// creating an output file cost milliseconds after a few thousand short jobs. At most
+/// `cap` spares are kept; past that a finished attempt's file is removed.
+pub(crate) struct Spares {
+    dir: PathBuf,
+    free: Mutex<Vec<PathBuf>>,
+    next: AtomicU64,
+    cap: usize,
+}
+
+impl Spares {
+    /// Spares in `dir` (created), adopting the files an earlier run left there (emptied
+    /// again, in case a crash struck between emptying and renaming) up to `cap`, and
+    /// removing the rest. `dir` must be on the same file system as the output files.
+    pub fn open(dir: &Path, cap: usize) -> std::io::Result<Arc<Spares>> {
+        std::fs::create_dir_all(dir)?;
+        let mut free = Vec::new();
+        let mut next = 0u64;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let number = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u64>().ok());
+            let kept = match number {
+                Some(n) if free.len() < cap => {
+                    next = next.max(n + 1);
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(0))
+                        .is_ok()
+                }
+                _ => false,
+            };
+            if kept {
+                free.push(path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(Arc::new(Spares {
+            dir: dir.to_path_buf(),
+            free: Mutex::new(free),
+            next: AtomicU64::new(next),
+            cap,
+        }))
+    }
+
+    /// A new empty file at `path`, replacing what is there: a spare when one is left,
+    /// else a file created.
+    pub fn create(&self, path: &Path) -> std::io::Result<File> {
+        let spare = self.free.lock().expect("spares").pop();
+        if let Some(spare) = spare
+            && std::fs::rename(&spare, path).is_ok()
+        {
+            // Spares are empty. Opened without O_TRUNC: on ext4 a file truncated to
+            // nothing, written and closed is flushed to disk by the close (to protect
+            // replace-by-truncate writers), which put a disk write into every attempt.
+            let reused = OpenOptions::new().read(true).write(true).open(path);
+            if let Ok(f) = reused
+                && f.metadata().is_ok_and(|m| m.len() == 0)
+            {
+                return Ok(f);
+            }
+        }
+        create(path)
+    }
+
+    /// Empties the file at `path` and keeps it as a spare, or removes it when `cap`
+    /// spares are kept. Nothing may write to it through an open handle afterwards.
+    pub fn retire(&self, path: &Path) {
+        let room = self.free.lock().expect("spares").len() < self.cap;
+        if room {
+            let spare = self
+                .dir
+                .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
+            let emptied = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0));
+            match emptied {
+                Ok(()) if std::fs::rename(path, &spare).is_ok() => {
+                    self.free.lock().expect("spares").push(spare);
+                    return;
+                }
+                // No file there: nothing to keep or remove.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// How many are kept.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.free.lock().expect("spares").len()
+    }
 }
 
 fn create(path: &Path) -> std::io::Result<File> {
@@ -52,6 +162,25 @@ impl Spool {
             len: 0,
             hash: Sha256::new(),
             dropped: 0,
+            spares: None,
+            retired: false,
+        }
+    }
+
+    /// [`Spool::lazy`] whose file, at the first byte, is one of `spares`.
+    pub fn lazy_with(path: &Path, spares: &Arc<Spares>) -> Spool {
+        Spool {
+            spares: Some(spares.clone()),
+            ..Spool::lazy(path)
+        }
+    }
+
+    /// Closes its file and hands it to `spares` (see [`Spares::retire`]). It takes no
+    /// bytes after this (an append is an error), so nothing reaches the spare.
+    pub fn retire(&mut self, spares: &Spares) {
+        self.retired = true;
+        if self.file.take().is_some() {
+            spares.retire(&self.path);
         }
     }
 
@@ -73,17 +202,14 @@ impl Spool {
             len,
             hash,
             dropped: 0,
+            spares: None,
+            retired: false,
         })
     }
 
     /// Bytes held.
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    /// True once its file exists (a lazy spool has none before its first byte).
-    pub fn has_file(&self) -> bool {
-        self.file.is_some()
     }
 
     /// Where it is.
@@ -93,12 +219,24 @@ impl Spool {
 
     /// Appends `data`.
     pub fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.retired {
+            return Err(std::io::Error::other(format!(
+                "{} was let go; it takes no more output",
+                self.path.display()
+            )));
+        }
         if data.is_empty() {
             return Ok(());
         }
         let file = match &mut self.file {
             Some(f) => f,
-            None => self.file.insert(create(&self.path)?),
+            None => {
+                let f = match &self.spares {
+                    Some(spares) => spares.create(&self.path)?,
+                    None => create(&self.path)?,
+                };
+                self.file.insert(f)
+            }
         };
         if let Err(e) = file.write_all_at(data, self.len) {
             // A partial write is cut off again, so the file stays what `len` says.
@@ -307,6 +445,73 @@ mod tests {
         let nothing = dir.path().join("never.out");
         let _ = Spool::lazy(&nothing);
         assert!(!nothing.exists());
+    }
+
+    #[test]
+    fn spares_are_emptied_reused_capped_and_adopted_after_a_restart() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spare_dir = dir.path().join("spare");
+        let spares = Spares::open(&spare_dir, 2).unwrap();
+        let a = dir.path().join("a.out");
+        let mut s = Spool::lazy_with(&a, &spares);
+        s.append(b"secret output").unwrap();
+        let inode = std::fs::metadata(&a).unwrap().ino();
+        s.retire(&spares);
+        assert!(!a.exists(), "renamed away");
+        assert_eq!(spares.len(), 1);
+        let kept: Vec<_> = std::fs::read_dir(&spare_dir).unwrap().collect();
+        assert_eq!(kept.len(), 1);
+        let kept = kept[0].as_ref().unwrap().path();
+        assert_eq!(std::fs::metadata(&kept).unwrap().len(), 0, "emptied");
+        // The next attempt's file is that spare: the same inode, empty, then written.
+        let b = dir.path().join("b.out");
+        std::fs::write(&b, b"an earlier run's").unwrap();
+        let mut t = Spool::lazy_with(&b, &spares);
+        t.append(b"new").unwrap();
+        assert_eq!(std::fs::metadata(&b).unwrap().ino(), inode);
+        assert_eq!(std::fs::read(&b).unwrap(), b"new");
+        assert_eq!(spares.len(), 0);
+        // None left: a file is created.
+        let c = dir.path().join("c.out");
+        let mut u = Spool::lazy_with(&c, &spares);
+        u.append(b"c").unwrap();
+        // A retired spool takes no more bytes: nothing reaches the spare.
+        t.retire(&spares);
+        let e = t.append(b"late").unwrap_err().to_string();
+        assert!(e.contains("b.out") && e.contains("no more output"), "{e}");
+        assert!(!b.exists());
+        assert_eq!(spares.len(), 1);
+        for f in std::fs::read_dir(&spare_dir).unwrap() {
+            assert_eq!(f.unwrap().metadata().unwrap().len(), 0, "spares are empty");
+        }
+        // Past the cap, files are removed.
+        u.retire(&spares);
+        assert_eq!(spares.len(), 2);
+        assert!(!c.exists() && !b.exists());
+        let d = dir.path().join("d.out");
+        std::fs::write(&d, b"d").unwrap();
+        spares.retire(&d);
+        assert_eq!(spares.len(), 2, "capped");
+        assert!(!d.exists(), "removed past the cap");
+        spares.retire(&dir.path().join("never.out"));
+        assert_eq!(spares.len(), 2, "no file, nothing kept");
+        // A restart adopts the spares (emptying any a crash left full) up to the cap and
+        // removes anything else.
+        std::fs::write(spare_dir.join("77"), b"left full by a crash").unwrap();
+        std::fs::write(spare_dir.join("junk"), b"x").unwrap();
+        let again = Spares::open(&spare_dir, 3).unwrap();
+        assert_eq!(again.len(), 3);
+        assert!(!spare_dir.join("junk").exists());
+        assert_eq!(std::fs::metadata(spare_dir.join("77")).unwrap().len(), 0);
+        let e = dir.path().join("e.out");
+        let mut v = Spool::lazy_with(&e, &again);
+        v.append(b"e").unwrap();
+        v.retire(&again);
+        assert!(
+            spare_dir.join("78").exists(),
+            "numbering goes on after the highest adopted"
+        );
     }
 
     #[test]

@@ -434,3 +434,73 @@ async fn a_restarted_agent_reads_what_its_last_run_left_and_clears_the_rest() {
     agent.stop().await;
     cp.hub.shutdown();
 }
+
+/// (inode, length) of each file in `dir`, sorted.
+fn files_in(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v: Vec<(u64, u64)> = match std::fs::read_dir(dir) {
+        Ok(d) => d
+            .map(|e| {
+                let m = e.unwrap().metadata().unwrap();
+                (m.ino(), m.len())
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort_unstable();
+    v
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// A finished attempt's output file becomes an empty spare on both sides, and the next
+/// attempt's output file is that spare (the same inode): a stream of short jobs
+/// allocates no new files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_attempts_leave_empty_spares_that_the_next_attempts_reuse() {
+    let cp = control_side().await;
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::start(agent_options(&cp, data.path())).await.unwrap();
+    agent.wait_connected(true).await;
+    wait_runner_healthy(&cp.plane).await;
+    let hub = cp.dir.path().join("valkyrie");
+    let agent_dir = data.path().to_path_buf();
+
+    let id = cp.plane.submit(remote_job("echo first"), "test").unwrap();
+    wait_state(&cp.plane, &id, JobState::Succeeded).await;
+    assert_eq!(log_of(&cp.plane, &id).await, b"first\n");
+    until("both sides keep the attempt's file as a spare", || {
+        files_in(&hub.join("spare")).len() == 1 && files_in(&agent_dir.join("spare")).len() == 1
+    })
+    .await;
+    let hub_spare = files_in(&hub.join("spare"))[0];
+    let agent_spare = files_in(&agent_dir.join("spare"))[0];
+    assert_eq!((hub_spare.1, agent_spare.1), (0, 0), "spares are emptied");
+    assert!(files_in(&hub.join("attempts")).is_empty());
+    assert!(files_in(&agent_dir.join("attempts")).is_empty());
+
+    // The next attempt writes into the spares.
+    let id = cp
+        .plane
+        .submit(remote_job("echo second; sleep 30"), "test")
+        .unwrap();
+    until("the second attempt's output is stored", || {
+        files_in(&hub.join("attempts")) == [(hub_spare.0, 7)]
+            && files_in(&agent_dir.join("attempts")) == [(agent_spare.0, 7)]
+    })
+    .await;
+    assert!(files_in(&hub.join("spare")).is_empty());
+    assert!(files_in(&agent_dir.join("spare")).is_empty());
+    assert!(cp.plane.cancel(&id));
+    wait_state(&cp.plane, &id, JobState::Cancelled).await;
+    assert_eq!(log_of(&cp.plane, &id).await, b"second\n");
+    agent.stop().await;
+}

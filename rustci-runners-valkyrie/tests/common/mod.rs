@@ -46,7 +46,8 @@ pub struct ControlSide {
     pub tokens: Arc<Tokens>,
     pub addr: String,
     pub fingerprint: String,
-    _dir: tempfile::TempDir,
+    /// The control plane's state (the hub's is `valkyrie/`).
+    pub dir: tempfile::TempDir,
 }
 
 pub async fn control_side() -> ControlSide {
@@ -79,7 +80,7 @@ pub async fn control_side_with(timings: Timings) -> ControlSide {
         tokens,
         addr,
         fingerprint,
-        _dir: dir,
+        dir,
     }
 }
 
