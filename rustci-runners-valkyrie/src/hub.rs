@@ -268,7 +268,7 @@ async fn settle(
     tx: &mpsc::Sender<Result<proto::ServerMessage, Status>>,
 ) -> bool {
     let r = c.attempt.clone();
-    let guard = io.lock().await;
+    let mut guard = io.lock().await;
     let stored = guard.spool.len();
     match lease::completion(is_current(inner, key, io), stored, c.length) {
         lease::Completion::Refuse => {
@@ -330,14 +330,18 @@ async fn settle(
         }
         state.done.insert(key.clone(), outcome.clone());
     }
-    // An attempt that wrote nothing has no file to keep.
+    // Its file takes no more bytes (it becomes a spare once settled: a late write
+    // through this handle would land in another attempt's file).
+    guard.spool.seal();
+    // An attempt with nothing stored has no file, as a rule; any other waits for the
+    // periodic cleanup.
     if stored > 0 {
         let mut settling = inner.settling.lock().expect("settling");
         // Bounded: what does not fit waits for the periodic cleanup.
         if settling.len() < MAX_SETTLING {
             settling.push(key.clone());
         }
-        if settling.len() == SETTLE_BATCH {
+        if settling.len() >= SETTLE_BATCH {
             inner.settle_wake.notify_one();
         }
     }
@@ -2621,7 +2625,17 @@ async fn store_chunk(
             abort: true,
         });
     };
-    let mut io = io.lock().await;
+    let mut io_guard = io.lock().await;
+    // It may have ended while this chunk waited for the lock.
+    if !is_current(inner, &k, &io) {
+        return Ok(proto::OutputAck {
+            attempt: r,
+            offset: 0,
+            error: "the attempt ended".into(),
+            abort: true,
+        });
+    }
+    let io = &mut *io_guard;
     let len = io.spool.len();
     if chunk.offset != len {
         return Ok(proto::OutputAck {

@@ -44,21 +44,26 @@ pub(crate) struct Spares {
 }
 
 impl Spares {
-    /// Spares in `dir` (created), adopting the files an earlier run left there (emptied
-    /// again, in case a crash struck between emptying and renaming) up to `cap`, and
-    /// removing the rest. `dir` must be on the same file system as the output files.
+    /// Spares in `dir` (created), adopting the regular files an earlier run left there
+    /// (emptied, in case a crash struck between renaming one there and emptying it) up
+    /// to `cap`, and removing the rest. `dir` must be on the same file system as the
+    /// output files.
     pub fn open(dir: &Path, cap: usize) -> std::io::Result<Arc<Spares>> {
         std::fs::create_dir_all(dir)?;
         let mut free = Vec::new();
         let mut next = 0u64;
         for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
+            // Not a symbolic link or anything else planted there.
+            let regular = entry.file_type().is_ok_and(|t| t.is_file());
             let number = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<u64>().ok());
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| *n < u64::MAX / 2);
             let kept = match number {
-                Some(n) if free.len() < cap => {
+                Some(n) if regular && free.len() < cap => {
                     next = next.max(n + 1);
                     OpenOptions::new()
                         .write(true)
@@ -85,46 +90,54 @@ impl Spares {
     /// A new empty file at `path`, replacing what is there: a spare when one is left,
     /// else a file created.
     pub fn create(&self, path: &Path) -> std::io::Result<File> {
-        let spare = self.free.lock().expect("spares").pop();
-        if let Some(spare) = spare
-            && std::fs::rename(&spare, path).is_ok()
-        {
-            // Spares are empty. Opened without O_TRUNC: on ext4 a file truncated to
-            // nothing, written and closed is flushed to disk by the close (to protect
-            // replace-by-truncate writers), which put a disk write into every attempt.
-            let reused = OpenOptions::new().read(true).write(true).open(path);
-            if let Ok(f) = reused
-                && f.metadata().is_ok_and(|m| m.len() == 0)
-            {
-                return Ok(f);
+        if let Some(spare) = self.free.lock().expect("spares").pop() {
+            if std::fs::rename(&spare, path).is_ok() {
+                // Spares are empty. Opened without O_TRUNC: on ext4 a file truncated to
+                // nothing, written and closed is flushed to disk by the close (to
+                // protect replace-by-truncate writers), which put a disk write into
+                // every attempt.
+                let reused = OpenOptions::new().read(true).write(true).open(path);
+                if let Ok(f) = reused
+                    && f.metadata().is_ok_and(|m| m.len() == 0)
+                {
+                    return Ok(f);
+                }
+                // Not as it should be: a new file, not this inode.
+                let _ = std::fs::remove_file(path);
+            } else {
+                let _ = std::fs::remove_file(&spare);
             }
         }
         create(path)
     }
 
-    /// Empties the file at `path` and keeps it as a spare, or removes it when `cap`
+    /// Moves the file at `path` to the spares and empties it, or removes it when `cap`
     /// spares are kept. Nothing may write to it through an open handle afterwards.
+    /// Renamed before it is emptied: of two calls for one path, only the first finds
+    /// it, so the second cannot empty a spare already reused.
     pub fn retire(&self, path: &Path) {
         let room = self.free.lock().expect("spares").len() < self.cap;
-        if room {
-            let spare = self
-                .dir
-                .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
-            let emptied = OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(0));
-            match emptied {
-                Ok(()) if std::fs::rename(path, &spare).is_ok() => {
-                    self.free.lock().expect("spares").push(spare);
-                    return;
-                }
-                // No file there: nothing to keep or remove.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                _ => {}
-            }
+        if !room {
+            let _ = std::fs::remove_file(path);
+            return;
         }
-        let _ = std::fs::remove_file(path);
+        let spare = self
+            .dir
+            .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
+        if std::fs::rename(path, &spare).is_err() {
+            // Gone already (or not movable): nothing to keep.
+            let _ = std::fs::remove_file(path);
+            return;
+        }
+        let emptied = OpenOptions::new()
+            .write(true)
+            .open(&spare)
+            .and_then(|f| f.set_len(0));
+        if emptied.is_ok() {
+            self.free.lock().expect("spares").push(spare);
+        } else {
+            let _ = std::fs::remove_file(&spare);
+        }
     }
 
     /// How many are kept.
@@ -178,10 +191,15 @@ impl Spool {
     /// Closes its file and hands it to `spares` (see [`Spares::retire`]). It takes no
     /// bytes after this (an append is an error), so nothing reaches the spare.
     pub fn retire(&mut self, spares: &Spares) {
+        self.seal();
+        spares.retire(&self.path);
+    }
+
+    /// Closes its file for good: an append after this is an error, and reads find
+    /// nothing. Its length and hash stay. For a file that is to be retired later.
+    pub fn seal(&mut self) {
         self.retired = true;
-        if self.file.take().is_some() {
-            spares.retire(&self.path);
-        }
+        self.file = None;
     }
 
     fn read_from(path: &Path, file: File) -> std::io::Result<Spool> {
@@ -494,15 +512,22 @@ mod tests {
         spares.retire(&d);
         assert_eq!(spares.len(), 2, "capped");
         assert!(!d.exists(), "removed past the cap");
-        spares.retire(&dir.path().join("never.out"));
-        assert_eq!(spares.len(), 2, "no file, nothing kept");
+        let roomy = Spares::open(&dir.path().join("spare2"), 5).unwrap();
+        roomy.retire(&dir.path().join("never.out"));
+        assert_eq!(roomy.len(), 0, "no file, nothing kept");
+        assert_eq!(std::fs::read_dir(dir.path().join("spare2")).unwrap().count(), 0);
         // A restart adopts the spares (emptying any a crash left full) up to the cap and
         // removes anything else.
         std::fs::write(spare_dir.join("77"), b"left full by a crash").unwrap();
         std::fs::write(spare_dir.join("junk"), b"x").unwrap();
+        let target = dir.path().join("not-a-spare");
+        std::fs::write(&target, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&target, spare_dir.join("90")).unwrap();
         let again = Spares::open(&spare_dir, 3).unwrap();
         assert_eq!(again.len(), 3);
         assert!(!spare_dir.join("junk").exists());
+        assert!(!spare_dir.join("90").exists(), "a link is removed, not adopted");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me", "nor followed");
         assert_eq!(std::fs::metadata(spare_dir.join("77")).unwrap().len(), 0);
         let e = dir.path().join("e.out");
         let mut v = Spool::lazy_with(&e, &again);
