@@ -185,6 +185,11 @@ pub trait Observer: Send + Sync {
     fn attempt_ended(&self, runner_kind: &str, outcome: &Outcome, ran: Duration) {
         let _ = (runner_kind, outcome, ran);
     }
+    /// A job's first attempt wrote its first output `since` it was submitted (pickup as
+    /// a user sees it), on a runner of `runner_kind`.
+    fn first_output(&self, runner_kind: &str, since: Duration) {
+        let _ = (runner_kind, since);
+    }
     /// A job reached its terminal `state`; `runner_kind` of its last attempt, if any.
     fn job_finished(&self, runner_kind: Option<&str>, state: JobState, total: Duration) {
         let _ = (runner_kind, state, total);
@@ -676,11 +681,48 @@ impl ControlPlane {
         self.state.store.transitions(id)
     }
 
+    /// The first `limit` queued jobs in the order they will be dispatched (priority,
+    /// then fair share among submitters, then submission order), each with its
+    /// `why_pending`, and how many are queued in all. Costs about `limit` times the log
+    /// of the number of submitters, plus a look at the running jobs.
+    pub fn queued(&self, limit: usize) -> (usize, Vec<JobRecord>) {
+        let by_submitter = {
+            let running = self.state.running.lock().expect("running");
+            let mut by: HashMap<String, usize> = HashMap::new();
+            for r in running.values() {
+                *by.entry(r.submitter.clone()).or_default() += 1;
+            }
+            by
+        };
+        let (total, ids): (usize, Vec<JobId>) = {
+            let queue = self.state.queue.lock().expect("queue");
+            (
+                queue.len(),
+                queue
+                    .iter_ordered(&by_submitter)
+                    .take(limit)
+                    .map(|q| q.id)
+                    .collect(),
+            )
+        };
+        (total, ids.iter().filter_map(|id| self.get(id)).collect())
+    }
+
     /// Jobs queued and jobs assigned or running, now.
     pub fn counts(&self) -> (usize, usize) {
         let queued = self.state.queue.lock().expect("queue").len();
         let live = self.state.jobs.lock().expect("jobs").len();
         (queued, live.saturating_sub(queued))
+    }
+
+    /// How many bytes of the job's log are stored now.
+    pub fn log_len(&self, id: &JobId) -> u64 {
+        self.state.logs.len(id)
+    }
+
+    /// Up to `max` bytes of the job's log at `offset`, as stored now.
+    pub fn read_log(&self, id: &JobId, offset: u64, max: usize) -> Result<bytes::Bytes, Error> {
+        self.state.logs.read(id, offset, max)
     }
 
     /// Follows a job's log from byte `offset`: what is stored, then the live tail until
@@ -1294,6 +1336,7 @@ async fn follow_execution(
     set_state(state, id, JobState::Running);
     let mut outcome = Outcome::Lost;
     let mut first = true;
+    let mut first_output = number == 1;
     while let Some(event) = execution.next_event().await {
         if std::mem::take(&mut first) {
             state.registry.record_startup(&runner_id, started.elapsed());
@@ -1301,6 +1344,21 @@ async fn follow_execution(
         match &event.kind {
             EventKind::Finished { outcome: o } => outcome = o.clone(),
             EventKind::Output { data, .. } => {
+                if std::mem::take(&mut first_output)
+                    && let Some(o) = &state.observer
+                {
+                    let submitted = state
+                        .jobs
+                        .lock()
+                        .expect("jobs")
+                        .get(id)
+                        .map(|r| r.submitted_at);
+                    if let Some(since) =
+                        submitted.and_then(|t| SystemTime::now().duration_since(t).ok())
+                    {
+                        o.first_output(runner.info().kind.as_str(), since);
+                    }
+                }
                 if let Err(e) = state.logs.append(id, data) {
                     tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
                 }

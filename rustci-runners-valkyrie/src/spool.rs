@@ -515,7 +515,12 @@ mod tests {
         let roomy = Spares::open(&dir.path().join("spare2"), 5).unwrap();
         roomy.retire(&dir.path().join("never.out"));
         assert_eq!(roomy.len(), 0, "no file, nothing kept");
-        assert_eq!(std::fs::read_dir(dir.path().join("spare2")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("spare2"))
+                .unwrap()
+                .count(),
+            0
+        );
         // A restart adopts the spares (emptying any a crash left full) up to the cap and
         // removes anything else.
         std::fs::write(spare_dir.join("77"), b"left full by a crash").unwrap();
@@ -526,7 +531,10 @@ mod tests {
         let again = Spares::open(&spare_dir, 3).unwrap();
         assert_eq!(again.len(), 3);
         assert!(!spare_dir.join("junk").exists());
-        assert!(!spare_dir.join("90").exists(), "a link is removed, not adopted");
+        assert!(
+            !spare_dir.join("90").exists(),
+            "a link is removed, not adopted"
+        );
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me", "nor followed");
         assert_eq!(std::fs::metadata(spare_dir.join("77")).unwrap().len(), 0);
         let e = dir.path().join("e.out");

@@ -48,6 +48,8 @@ pub struct App {
     pub factory: RunnerFactory,
     /// Remote agents, when the server listens for them.
     pub hub: Option<rustci_runners_valkyrie::Hub>,
+    /// Signed-in dashboard users.
+    pub sessions: super::web::Sessions,
 }
 
 impl std::fmt::Debug for App {
@@ -76,6 +78,14 @@ impl ApiError {
             details: None,
             retry_after: None,
         }
+    }
+    /// Its HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    /// What went wrong, for people.
+    pub fn message(&self) -> &str {
+        &self.message
     }
     fn details(mut self, details: Value) -> Self {
         self.details = Some(details);
@@ -180,6 +190,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(agents_viewer)
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .merge(open)
+        .merge(super::web::routes(&app))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -284,7 +295,14 @@ fn body_error(e: BytesRejection, limit: usize) -> ApiError {
     }
 }
 
-fn audit(app: &App, actor: &str, action: &str, target: Option<&str>, result: &str, rid: &str) {
+pub(super) fn audit(
+    app: &App,
+    actor: &str,
+    action: &str,
+    target: Option<&str>,
+    result: &str,
+    rid: &str,
+) {
     let entry = AuditEntry::new(
         actor,
         action,
@@ -311,7 +329,15 @@ async fn authenticate(
         .unwrap_or_else(|| "unknown".into());
     let credential = credential(req.headers());
     let action = format!("{} {}", req.method(), req.uri().path());
+    // The dashboard's session cookie stands in for a key on reading routes only: no
+    // request a cookie can carry changes anything through the API.
+    let reading = req.method() == Method::GET || req.method() == Method::HEAD;
+    let session = match &credential {
+        None if reading => app.sessions.from_headers(req.headers()).map(|(_, s)| s),
+        _ => None,
+    };
     let principal = match credential {
+        None if session.is_some() => Ok(session.expect("checked").principal),
         None => Err("no API key given (use X-API-Key or Authorization: Bearer)".to_string()),
         Some(c) => app.keys.authenticate(&c).and_then(|p| match &p.token_id {
             Some(id) => app.tokens.check(id).map(|()| p),
@@ -533,6 +559,11 @@ fn job_id(raw: &str) -> ApiResult<JobId> {
     }
 }
 
+/// The job `raw` names, when it is a valid id of a known job.
+pub(super) fn find_job_record(app: &App, raw: &str) -> Option<JobRecord> {
+    find_job(app, raw).ok()
+}
+
 fn find_job(app: &App, raw: &str) -> ApiResult<JobRecord> {
     let id = job_id(raw)?;
     app.plane
@@ -748,7 +779,24 @@ async fn cancel_job(
     Extension(rid): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let record = find_job(&app, &id)?;
+    let state = cancel_as(&app, &p, &rid, &id)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "state": state_name(state)})),
+    )
+        .into_response())
+}
+
+/// Cancels job `id` for `p` (a submitter only its own), audited; returns the job's state
+/// after the request.
+pub(super) fn cancel_as(
+    app: &App,
+    p: &Principal,
+    rid: &RequestId,
+    id: &str,
+) -> ApiResult<JobState> {
+    let id = id.to_string();
+    let record = find_job(app, &id)?;
     if p.role == Role::Submitter && record.submitter != p.name {
         audit(
             &app,
@@ -790,14 +838,9 @@ async fn cancel_job(
         )
         .details(json!({"state": state_name(state)})));
     }
-    audit(&app, &p.name, "job.cancel", Some(&id), "ok", &rid.0);
+    audit(app, &p.name, "job.cancel", Some(&id), "ok", &rid.0);
     tracing::info!(job_id = %id, actor = %p.name, "cancel requested");
-    let state = app.plane.get(&record.id).map_or(record.state, |r| r.state);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"id": id, "state": state_name(state)})),
-    )
-        .into_response())
+    Ok(app.plane.get(&record.id).map_or(record.state, |r| r.state))
 }
 
 #[derive(Deserialize)]
@@ -1003,6 +1046,18 @@ async fn runner_action(
     id: &str,
     action: &str,
 ) -> ApiResult<Json<Value>> {
+    runner_change(app, p, rid, id, action).map(Json)
+}
+
+/// Drains (`runner.drain`), resumes (`runner.resume`) or removes (anything else) runner
+/// `id` for `p`, audited; returns `{"id", "status"}`.
+pub(super) fn runner_change(
+    app: &App,
+    p: &Principal,
+    rid: &RequestId,
+    id: &str,
+    action: &str,
+) -> ApiResult<Value> {
     find_runner(app, id)?;
     match action {
         "runner.drain" => {
@@ -1025,7 +1080,7 @@ async fn runner_action(
         .registry()
         .get(id)
         .map_or("removed", |e| e.status.as_str());
-    Ok(Json(json!({"id": id, "status": status})))
+    Ok(json!({"id": id, "status": status}))
 }
 
 async fn drain_runner(

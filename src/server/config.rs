@@ -82,6 +82,8 @@ pub struct ServerConfig {
     /// runner's start (an image pull included) must be done by then, or the offer is
     /// withdrawn and the attempt counts as a runner failure. Default 10000.
     pub agent_offer_timeout_ms: u64,
+    /// How long a dashboard sign-in lasts, in seconds. Default 28800 (8 hours).
+    pub session_ttl_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +111,7 @@ impl Default for ServerConfig {
             agent_margin_ms: 15000,
             agent_restart_grace_secs: 120,
             agent_offer_timeout_ms: 10_000,
+            session_ttl_secs: 8 * 3600,
         }
     }
 }

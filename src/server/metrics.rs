@@ -76,6 +76,7 @@ pub struct Metrics {
     http_duration: Family<RouteLabels, Histogram>,
     agents: Family<StatusLabels, Gauge>,
     agent_heartbeat: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    timeline: super::timeline::Timeline,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -115,6 +116,7 @@ impl Metrics {
             http_duration: Family::new_with_constructor(seconds_histogram),
             agents: Family::default(),
             agent_heartbeat: Family::default(),
+            timeline: Default::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics");
@@ -212,6 +214,11 @@ impl Metrics {
                 route: route.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// The per-minute aggregates of the last hours (see [`super::timeline`]).
+    pub fn timeline(&self) -> super::timeline::Snapshot {
+        self.timeline.snapshot()
     }
 
     /// The text exposition, with gauges read from `plane` now.
@@ -348,7 +355,11 @@ impl Observer for Metrics {
             })
             .inc();
     }
+    fn first_output(&self, _runner_kind: &str, since: Duration) {
+        self.timeline.first_output(since);
+    }
     fn job_finished(&self, runner_kind: Option<&str>, state: JobState, total: Duration) {
+        self.timeline.finished(state.as_str(), total);
         let kind = runner_kind.unwrap_or("none").to_string();
         self.jobs_finished
             .get_or_create(&OutcomeLabels {

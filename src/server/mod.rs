@@ -12,8 +12,10 @@ mod config;
 mod metrics;
 mod openapi;
 mod runners;
+pub mod timeline;
 mod tls;
 mod tokens;
+mod web;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ pub use metrics::Metrics;
 pub use openapi::document as openapi_document;
 pub use runners::{DEFAULT_SLOTS, RunnerFactory};
 pub use tokens::{TokenEntry, TokenHold, TokenState, Tokens};
+pub use web::{COOKIE as SESSION_COOKIE, CSP, Session, Sessions};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +263,7 @@ impl Server {
             });
             tracing::info!(addr = ?agent_addr, "listening for agents");
         }
+        let sessions = Sessions::new(Duration::from_secs(config.session_ttl_secs.max(1)));
         let app = Arc::new(App {
             plane: plane.clone(),
             keys,
@@ -269,6 +273,7 @@ impl Server {
             config,
             factory,
             hub,
+            sessions,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
