@@ -799,7 +799,7 @@ pub(super) fn cancel_as(
     let record = find_job(app, &id)?;
     if p.role == Role::Submitter && record.submitter != p.name {
         audit(
-            &app,
+            app,
             &p.name,
             "job.cancel",
             Some(&id),
@@ -824,7 +824,7 @@ pub(super) fn cancel_as(
         // It ended between the look above and the cancel.
         let state = app.plane.get(&record.id).map_or(record.state, |r| r.state);
         audit(
-            &app,
+            app,
             &p.name,
             "job.cancel",
             Some(&id),

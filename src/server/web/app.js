@@ -170,10 +170,28 @@ function setState(state) {
     b.className = "badge state-" + state;
   });
   const terminal = ["succeeded", "failed", "cancelled", "timed_out", "lost"];
-  if (terminal.indexOf(state) >= 0) {
+  if (terminal.indexOf(state) >= 0 && !setState.ended) {
+    setState.ended = true;
     const c = document.getElementById("cancel");
     if (c) c.remove();
+    replaceParts(["facts", "attempts", "transitions"]);
   }
+}
+
+// Fetches the page again and puts its fresh copies of the elements `ids` in place.
+function replaceParts(ids) {
+  return fetch(location.href, { credentials: "same-origin" })
+    .then(function (r) { return r.ok ? r.text() : null; })
+    .then(function (html) {
+      if (!html) return;
+      const doc = new DOMParser().parseFromString(html, "text/html");
+      ids.forEach(function (id) {
+        const fresh = doc.getElementById(id);
+        const now = document.getElementById(id);
+        if (fresh && now) now.replaceWith(document.importNode(fresh, true));
+      });
+    })
+    .catch(function () {});
 }
 
 function followLog(pre) {
@@ -221,18 +239,9 @@ function watchState(facts) {
 function refresh(el) {
   const every = parseInt(el.dataset.refresh, 10) * 1000;
   if (!el.id || !(every > 0)) return;
+  const id = el.id;
   setInterval(function () {
-    if (document.hidden) return;
-    fetch(location.href, { credentials: "same-origin" })
-      .then(function (r) { return r.ok ? r.text() : null; })
-      .then(function (html) {
-        if (!html) return;
-        const doc = new DOMParser().parseFromString(html, "text/html");
-        const fresh = doc.getElementById(el.id);
-        const now = document.getElementById(el.id);
-        if (fresh && now) now.replaceWith(document.importNode(fresh, true));
-      })
-      .catch(function () {});
+    if (!document.hidden) replaceParts([id]);
   }, every);
 }
 

@@ -257,27 +257,23 @@ fn own_origin(app: &App, headers: &HeaderMap) -> Option<String> {
 }
 
 /// A state-changing form's checks: its origin (when the browser names one) is this
-/// server's, and it carries the session's CSRF token.
+/// server's, and it carries the session's CSRF token. `Err` says why not.
 fn check_form(
     app: &App,
     headers: &HeaderMap,
     session: &Session,
     token: &str,
-) -> Result<(), Response> {
+) -> Result<(), &'static str> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let same = own_origin(app, headers).is_some_and(|o| origin.as_bytes() == o.as_bytes());
         if !same {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "the form was sent from another site (its Origin is not this server's)",
-            ));
+            return Err("the form was sent from another site (its Origin is not this server's)");
         }
     }
     if !bool::from(token.as_bytes().ct_eq(session.csrf.as_bytes())) {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
+        return Err(
             "the form's CSRF token is missing or not this session's: reload the page and try again",
-        ));
+        );
     }
     Ok(())
 }
@@ -334,7 +330,7 @@ async fn login(
     let peer = peer.map_or_else(|| "unknown".to_string(), |c| c.0.0.ip().to_string());
     let next = local_path(form.next.as_deref());
     if let Some(origin) = headers.get(header::ORIGIN)
-        && !own_origin(&app, &headers).is_some_and(|o| origin.as_bytes() == o.as_bytes())
+        && own_origin(&app, &headers).is_none_or(|o| origin.as_bytes() != o.as_bytes())
     {
         return refuse(
             StatusCode::FORBIDDEN,
@@ -398,8 +394,8 @@ async fn logout(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Response {
-    if let Err(r) = check_form(&app, &headers, &session, &form.csrf) {
-        return r;
+    if let Err(why) = check_form(&app, &headers, &session, &form.csrf) {
+        return refuse(StatusCode::FORBIDDEN, why);
     }
     if let Some(id) = cookie(&headers, COOKIE) {
         app.sessions.end(&id);
@@ -612,8 +608,8 @@ async fn cancel(
     Path(id): Path<String>,
     Form(form): Form<TokenForm>,
 ) -> Response {
-    if let Err(r) = check_form(&app, &headers, &session, &form.csrf) {
-        return r;
+    if let Err(why) = check_form(&app, &headers, &session, &form.csrf) {
+        return refuse(StatusCode::FORBIDDEN, why);
     }
     if !session.principal.role.allows(Role::Submitter) {
         return refuse(StatusCode::FORBIDDEN, "a viewer may not cancel jobs");
@@ -632,8 +628,8 @@ async fn runner_action(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<TokenForm>,
 ) -> Response {
-    if let Err(r) = check_form(&app, &headers, &session, &form.csrf) {
-        return r;
+    if let Err(why) = check_form(&app, &headers, &session, &form.csrf) {
+        return refuse(StatusCode::FORBIDDEN, why);
     }
     if !session.principal.role.allows(Role::Operator) {
         return refuse(

@@ -235,10 +235,13 @@ fn per_minute_chart(minutes: &[Minute]) -> Markup {
     }
 }
 
+/// A slot's p50 and p95, in seconds.
+type Pair = (Option<f64>, Option<f64>);
+
 /// p50 and p95 lines over slots; a slot without values breaks the line.
 fn quantile_chart(slots: &[(u64, Histogram)]) -> Markup {
     let (w, h, pad) = (600.0, 160.0, 48.0);
-    let values: Vec<(Option<f64>, Option<f64>)> = slots
+    let values: Vec<Pair> = slots
         .iter()
         .map(|(_, hist)| {
             (
@@ -256,7 +259,7 @@ fn quantile_chart(slots: &[(u64, Histogram)]) -> Markup {
         let y = h - if max > 0.0 { v / max * (h - 14.0) } else { 0.0 };
         format!("{:.1},{y:.1}", pad + (i as f64 + 0.5) * step)
     };
-    let line = |pick: fn(&(Option<f64>, Option<f64>)) -> Option<f64>| -> Vec<String> {
+    let line = |pick: fn(&Pair) -> Option<f64>| -> Vec<String> {
         // Runs of consecutive slots with values, one polyline each.
         let mut runs = Vec::new();
         let mut cur = Vec::new();

@@ -1,0 +1,604 @@
+//! The web dashboard in a real headless Chromium, driven over WebDriver (chromedriver):
+//! sign-in, a job's log appearing live with colours, the state badge following the job,
+//! cancel and drain from the pages, why-pending naming the drain, a viewer without
+//! buttons, escaping of user text (asserted on the DOM), CSRF refusals (a forged
+//! cross-site form and hand-made requests) and session expiry. Screenshots of each page
+//! go to `target/dashboard-screenshots/`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver`: without them the tests are skipped
+//! with a message, unless `RUSTCI_REQUIRE_BROWSER=1` (CI), which makes that a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use rustci::client::ApiClient;
+use rustci::server::{ApiKeyConfig, Role, RunnerConfig, Server, ServerConfig};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-key-0123456789abcdef";
+const VIEWER: &str = "viewer-key-0123456789abcdef";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The browser tools, or `None` (skipped) when absent and not required.
+fn browser_present() -> bool {
+    let present = Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists();
+    if !present {
+        if std::env::var("RUSTCI_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!("RUSTCI_REQUIRE_BROWSER=1 but {CHROMEDRIVER} or {CHROMIUM} is missing");
+        }
+        eprintln!(
+            "SKIPPED: no {CHROMEDRIVER} / {CHROMIUM} (apt-get install chromium chromium-driver)"
+        );
+    }
+    present
+}
+
+/// chromedriver on a port of its own, killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn driver() -> Driver {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let d = Driver {
+        child,
+        port,
+        _profile: tempfile::tempdir().unwrap(),
+    };
+    common::wait_for("chromedriver listens", 20, async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+    d
+}
+
+async fn browser(d: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--ignore-certificate-errors", "--window-size=1280,900",
+                "--enable-precise-memory-info",
+                format!("--user-data-dir={}", d._profile.path().display()),
+            ],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", d.port))
+        .await
+        .expect("a browser session")
+}
+
+struct TestServer {
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+}
+
+async fn server(ttl_secs: u64) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.data_dir = dir.path().join("data");
+    config.admin_key = Some(ADMIN.into());
+    config.api_keys.push(
+        serde_json::from_value::<ApiKeyConfig>(
+            json!({"name": "viewer", "key": VIEWER, "role": Role::Viewer}),
+        )
+        .unwrap(),
+    );
+    config.health_interval_secs = 1;
+    config.shutdown_grace_secs = 5;
+    config.session_ttl_secs = ttl_secs;
+    let mut r = RunnerConfig::new("local-a", "local");
+    r.slots = Some(4);
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    r.workspace_root = Some(ws);
+    config.runners = vec![r];
+    let server = Server::start(config).await.expect("server starts");
+    TestServer {
+        server: Some(server),
+        dir,
+    }
+}
+
+impl TestServer {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.as_ref().unwrap().url())
+    }
+    fn admin(&self) -> ApiClient {
+        ApiClient::of(self.server.as_ref().unwrap(), Some(ADMIN.into())).unwrap()
+    }
+    fn anonymous(&self) -> ApiClient {
+        ApiClient::of(self.server.as_ref().unwrap(), None).unwrap()
+    }
+    async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+async fn submit(api: &ApiClient, job: Value) -> String {
+    let r = api.post_json("/api/jobs", &job).await.unwrap();
+    assert_eq!(r.status, 201, "submit: {}", r.error_message());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+async fn job_state(api: &ApiClient, id: &str) -> String {
+    let r = api.get(&format!("/api/jobs/{id}")).await.unwrap();
+    r.json()["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// Runs `script` in the page until it returns something other than null/false.
+async fn until_js(c: &Client, what: &str, script: &str) -> Value {
+    common::wait_for(what, 30, async || match c.execute(script, vec![]).await {
+        Ok(Value::Null) | Ok(Value::Bool(false)) => None,
+        Ok(v) => Some(v),
+        Err(_) => None,
+    })
+    .await
+}
+
+fn shots_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let d = target.join("dashboard-screenshots");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("a screenshot");
+    std::fs::write(shots_dir().join(format!("{name}.png")), png).unwrap();
+}
+
+async fn sign_in(c: &Client, t: &TestServer, key: &str) {
+    c.goto(&t.url("/")).await.unwrap();
+    let url = c.current_url().await.unwrap();
+    assert_eq!(
+        url.path(),
+        "/login",
+        "a page without a session sends to sign-in"
+    );
+    c.find(Locator::Id("key"))
+        .await
+        .unwrap()
+        .send_keys(key)
+        .await
+        .unwrap();
+    c.find(Locator::Css("form.login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until_js(
+        c,
+        "the overview after sign-in",
+        "return location.pathname === '/' && document.getElementById('queued') !== null",
+    )
+    .await;
+}
+
+async fn session_cookie(c: &Client) -> String {
+    let cookies = c.get_all_cookies().await.unwrap();
+    let cookie = cookies
+        .iter()
+        .find(|k| k.name() == "rustci_session")
+        .expect("the session cookie");
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(
+        cookie.secure(),
+        Some(true),
+        "over HTTPS the cookie is Secure"
+    );
+    assert_eq!(
+        cookie.same_site().map(|s| s.to_string()).as_deref(),
+        Some("Strict")
+    );
+    cookie.value().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
+    if !browser_present() {
+        return;
+    }
+    let t = server(3600).await;
+    let api = t.admin();
+    let d = driver().await;
+    let c = browser(&d).await;
+
+    // Sign-in: the login page first, then the overview.
+    c.goto(&t.url("/login")).await.unwrap();
+    shot(&c, "login").await;
+    sign_in(&c, &t, ADMIN).await;
+    let cookie = session_cookie(&c).await;
+
+    // A job whose log comes in two parts, the second after the page is open.
+    let gate = t.dir.path().join("gate");
+    let script = format!(
+        "printf '\\033[32mfirst line\\033[0m\\n'; \
+         while [ ! -e {gate} ]; do sleep 0.05; done; \
+         printf 'second <b>not bold</b>\\n'; printf '10%%\\r50%%\\r100%%\\n'; \
+         echo '<script>alert(1)</script>'",
+        gate = gate.display()
+    );
+    let id = submit(
+        &api,
+        json!({"name": "live-log", "steps": [{"name": "<img src=x onerror=alert(2)>", "run": script}]}),
+    )
+    .await;
+    c.goto(&t.url(&format!("/jobs/{id}"))).await.unwrap();
+    c.execute("window.__sameDocument = 'yes'", vec![])
+        .await
+        .unwrap();
+    until_js(
+        &c,
+        "the first line, green, live",
+        "const s = [...document.querySelectorAll('#log span.f2')]; \
+         return s.some(e => e.textContent === 'first line')",
+    )
+    .await;
+    let state = until_js(
+        &c,
+        "the badge says running",
+        "const b = document.querySelector('h1 .badge'); \
+         return b && b.dataset.state === 'running' ? b.textContent : null",
+    )
+    .await;
+    assert_eq!(state, "running");
+    std::fs::write(&gate, b"").unwrap();
+    let lines = until_js(
+        &c,
+        "the rest of the log, and the badge turning to succeeded without a reload",
+        "const b = document.querySelector('h1 .badge'); \
+         if (!b || b.dataset.state !== 'succeeded') return null; \
+         if (window.__sameDocument !== 'yes') return 'reloaded'; \
+         const lines = [...document.querySelectorAll('#log .line')].map(l => l.textContent); \
+         return lines.includes('<script>alert(1)</script>') ? lines : null",
+    )
+    .await;
+    let lines: Vec<String> = serde_json::from_value(lines).expect("no reload happened");
+    let text: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        text,
+        [
+            "first line",
+            "second <b>not bold</b>",
+            "100%",
+            "<script>alert(1)</script>"
+        ],
+        "in order; the \\r progress line shows what a terminal shows last"
+    );
+    // Escaped: the log's and the step's markup are text, not elements.
+    let dom = c
+        .execute(
+            "return [document.querySelectorAll('#log b').length, \
+                     document.querySelectorAll('main script, main img').length, \
+                     document.querySelector('pre.spec').textContent.includes('<img src=x onerror=alert(2)>')]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dom, json!([0, 0, true]));
+    until_js(
+        &c,
+        "the attempts section shows the outcome once the job ended",
+        "const a = document.getElementById('attempts'); \
+         return a && a.textContent.includes('succeeded') && !a.textContent.includes('running') \
+           && window.__sameDocument === 'yes'",
+    )
+    .await;
+    shot(&c, "job").await;
+
+    // Cancel from the page.
+    let sleeper = submit(
+        &api,
+        json!({"name": "sleeper", "steps": [{"run": "sleep 60"}]}),
+    )
+    .await;
+    c.goto(&t.url(&format!("/jobs/{sleeper}"))).await.unwrap();
+    until_js(
+        &c,
+        "the sleeper runs",
+        "const b = document.querySelector('h1 .badge'); return b && b.dataset.state === 'running'",
+    )
+    .await;
+    // A forged request with the session's cookie but not its token, or from another
+    // origin with the token, is refused; the job keeps running.
+    let csrf = c
+        .find(Locator::Css("#cancel input[name=csrf]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap();
+    let anon = t.anonymous();
+    let cookie_header = format!("rustci_session={cookie}");
+    let path = format!("/jobs/{sleeper}/cancel");
+    let no_token = anon
+        .request(
+            "POST",
+            &path,
+            Some(("application/x-www-form-urlencoded", b"csrf=".to_vec())),
+            &[("cookie", &cookie_header)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(no_token.status, 403);
+    let foreign = anon
+        .request(
+            "POST",
+            &path,
+            Some((
+                "application/x-www-form-urlencoded",
+                format!("csrf={csrf}").into_bytes(),
+            )),
+            &[
+                ("cookie", &cookie_header),
+                ("origin", "https://evil.example"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(foreign.status, 403);
+    // The API takes no cookie for a change at all.
+    let api_with_cookie = anon
+        .request(
+            "POST",
+            &format!("/api{path}"),
+            None,
+            &[("cookie", &cookie_header)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(api_with_cookie.status, 401);
+    assert_eq!(job_state(&api, &sleeper).await, "running");
+    // A cross-site page's form, in the browser, is refused too.
+    let target = t.url(&path);
+    let evil = forged_site(&target).await;
+    c.goto(&evil).await.unwrap();
+    c.find(Locator::Id("go"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until_js(
+        &c,
+        "the forged form's answer",
+        "return location.pathname.endsWith('/cancel') && document.readyState === 'complete'",
+    )
+    .await;
+    assert_eq!(job_state(&api, &sleeper).await, "running");
+    // The page's own button works.
+    c.goto(&t.url(&format!("/jobs/{sleeper}"))).await.unwrap();
+    c.execute("window.__sameDocument = 'yes'", vec![])
+        .await
+        .unwrap();
+    c.find(Locator::Css("#cancel button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until_js(
+        &c,
+        "the badge says cancelled",
+        "const b = document.querySelector('h1 .badge'); return b && b.dataset.state === 'cancelled'",
+    )
+    .await;
+    assert_eq!(job_state(&api, &sleeper).await, "cancelled");
+
+    // Drain from the runners page: a new job then waits, its why-pending names the drain.
+    c.goto(&t.url("/runners")).await.unwrap();
+    shot(&c, "runners").await;
+    c.find(Locator::Css("td.actions form[action$='/drain'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until_js(
+        &c,
+        "the runner shows draining",
+        "return [...document.querySelectorAll('#runners .badge')].some(b => b.textContent === 'draining')",
+    )
+    .await;
+    let waiting = submit(&api, json!({"name": "waits", "steps": [{"run": "true"}]})).await;
+    let why = until_js(
+        &c,
+        "the queue page names the drain",
+        &format!(
+            "if (location.pathname !== '/queue') {{ location.href = '/queue'; return null; }} \
+             const row = [...document.querySelectorAll('#queue tr')].find(r => r.textContent.includes('{waiting}')); \
+             const why = row && row.querySelector('.why').textContent; \
+             return why && why.includes('draining') ? why : null"
+        ),
+    )
+    .await;
+    assert!(why.as_str().unwrap().contains("draining"), "{why}");
+    shot(&c, "queue").await;
+    c.goto(&t.url("/runners")).await.unwrap();
+    c.find(Locator::Css("td.actions form[action$='/resume'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    common::wait_for("the waiting job runs after resume", 30, async || {
+        (job_state(&api, &waiting).await == "succeeded").then_some(())
+    })
+    .await;
+
+    // The other pages render.
+    c.goto(&t.url("/jobs")).await.unwrap();
+    let rows = c.find_all(Locator::Css("#jobs tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    shot(&c, "jobs").await;
+    c.goto(&t.url("/audit")).await.unwrap();
+    let audit = c
+        .find(Locator::Id("audit"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        audit.contains("job.cancel") && audit.contains("runner.drain"),
+        "{audit}"
+    );
+    shot(&c, "audit").await;
+    c.goto(&t.url("/")).await.unwrap();
+    shot(&c, "overview").await;
+    let finished = c
+        .find(Locator::Id("finished"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(finished, "3");
+
+    // Sign out: the cookie no longer opens a page.
+    c.find(Locator::Css("form[action='/logout'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until_js(
+        &c,
+        "the sign-in page",
+        "return location.pathname === '/login'",
+    )
+    .await;
+    let after = anon
+        .request("GET", "/jobs", None, &[("cookie", &cookie_header)])
+        .await
+        .unwrap();
+    assert_eq!(after.status, 303, "signed out");
+
+    // A viewer sees no buttons.
+    sign_in(&c, &t, VIEWER).await;
+    c.goto(&t.url("/runners")).await.unwrap();
+    let buttons = c
+        .execute(
+            "return [document.querySelectorAll('main form').length, document.querySelectorAll('td.actions').length]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(buttons, json!([0, 0]));
+    let running = submit(
+        &api,
+        json!({"name": "viewed", "steps": [{"run": "sleep 60"}]}),
+    )
+    .await;
+    c.goto(&t.url(&format!("/jobs/{running}"))).await.unwrap();
+    assert!(
+        c.find(Locator::Id("cancel")).await.is_err(),
+        "no cancel button"
+    );
+    c.goto(&t.url("/audit")).await.unwrap();
+    let refused = c
+        .find(Locator::Css("main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(refused.contains("for admins"), "{refused}");
+    let nav = c
+        .find(Locator::Css("nav"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!nav.contains("Audit"), "{nav}");
+    api.request("POST", &format!("/api/jobs/{running}/cancel"), None, &[])
+        .await
+        .unwrap();
+
+    c.close().await.unwrap();
+    drop(d);
+    t.stop().await;
+}
+
+/// A page on another origin (plain HTTP, another port) with a form that posts to
+/// `target`; returns its URL.
+async fn forged_site(target: &str) -> String {
+    let page = format!(
+        "<!doctype html><title>forged</title><form method=post action=\"{target}\">\
+         <input type=hidden name=csrf value=guess><button id=go>win a prize</button></form>"
+    );
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move { axum::response::Html(page) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_at_its_expiry() {
+    if !browser_present() {
+        return;
+    }
+    let t = server(1).await;
+    let d = driver().await;
+    let c = browser(&d).await;
+    sign_in(&c, &t, ADMIN).await;
+    // The time passing is what is tested: the session lasts one second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.goto(&t.url("/jobs")).await.unwrap();
+    let url = c.current_url().await.unwrap();
+    assert_eq!(url.path(), "/login", "an expired session sends to sign-in");
+    assert_eq!(url.query(), Some("next=/jobs"));
+    c.close().await.unwrap();
+    drop(d);
+    t.stop().await;
+}
