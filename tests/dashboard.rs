@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-key-0123456789abcdef";
 const VIEWER: &str = "viewer-key-0123456789abcdef";
+const SUBMITTER: &str = "submitter-key-0123456789abcdef";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -49,7 +50,38 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A test that failed before closing its session leaves the browser running: its
+        // processes carry this driver's profile directory.
+        for pid in browser_pids(self._profile.path(), "") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
+}
+
+/// Processes whose command line names `profile` and contains `marker`.
+fn browser_pids(profile: &Path, marker: &str) -> Vec<i32> {
+    let profile = profile.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains(&profile) && cmdline.contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 async fn driver() -> Driver {
@@ -86,7 +118,7 @@ async fn browser(d: &Driver) -> Client {
             "args": [
                 "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--ignore-certificate-errors", "--window-size=1280,900",
-                "--enable-precise-memory-info",
+                "--enable-precise-memory-info", "--js-flags=--expose-gc",
                 format!("--user-data-dir={}", d._profile.path().display()),
             ],
         }),
@@ -112,6 +144,12 @@ async fn server(ttl_secs: u64) -> TestServer {
     config.api_keys.push(
         serde_json::from_value::<ApiKeyConfig>(
             json!({"name": "viewer", "key": VIEWER, "role": Role::Viewer}),
+        )
+        .unwrap(),
+    );
+    config.api_keys.push(
+        serde_json::from_value::<ApiKeyConfig>(
+            json!({"name": "submitter", "key": SUBMITTER, "role": Role::Submitter}),
         )
         .unwrap(),
     );
@@ -146,6 +184,57 @@ impl TestServer {
             s.shutdown().await;
         }
     }
+}
+
+/// Signs in with `key` by hand; returns the `Cookie` header value.
+async fn cookie_for(anon: &ApiClient, key: &str) -> String {
+    let r = anon
+        .request(
+            "POST",
+            "/login",
+            Some((
+                "application/x-www-form-urlencoded",
+                format!("key={key}").into_bytes(),
+            )),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 303, "signed in");
+    r.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The CSRF token in the page at `path` (its sign-out form has it).
+async fn csrf_in(anon: &ApiClient, cookie: &str, path: &str) -> String {
+    let r = anon
+        .request("GET", path, None, &[("cookie", cookie)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{path}");
+    let html = String::from_utf8_lossy(&r.body).to_string();
+    let at = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    html[at..at + 64].to_string()
+}
+
+async fn form_post(anon: &ApiClient, cookie: &str, path: &str, csrf: &str) -> u16 {
+    anon.request(
+        "POST",
+        path,
+        Some((
+            "application/x-www-form-urlencoded",
+            format!("csrf={csrf}").into_bytes(),
+        )),
+        &[("cookie", cookie)],
+    )
+    .await
+    .unwrap()
+    .status
 }
 
 async fn submit(api: &ApiClient, job: Value) -> String {
@@ -391,7 +480,8 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
         .unwrap();
     assert_eq!(api_with_cookie.status, 401);
     assert_eq!(job_state(&api, &sleeper).await, "running");
-    // A cross-site page's form, in the browser, is refused too.
+    // A cross-site page's form, in the browser, arrives without the session (the cookie
+    // is SameSite=Strict) and is refused.
     let target = t.url(&path);
     let evil = forged_site(&target).await;
     c.goto(&evil).await.unwrap();
@@ -401,12 +491,26 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
         .click()
         .await
         .unwrap();
-    until_js(
+    let answer = until_js(
         &c,
         "the forged form's answer",
-        "return location.pathname.endsWith('/cancel') && document.readyState === 'complete'",
+        "return location.pathname.endsWith('/cancel') && document.readyState === 'complete' \
+           ? document.body.textContent : null",
     )
     .await;
+    assert!(
+        answer.as_str().unwrap().contains("sign in again"),
+        "refused for want of a session: {answer}"
+    );
+    assert_eq!(job_state(&api, &sleeper).await, "running");
+    // A submitter, with its own session and token, may not cancel another's job.
+    let submitter = cookie_for(&anon, SUBMITTER).await;
+    let token = csrf_in(&anon, &submitter, "/jobs").await;
+    assert_eq!(form_post(&anon, &submitter, &path, &token).await, 403);
+    assert_eq!(
+        form_post(&anon, &submitter, "/runners/local-a/drain", &token).await,
+        403
+    );
     assert_eq!(job_state(&api, &sleeper).await, "running");
     // The page's own button works.
     c.goto(&t.url(&format!("/jobs/{sleeper}"))).await.unwrap();
@@ -521,22 +625,47 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
     c.goto(&t.url("/runners")).await.unwrap();
     let buttons = c
         .execute(
-            "return [document.querySelectorAll('main form').length, document.querySelectorAll('td.actions').length]",
+            "return [document.querySelector('h1').textContent, \
+                     document.querySelectorAll('#runners tbody tr').length, \
+                     document.querySelectorAll('main form').length, \
+                     document.querySelectorAll('td.actions').length]",
             vec![],
         )
         .await
         .unwrap();
-    assert_eq!(buttons, json!([0, 0]));
+    assert_eq!(
+        buttons,
+        json!(["Runners", 1, 0, 0]),
+        "the page, its runner, no button"
+    );
     let running = submit(
         &api,
         json!({"name": "viewed", "steps": [{"run": "sleep 60"}]}),
     )
     .await;
     c.goto(&t.url(&format!("/jobs/{running}"))).await.unwrap();
+    let title = c
+        .find(Locator::Css("h1"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(title.starts_with("viewed"), "{title}");
     assert!(
         c.find(Locator::Id("cancel")).await.is_err(),
         "no cancel button"
     );
+    // The routes refuse a viewer even with its own session and token.
+    let viewer = cookie_for(&anon, VIEWER).await;
+    let token = csrf_in(&anon, &viewer, "/jobs").await;
+    let cancel = format!("/jobs/{running}/cancel");
+    assert_eq!(form_post(&anon, &viewer, &cancel, &token).await, 403);
+    assert_eq!(
+        form_post(&anon, &viewer, "/runners/local-a/drain", &token).await,
+        403
+    );
+    assert_eq!(job_state(&api, &running).await, "running");
     c.goto(&t.url("/audit")).await.unwrap();
     let refused = c
         .find(Locator::Css("main"))
@@ -592,8 +721,22 @@ async fn a_session_ends_at_its_expiry() {
     let d = driver().await;
     let c = browser(&d).await;
     sign_in(&c, &t, ADMIN).await;
+    let cookie = format!("rustci_session={}", session_cookie(&c).await);
+    let anon = t.anonymous();
+    let fresh = anon
+        .request("GET", "/jobs", None, &[("cookie", &cookie)])
+        .await
+        .unwrap();
+    assert_eq!(fresh.status, 200, "the session works at first");
     // The time passing is what is tested: the session lasts one second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The server ends it (not only the browser, which drops the cookie at its Max-Age).
+    let late = anon
+        .request("GET", "/jobs", None, &[("cookie", &cookie)])
+        .await
+        .unwrap();
+    assert_eq!(late.status, 303);
+    assert_eq!(late.headers["location"], "/login?next=/jobs");
     c.goto(&t.url("/jobs")).await.unwrap();
     let url = c.current_url().await.unwrap();
     assert_eq!(url.path(), "/login", "an expired session sends to sign-in");
@@ -601,4 +744,192 @@ async fn a_session_ends_at_its_expiry() {
     c.close().await.unwrap();
     drop(d);
     t.stop().await;
+}
+
+/// A 50 MB log: the page opens at its tail, follows what comes after, and keeps the
+/// browser's memory bounded however long the log is: at most 5,001 lines in the page,
+/// a JavaScript heap under 64 MiB, and the browser's renderer processes under 256 MiB
+/// (proportional set size after a garbage collection; about 200 MiB measured, of which
+/// 90 MiB are renderers of the browser itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_log_loads_and_follows_in_bounded_memory() {
+    if !browser_present() {
+        return;
+    }
+    let t = server(3600).await;
+    let api = t.admin();
+    let d = driver().await;
+    let c = browser(&d).await;
+    sign_in(&c, &t, ADMIN).await;
+    let gate = t.dir.path().join("gate");
+    // 45 MB before the page opens, 5 MB while it follows (lines of 100 bytes).
+    let line = "x".repeat(91);
+    let script = format!(
+        "seq -f 'a%08g {line}' 1 450000; \
+         while [ ! -e {gate} ]; do sleep 0.05; done; \
+         seq -f 'b%08g {line}' 1 50000; echo 'the very end'",
+        gate = gate.display()
+    );
+    let id = submit(&api, json!({"name": "big-log", "steps": [{"run": script}]})).await;
+    common::wait_for("45 MB of log stored", 120, async || {
+        let r = api
+            .get(&format!("/api/jobs/{id}/logs?offset=44999900"))
+            .await
+            .unwrap();
+        (!r.body.is_empty()).then_some(())
+    })
+    .await;
+    c.goto(&t.url(&format!("/jobs/{id}"))).await.unwrap();
+    until_js(
+        &c,
+        "the page shows the tail of the first part",
+        "return [...document.querySelectorAll('#log .line')].some(l => l.textContent.startsWith('a00450000'))",
+    )
+    .await;
+    std::fs::write(&gate, b"").unwrap();
+    let seen = until_js(
+        &c,
+        "the followed part up to its last line",
+        "const lines = document.querySelectorAll('#log .line'); \
+         const texts = [...lines].map(l => l.textContent); \
+         return texts.includes('the very end') ? texts.length : null",
+    )
+    .await;
+    assert!(
+        seen.as_u64().unwrap() <= 5001,
+        "at most 5,000 lines and the notice stay in the page: {seen}"
+    );
+    let (heap, notice) = {
+        let v = c
+            .execute(
+                "return [performance.memory.usedJSHeapSize, \
+                         document.querySelector('#log .trimmed').textContent]",
+                vec![],
+            )
+            .await
+            .unwrap();
+        (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_string())
+    };
+    assert!(heap < 64 << 20, "JavaScript heap {heap} bytes");
+    assert!(notice.contains("earlier lines left the page"), "{notice}");
+    // The browser's renderer processes as a whole (DOM, layout, heaps), proportional
+    // set size, once garbage is collected: what the page holds, not what it threw away.
+    let before = renderer_pss(&d);
+    c.execute("window.gc(); window.gc();", vec![])
+        .await
+        .unwrap();
+    let pss = renderer_pss(&d);
+    assert!(pss > 0, "found the browser's renderer processes");
+    assert!(pss < 256 << 20, "renderers' memory {} MiB", pss >> 20);
+    eprintln!(
+        "50 MB log: {seen} lines in the page, JavaScript heap {} KiB, renderers' PSS {} MiB after a GC ({} MiB before)",
+        heap >> 10,
+        pss >> 20,
+        before >> 20
+    );
+    shot(&c, "big-log").await;
+    c.close().await.unwrap();
+    drop(d);
+    t.stop().await;
+}
+
+/// Proportional set size of the renderer processes of this driver's browser (its
+/// profile directory is on their command lines).
+fn renderer_pss(d: &Driver) -> u64 {
+    browser_pids(d._profile.path(), "--type=renderer")
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|rollup| {
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .sum()
+}
+
+/// 10,000 jobs page correctly: newest first, every job once, in order, to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_jobs_page_in_order_without_gaps() {
+    if !browser_present() {
+        return;
+    }
+    let t = server(3600).await;
+    // Written to the store as a server that ran them would have left them.
+    let store = t.server.as_ref().unwrap().app().plane.store().clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::task::spawn_blocking(move || {
+        for i in 0..10_000u64 {
+            let r: rustci::control::JobRecord = serde_json::from_value(json!({
+                "id": format!("job{i:05}"),
+                "job": {"name": format!("n{}", i % 7), "steps": [{"run": "true"}]},
+                "submitter": "key:admin",
+                "state": "succeeded",
+                "attempts": [],
+                "why_pending": null,
+                "outcome": {"result": "succeeded"},
+                "submitted_at": now - 100_000 + i,
+                "finished_at": now - 50_000 + i,
+            }))
+            .unwrap();
+            store.put_job(&r).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let d = driver().await;
+    let c = browser(&d).await;
+    sign_in(&c, &t, ADMIN).await;
+    // The default page: the 50 newest.
+    c.goto(&t.url("/jobs")).await.unwrap();
+    let first = page_ids(&c).await;
+    let want: Vec<String> = (9950..10_000).rev().map(|i| format!("job{i:05}")).collect();
+    assert_eq!(first, want);
+    // Walk every page of 500 by its "Older" link.
+    c.goto(&t.url("/jobs?limit=500")).await.unwrap();
+    let mut all = Vec::new();
+    loop {
+        all.extend(page_ids(&c).await);
+        match c.find(Locator::Css("a[rel=next]")).await {
+            Ok(next) => next.click().await.unwrap(),
+            Err(_) => break,
+        }
+    }
+    let want: Vec<String> = (0..10_000).rev().map(|i| format!("job{i:05}")).collect();
+    assert_eq!(all.len(), 10_000);
+    assert!(all == want, "every job once, newest first");
+    // A filter pages too: one name in seven.
+    c.goto(&t.url("/jobs?name=n3&limit=500")).await.unwrap();
+    let mut named = Vec::new();
+    loop {
+        named.extend(page_ids(&c).await);
+        match c.find(Locator::Css("a[rel=next]")).await {
+            Ok(next) => next.click().await.unwrap(),
+            Err(_) => break,
+        }
+    }
+    let want: Vec<String> = (0..10_000)
+        .rev()
+        .filter(|i| i % 7 == 3)
+        .map(|i| format!("job{i:05}"))
+        .collect();
+    assert_eq!(named, want);
+    c.close().await.unwrap();
+    drop(d);
+    t.stop().await;
+}
+
+async fn page_ids(c: &Client) -> Vec<String> {
+    let v = c
+        .execute(
+            "return [...document.querySelectorAll('#jobs tbody tr td:first-child code')].map(e => e.textContent)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(v).unwrap()
 }

@@ -256,6 +256,11 @@ async fn envelope(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
+    // Browsers read API responses too (the dashboard's raw log link): never sniffed.
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     let status = response.status();
     span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
     // Methods outside the standard set share one label, so requests cannot mint series.
@@ -336,6 +341,7 @@ async fn authenticate(
         None if reading => app.sessions.from_headers(req.headers()).map(|(_, s)| s),
         _ => None,
     };
+    let session_used = session.is_some();
     let principal = match credential {
         None if session.is_some() => Ok(session.expect("checked").principal),
         None => Err("no API key given (use X-API-Key or Authorization: Bearer)".to_string()),
@@ -345,6 +351,9 @@ async fn authenticate(
         }),
     };
     let limit_key = match &principal {
+        // The dashboard's requests have a bucket of their own, apart from the key's
+        // scripts.
+        Ok(p) if session_used => format!("session:{}", p.name),
         Ok(p) => p.name.clone(),
         Err(_) => format!("ip:{peer}"),
     };

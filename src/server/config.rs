@@ -82,8 +82,14 @@ pub struct ServerConfig {
     /// runner's start (an image pull included) must be done by then, or the offer is
     /// withdrawn and the attempt counts as a runner failure. Default 10000.
     pub agent_offer_timeout_ms: u64,
-    /// How long a dashboard sign-in lasts, in seconds. Default 28800 (8 hours).
+    /// How long a dashboard sign-in lasts, in seconds (at most 30 days). Default 28800
+    /// (8 hours).
     pub session_ttl_secs: u64,
+    /// The origin browsers reach the dashboard at when a proxy is in front of the
+    /// server, e.g. `https://ci.example.com`: forms must come from it, and the session
+    /// cookie is `Secure` when it is HTTPS. Default: the listener's scheme and the
+    /// request's `Host`.
+    pub public_origin: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +118,7 @@ impl Default for ServerConfig {
             agent_restart_grace_secs: 120,
             agent_offer_timeout_ms: 10_000,
             session_ttl_secs: 8 * 3600,
+            public_origin: None,
         }
     }
 }

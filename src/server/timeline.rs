@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 /// Minutes kept (6 hours).
 pub const MINUTES: usize = 360;
 
-/// Histogram buckets: bucket `i` holds values up to `2^(i/2)` ms (1 ms to about 4.6 h).
+/// Histogram buckets: bucket `i` holds values up to `2^(i/2)` ms (1 ms to about 6.6 h;
+/// the last one holds everything longer).
 const BUCKETS: usize = 50;
 
 /// Counts by log-spaced bucket: quantiles within a factor of √2.
@@ -163,9 +164,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Jobs that ended within `window` (to the minute).
+    /// Jobs that ended within `window`, in whole minutes up to the current one (an hour
+    /// is the same 60 minutes as `last(60)`).
     pub fn finished_since(&self, window: Duration) -> u64 {
-        let from = self.now.saturating_sub(window.as_secs() / 60);
+        let from = (self.now + 1).saturating_sub((window.as_secs() / 60).max(1));
         self.minutes
             .iter()
             .filter(|m| m.at >= from)

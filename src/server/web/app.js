@@ -4,17 +4,25 @@
 //   MAX_LINES lines stay in the page, older ones leave it (the raw log has them all).
 // - The job's state badge follows the job without a reload.
 // - Parts marked data-refresh="N" are fetched again every N seconds.
-// Text reaches the page only through textContent: nothing from a log or a job is HTML.
+// Log text reaches the page only through textContent, never as HTML; refreshed parts
+// are the server's own escaped markup, parsed and put in place.
 "use strict";
 
 const MAX_LINES = 5000;
+// A longer line is wrapped onto the next (drawing stays linear in what arrives).
+const MAX_LINE_CHARS = 16384;
+// An escape sequence never ends past this: the rest is text again.
+const MAX_ESCAPE = 4096;
 
 // ---- Terminal rendering -------------------------------------------------------------
 
 function Term(pre) {
   this.pre = pre;
   this.style = { fg: null, bg: null, b: false, i: false, u: false, dim: false, fg256: null, bg256: null };
-  this.cells = [];   // the current line: [{ch, cls, css}]
+  this.chars = [];   // the current line: a character and a style number per cell
+  this.styles = [];
+  this.styleIds = new Map(); // style key -> number
+  this.styleList = [];       // number -> {cls, fg, bg}
   this.col = 0;
   this.lineEl = null;
   this.pending = ""; // an escape sequence cut by a chunk boundary
@@ -25,7 +33,8 @@ function Term(pre) {
 }
 
 Term.prototype.newLine = function () {
-  this.cells = [];
+  this.chars = [];
+  this.styles = [];
   this.col = 0;
   this.lineEl = document.createElement("span");
   this.lineEl.className = "line";
@@ -67,6 +76,7 @@ function color256(n) {
 }
 
 Term.prototype.sgr = function (params) {
+  this.current = undefined;
   const p = params.length ? params.split(";").map(function (x) { return x === "" ? 0 : parseInt(x, 10); }) : [0];
   const s = this.style;
   for (let k = 0; k < p.length; k++) {
@@ -94,35 +104,64 @@ Term.prototype.sgr = function (params) {
   }
 };
 
-Term.prototype.put = function (ch) {
-  const cell = { ch: ch, cls: this.classes(), fg: this.style.fg256, bg: this.style.bg256 };
-  if (this.col < this.cells.length) this.cells[this.col] = cell; else this.cells.push(cell);
+// The number of the current style (styles are few: each gets a number once).
+Term.prototype.styleId = function () {
+  if (this.current !== undefined) return this.current;
+  const cls = this.classes(), fg = this.style.fg256, bg = this.style.bg256;
+  const key = cls + "|" + fg + "|" + bg;
+  let id = this.styleIds.get(key);
+  if (id === undefined) {
+    id = this.styleList.length;
+    this.styleList.push({ cls: cls, fg: fg, bg: bg });
+    this.styleIds.set(key, id);
+  }
+  this.current = id;
+  return id;
+};
+
+Term.prototype.put = function (ch, style) {
+  if (this.col >= MAX_LINE_CHARS) { this.draw(); this.newLine(); }
+  if (this.col < this.chars.length) {
+    this.chars[this.col] = ch;
+    this.styles[this.col] = style;
+  } else {
+    this.chars.push(ch);
+    this.styles.push(style);
+  }
   this.col++;
 };
 
-// Draws the current line: runs of cells of one style become one span.
+// Draws the current line: each run of cells of one style becomes one text node (plain)
+// or span.
 Term.prototype.draw = function () {
   const el = this.lineEl;
   while (el.firstChild) el.removeChild(el.firstChild);
-  let run = null, key = null;
-  for (const c of this.cells) {
-    const k = c.cls + "|" + c.fg + "|" + c.bg;
-    if (k !== key) {
-      run = document.createElement("span");
-      if (c.cls) run.className = c.cls;
-      if (c.fg) run.style.color = c.fg;        // CSSOM, allowed by the page's policy
-      if (c.bg) run.style.backgroundColor = c.bg;
+  const n = this.chars.length;
+  let start = 0;
+  while (start < n) {
+    const id = this.styles[start];
+    let end = start + 1;
+    while (end < n && this.styles[end] === id) end++;
+    const text = this.chars.slice(start, end).join("");
+    const st = this.styleList[id];
+    if (!st.cls && !st.fg && !st.bg) {
+      el.appendChild(document.createTextNode(text));
+    } else {
+      const run = document.createElement("span");
+      if (st.cls) run.className = st.cls;
+      if (st.fg) run.style.color = st.fg;        // CSSOM, allowed by the page's policy
+      if (st.bg) run.style.backgroundColor = st.bg;
+      run.textContent = text;
       el.appendChild(run);
-      key = k;
-      run.textContent = "";
     }
-    run.textContent += c.ch;
+    start = end;
   }
 };
 
 Term.prototype.write = function (text) {
   text = this.pending + text;
   this.pending = "";
+
   let i = 0;
   while (i < text.length) {
     const ch = text[i];
@@ -131,20 +170,36 @@ Term.prototype.write = function (text) {
       if (text[i + 1] === "[") {
         let j = i + 2;
         while (j < text.length && !(text.charCodeAt(j) >= 0x40 && text.charCodeAt(j) <= 0x7e)) j++;
-        if (j >= text.length) { this.pending = text.slice(i); break; }
+        if (j >= text.length) {
+          // Not ended yet: kept for the next chunk, unless it has gone on too long to
+          // be an escape (then it is text).
+          if (text.length - i > MAX_ESCAPE) { i += 2; continue; }
+          this.pending = text.slice(i);
+          break;
+        }
         if (text[j] === "m") this.sgr(text.slice(i + 2, j));
-        else if (text[j] === "K") { this.cells.length = Math.min(this.cells.length, this.col); }
+        else if (text[j] === "K") {
+          this.chars.length = Math.min(this.chars.length, this.col);
+          this.styles.length = this.chars.length;
+        }
         i = j + 1;
         continue;
       }
       if (text[i + 1] === "]") {
         let j = i + 2;
         while (j < text.length && text[j] !== "\x07" && text[j] !== "\x1b") j++;
-        if (j >= text.length) { this.pending = text.slice(i); break; }
+        if (j >= text.length) {
+          // Not ended yet: kept for the next chunk, unless it has gone on too long to
+          // be an escape (then it is text).
+          if (text.length - i > MAX_ESCAPE) { i += 2; continue; }
+          this.pending = text.slice(i);
+          break;
+        }
         i = text[j] === "\x1b" ? j + 2 : j + 1;
         continue;
       }
-      i += 2;
+      // ESC ( B and the like (character sets): three characters; other escapes two.
+      i += "()*+".indexOf(text[i + 1]) >= 0 ? 3 : 2;
       continue;
     }
     if (ch === "\n") { this.draw(); this.newLine(); i++; continue; }
@@ -153,7 +208,7 @@ Term.prototype.write = function (text) {
       this.col = 0; i++; continue;
     }
     if (ch === "\b") { if (this.col > 0) this.col--; i++; continue; }
-    this.put(ch);
+    this.put(ch, this.styleId());
     i++;
   }
   this.draw();
@@ -223,7 +278,7 @@ function watchState(facts) {
     fetch("/api/jobs/" + encodeURIComponent(job), { credentials: "same-origin" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (j) {
-        if (!j) return;
+        if (!j) { setTimeout(tick, 5000); return; }
         setState(j.state);
         if (["succeeded", "failed", "cancelled", "timed_out", "lost"].indexOf(j.state) < 0) {
           setTimeout(tick, 1000);

@@ -50,6 +50,13 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 /// Most sessions kept at once; past it, signing in ends the oldest.
 const MAX_SESSIONS: usize = 10_000;
 
+/// Most sessions of one key; past it, signing in with that key ends its oldest (so one
+/// key cannot push everyone else's sessions out).
+const MAX_SESSIONS_PER_KEY: usize = 32;
+
+/// Longest session lifetime taken (30 days).
+const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A signed-in dashboard user.
 #[derive(Clone, Debug)]
 pub struct Session {
@@ -80,11 +87,11 @@ fn digest(s: &str) -> [u8; 32] {
 }
 
 impl Sessions {
-    /// Sessions that last `ttl` from sign-in.
+    /// Sessions that last `ttl` from sign-in (at most 30 days).
     pub fn new(ttl: Duration) -> Self {
         Sessions {
             map: Mutex::new(HashMap::new()),
-            ttl,
+            ttl: ttl.min(MAX_TTL),
         }
     }
 
@@ -104,6 +111,16 @@ impl Sessions {
         let mut map = self.map.lock().expect("sessions");
         let now = Instant::now();
         map.retain(|_, s| s.expires > now);
+        let name = &session.principal.name;
+        if map.values().filter(|s| s.principal.name == *name).count() >= MAX_SESSIONS_PER_KEY
+            && let Some(oldest) = map
+                .iter()
+                .filter(|(_, s)| s.principal.name == *name)
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(k, _)| *k)
+        {
+            map.remove(&oldest);
+        }
         if map.len() >= MAX_SESSIONS
             && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k)
         {
@@ -204,7 +221,7 @@ async fn signed_in(State(app): State<Arc<App>>, mut req: Request, next: Next) ->
             req.extensions_mut().insert(session);
             next.run(req).await
         }
-        None if req.method() == Method::GET => {
+        None if req.method() == Method::GET || req.method() == Method::HEAD => {
             let path = req
                 .uri()
                 .path_and_query()
@@ -240,13 +257,26 @@ fn urlencode(s: &str) -> String {
 /// A path on this server to return to, or `/` (no scheme, no other host).
 fn local_path(next: Option<&str>) -> String {
     match next {
-        Some(p) if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') => p.to_string(),
+        // No authority (`//host`, `/\\host`) and no control character: browsers drop
+        // tabs and newlines from URLs, so `/<tab>/host` would become `//host`.
+        Some(p)
+            if p.starts_with('/')
+                && !p.starts_with("//")
+                && !p.contains('\\')
+                && !p.chars().any(char::is_control) =>
+        {
+            p.to_string()
+        }
         _ => "/".to_string(),
     }
 }
 
-/// The origin this request was addressed to, from its `Host`.
+/// The origin browsers use for this server: `public_origin` when set (a proxy in
+/// front), else the request's `Host` with the listener's scheme.
 fn own_origin(app: &App, headers: &HeaderMap) -> Option<String> {
+    if let Some(o) = &app.config.public_origin {
+        return Some(o.trim_end_matches('/').to_string());
+    }
     let host = headers.get(header::HOST)?.to_str().ok()?;
     let scheme = if app.config.plain_http {
         "http"
@@ -366,11 +396,11 @@ async fn login(
     };
     audit(&app, &principal.name, "ui.login", None, "ok", &rid.0);
     let (id, _) = app.sessions.create(principal);
-    let secure = if app.config.plain_http {
-        ""
-    } else {
-        "; Secure"
+    let https = match &app.config.public_origin {
+        Some(o) => o.starts_with("https://"),
+        None => !app.config.plain_http,
     };
+    let secure = if https { "; Secure" } else { "" };
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         app.sessions.ttl().as_secs().max(1)
@@ -666,9 +696,58 @@ async fn runner_action(
     }
 }
 
-/// Seconds since the Unix epoch of `t`, for display.
+/// Milliseconds since the Unix epoch of `t`.
 pub(crate) fn epoch_ms(t: SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_on_this_server_are_returned_to() {
+        assert_eq!(local_path(Some("/jobs?state=failed")), "/jobs?state=failed");
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "https://evil.example/",
+            "evil",
+        ] {
+            assert_eq!(local_path(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(local_path(None), "/");
+    }
+
+    fn principal(name: &str) -> Principal {
+        Principal {
+            name: name.into(),
+            role: Role::Viewer,
+            token_labels: Vec::new(),
+            token_id: None,
+        }
+    }
+
+    #[test]
+    fn one_key_cannot_push_out_the_sessions_of_others() {
+        let s = Sessions::new(Duration::from_secs(3600));
+        let (admin, _) = s.create(principal("key:admin"));
+        let mine: Vec<String> = (0..MAX_SESSIONS_PER_KEY + 5)
+            .map(|_| s.create(principal("key:viewer")).0)
+            .collect();
+        assert!(s.get(&admin).is_some(), "another key's session stays");
+        assert!(s.get(mine.last().unwrap()).is_some());
+        let live = mine.iter().filter(|id| s.get(id).is_some()).count();
+        assert_eq!(live, MAX_SESSIONS_PER_KEY);
+        s.end(&admin);
+        assert!(s.get(&admin).is_none());
+        // An absurd lifetime is capped rather than overflowing.
+        let long = Sessions::new(Duration::from_secs(u64::MAX));
+        assert_eq!(long.ttl(), MAX_TTL);
+        assert!(long.get(&long.create(principal("key:x")).0).is_some());
+    }
 }

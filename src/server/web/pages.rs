@@ -371,10 +371,11 @@ pub(super) fn queue(session: &Session, total: usize, jobs: &[JobRecord]) -> Mark
         "Queue",
         html! {
             h1 { "Queue" }
+            div #queue-part data-refresh="5" {
             p { (total) " waiting, in the order they will be dispatched (priority, then fair share among submitters, then age)." }
             @if jobs.len() < total { p.hint { "Showing the first " (jobs.len()) "." } }
             div.table-wrap {
-            table #queue data-refresh="5" {
+            table #queue {
                 thead { tr { th { "#" } th { "Job" } th { "Priority" } th { "Submitter" } th { "Waiting" } th { "Why it waits" } } }
                 tbody {
                     @for (i, r) in jobs.iter().enumerate() {
@@ -388,6 +389,7 @@ pub(super) fn queue(session: &Session, total: usize, jobs: &[JobRecord]) -> Mark
                         }
                     }
                 }
+            }
             }
             }
         },
@@ -480,7 +482,10 @@ fn plain_log(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
-    let mut line = String::new();
+    // The current line as a terminal holds it: `\r` moves back to its start and what
+    // follows overwrites.
+    let mut line: Vec<char> = Vec::new();
+    let mut col = 0usize;
     while let Some(c) = chars.next() {
         match c {
             '\u{1b}' => {
@@ -503,21 +508,29 @@ fn plain_log(bytes: &[u8]) -> String {
                             break;
                         }
                     }
-                } else {
+                } else if chars.next().is_some_and(|c| "()*+".contains(c)) {
+                    // Character set selection: one more.
                     chars.next();
                 }
             }
-            '\r' if chars.peek() != Some(&'\n') => line.clear(),
+            '\r' if chars.peek() != Some(&'\n') => col = 0,
             '\r' => {}
             '\n' => {
-                out.push_str(&line);
+                out.extend(line.drain(..));
                 out.push('\n');
-                line.clear();
+                col = 0;
             }
-            c => line.push(c),
+            c => {
+                if col < line.len() {
+                    line[col] = c;
+                } else {
+                    line.push(c);
+                }
+                col += 1;
+            }
         }
     }
-    out.push_str(&line);
+    out.extend(line);
     out
 }
 
@@ -657,7 +670,12 @@ mod tests {
 
     #[test]
     fn the_plain_log_drops_escapes_and_keeps_what_a_terminal_shows_last() {
-        let raw = b"\x1b[31mred\x1b[0m done\n10%\r50%\r100%\nend\r\n\x1b]0;title\x07x";
-        assert_eq!(plain_log(raw), "red done\n100%\nend\nx");
+        let raw = b"\x1b[31mred\x1b[0m done\n10%\r50%\r100%\nend\r\n\x1b]0;title\x07x\x1b(B\n";
+        assert_eq!(plain_log(raw), "red done\n100%\nend\nx\n");
+        assert_eq!(
+            plain_log(b"abcdef\rXY"),
+            "XYcdef",
+            "overwritten as a terminal does"
+        );
     }
 }
