@@ -532,6 +532,21 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
     assert_eq!(job_state(&api, &sleeper).await, "cancelled");
 
     // Drain from the runners page: a new job then waits, its why-pending names the drain.
+    let checks = until_js(
+        &c,
+        "the runners page shows the runner's health checks with their latency",
+        "if (location.pathname !== '/runners') { location.href = '/runners'; return null; } \
+         const ok = document.querySelectorAll('td.checks .check.ok'); \
+         return ok.length >= 2 ? [...ok].map(e => e.getAttribute('title')) : null",
+    )
+    .await;
+    for title in checks.as_array().unwrap() {
+        let title = title.as_str().unwrap();
+        assert!(
+            title.contains("healthy in ") && title.contains(" ms"),
+            "{title}"
+        );
+    }
     c.goto(&t.url("/runners")).await.unwrap();
     shot(&c, "runners").await;
     c.find(Locator::Css("td.actions form[action$='/drain'] button"))

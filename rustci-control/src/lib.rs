@@ -36,7 +36,9 @@ pub use dispatcher::{
 pub use error::Error;
 pub use logs::{LogChunk, LogFollower, LogHub};
 pub use queue::{JobQueue, QueuedJob};
-pub use registry::{RegisterOptions, Registry, RunnerEntry, RunnerStatus, StatusChange};
+pub use registry::{
+    HEALTH_HISTORY, HealthCheck, RegisterOptions, Registry, RunnerEntry, RunnerStatus, StatusChange,
+};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 pub use store::{AuditEntry, JobPage, JobQuery, MemoryStore, RunnerRecord, Store, Transition};

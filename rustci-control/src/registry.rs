@@ -9,7 +9,7 @@
 //!  remove ──► gone (its running jobs are lost)
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -64,6 +64,22 @@ pub struct RegisterOptions {
     pub labels: BTreeSet<String>,
 }
 
+/// Health checks kept per runner.
+pub const HEALTH_HISTORY: usize = 10;
+
+/// One health check's result.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct HealthCheck {
+    /// When it ended (milliseconds since the Unix epoch in JSON).
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
+    pub at: std::time::SystemTime,
+    /// What the runner answered (or that it did not answer in time).
+    pub health: Health,
+    /// How long it took.
+    pub took: Duration,
+}
+
 /// A registered runner and what the control plane knows about it.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -84,6 +100,9 @@ pub struct RunnerEntry {
     pub startups: Vec<Duration>,
     /// Health checks failed in a row.
     pub failures: u32,
+    /// The last [`HEALTH_HISTORY`] health checks, oldest first (shared between copies of
+    /// the entry until one changes).
+    pub checks: Arc<VecDeque<HealthCheck>>,
     next_check: Instant,
     /// A check was asked for ([`Registry::check_soon`]) since the last one started.
     check_asked: bool,
@@ -287,6 +306,7 @@ impl Registry {
             last_assigned: None,
             startups: Vec::new(),
             failures: 0,
+            checks: Arc::new(VecDeque::new()),
             next_check: Instant::now(),
             check_asked: false,
         };
@@ -481,19 +501,29 @@ impl Registry {
             })
             .collect();
         let checks = due.into_iter().map(|(id, runner)| async move {
+            let started = Instant::now();
             let health = match tokio::time::timeout(timeout, runner.health()).await {
                 Ok(h) => h,
                 Err(_) => Health::Unhealthy(format!("no health answer within {timeout:?}")),
             };
-            (id, health)
+            (id, health, started.elapsed())
         });
         let results = futures::future::join_all(checks).await;
         let mut changes = Vec::new();
         let mut entries = self.entries.write().expect("registry");
-        for (id, health) in results {
+        for (id, health, took) in results {
             let Some(e) = entries.get_mut(&id) else {
                 continue;
             };
+            let history = Arc::make_mut(&mut e.checks);
+            if history.len() == HEALTH_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(HealthCheck {
+                at: std::time::SystemTime::now(),
+                health: health.clone(),
+                took,
+            });
             if e.status == RunnerStatus::Draining {
                 continue;
             }

@@ -309,7 +309,7 @@ pub(super) fn runners(session: &Session, list: &[RunnerEntry], flash: Option<&st
             div.table-wrap {
             table #runners data-refresh="5" {
                 thead { tr {
-                    th { "Runner" } th { "Kind" } th { "Labels" } th { "Status" } th { "Slots" } th { "Start-up" }
+                    th { "Runner" } th { "Kind" } th { "Labels" } th { "Status" } th { "Slots" } th { "Health checks" } th { "Start-up" }
                     @if operator { th { "Actions" } }
                 } }
                 tbody {
@@ -334,6 +334,14 @@ pub(super) fn runners(session: &Session, list: &[RunnerEntry], flash: Option<&st
                                     Some(n) => { meter min="0" max=(n) value=(running) {} " " (running) " / " (n) }
                                     None => { (running) " / unbounded" }
                                 }
+                            }
+                            td.checks {
+                                @for c in e.checks.iter() {
+                                    @let ok = matches!(c.health, rustci_runners::Health::Healthy);
+                                    span class={ "check " (if ok { "ok" } else { "bad" }) } title={ (when(c.at)) ": " (c.health.to_string()) " in " (ms(c.took)) } {}
+                                }
+                                @if let Some(c) = e.checks.back() { br; span.small { "last " (ms(c.took)) ", " (when(c.at)) } }
+                                @if e.checks.is_empty() { span.small { "none yet" } }
                             }
                             td { @match e.startup() { Some(d) => { (ms(d)) }, None => { "–" } } }
                             @if operator {
