@@ -592,6 +592,29 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
     let rows = c.find_all(Locator::Css("#jobs tbody tr")).await.unwrap();
     assert_eq!(rows.len(), 3);
     shot(&c, "jobs").await;
+    // The runner column links to that runner's jobs; an unknown runner has none.
+    c.find(Locator::Css("#jobs tbody tr td:last-child a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let filtered = c.current_url().await.unwrap();
+    assert_eq!(filtered.query(), Some("runner=local-a"));
+    assert_eq!(
+        c.find_all(Locator::Css("#jobs tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    c.goto(&t.url("/jobs?runner=elsewhere")).await.unwrap();
+    assert!(
+        c.find_all(Locator::Css("#jobs tbody tr"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     c.goto(&t.url("/audit")).await.unwrap();
     let audit = c
         .find(Locator::Id("audit"))

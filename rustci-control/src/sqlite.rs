@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome    TEXT,
     PRIMARY KEY (job_id, number)
 );
+CREATE INDEX IF NOT EXISTS attempts_runner ON attempts(runner_id, job_id);
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL,
     state  TEXT NOT NULL,
@@ -214,6 +215,7 @@ impl Store for SqliteStore {
                        AND (?2 IS NULL OR state = ?2)
                        AND (?3 IS NULL OR submitter = ?3)
                        AND (?4 IS NULL OR name = ?4)
+                       AND (?6 IS NULL OR id IN (SELECT job_id FROM attempts WHERE runner_id = ?6))
                      ORDER BY seq DESC LIMIT ?5",
                 )
                 .map_err(|e| self.err("listing jobs", e))?;
@@ -224,7 +226,8 @@ impl Store for SqliteStore {
                     query.state.map(JobState::as_str),
                     query.submitter,
                     query.name,
-                    (limit + 1) as i64
+                    (limit + 1) as i64,
+                    query.runner
                 ],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )

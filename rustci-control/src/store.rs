@@ -37,6 +37,8 @@ pub struct JobQuery {
     pub submitter: Option<String>,
     /// Only jobs with this name.
     pub name: Option<String>,
+    /// Only jobs with an attempt on this runner (by id).
+    pub runner: Option<String>,
     /// Only jobs submitted before the one with this cursor (from [`JobPage::next`]).
     pub before: Option<u64>,
     /// At most this many (0 means the default, 50).
@@ -53,6 +55,10 @@ impl JobQuery {
         self.state.is_none_or(|s| s == r.state)
             && self.submitter.as_ref().is_none_or(|s| *s == r.submitter)
             && self.name.as_ref().is_none_or(|n| *n == r.job.name)
+            && self
+                .runner
+                .as_ref()
+                .is_none_or(|id| r.attempts.iter().any(|a| a.runner_id == *id))
     }
 }
 

@@ -89,6 +89,47 @@ fn contract(store: Arc<dyn Store>) {
     assert_eq!(counts[&JobState::Queued], 6);
     assert_eq!(counts[&JobState::Succeeded], 1);
 
+    // By runner: any attempt on it counts, not only the last.
+    for (i, runners) in [(7, vec!["r-a", "r-b"]), (8, vec!["r-b"]), (9, vec![])] {
+        let mut r = record(i, "carol", JobState::Failed);
+        r.attempts = runners
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                serde_json::from_value(json!({
+                    "number": n + 1, "runner_id": id, "started_at": 2_000 + n,
+                    "ended_at": 2_500 + n, "outcome": {"result": "failed", "step": 0, "step_name": "s", "exit_code": 1}
+                }))
+                .unwrap()
+            })
+            .collect();
+        store.put_job(&r).unwrap();
+    }
+    let by = |runner: &str| -> Vec<String> {
+        let mut q = JobQuery::default();
+        q.runner = Some(runner.into());
+        store
+            .list_jobs(&q)
+            .unwrap()
+            .jobs
+            .iter()
+            .map(|j| j.id.to_string())
+            .collect()
+    };
+    assert_eq!(by("r-b"), ["job0008", "job0007"]);
+    assert_eq!(by("r-a"), ["job0007"]);
+    assert!(by("r-c").is_empty());
+    let mut q = JobQuery::default();
+    q.runner = Some("r-b".into());
+    q.limit = 1;
+    let page = store.list_jobs(&q).unwrap();
+    assert_eq!(page.jobs.len(), 1);
+    q.before = page.next;
+    assert_eq!(
+        store.list_jobs(&q).unwrap().jobs[0].id.to_string(),
+        "job0007"
+    );
+
     // Runners.
     store
         .put_runner(&RunnerRecord::new(

@@ -734,6 +734,7 @@ struct ListParams {
     state: Option<String>,
     submitter: Option<String>,
     name: Option<String>,
+    runner: Option<String>,
     limit: Option<usize>,
     cursor: Option<u64>,
 }
@@ -761,6 +762,7 @@ async fn list_jobs(
     query.state = state;
     query.submitter = params.submitter;
     query.name = params.name;
+    query.runner = params.runner;
     query.before = params.cursor;
     query.limit = limit;
     let page = app

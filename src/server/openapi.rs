@@ -184,6 +184,7 @@ fn paths(
             "get": op("List jobs, newest first", "listJobs", json!([
                 {"name": "state", "in": "query", "schema": {"type": "string", "enum": state_enum}},
                 {"name": "submitter", "in": "query", "schema": {"type": "string"}},
+                {"name": "runner", "in": "query", "description": "Only jobs with an attempt on this runner (by id)", "schema": {"type": "string"}},
                 {"name": "name", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                 {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_991u64}}

@@ -499,6 +499,7 @@ struct JobsQuery {
     state: Option<String>,
     submitter: Option<String>,
     name: Option<String>,
+    runner: Option<String>,
     before: Option<u64>,
     limit: Option<usize>,
 }
@@ -527,6 +528,7 @@ async fn jobs(
     query.state = state;
     query.submitter = filled(q.submitter);
     query.name = filled(q.name);
+    query.runner = filled(q.runner);
     query.before = q.before;
     query.limit = q.limit.unwrap_or(50).clamp(1, 500);
     match app.plane.list(&query) {

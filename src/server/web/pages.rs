@@ -428,6 +428,9 @@ pub(super) fn jobs(session: &Session, q: &JobQuery, page: &JobPage) -> Markup {
         if let Some(n) = &q.name {
             parts.push(format!("name={}", super::urlencode(n)));
         }
+        if let Some(r) = &q.runner {
+            parts.push(format!("runner={}", super::urlencode(r)));
+        }
         if q.effective_limit() != 50 {
             parts.push(format!("limit={}", q.effective_limit()));
         }
@@ -449,6 +452,7 @@ pub(super) fn jobs(session: &Session, q: &JobQuery, page: &JobPage) -> Markup {
                 } }
                 label { "Submitter " input type="text" name="submitter" value=(q.submitter.as_deref().unwrap_or("")); }
                 label { "Name " input type="text" name="name" value=(q.name.as_deref().unwrap_or("")); }
+                label { "Runner " input type="text" name="runner" value=(q.runner.as_deref().unwrap_or("")); }
                 button type="submit" { "Filter" }
             }
             @if page.jobs.is_empty() { p.empty { "No job matches." } }
@@ -463,7 +467,7 @@ pub(super) fn jobs(session: &Session, q: &JobQuery, page: &JobPage) -> Markup {
                             td { (r.submitter) }
                             td { (time_el(r.submitted_at)) }
                             td { @if let Some(d) = duration_of(r) { (ms(d)) } }
-                            td { @if let Some(id) = r.runner_id() { code.small { (id) } } }
+                            td { @if let Some(id) = r.runner_id() { a href={ "/jobs?runner=" (super::urlencode(id)) } { code.small { (id) } } } }
                         }
                     }
                 }
