@@ -1271,3 +1271,46 @@ fn the_server_refuses_plain_http_on_a_non_loopback_address() {
     );
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_aggregates_count_jobs_as_they_end_and_first_write() {
+    let t = TestServer::start(|_, _| {}).await;
+    let admin = t.admin();
+    let quiet = submit(&admin, sh_job("quiet", "true")).await;
+    let loud = submit(&admin, sh_job("loud", "echo hello; exit 3")).await;
+    for id in [&quiet, &loud] {
+        follow_to_end(&admin, id).await;
+    }
+    let app = t.server.as_ref().unwrap().app().clone();
+    // Counted as each job ends, just after its record and log are final.
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let s = app.metrics.timeline();
+            if s.finished_since(std::time::Duration::from_secs(3600)) >= 2 {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both jobs counted");
+    let minutes = snapshot.last(60);
+    let finished: u64 = minutes.iter().map(|m| m.finished_total()).sum();
+    let failed: u64 = minutes
+        .iter()
+        .flat_map(|m| m.finished.iter())
+        .filter(|(s, _)| *s == "failed")
+        .map(|(_, n)| n)
+        .sum();
+    let pickups: u64 = minutes.iter().map(|m| m.pickup.count()).sum();
+    let durations: u64 = minutes.iter().map(|m| m.duration.count()).sum();
+    assert_eq!(finished, 2);
+    assert_eq!(failed, 1);
+    assert_eq!(durations, 2);
+    assert_eq!(pickups, 1, "only the job that wrote output has a pickup");
+    assert_eq!(
+        snapshot.finished_since(std::time::Duration::from_secs(3600)),
+        2
+    );
+    t.stop().await;
+}

@@ -185,8 +185,8 @@ pub trait Observer: Send + Sync {
     fn attempt_ended(&self, runner_kind: &str, outcome: &Outcome, ran: Duration) {
         let _ = (runner_kind, outcome, ran);
     }
-    /// A job's first attempt wrote its first output `since` it was submitted (pickup as
-    /// a user sees it), on a runner of `runner_kind`.
+    /// A job wrote its first output `since` it was submitted (pickup as a user sees it),
+    /// on a runner of `runner_kind`.
     fn first_output(&self, runner_kind: &str, since: Duration) {
         let _ = (runner_kind, since);
     }
@@ -1336,7 +1336,9 @@ async fn follow_execution(
     set_state(state, id, JobState::Running);
     let mut outcome = Outcome::Lost;
     let mut first = true;
-    let mut first_output = number == 1;
+    // The job's first output, whichever attempt writes it (an attempt taken up again
+    // after a restart, or a retry after one that wrote something, is not its first).
+    let mut first_output = state.logs.len(id) == 0;
     while let Some(event) = execution.next_event().await {
         if std::mem::take(&mut first) {
             state.registry.record_startup(&runner_id, started.elapsed());
