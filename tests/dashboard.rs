@@ -415,6 +415,21 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
     )
     .await;
     shot(&c, "job").await;
+    // At a phone's width the page fits without scrolling sideways (the log wraps).
+    c.set_window_size(390, 844).await.unwrap();
+    let fits = until_js(
+        &c,
+        "the job page laid out at a phone's width",
+        "return window.innerWidth <= 400 \
+           ? [document.documentElement.scrollWidth, window.innerWidth] : null",
+    )
+    .await;
+    assert!(
+        fits[0].as_u64() <= fits[1].as_u64(),
+        "no sideways scroll: {fits}"
+    );
+    shot(&c, "job-phone").await;
+    c.set_window_size(1280, 900).await.unwrap();
 
     // Cancel from the page.
     let sleeper = submit(
