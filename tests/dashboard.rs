@@ -431,6 +431,26 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
     shot(&c, "job-phone").await;
     c.set_window_size(1280, 900).await.unwrap();
 
+    // stdout and stderr, kept apart by the runner, are told apart in the page.
+    let both = submit(
+        &api,
+        json!({"name": "two-streams", "steps": [{"run": "echo on-stdout; echo on-stderr >&2"}]}),
+    )
+    .await;
+    c.goto(&t.url(&format!("/jobs/{both}"))).await.unwrap();
+    let marked = until_js(
+        &c,
+        "both lines, stderr marked",
+        "const lines = [...document.querySelectorAll('#log .line')]; \
+         const out = lines.find(l => l.textContent === 'on-stdout'); \
+         const err = lines.find(l => l.textContent === 'on-stderr'); \
+         if (!out || !err) return null; \
+         return [out.querySelectorAll('.err').length, \
+                 [...err.querySelectorAll('.err')].map(e => e.textContent).join('')]",
+    )
+    .await;
+    assert_eq!(marked, json!([0, "on-stderr"]));
+
     // Cancel from the page.
     let sleeper = submit(
         &api,
@@ -605,7 +625,7 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
     // The other pages render.
     c.goto(&t.url("/jobs")).await.unwrap();
     let rows = c.find_all(Locator::Css("#jobs tbody tr")).await.unwrap();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
     shot(&c, "jobs").await;
     // The runner column links to that runner's jobs; an unknown runner has none.
     c.find(Locator::Css("#jobs tbody tr td:last-child a"))
@@ -621,7 +641,7 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
             .await
             .unwrap()
             .len(),
-        3
+        4
     );
     c.goto(&t.url("/jobs?runner=elsewhere")).await.unwrap();
     assert!(
@@ -652,7 +672,7 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
         .text()
         .await
         .unwrap();
-    assert_eq!(finished, "3");
+    assert_eq!(finished, "4");
 
     // Sign out: the cookie no longer opens a page.
     c.find(Locator::Css("form[action='/logout'] button"))

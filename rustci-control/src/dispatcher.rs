@@ -715,6 +715,12 @@ impl ControlPlane {
         (queued, live.saturating_sub(queued))
     }
 
+    /// The parts of bytes `[from, to)` of the job's log that came from stderr (where its
+    /// runner kept the streams apart), in order.
+    pub fn log_stderr(&self, id: &JobId, from: u64, to: u64) -> Vec<(u64, u64)> {
+        self.state.logs.stderr_ranges(id, from, to)
+    }
+
     /// How many bytes of the job's log are stored now.
     pub fn log_len(&self, id: &JobId) -> u64 {
         self.state.logs.len(id)
@@ -1345,7 +1351,7 @@ async fn follow_execution(
         }
         match &event.kind {
             EventKind::Finished { outcome: o } => outcome = o.clone(),
-            EventKind::Output { data, .. } => {
+            EventKind::Output { data, stream, .. } => {
                 if std::mem::take(&mut first_output)
                     && let Some(o) = &state.observer
                 {
@@ -1361,7 +1367,8 @@ async fn follow_execution(
                         o.first_output(runner.info().kind.as_str(), since);
                     }
                 }
-                if let Err(e) = state.logs.append(id, data) {
+                let stderr = *stream == rustci_runners::runner::OutputStream::Stderr;
+                if let Err(e) = state.logs.append_from(id, stderr, data) {
                     tracing::error!(job_id = %id, error = %Chain(&e), "writing the job log");
                 }
             }

@@ -43,6 +43,35 @@ struct Inner {
     live: Mutex<HashMap<JobId, Arc<Mutex<Live>>>>,
     /// Logs kept in memory (no directory), finished or not.
     memory: Mutex<HashMap<JobId, Vec<u8>>>,
+    /// The byte ranges of each log that came from stderr, merged, in order: of open logs
+    /// (and of every log without a directory); a closed log's are in `<id>.stderr`.
+    stderr: Mutex<HashMap<JobId, Vec<(u64, u64)>>>,
+    /// Closed logs' ranges read back from their files, the last few (a follower of a
+    /// long log asks for every chunk).
+    read_back: Mutex<HashMap<JobId, Arc<Ranges>>>,
+}
+
+/// Byte ranges `[start, end)` of a log, in order.
+type Ranges = Vec<(u64, u64)>;
+
+/// Closed logs whose stderr ranges stay read back.
+const READ_BACK: usize = 64;
+
+/// The merged ranges of a `.stderr` file (`start length` lines); none when it is absent.
+fn read_ranges(path: &std::path::Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.split(' ').map(|p| p.parse::<u64>());
+        let (Some(Ok(start)), Some(Ok(len))) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = start + len,
+            _ => ranges.push((start, start + len)),
+        }
+    }
+    ranges
 }
 
 /// The logs of all jobs of a control plane. Cheap to clone.
@@ -110,6 +139,20 @@ impl LogHub {
             return;
         }
         let len = self.stored_len(id);
+        // Opened again (a retry, or after a restart): its earlier stderr ranges go on.
+        if let Some(dir) = &self.inner.dir
+            && safe_id(id.as_str())
+        {
+            self.inner.read_back.lock().expect("logs").remove(id);
+            let earlier = read_ranges(&dir.join(format!("{id}.stderr")));
+            if !earlier.is_empty() {
+                self.inner
+                    .stderr
+                    .lock()
+                    .expect("logs")
+                    .insert(id.clone(), earlier);
+            }
+        }
         let (tx, _) = watch::channel((len, false));
         live.insert(
             id.clone(),
@@ -122,6 +165,12 @@ impl LogHub {
 
     /// Appends to an open log.
     pub fn append(&self, id: &JobId, data: &[u8]) -> Result<(), Error> {
+        self.append_from(id, false, data)
+    }
+
+    /// Appends to an open log, recording whether the bytes came from stderr (the
+    /// ranges are kept beside the log: `<id>.stderr`, one `start length` line per write).
+    pub fn append_from(&self, id: &JobId, stderr: bool, data: &[u8]) -> Result<(), Error> {
         let Some(live) = self.inner.live.lock().expect("logs").get(id).cloned() else {
             return Ok(());
         };
@@ -150,13 +199,76 @@ impl LogHub {
                 .or_default()
                 .extend_from_slice(data),
         }
+        if stderr && !data.is_empty() {
+            let start = *live.len.borrow();
+            let start = start.0;
+            let end = start + data.len() as u64;
+            {
+                let mut all = self.inner.stderr.lock().expect("logs");
+                let ranges = all.entry(id.clone()).or_default();
+                match ranges.last_mut() {
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ => ranges.push((start, end)),
+                }
+            }
+            if let Some(dir) = &self.inner.dir {
+                let path = dir.join(format!("{id}.stderr"));
+                let line = format!("{start} {}\n", data.len());
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(line.as_bytes()))
+                    .map_err(|e| Error::log(format!("writing {}", path.display()), e))?;
+            }
+        }
         live.len.send_modify(|(len, _)| *len += data.len() as u64);
         Ok(())
     }
 
+    /// The parts of `[from, to)` of a job's log that came from stderr, in order.
+    pub fn stderr_ranges(&self, id: &JobId, from: u64, to: u64) -> Vec<(u64, u64)> {
+        let clip = |ranges: &[(u64, u64)]| -> Vec<(u64, u64)> {
+            let first = ranges.partition_point(|r| r.1 <= from);
+            ranges[first..]
+                .iter()
+                .take_while(|r| r.0 < to)
+                .map(|r| (r.0.max(from), r.1.min(to)))
+                .collect()
+        };
+        if let Some(r) = self.inner.stderr.lock().expect("logs").get(id) {
+            return clip(r);
+        }
+        let Some(dir) = &self.inner.dir else {
+            return Vec::new();
+        };
+        if !safe_id(id.as_str()) {
+            return Vec::new();
+        }
+        if let Some(r) = self.inner.read_back.lock().expect("logs").get(id) {
+            return clip(r);
+        }
+        let ranges = read_ranges(&dir.join(format!("{id}.stderr")));
+        let clipped = clip(&ranges);
+        // Only a closed log's file is final.
+        if !self.inner.live.lock().expect("logs").contains_key(id) {
+            let mut cache = self.inner.read_back.lock().expect("logs");
+            if cache.len() >= READ_BACK {
+                cache.clear();
+            }
+            cache.insert(id.clone(), Arc::new(ranges));
+        }
+        clipped
+    }
+
     /// Ends a job's log: followers get the rest and then the end.
     pub fn close(&self, id: &JobId) {
-        if let Some(live) = self.inner.live.lock().expect("logs").remove(id) {
+        let live = self.inner.live.lock().expect("logs").remove(id);
+        if self.inner.dir.is_some() {
+            // Read back from its file from now on.
+            self.inner.stderr.lock().expect("logs").remove(id);
+        }
+        if let Some(live) = live {
             live.lock()
                 .expect("log")
                 .len
@@ -310,5 +422,48 @@ impl LogFollower {
                 self.rx = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stderr_tests {
+    use super::*;
+
+    #[test]
+    fn stderr_ranges_are_merged_clipped_and_read_back_after_close() {
+        let dir = tempfile::tempdir().unwrap();
+        for hub in [LogHub::in_memory(), LogHub::in_dir(dir.path()).unwrap()] {
+            let id = JobId::from("job1".to_string());
+            hub.open(&id);
+            hub.append_from(&id, false, b"out\n").unwrap(); // 0..4
+            hub.append_from(&id, true, b"err").unwrap(); // 4..7
+            hub.append_from(&id, true, b"or\n").unwrap(); // 7..10, merged
+            hub.append_from(&id, false, b"more\n").unwrap(); // 10..15
+            hub.append_from(&id, true, b"x\n").unwrap(); // 15..17
+            assert_eq!(hub.stderr_ranges(&id, 0, 100), [(4, 10), (15, 17)]);
+            assert_eq!(hub.stderr_ranges(&id, 5, 16), [(5, 10), (15, 16)]);
+            assert!(hub.stderr_ranges(&id, 10, 15).is_empty());
+            hub.close(&id);
+            assert_eq!(
+                hub.stderr_ranges(&id, 0, 100),
+                [(4, 10), (15, 17)],
+                "the same once closed"
+            );
+        }
+        // And for a new hub over the same directory (a restart), also once the log is
+        // opened again and written on.
+        let again = LogHub::in_dir(dir.path()).unwrap();
+        let id = JobId::from("job1".to_string());
+        assert_eq!(again.stderr_ranges(&id, 0, 100), [(4, 10), (15, 17)]);
+        again.open(&id);
+        again.append_from(&id, true, b"y\n").unwrap(); // 17..19, merged
+        assert_eq!(again.stderr_ranges(&id, 0, 100), [(4, 10), (15, 19)]);
+        again.close(&id);
+        assert_eq!(again.stderr_ranges(&id, 0, 100), [(4, 10), (15, 19)]);
+        assert!(
+            again
+                .stderr_ranges(&JobId::from("none".to_string()), 0, 9)
+                .is_empty()
+        );
     }
 }

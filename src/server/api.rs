@@ -922,9 +922,27 @@ async fn job_logs(
         .into_response())
 }
 
+/// `ranges` (byte offsets in the log, within the text that starts at `offset`) as
+/// `[start, end)` pairs of UTF-16 code units of `text`, as a browser counts them.
+fn utf16_ranges(text: &str, offset: u64, ranges: &[(u64, u64)]) -> Vec<[usize; 2]> {
+    // UTF-16 position of each byte position that starts a character, and of the end.
+    let mut at = Vec::with_capacity(text.len() + 1);
+    let mut units = 0;
+    for c in text.chars() {
+        for _ in 0..c.len_utf8() {
+            at.push(units);
+        }
+        units += c.len_utf16();
+    }
+    at.push(units);
+    let pos = |b: u64| at[(b.saturating_sub(offset) as usize).min(text.len())];
+    ranges.iter().map(|r| [pos(r.0), pos(r.1)]).collect()
+}
+
 /// Server-sent events of a log: `event: log` with `id` = the offset after the chunk and
-/// `data` = `{"offset", "text"}`; then `event: end` with the job's final state. Text is
-/// cut only at UTF-8 character boundaries.
+/// `data` = `{"offset", "text", "stderr"}` (`stderr`, when any of the text came from
+/// stderr: `[start, end)` ranges of it in UTF-16 code units); then `event: end` with the
+/// job's final state. Text is cut only at UTF-8 character boundaries.
 fn async_stream(
     follower: rustci_control::LogFollower,
     plane: ControlPlane,
@@ -963,7 +981,12 @@ fn async_stream(
                     let offset = s.carry_offset;
                     s.carry_offset += valid as u64;
                     s.carry.drain(..valid);
-                    let data = json!({"offset": offset, "text": text}).to_string();
+                    let mut data = json!({"offset": offset, "text": text});
+                    let stderr = plane.log_stderr(&job, offset, offset + valid as u64);
+                    if !stderr.is_empty() {
+                        data["stderr"] = json!(utf16_ranges(&text, offset, &stderr));
+                    }
+                    let data = data.to_string();
                     let event = format!("event: log\nid: {}\ndata: {data}\n\n", s.carry_offset);
                     return Some((Ok(Bytes::from(event)), (s, plane, job)));
                 }

@@ -58,6 +58,7 @@ Term.prototype.newLine = function () {
 
 Term.prototype.classes = function () {
   const s = this.style, c = [];
+  if (this.err) c.push("err");
   if (s.b) c.push("b");
   if (s.i) c.push("i");
   if (s.u) c.push("u");
@@ -158,12 +159,19 @@ Term.prototype.draw = function () {
   }
 };
 
-Term.prototype.write = function (text) {
+// Writes `text`; `stderr` lists [start, end) ranges of it (UTF-16 units) that came from
+// stderr.
+Term.prototype.write = function (text, stderr) {
+  const shift = this.pending.length;
   text = this.pending + text;
   this.pending = "";
-
+  const ranges = (stderr || []).map(function (r) { return [r[0] + shift, r[1] + shift]; });
+  let next = 0; // the first range not yet behind us
   let i = 0;
   while (i < text.length) {
+    while (next < ranges.length && ranges[next][1] <= i) next++;
+    const err = next < ranges.length && ranges[next][0] <= i;
+    if (err !== !!this.err) { this.err = err; this.current = undefined; }
     const ch = text[i];
     if (ch === "\x1b") {
       if (i + 1 >= text.length) { this.pending = text.slice(i); break; }
@@ -261,7 +269,7 @@ function followLog(pre) {
   const es = new EventSource("/api/jobs/" + encodeURIComponent(job) + "/logs?follow=true&offset=" + start);
   es.addEventListener("log", function (e) {
     const d = JSON.parse(e.data);
-    term.write(d.text);
+    term.write(d.text, d.stderr);
   });
   es.addEventListener("end", function (e) {
     const d = JSON.parse(e.data);

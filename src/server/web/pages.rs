@@ -598,6 +598,7 @@ pub(super) fn job(
                         a href={ "/jobs/" (id) } { "live tail" } " "
                     }
                     a href={ "/api/jobs/" (id) "/logs?offset=" (log.start) } { "raw" }
+                    " · " span.err-key { "stderr" } " is tinted (where the runner keeps the streams apart)"
                 }
                 pre #log .log data-job=(id) data-offset=(log.start) data-follow=(if log.follow { "1" } else { "0" }) { (plain_log(log.text)) }
             }
