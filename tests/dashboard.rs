@@ -421,7 +421,7 @@ async fn the_dashboard_follows_jobs_live_and_its_actions_are_guarded() {
         &c,
         "the job page laid out at a phone's width",
         "return window.innerWidth <= 400 \
-           ? [document.documentElement.scrollWidth, window.innerWidth] : null",
+           ? [document.documentElement.scrollWidth, document.documentElement.clientWidth] : null",
     )
     .await;
     assert!(

@@ -304,6 +304,8 @@ struct State {
     waiting_reason: Mutex<Option<String>>,
     /// Cancels asked for while a job was being started.
     cancel_requested: Mutex<BTreeSet<JobId>>,
+    /// Unfinished jobs whose runner output has begun (for `Observer::first_output`).
+    wrote: Mutex<BTreeSet<JobId>>,
     /// Runners each queued job has already failed on (a retry prefers others).
     tried: Mutex<HashMap<JobId, BTreeSet<String>>>,
     wake: Notify,
@@ -360,6 +362,7 @@ impl ControlPlane {
             queue: Mutex::new(JobQueue::new()),
             running: Mutex::new(HashMap::new()),
             cancel_requested: Mutex::new(BTreeSet::new()),
+            wrote: Mutex::new(BTreeSet::new()),
             waiting_reason: Mutex::new(None),
             assigned: Mutex::new(HashMap::new()),
             tried: Mutex::new(HashMap::new()),
@@ -513,7 +516,7 @@ impl ControlPlane {
             async move {
                 let started = tokio::time::Instant::now();
                 let outcome = follow_execution(
-                    &state, &id, &submitter, &job, &runner, number, execution, started,
+                    &state, &id, &submitter, &job, &runner, number, execution, started, true,
                 )
                 .await;
                 end_attempt(state, id, submitter, job, runner, number, outcome, started);
@@ -902,6 +905,7 @@ fn finish(state: &State, id: &JobId, to: JobState, outcome: Option<Outcome>) {
     }
     state.tried.lock().expect("tried").remove(id);
     state.cancel_requested.lock().expect("cancel").remove(id);
+    state.wrote.lock().expect("wrote").remove(id);
     let _ = state.events.send(ControlEvent::JobState {
         id: id.clone(),
         state: to,
@@ -1300,7 +1304,7 @@ async fn run_attempt(
         }
         Ok(execution) => {
             follow_execution(
-                &state, &id, &submitter, &job, &runner, number, execution, started,
+                &state, &id, &submitter, &job, &runner, number, execution, started, false,
             )
             .await
         }
@@ -1323,6 +1327,7 @@ async fn follow_execution(
     number: u32,
     mut execution: Execution,
     started: tokio::time::Instant,
+    reattached: bool,
 ) -> Outcome {
     let runner_id = runner.info().id.clone();
     state.running.lock().expect("running").insert(
@@ -1342,9 +1347,9 @@ async fn follow_execution(
     set_state(state, id, JobState::Running);
     let mut outcome = Outcome::Lost;
     let mut first = true;
-    // The job's first output, whichever attempt writes it (an attempt taken up again
-    // after a restart, or a retry after one that wrote something, is not its first).
-    let mut first_output = state.logs.len(id) == 0;
+    // The job's first runner output, whichever attempt writes it; not for an attempt
+    // taken up again after a restart (its job's pickup is long past, or unknown).
+    let mut first_output = !reattached;
     while let Some(event) = execution.next_event().await {
         if std::mem::take(&mut first) {
             state.registry.record_startup(&runner_id, started.elapsed());
@@ -1352,7 +1357,9 @@ async fn follow_execution(
         match &event.kind {
             EventKind::Finished { outcome: o } => outcome = o.clone(),
             EventKind::Output { data, stream, .. } => {
-                if std::mem::take(&mut first_output)
+                if !data.is_empty()
+                    && std::mem::take(&mut first_output)
+                    && state.wrote.lock().expect("wrote").insert(id.clone())
                     && let Some(o) = &state.observer
                 {
                     let submitted = state

@@ -200,10 +200,9 @@ impl LogHub {
                 .extend_from_slice(data),
         }
         if stderr && !data.is_empty() {
-            let start = *live.len.borrow();
-            let start = start.0;
+            let (start, closed) = *live.len.borrow();
             let end = start + data.len() as u64;
-            {
+            if !closed || self.inner.dir.is_none() {
                 let mut all = self.inner.stderr.lock().expect("logs");
                 let ranges = all.entry(id.clone()).or_default();
                 match ranges.last_mut() {
@@ -211,15 +210,21 @@ impl LogHub {
                     _ => ranges.push((start, end)),
                 }
             }
-            if let Some(dir) = &self.inner.dir {
+            if let Some(dir) = &self.inner.dir
+                && safe_id(id.as_str())
+            {
                 let path = dir.join(format!("{id}.stderr"));
                 let line = format!("{start} {}\n", data.len());
-                OpenOptions::new()
+                let written = OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
-                    .and_then(|mut f| f.write_all(line.as_bytes()))
-                    .map_err(|e| Error::log(format!("writing {}", path.display()), e))?;
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                // The bytes are in the log: their length is published whatever happens
+                // here; only the tint of these bytes is lost after a restart.
+                if let Err(e) = written {
+                    tracing::error!(path = %path.display(), error = %e, "recording stderr ranges");
+                }
             }
         }
         live.len.send_modify(|(len, _)| *len += data.len() as u64);
@@ -248,10 +253,12 @@ impl LogHub {
         if let Some(r) = self.inner.read_back.lock().expect("logs").get(id) {
             return clip(r);
         }
+        // Only a closed log's file is final: read and kept with the open logs locked, so
+        // an `open` cannot come between.
+        let live = self.inner.live.lock().expect("logs");
         let ranges = read_ranges(&dir.join(format!("{id}.stderr")));
         let clipped = clip(&ranges);
-        // Only a closed log's file is final.
-        if !self.inner.live.lock().expect("logs").contains_key(id) {
+        if !live.contains_key(id) {
             let mut cache = self.inner.read_back.lock().expect("logs");
             if cache.len() >= READ_BACK {
                 cache.clear();
@@ -264,15 +271,17 @@ impl LogHub {
     /// Ends a job's log: followers get the rest and then the end.
     pub fn close(&self, id: &JobId) {
         let live = self.inner.live.lock().expect("logs").remove(id);
-        if self.inner.dir.is_some() {
-            // Read back from its file from now on.
-            self.inner.stderr.lock().expect("logs").remove(id);
-        }
         if let Some(live) = live {
             live.lock()
                 .expect("log")
                 .len
                 .send_modify(|(_, closed)| *closed = true);
+        }
+        // After the flag: an append still under way either recorded its range already or
+        // sees the log closed and records none here.
+        if self.inner.dir.is_some() {
+            // Read back from its file from now on.
+            self.inner.stderr.lock().expect("logs").remove(id);
         }
     }
 

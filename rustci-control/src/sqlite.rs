@@ -215,7 +215,8 @@ impl Store for SqliteStore {
                        AND (?2 IS NULL OR state = ?2)
                        AND (?3 IS NULL OR submitter = ?3)
                        AND (?4 IS NULL OR name = ?4)
-                       AND (?6 IS NULL OR id IN (SELECT job_id FROM attempts WHERE runner_id = ?6))
+                       AND (?6 IS NULL OR EXISTS (SELECT 1 FROM attempts
+                                                  WHERE runner_id = ?6 AND job_id = jobs.id))
                      ORDER BY seq DESC LIMIT ?5",
                 )
                 .map_err(|e| self.err("listing jobs", e))?;

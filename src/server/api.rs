@@ -922,20 +922,29 @@ async fn job_logs(
         .into_response())
 }
 
-/// `ranges` (byte offsets in the log, within the text that starts at `offset`) as
-/// `[start, end)` pairs of UTF-16 code units of `text`, as a browser counts them.
-fn utf16_ranges(text: &str, offset: u64, ranges: &[(u64, u64)]) -> Vec<[usize; 2]> {
-    // UTF-16 position of each byte position that starts a character, and of the end.
-    let mut at = Vec::with_capacity(text.len() + 1);
+/// `ranges` (byte offsets in the log, within `raw`, which starts at `offset`) as
+/// `[start, end)` pairs of UTF-16 code units of `raw` decoded lossily, as a browser
+/// counts them (an invalid sequence is one replacement character).
+fn utf16_ranges(raw: &[u8], offset: u64, ranges: &[(u64, u64)]) -> Vec<[usize; 2]> {
+    // The UTF-16 position of each byte of `raw`, and of its end.
+    let mut at = Vec::with_capacity(raw.len() + 1);
     let mut units = 0;
-    for c in text.chars() {
-        for _ in 0..c.len_utf8() {
-            at.push(units);
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            for _ in 0..c.len_utf8() {
+                at.push(units);
+            }
+            units += c.len_utf16();
         }
-        units += c.len_utf16();
+        if !chunk.invalid().is_empty() {
+            for _ in chunk.invalid() {
+                at.push(units);
+            }
+            units += 1;
+        }
     }
     at.push(units);
-    let pos = |b: u64| at[(b.saturating_sub(offset) as usize).min(text.len())];
+    let pos = |b: u64| at[(b.saturating_sub(offset) as usize).min(raw.len())];
     ranges.iter().map(|r| [pos(r.0), pos(r.1)]).collect()
 }
 
@@ -979,12 +988,14 @@ fn async_stream(
                     }
                     let text = String::from_utf8_lossy(&s.carry[..valid]).into_owned();
                     let offset = s.carry_offset;
+                    let stderr = plane.log_stderr(&job, offset, offset + valid as u64);
+                    let stderr = (!stderr.is_empty())
+                        .then(|| utf16_ranges(&s.carry[..valid], offset, &stderr));
                     s.carry_offset += valid as u64;
                     s.carry.drain(..valid);
                     let mut data = json!({"offset": offset, "text": text});
-                    let stderr = plane.log_stderr(&job, offset, offset + valid as u64);
-                    if !stderr.is_empty() {
-                        data["stderr"] = json!(utf16_ranges(&text, offset, &stderr));
+                    if let Some(r) = stderr {
+                        data["stderr"] = json!(r);
                     }
                     let data = data.to_string();
                     let event = format!("event: log\nid: {}\ndata: {data}\n\n", s.carry_offset);
@@ -1446,4 +1457,23 @@ async fn list_audit(
         None
     };
     Ok(Json(json!({ "entries": entries, "next_before": next })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utf16_ranges;
+
+    #[test]
+    fn stderr_ranges_count_as_a_browser_does() {
+        // "a", an invalid byte (one replacement character), "é" (2 bytes, 1 unit),
+        // "😀" (4 bytes, 2 units), "b".
+        let raw: Vec<u8> = [&b"a\xff"[..], "é".as_bytes(), "😀".as_bytes(), b"b"].concat();
+        // Bytes: a=100, \xff=101, é=102..104, 😀=104..108, b=108, starting at offset 100.
+        assert_eq!(
+            utf16_ranges(&raw, 100, &[(101, 102), (104, 108), (108, 109)]),
+            [[1, 2], [3, 5], [5, 6]]
+        );
+        // A range running past the text ends with it.
+        assert_eq!(utf16_ranges(&raw, 100, &[(108, 500)]), [[5, 6]]);
+    }
 }

@@ -209,7 +209,7 @@ fn paths(
         },
         "/api/jobs/{id}/logs": {
             "get": {
-                "summary": "A job's output: stored bytes, or with follow=true server-sent events (event log: id = next offset, data = {offset, text}; event end: data = {state, offset}); resumable with offset or Last-Event-ID",
+                "summary": "A job's output: stored bytes, or with follow=true server-sent events (event log: id = next offset, data = {offset, text, stderr?: [[start, end]] UTF-16 ranges of text from stderr}; event end: data = {state, offset}); resumable with offset or Last-Event-ID",
                 "operationId": "jobLogs",
                 "parameters": [
                     job_id,
