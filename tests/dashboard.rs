@@ -963,28 +963,12 @@ async fn ten_thousand_jobs_page_in_order_without_gaps() {
     let want: Vec<String> = (9950..10_000).rev().map(|i| format!("job{i:05}")).collect();
     assert_eq!(first, want);
     // Walk every page of 500 by its "Older" link.
-    c.goto(&t.url("/jobs?limit=500")).await.unwrap();
-    let mut all = Vec::new();
-    loop {
-        all.extend(page_ids(&c).await);
-        match c.find(Locator::Css("a[rel=next]")).await {
-            Ok(next) => next.click().await.unwrap(),
-            Err(_) => break,
-        }
-    }
+    let all = walk_pages(&c, &t.url("/jobs?limit=500")).await;
     let want: Vec<String> = (0..10_000).rev().map(|i| format!("job{i:05}")).collect();
     assert_eq!(all.len(), 10_000);
     assert!(all == want, "every job once, newest first");
     // A filter pages too: one name in seven.
-    c.goto(&t.url("/jobs?name=n3&limit=500")).await.unwrap();
-    let mut named = Vec::new();
-    loop {
-        named.extend(page_ids(&c).await);
-        match c.find(Locator::Css("a[rel=next]")).await {
-            Ok(next) => next.click().await.unwrap(),
-            Err(_) => break,
-        }
-    }
+    let named = walk_pages(&c, &t.url("/jobs?name=n3&limit=500")).await;
     let want: Vec<String> = (0..10_000)
         .rev()
         .filter(|i| i % 7 == 3)
@@ -994,6 +978,19 @@ async fn ten_thousand_jobs_page_in_order_without_gaps() {
     c.close().await.unwrap();
     drop(d);
     t.stop().await;
+}
+
+/// The job ids of every page from `url` on, following each page's "Older" link.
+async fn walk_pages(c: &Client, url: &str) -> Vec<String> {
+    c.goto(url).await.unwrap();
+    let mut ids = Vec::new();
+    loop {
+        ids.extend(page_ids(c).await);
+        match c.find(Locator::Css("a[rel=next]")).await {
+            Ok(next) => next.click().await.unwrap(),
+            Err(_) => return ids,
+        }
+    }
 }
 
 async fn page_ids(c: &Client) -> Vec<String> {
