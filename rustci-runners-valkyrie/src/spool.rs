@@ -28,6 +28,8 @@ pub(crate) struct Spool {
     spares: Option<Arc<Spares>>,
     /// Its file went to the spares: it takes no more bytes.
     retired: bool,
+    /// It has (or had) a file on disk: false for a lazy spool that took no byte yet.
+    has_file: bool,
 }
 
 /// Emptied output files kept for the attempts to come. An attempt's file is a spare
@@ -177,6 +179,7 @@ impl Spool {
             dropped: 0,
             spares: None,
             retired: false,
+            has_file: false,
         }
     }
 
@@ -192,7 +195,11 @@ impl Spool {
     /// bytes after this (an append is an error), so nothing reaches the spare.
     pub fn retire(&mut self, spares: &Spares) {
         self.seal();
-        spares.retire(&self.path);
+        // A lazy spool that never took a byte has no file: nothing to keep (and no
+        // rename and removal that would fail, for every job that writes nothing).
+        if self.has_file {
+            spares.retire(&self.path);
+        }
     }
 
     /// Closes its file for good: an append after this is an error, and reads find
@@ -222,6 +229,7 @@ impl Spool {
             dropped: 0,
             spares: None,
             retired: false,
+            has_file: true,
         })
     }
 
@@ -253,6 +261,7 @@ impl Spool {
                     Some(spares) => spares.create(&self.path)?,
                     None => create(&self.path)?,
                 };
+                self.has_file = true;
                 self.file.insert(f)
             }
         };
@@ -515,6 +524,14 @@ mod tests {
         let roomy = Spares::open(&dir.path().join("spare2"), 5).unwrap();
         roomy.retire(&dir.path().join("never.out"));
         assert_eq!(roomy.len(), 0, "no file, nothing kept");
+        let mut quiet = Spool::lazy_with(&dir.path().join("quiet.out"), &roomy);
+        quiet.retire(&roomy);
+        assert_eq!(
+            roomy.len(),
+            0,
+            "a spool that took no byte has nothing to keep"
+        );
+        assert!(quiet.append(b"late").is_err(), "and takes no byte after");
         assert_eq!(
             std::fs::read_dir(dir.path().join("spare2"))
                 .unwrap()
