@@ -368,8 +368,76 @@ async fn every_error_gets_the_envelope_and_changes_nothing() {
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions.iter().filter(|a| **a == "auth.failed").count(), 2);
+    // Two failed authentications from one address within a minute: the first is
+    // recorded, the second counted for the window's summary.
+    assert_eq!(actions.iter().filter(|a| **a == "auth.failed").count(), 1);
     assert!(actions.contains(&"auth.denied"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_be_restricted_and_failed_authentications_do_not_flood_the_audit_log() {
+    // Loopback is not in the allowed network.
+    let t = TestServer::start(|c, _| {
+        c.metrics_allow = vec!["10.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let r = t.admin().get("/metrics").await.unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (403, "AUTHORIZATION_FAILED")
+    );
+    assert!(
+        r.error_message().contains("metrics_allow"),
+        "{}",
+        r.error_message()
+    );
+    t.stop().await;
+
+    let t = TestServer::start(|c, _| {
+        c.metrics_allow = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        c.metrics_key_required = true;
+    })
+    .await;
+    let r = t.client(None).get("/metrics").await.unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (401, "AUTHENTICATION_REQUIRED")
+    );
+    let r = t
+        .client(Some("not-a-key-0123456789"))
+        .get("/metrics")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (401, "AUTHENTICATION_REQUIRED")
+    );
+    let r = t
+        .client(Some(&key_for(Role::Viewer)))
+        .get("/metrics")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("rustci_jobs_queued"));
+
+    // 90 failed authentications from this address (under the address's burst of 100):
+    // each answered 401, one audit entry.
+    let bad = t.client(Some("wrong-key-0123456789abcdef"));
+    for _ in 0..90 {
+        let r = bad.get("/api/jobs").await.unwrap();
+        assert_eq!(r.status, 401);
+    }
+    let audit = t.admin().get("/api/audit?limit=1000").await.unwrap().json();
+    let failed: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "auth.failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["actor"], "anonymous@127.0.0.1");
+    assert_eq!(failed[0]["target"], "GET /api/jobs");
     t.stop().await;
 }
 

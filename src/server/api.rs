@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use super::auth::{Keys, Principal, RateLimiter, Role};
+use super::auth::{AuthFailures, FailureVerdict, Keys, Principal, RateLimiter, Role, client_key};
 use super::config::{RunnerConfig, ServerConfig, check_runner_with};
 use super::metrics::Metrics;
 use super::runners::RunnerFactory;
@@ -40,6 +40,8 @@ pub struct App {
     pub tokens: Arc<super::tokens::Tokens>,
     /// Per-caller rate limits.
     pub limiter: RateLimiter,
+    /// Failed authentications, so that a flood is audited in summaries.
+    pub auth_failures: AuthFailures,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Settings.
@@ -320,6 +322,65 @@ pub(super) fn audit(
     }
 }
 
+/// Audits a failed authentication (`action`, result `AUTHENTICATION_REQUIRED`) of the
+/// client at `peer`, counted under `source` ([`client_key`]): recorded one by one only
+/// as [`AuthFailures`] allows, the rest in the summaries of its window.
+pub(super) fn audit_auth_failure(
+    app: &App,
+    peer: &str,
+    source: &str,
+    action: &str,
+    target: Option<&str>,
+    rid: &str,
+) {
+    let (verdict, summaries) = app
+        .auth_failures
+        .failed(&format!("{action} {source}"), Instant::now());
+    audit_failure_summaries(app, summaries);
+    if verdict == FailureVerdict::Record {
+        audit(
+            app,
+            &format!("anonymous@{peer}"),
+            action,
+            target,
+            "AUTHENTICATION_REQUIRED",
+            rid,
+        );
+    }
+}
+
+/// Writes the summaries of a window of failed authentications that ended.
+pub(super) fn audit_failure_summaries(app: &App, summaries: Vec<super::auth::FailureSummary>) {
+    let secs = app.auth_failures.window().as_secs();
+    for s in summaries {
+        let (action, actor) = match &s.source {
+            Some(key) => {
+                let (action, source) = key.split_once(' ').unwrap_or(("auth.failed", key));
+                (action.to_string(), format!("anonymous@{source}"))
+            }
+            None => ("auth.failed".to_string(), "anonymous@*".to_string()),
+        };
+        let what = if s.source.is_some() {
+            "from this source"
+        } else {
+            "from further sources"
+        };
+        let entry = AuditEntry::new(
+            actor,
+            action,
+            None,
+            format!(
+                "AUTHENTICATION_REQUIRED: {} more failed authentications {what} within {secs} s, not recorded one by one",
+                s.count
+            ),
+            None,
+        );
+        if let Err(e) = app.plane.store().append_audit(&entry) {
+            tracing::error!(error = %Chain(&e), "the audit log did not take an entry");
+        }
+    }
+}
+
 /// Authenticates `X-API-Key` or `Authorization: Bearer`, then applies the rate limit.
 async fn authenticate(
     State(app): State<Arc<App>>,
@@ -327,11 +388,12 @@ async fn authenticate(
     req: Request,
     next: Next,
 ) -> Response {
-    let peer = req
+    let peer_ip = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into());
+        .map(|c| c.0.ip());
+    let peer = peer_ip.map_or_else(|| "unknown".into(), |ip| ip.to_string());
+    let source = peer_ip.map_or_else(|| "unknown".into(), client_key);
     let credential = credential(req.headers());
     let action = format!("{} {}", req.method(), req.uri().path());
     // The dashboard's session cookie stands in for a key on reading routes only: no
@@ -355,7 +417,7 @@ async fn authenticate(
         // scripts.
         Ok(p) if session_used => format!("session:{}", p.name),
         Ok(p) => p.name.clone(),
-        Err(_) => format!("ip:{peer}"),
+        Err(_) => format!("ip:{source}"),
     };
     if let Err(wait) = app.limiter.check(&limit_key) {
         let mut e = ApiError::new(
@@ -375,14 +437,7 @@ async fn authenticate(
             next.run(req).await
         }
         Err(why) => {
-            audit(
-                &app,
-                &format!("anonymous@{peer}"),
-                "auth.failed",
-                Some(&action),
-                "AUTHENTICATION_REQUIRED",
-                &rid.0,
-            );
+            audit_auth_failure(&app, &peer, &source, "auth.failed", Some(&action), &rid.0);
             tracing::warn!(request_id = %rid.0, %peer, "authentication failed: {why}");
             ApiError::new(StatusCode::UNAUTHORIZED, "AUTHENTICATION_REQUIRED", why).into_response()
         }
@@ -615,16 +670,78 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             "the server is shutting down",
         )
         .into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NOT_READY",
-            format!("the store does not answer: {}", Chain(&e)),
-        )
-        .into_response(),
+        Err(e) => {
+            // The cause is for the operator's log, not for anyone who asks.
+            tracing::error!(error = %Chain(&e), "readiness: the store does not answer");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NOT_READY",
+                "the store does not answer (the server's log has the cause)",
+            )
+            .into_response()
+        }
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+/// Whether the caller may read `/metrics` (`metrics_allow`, `metrics_key_required`).
+fn metrics_access(
+    app: &App,
+    peer: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let config = &app.config;
+    if !config.metrics_allow.is_empty() {
+        // An IPv4 client on a dual-stack listener arrives as `::ffff:a.b.c.d`.
+        let ip = peer.map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        });
+        let allowed = ip.is_some_and(|ip| config.metrics_allow.iter().any(|n| n.contains(&ip)));
+        if !allowed {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "AUTHORIZATION_FAILED",
+                "metrics are not served to this address (metrics_allow)",
+            ));
+        }
+    }
+    if config.metrics_key_required {
+        let Some(c) = credential(headers) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "AUTHENTICATION_REQUIRED",
+                "metrics need an API key (use X-API-Key or Authorization: Bearer)",
+            ));
+        };
+        match app.keys.authenticate(&c) {
+            Ok(p) if p.role != Role::Runner => {}
+            Ok(_) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "AUTHORIZATION_FAILED",
+                    "a registration token does not read metrics",
+                ));
+            }
+            Err(why) => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "AUTHENTICATION_REQUIRED",
+                    why,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn metrics(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = metrics_access(&app, peer.map(|c| c.0.0.ip()), &headers) {
+        return e.into_response();
+    }
     let text = app
         .metrics
         .render_with_agents(&app.plane, &agent_views(&app));

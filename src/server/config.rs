@@ -90,6 +90,12 @@ pub struct ServerConfig {
     /// cookie is `Secure` when it is HTTPS. Default: the listener's scheme and the
     /// request's `Host`.
     pub public_origin: Option<String>,
+    /// Networks (CIDR, e.g. `10.0.0.0/8`, `::1/128`) whose clients may read `/metrics`;
+    /// any other gets 403 `AUTHORIZATION_FAILED`. Default: empty, any address.
+    pub metrics_allow: Vec<ipnet::IpNet>,
+    /// `/metrics` needs an API key (any role but `runner`), as the API routes do; a
+    /// request without a valid one gets 401 `AUTHENTICATION_REQUIRED`. Default false.
+    pub metrics_key_required: bool,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +125,8 @@ impl Default for ServerConfig {
             agent_offer_timeout_ms: 10_000,
             session_ttl_secs: 8 * 3600,
             public_origin: None,
+            metrics_allow: Vec::new(),
+            metrics_key_required: false,
         }
     }
 }

@@ -269,11 +269,36 @@ impl Server {
             keys,
             tokens,
             limiter: RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst),
+            auth_failures: auth::AuthFailures::default(),
             metrics,
             config,
             factory,
             hub,
             sessions,
+        });
+        // Failed authentications counted in a window that ended with no failure after
+        // it are audited at its end.
+        let weak = Arc::downgrade(&app);
+        tokio::spawn(async move {
+            let every = match weak.upgrade() {
+                Some(app) => app.auth_failures.window(),
+                None => return,
+            };
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(app) = weak.upgrade() else { return };
+                let summaries = app.auth_failures.flush(std::time::Instant::now());
+                if !summaries.is_empty() {
+                    let app = app.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        api::audit_failure_summaries(&app, summaries)
+                    })
+                    .await;
+                }
+            }
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();

@@ -326,8 +326,12 @@ fn paths(
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics: OpenMetrics when asked for (Accept), else the text format 0.0.4", "operationId": "metrics", "security": [],
-                "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}, "application/openmetrics-text": {"schema": {"type": "string"}}}}}
+                "summary": "Prometheus metrics: OpenMetrics when asked for (Accept), else the text format 0.0.4. Open unless the server restricts it (`metrics_allow`: networks; `metrics_key_required`: any API key but a registration token)", "operationId": "metrics", "security": [],
+                "responses": {
+                    "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}, "application/openmetrics-text": {"schema": {"type": "string"}}}},
+                    "401": err("`metrics_key_required` is set and no valid API key was given"),
+                    "403": err("The client's address is not in `metrics_allow`, or a registration token was given")
+                }
             }
         },
         "/api/openapi.json": {

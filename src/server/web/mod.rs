@@ -36,7 +36,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::api::{App, RequestId, audit, cancel_as, runner_change};
+use super::api::{App, RequestId, audit, audit_auth_failure, cancel_as, runner_change};
 use super::auth::{Principal, Role};
 
 /// The session cookie's name.
@@ -357,7 +357,9 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let peer = peer.map_or_else(|| "unknown".to_string(), |c| c.0.0.ip().to_string());
+    let peer_ip = peer.map(|c| c.0.0.ip());
+    let peer = peer_ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+    let source = peer_ip.map_or_else(|| "unknown".to_string(), crate::server::auth::client_key);
     let next = local_path(form.next.as_deref());
     if let Some(origin) = headers.get(header::ORIGIN)
         && own_origin(&app, &headers).is_none_or(|o| origin.as_bytes() != o.as_bytes())
@@ -367,7 +369,7 @@ async fn login(
             "the sign-in form was sent from another site",
         );
     }
-    if app.limiter.check(&format!("login:{peer}")).is_err() {
+    if app.limiter.check(&format!("login:{source}")).is_err() {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             pages::login(&next, Some("too many attempts; wait a moment")),
@@ -380,14 +382,7 @@ async fn login(
         .ok()
         .filter(|p| p.token_id.is_none() && p.role != Role::Runner);
     let Some(principal) = principal else {
-        audit(
-            &app,
-            &format!("anonymous@{peer}"),
-            "ui.login",
-            None,
-            "AUTHENTICATION_REQUIRED",
-            &rid.0,
-        );
+        audit_auth_failure(&app, &peer, &source, "ui.login", None, &rid.0);
         return (
             StatusCode::UNAUTHORIZED,
             pages::login(&next, Some("that API key is not valid")),
