@@ -114,8 +114,8 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     std::fs::write(
         dir.path().join("server.yaml"),
         format!(
-            "runners:\n  - name: local-a\n    kind: local\n    slots: 2\n    workspace_root: {}\nshutdown_grace_secs: 2\n",
-            ws.display()
+            "runners:\n  - name: local-a\n    kind: local\n    slots: 2\n    workspace_root: {ws}\n  - name: local-b\n    kind: local\n    reserved_labels: [pool]\n    slots: 1\n    workspace_root: {ws}\nshutdown_grace_secs: 2\n",
+            ws = ws.display()
         ),
     )
     .unwrap();
@@ -131,6 +131,13 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     )
     .await;
     assert_eq!(state_at_end(&c, &done).await, "succeeded");
+    // Its workspace, untouched, is pooled by local-b (reserved: nothing else runs there).
+    let pooled = submit(
+        &c,
+        json!({"name": "pooled", "runs_on": {"labels": ["pool"]}, "steps": [{"run": "true"}]}),
+    )
+    .await;
+    assert_eq!(state_at_end(&c, &pooled).await, "succeeded");
     let a = submit(&c, gated("retried", &marker_a, &gate, true)).await;
     let d = submit(&c, gated("not-retried", &marker_d, &gate, false)).await;
     wait_for_text(&c, &a, "started").await;
@@ -144,6 +151,19 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
     let queued = c.get(&format!("/api/jobs/{b}")).await.unwrap().json();
     assert_eq!(queued["state"], "queued");
 
+    // The killed process's workspaces: two in use, one pooled (the first job's), in its
+    // owner directory.
+    let old_dirs: Vec<_> = std::fs::read_dir(&ws)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(old_dirs.len(), 1, "{old_dirs:?}");
+    let workspaces = std::fs::read_dir(&old_dirs[0])
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != "owner")
+        .count();
+    assert_eq!(workspaces, 3, "two in use, one pooled");
+
     // SIGKILL: no shutdown code runs.
     drop(server);
     let a1 = rustci_runners::JobId::from(format!("{a}-1"));
@@ -156,6 +176,10 @@ async fn kill_9_and_restart_loses_nothing_and_runs_nothing_twice() {
 
     let server = start(dir.path());
     let c = admin_client(dir.path(), &server.base);
+    // Nothing of the killed process is left under the workspace root.
+    for d in &old_dirs {
+        assert!(!d.exists(), "{} outlived its process", d.display());
+    }
     // Recovery stopped what was left of the interrupted attempts before retrying.
     assert!(
         rustci_runners::testkit::processes_of(&a1)

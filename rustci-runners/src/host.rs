@@ -37,8 +37,13 @@ pub struct HostConfig {
     /// Default `/bin/sh -e`.
     pub shell: Vec<String>,
     /// Directory under which each job gets a fresh workspace. Default `$TMPDIR/rustci`.
+    /// Workspaces are made in this process's owner directory
+    /// (`rustci-<host>-<pid>-<start time>/`, marked with an `owner` file); a runner made
+    /// on the root removes the owner directories of this host's processes that are gone,
+    /// so nothing a killed process had (in use or pooled) outlives the next start.
     pub workspace_root: PathBuf,
-    /// Keep workspaces after jobs end (for debugging). Default false.
+    /// Keep workspaces after jobs end (for debugging). Default false. Kept workspaces are
+    /// made directly under `workspace_root`, and no sweep removes them.
     pub keep_workspaces: bool,
     /// Host environment variables passed to jobs; nothing else of the host's environment is.
     /// Default `PATH`, `HOME`, `LANG`, `TZ`.
@@ -149,7 +154,10 @@ impl HostEngine {
         native: Option<NativePlan>,
     ) -> Self {
         HostEngine {
-            workspaces: Arc::new(WorkspacePool::new(config.workspace_root.clone())),
+            workspaces: Arc::new(WorkspacePool::new(
+                config.workspace_root.clone(),
+                config.keep_workspaces,
+            )),
             info,
             caps,
             config,
@@ -213,7 +221,7 @@ impl HostEngine {
             .acquire(&self.info.name, self.caps.max_concurrency)?;
         let resources = effective_resources(&job.resources, self.native.as_ref());
 
-        let workspace = self.workspaces.acquire(self.config.keep_workspaces)?;
+        let workspace = self.workspaces.acquire()?;
         let mut guard = WorkspaceGuard {
             path: Some(workspace.clone()),
             keep: self.config.keep_workspaces,
@@ -421,42 +429,158 @@ impl Fingerprint {
 /// one, so it is kept for the next job instead: on most file systems removing a directory
 /// costs several times more than everything else a short job's runner does. Dropping the
 /// runner deletes the kept directories.
+///
+/// Workspaces live in an owner directory of this process under the root,
+/// `rustci-<host>-<pid>-<start time>/`, whose `owner` file names the process (host, pid
+/// and start time, [`crate::owner::owner_token`]). A runner made on the root later sweeps
+/// the owner directories of processes of this host that are gone (killed, crashed) with
+/// everything in them, as the Docker and Kubernetes runners sweep their containers and
+/// pods; the last runner of a process on a root removes its owner directory when it is
+/// dropped and empty. With `keep_workspaces`, workspaces are made directly under the root
+/// and nothing sweeps them: they are the user's to look at and remove.
 #[derive(Debug)]
 pub(crate) struct WorkspacePool {
-    root: PathBuf,
+    /// Where workspaces are made: the owner directory, or the root itself when they are
+    /// kept.
+    home: PathBuf,
+    /// Whether `home` is this process's owner directory.
+    owned: bool,
+    /// `home` (and its `owner` file) exist, as far as this pool knows.
+    ready: std::sync::atomic::AtomicBool,
     free: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 const POOLED_WORKSPACES: usize = 64;
 
+/// The name of the file naming an owner directory's process.
+const OWNER_FILE: &str = "owner";
+
+/// Pools of this process per owner directory, so that the last one removes it.
+static OWNER_DIRS: std::sync::Mutex<Vec<(PathBuf, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// This process's owner directory's name: `rustci-<host>-<pid>-<start time>`, the host
+/// name reduced to letters, digits, `.` and `-`.
+fn owner_dir_name() -> String {
+    let host: String = crate::owner::this_host()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let token = crate::owner::owner_token();
+    let mut parts = token.rsplit('/');
+    let start = parts.next().unwrap_or("0");
+    let pid = parts.next().unwrap_or("0");
+    format!("rustci-{host}-{pid}-{start}")
+}
+
+/// Removes the owner directories under `root` whose process (on this host) is gone;
+/// returns how many. Directories of live processes, of other hosts and anything
+/// without an `owner` file are left alone.
+pub(crate) fn sweep_workspaces(root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let host = crate::owner::this_host();
+    let mut swept = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("rustci-")
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(token) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        if crate::owner::owner_alive(token.trim(), &host) == Some(false) {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => swept += 1,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove the workspaces of a process that is gone")
+                }
+            }
+        }
+    }
+    swept
+}
+
 impl WorkspacePool {
-    fn new(root: PathBuf) -> Self {
+    fn new(root: PathBuf, keep: bool) -> Self {
+        let swept = sweep_workspaces(&root);
+        if swept > 0 {
+            tracing::info!(root = %root.display(), swept, "removed the workspaces of processes that are gone");
+        }
+        let (home, owned) = if keep {
+            (root.clone(), false)
+        } else {
+            let home = root.join(owner_dir_name());
+            let mut dirs = OWNER_DIRS.lock().expect("owner dirs");
+            match dirs.iter_mut().find(|(d, _)| *d == home) {
+                Some((_, n)) => *n += 1,
+                None => dirs.push((home.clone(), 1)),
+            }
+            (home, true)
+        };
         WorkspacePool {
-            root,
+            home,
+            owned,
+            ready: std::sync::atomic::AtomicBool::new(false),
             free: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// An empty directory for one job (a new one when `new_only`).
-    fn acquire(&self, new_only: bool) -> Result<PathBuf, Error> {
-        if !new_only {
-            while let Some(path) = self.free.lock().expect("workspace pool").pop() {
-                // Someone may have removed it (or the whole root) meanwhile.
-                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-                    return Ok(path);
-                }
-            }
-        }
-        std::fs::create_dir_all(&self.root).map_err(|e| {
+    /// Makes `home` (and its `owner` file) if missing.
+    fn prepare(&self) -> Result<(), Error> {
+        std::fs::create_dir_all(&self.home).map_err(|e| {
             Error::io(
-                format!("cannot create workspace root {}", self.root.display()),
+                format!("cannot create workspace root {}", self.home.display()),
                 e,
             )
         })?;
-        let path = self.root.join(format!("ws-{}", JobId::new()));
-        std::fs::create_dir(&path)
-            .map_err(|e| Error::io(format!("cannot create workspace {}", path.display()), e))?;
-        Ok(path)
+        if self.owned {
+            let marker = self.home.join(OWNER_FILE);
+            if !marker.exists() {
+                std::fs::write(&marker, crate::owner::owner_token())
+                    .map_err(|e| Error::io(format!("cannot write {}", marker.display()), e))?;
+            }
+        }
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// An empty directory for one job (a new one when workspaces are kept).
+    fn acquire(&self) -> Result<PathBuf, Error> {
+        while let Some(path) = self.free.lock().expect("workspace pool").pop() {
+            // Someone may have removed it (or the whole root) meanwhile.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                return Ok(path);
+            }
+        }
+        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            self.prepare()?;
+        }
+        let path = self.home.join(format!("ws-{}", JobId::new()));
+        match std::fs::create_dir(&path) {
+            Ok(()) => Ok(path),
+            // The root went away since (removed, moved): made again once.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.prepare()?;
+                std::fs::create_dir(&path).map_err(|e| {
+                    Error::io(format!("cannot create workspace {}", path.display()), e)
+                })?;
+                Ok(path)
+            }
+            Err(e) => Err(Error::io(
+                format!("cannot create workspace {}", path.display()),
+                e,
+            )),
+        }
     }
 
     fn release(&self, path: PathBuf, fresh: Option<Fingerprint>) {
@@ -481,6 +605,27 @@ impl Drop for WorkspacePool {
     fn drop(&mut self) {
         for path in self.free.get_mut().map(std::mem::take).unwrap_or_default() {
             let _ = std::fs::remove_dir(path);
+        }
+        if !self.owned {
+            return;
+        }
+        let mut dirs = OWNER_DIRS.lock().expect("owner dirs");
+        let Some(i) = dirs.iter().position(|(d, _)| *d == self.home) else {
+            return;
+        };
+        dirs[i].1 -= 1;
+        if dirs[i].1 > 0 {
+            return;
+        }
+        dirs.swap_remove(i);
+        // The last pool of this process on it (the lock keeps new ones out): removed when
+        // nothing but the owner file is left; otherwise (a job still running) it stays,
+        // marked, for the next sweep.
+        let only_marker = std::fs::read_dir(&self.home)
+            .is_ok_and(|d| d.flatten().all(|e| e.file_name() == OWNER_FILE));
+        if only_marker {
+            let _ = std::fs::remove_file(self.home.join(OWNER_FILE));
+            let _ = std::fs::remove_dir(&self.home);
         }
     }
 }

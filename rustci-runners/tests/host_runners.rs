@@ -187,6 +187,65 @@ async fn workspaces_are_fresh_and_removed_unless_kept() {
 }
 
 #[tokio::test]
+async fn workspaces_of_processes_that_are_gone_are_swept_at_start() {
+    use rustci_runners::owner::{owner_token, this_host};
+    let root = tempfile::tempdir().unwrap();
+    let host = this_host();
+    let owner_dir = |name: &str, token: &str| {
+        let d = root.path().join(name);
+        std::fs::create_dir_all(d.join("ws-1/deep")).unwrap();
+        std::fs::write(d.join("ws-1/deep/file"), b"left").unwrap();
+        std::fs::create_dir(d.join("ws-2")).unwrap();
+        std::fs::write(d.join("owner"), token).unwrap();
+        d
+    };
+    // A process of this host that is gone, one alive (this one), one of another host.
+    let dead = owner_dir("rustci-x-999999999-1", &format!("{host}/999999999/1"));
+    let alive = owner_dir("rustci-y-1-1", &owner_token());
+    let elsewhere = owner_dir("rustci-z-1-1", "another-host/1/1");
+    // Not an owner directory: no owner file, or another name.
+    let unmarked = root.path().join("rustci-unmarked");
+    std::fs::create_dir(&unmarked).unwrap();
+    let user = root.path().join("ws-of-the-user");
+    std::fs::create_dir(&user).unwrap();
+
+    let mut config = HostConfig::default();
+    config.workspace_root = root.path().to_path_buf();
+    let runner = LocalRunner::new(config).unwrap();
+    assert!(!dead.exists(), "the dead process's workspaces are swept");
+    for kept in [&alive, &elsewhere, &unmarked, &user] {
+        assert!(kept.exists(), "{} was removed", kept.display());
+    }
+    // This process's own workspaces are in its marked owner directory.
+    let t = Target::shared(std::sync::Arc::new(runner));
+    let r = run(
+        &t,
+        Job::new("ws", vec![Step::run("echo $RUSTCI_WORKSPACE")]),
+    )
+    .await;
+    let ws = PathBuf::from(r.stdout_text().trim());
+    let mine = ws.parent().unwrap();
+    assert_eq!(mine.parent().unwrap(), root.path());
+    assert!(
+        mine.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("rustci-"),
+        "{ws:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("owner")).unwrap(),
+        owner_token()
+    );
+    let mine = mine.to_path_buf();
+    drop(t);
+    assert!(
+        !mine.exists(),
+        "the last runner removes its owner directory"
+    );
+}
+
+#[tokio::test]
 async fn bad_configuration_is_refused_clearly() {
     let mut config = HostConfig::default();
     config.shell = vec!["/nonexistent/shell".into(), "-e".into()];
