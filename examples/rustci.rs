@@ -24,8 +24,11 @@ enum Command {
         #[arg(long, default_value = "auto")]
         runner: RunnerChoice,
         /// Print one JSON event per line instead of the output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "quiet")]
         json: bool,
+        /// Only the job's own output and the final status line (no step headers).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Check a job file; prints every problem and exits 2 if there is any.
     Validate {
@@ -261,8 +264,18 @@ async fn main() {
     let args = Args::parse();
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let code = match args.command {
-        Command::Run { file, runner, json } => {
-            cli::run_file(&file, runner, json, &mut out, &mut err).await
+        Command::Run {
+            file,
+            runner,
+            json,
+            quiet,
+        } => {
+            let output = match (json, quiet) {
+                (true, _) => cli::RunOutput::Json,
+                (_, true) => cli::RunOutput::Quiet,
+                _ => cli::RunOutput::Sections,
+            };
+            cli::run_file(&file, runner, output, &mut out, &mut err).await
         }
         Command::Validate { file } => cli::validate_file(&file, &mut out, &mut err),
         Command::Runners {

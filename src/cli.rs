@@ -11,13 +11,13 @@ pub mod remote;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustci_runners::error::Chain;
 use rustci_runners::select::{LeastLoaded, RunnerSnapshot, Selector};
 use rustci_runners::{
     Error, EventKind, HostConfig, Job, JobId, LocalRunner, NativeConfig, NativeRunner, Outcome,
-    OutputStream, Runner, RunnerKind,
+    OutputStream, Runner, RunnerKind, StepStatus,
 };
 
 /// Exit code for an invalid job file.
@@ -209,18 +209,53 @@ pub async fn choose_runner(
     Ok(candidates[index].clone())
 }
 
+/// How [`run_file`] shows a job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RunOutput {
+    /// The job's output as it arrives (stdout to `out`, stderr to `err`), each step's start
+    /// and end as a header line on `err`, and the final status line on `err`.
+    #[default]
+    Sections,
+    /// The job's own output and the final status line only (`--quiet`).
+    Quiet,
+    /// One JSON event per line on `out` and the final status line on `err` (`--json`).
+    Json,
+}
+
+/// A step's header line: `── step 2/3 "build"` when it starts, with what it ended in
+/// (`── step 2/3 "build": exited 0 in 1.20s`) when it ends.
+fn step_header(step: usize, of: usize, name: &str, end: Option<(&StepStatus, Duration)>) -> String {
+    let head = format!("── step {}/{of} {name:?}", step + 1);
+    match end {
+        None => head,
+        Some((status, took)) => {
+            let status = match status {
+                StepStatus::Exited(c) => format!("exited {c}"),
+                StepStatus::Signalled(s) => format!("killed by signal {s}"),
+                StepStatus::TimedOut => "timed out".to_string(),
+                StepStatus::Cancelled => "cancelled".to_string(),
+                StepStatus::NotStarted => "not started".to_string(),
+                other => format!("{other:?}"),
+            };
+            format!("{head}: {status} in {:.2}s", took.as_secs_f64())
+        }
+    }
+}
+
 /// Runs a job file and streams its output; returns the process exit code.
 ///
-/// Output goes to `out` (stdout) and `err` (stderr) as it arrives; a status line goes to
-/// `err` at the end. With `json`, each event is one JSON line on `out` instead. Ctrl-C and
-/// SIGTERM cancel the job (its processes are stopped) and give exit code 130.
+/// What is shown is `output`'s ([`RunOutput`]); the status line goes to `err` at the end
+/// in every mode. Ctrl-C and SIGTERM cancel the job (its processes are stopped) and give
+/// exit code 130.
 pub async fn run_file(
     path: &Path,
     choice: RunnerChoice,
-    json: bool,
+    output: RunOutput,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> i32 {
+    let json = output == RunOutput::Json;
+    let sections = output == RunOutput::Sections;
     let job = match Job::from_path(path) {
         Ok(job) => job,
         Err(_) => return validate_file(path, &mut std::io::sink(), err),
@@ -259,6 +294,8 @@ pub async fn run_file(
         canceller.cancel();
     });
     let mut outcome = Outcome::Lost;
+    // The last output shown did not end its line.
+    let mut mid_line = false;
     while let Some(event) = execution.next_event().await {
         if json && let Ok(line) = serde_json::to_string(&event) {
             let _ = writeln!(out, "{line}");
@@ -272,6 +309,30 @@ pub async fn run_file(
                 };
                 let _ = w.write_all(&data);
                 let _ = w.flush();
+                if let Some(last) = data.last() {
+                    mid_line = *last != b'\n';
+                }
+            }
+            EventKind::StepStarted { step, name } if sections => {
+                let _ = writeln!(err, "{}", step_header(step, job.steps.len(), &name, None));
+                mid_line = false;
+                let _ = err.flush();
+            }
+            EventKind::StepFinished {
+                step,
+                name,
+                status,
+                duration,
+            } if sections => {
+                // A header starts a line of its own, after output that did not end one.
+                let _ = writeln!(
+                    err,
+                    "{}{}",
+                    if mid_line { "\n" } else { "" },
+                    step_header(step, job.steps.len(), &name, Some((&status, duration)))
+                );
+                mid_line = false;
+                let _ = err.flush();
             }
             EventKind::OutputTruncated { limit, .. } if !json => {
                 let _ = writeln!(err, "\n[rustci: output truncated after {limit} bytes]");

@@ -108,7 +108,70 @@ fn streams_stay_apart() {
     );
     let out = run(&["run", job.to_str().unwrap()]);
     assert_eq!(out.stdout, "out\n");
-    assert!(out.stderr.starts_with("err\n"), "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", out.stderr);
+    assert!(lines[0].starts_with("── step 1/1 "), "{}", out.stderr);
+    assert_eq!(lines[1], "err");
+    assert!(lines[2].contains(": exited 0 in "), "{}", out.stderr);
+    let quiet = run(&["run", job.to_str().unwrap(), "--quiet"]);
+    assert_eq!(quiet.stdout, "out\n");
+    assert!(quiet.stderr.starts_with("err\n"), "{}", quiet.stderr);
+}
+
+#[test]
+fn each_step_has_a_header_line_on_stderr_unless_quiet() {
+    let job = sample("build-and-test.yaml");
+    let out = run(&["run", job.to_str().unwrap(), "--runner", "native"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let headers: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("── step "))
+        .collect();
+    assert_eq!(headers.len(), 8, "{}", out.stderr);
+    assert_eq!(headers[0], "── step 1/4 \"compile\"");
+    assert!(
+        headers[1].starts_with("── step 1/4 \"compile\": exited 0 in ")
+            && headers[1].ends_with('s'),
+        "{}",
+        headers[1]
+    );
+    assert_eq!(headers[6], "── step 4/4 \"flaky-but-allowed\"");
+    assert!(
+        headers[7].starts_with("── step 4/4 \"flaky-but-allowed\": exited 3 in "),
+        "{}",
+        headers[7]
+    );
+    // The job's output is untouched on stdout.
+    assert!(!out.stdout.contains("── step"), "{}", out.stdout);
+    assert!(out.stdout.contains("building demo\n"), "{}", out.stdout);
+
+    // Output that does not end its line is ended before the next header.
+    let dir = tempfile::tempdir().unwrap();
+    let partial = write_job(
+        dir.path(),
+        "p.yaml",
+        "name: p\nsteps:\n  - name: a\n    run: printf part >&2\n",
+    );
+    let out = run(&["run", partial.to_str().unwrap()]);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines[1], "part", "{}", out.stderr);
+    assert!(
+        lines[2].starts_with("── step 1/1 \"a\": exited 0"),
+        "{}",
+        out.stderr
+    );
+
+    let quiet = run(&["run", job.to_str().unwrap(), "--runner", "native", "-q"]);
+    assert_eq!(quiet.code, 0);
+    assert!(!quiet.stderr.contains("── step"), "{}", quiet.stderr);
+    assert_eq!(quiet.stdout, out_stdout_of(&job));
+    assert!(quiet.stderr.contains("job build-and-test succeeded"));
+}
+
+/// The stdout of a `--quiet` run equals that of a normal one.
+fn out_stdout_of(job: &Path) -> String {
+    run(&["run", job.to_str().unwrap(), "--runner", "native"]).stdout
 }
 
 #[test]
