@@ -17,7 +17,7 @@ use rustci_runners::error::Chain;
 use rustci_runners::select::{LeastLoaded, RunnerSnapshot, Selector};
 use rustci_runners::{
     Error, EventKind, HostConfig, Job, JobId, LocalRunner, NativeConfig, NativeRunner, Outcome,
-    OutputStream, Runner, RunnerKind, StepStatus,
+    OutputStream, ResourceUsage, Runner, RunnerKind, StepStatus,
 };
 
 /// Exit code for an invalid job file.
@@ -223,12 +223,17 @@ pub enum RunOutput {
 }
 
 /// A step's header line: `── step 2/3 "build"` when it starts, with what it ended in
-/// (`── step 2/3 "build": exited 0 in 1.20s`) when it ends.
-fn step_header(step: usize, of: usize, name: &str, end: Option<(&StepStatus, Duration)>) -> String {
+/// and used (`── step 2/3 "build": exited 0 in 1.20s (cpu 0.93s, …)`) when it ends.
+fn step_header(
+    step: usize,
+    of: usize,
+    name: &str,
+    end: Option<(&StepStatus, Duration, Option<&ResourceUsage>)>,
+) -> String {
     let head = format!("── step {}/{of} {name:?}", step + 1);
     match end {
         None => head,
-        Some((status, took)) => {
+        Some((status, took, usage)) => {
             let status = match status {
                 StepStatus::Exited(c) => format!("exited {c}"),
                 StepStatus::Signalled(s) => format!("killed by signal {s}"),
@@ -237,7 +242,12 @@ fn step_header(step: usize, of: usize, name: &str, end: Option<(&StepStatus, Dur
                 StepStatus::NotStarted => "not started".to_string(),
                 other => format!("{other:?}"),
             };
-            format!("{head}: {status} in {:.2}s", took.as_secs_f64())
+            let used = usage.map(ResourceUsage::summary).unwrap_or_default();
+            if used.is_empty() {
+                format!("{head}: {status} in {:.2}s", took.as_secs_f64())
+            } else {
+                format!("{head}: {status} in {:.2}s ({used})", took.as_secs_f64())
+            }
         }
     }
 }
@@ -296,6 +306,8 @@ pub async fn run_file(
     let mut outcome = Outcome::Lost;
     // The last output shown did not end its line.
     let mut mid_line = false;
+    let mut step_usage: Option<(usize, ResourceUsage)> = None;
+    let mut job_usage: Option<ResourceUsage> = None;
     while let Some(event) = execution.next_event().await {
         if json && let Ok(line) = serde_json::to_string(&event) {
             let _ = writeln!(out, "{line}");
@@ -329,7 +341,19 @@ pub async fn run_file(
                     err,
                     "{}{}",
                     if mid_line { "\n" } else { "" },
-                    step_header(step, job.steps.len(), &name, Some((&status, duration)))
+                    step_header(
+                        step,
+                        job.steps.len(),
+                        &name,
+                        Some((
+                            &status,
+                            duration,
+                            step_usage
+                                .as_ref()
+                                .filter(|(s, _)| *s == step)
+                                .map(|(_, u)| u)
+                        ))
+                    )
                 );
                 mid_line = false;
                 let _ = err.flush();
@@ -344,14 +368,24 @@ pub async fn run_file(
                     step + 1
                 );
             }
+            EventKind::Usage {
+                step: Some(step),
+                usage,
+            } => step_usage = Some((step, usage)),
+            EventKind::Usage { step: None, usage } => job_usage = Some(usage),
             EventKind::Finished { outcome: o } => outcome = o,
             _ => {}
         }
     }
     signals.abort();
+    let used = job_usage
+        .map(|u| u.summary())
+        .filter(|u| !u.is_empty())
+        .map(|u| format!(" ({u})"))
+        .unwrap_or_default();
     let _ = writeln!(
         err,
-        "rustci: job {} {} in {:.2}s on {} runner {}",
+        "rustci: job {} {} in {:.2}s on {} runner {}{used}",
         job.name,
         outcome,
         started.elapsed().as_secs_f64(),

@@ -130,11 +130,18 @@ fn each_step_has_a_header_line_on_stderr_unless_quiet() {
         .collect();
     assert_eq!(headers.len(), 8, "{}", out.stderr);
     assert_eq!(headers[0], "── step 1/4 \"compile\"");
+    // Status, duration and what the step used (the native runner measures CPU and I/O).
     assert!(
         headers[1].starts_with("── step 1/4 \"compile\": exited 0 in ")
-            && headers[1].ends_with('s'),
+            && headers[1].contains("s (cpu ")
+            && headers[1].contains(" written)"),
         "{}",
         headers[1]
+    );
+    let status = out.stderr.lines().last().unwrap();
+    assert!(
+        status.starts_with("rustci: job build-and-test succeeded in ") && status.contains("(cpu "),
+        "{status}"
     );
     assert_eq!(headers[6], "── step 4/4 \"flaky-but-allowed\"");
     assert!(

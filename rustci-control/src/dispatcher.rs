@@ -112,6 +112,10 @@ pub struct Attempt {
     /// stay fenced off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub declined: bool,
+    /// What it used, as its runner measured it (`EventKind::Usage`); `None` when the
+    /// runner measures nothing (or the attempt ended before it could).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<rustci_runners::ResourceUsage>,
 }
 
 /// How many times one job may be handed back by runners before it started (an agent that
@@ -189,6 +193,10 @@ pub trait Observer: Send + Sync {
     /// on a runner of `runner_kind`.
     fn first_output(&self, runner_kind: &str, since: Duration) {
         let _ = (runner_kind, since);
+    }
+    /// An attempt on a runner of `runner_kind` reported what it used.
+    fn usage(&self, runner_kind: &str, usage: &rustci_runners::ResourceUsage) {
+        let _ = (runner_kind, usage);
     }
     /// A job reached its terminal `state`; `runner_kind` of its last attempt, if any.
     fn job_finished(&self, runner_kind: Option<&str>, state: JobState, total: Duration) {
@@ -1188,6 +1196,7 @@ fn dispatch_round(state: &Arc<State>) {
                     outcome: None,
                     log_offset: state.logs.len(&queued.id),
                     declined: false,
+                    usage: None,
                 });
                 r.attempts.len() as u32
             };
@@ -1356,6 +1365,16 @@ async fn follow_execution(
         }
         match &event.kind {
             EventKind::Finished { outcome: o } => outcome = o.clone(),
+            EventKind::Usage { step: None, usage } => {
+                if let Some(r) = state.jobs.lock().expect("jobs").get_mut(id)
+                    && let Some(a) = r.attempts.iter_mut().find(|a| a.number == number)
+                {
+                    a.usage = Some(usage.clone());
+                }
+                if let Some(o) = &state.observer {
+                    o.usage(runner.info().kind.as_str(), usage);
+                }
+            }
             EventKind::Output { data, stream, .. } => {
                 if !data.is_empty()
                     && std::mem::take(&mut first_output)

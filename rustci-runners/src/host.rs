@@ -19,7 +19,7 @@ use crate::process::{
 };
 use crate::runner::{
     Capabilities, EventKind, Execution, ExecutionSink, Health, JobId, Outcome, OutputStream,
-    RunnerInfo, StepStatus,
+    ResourceUsage, RunnerInfo, StepStatus,
 };
 use crate::{Error, Limit, SlotGuard, Slots};
 
@@ -284,6 +284,7 @@ impl HostEngine {
             resources,
             scripts: Vec::new(),
             slot: Some(slot),
+            usage: process::UsageTotals::default(),
         };
         tokio::spawn(run.run());
         Ok(execution)
@@ -380,6 +381,7 @@ struct JobRun {
     env: Vec<(String, String)>,
     scripts: Vec<PathBuf>,
     slot: Option<SlotGuard>,
+    usage: process::UsageTotals,
 }
 
 /// Gives a workspace back when dropped, unless it is to be kept.
@@ -639,6 +641,18 @@ fn has_xattrs(path: &Path) -> bool {
     n != 0
 }
 
+/// Figures from the kernel's rusage: (user seconds, system seconds, bytes read, bytes
+/// written).
+fn rusage_figures((user, system, read, written): (f64, f64, u64, u64)) -> ResourceUsage {
+    let mut u = ResourceUsage::default();
+    u.cpu_user_seconds = Some(user);
+    u.cpu_system_seconds = Some(system);
+    u.read_bytes = Some(read);
+    u.written_bytes = Some(written);
+    u.source = "rusage".into();
+    u
+}
+
 /// Scripts up to this size are passed with `-c`; longer ones through a file.
 const INLINE_SCRIPT_BYTES: usize = 64 * 1024;
 
@@ -655,8 +669,35 @@ impl JobRun {
             .await;
         let outcome = self.steps().await;
         tracing::info!(parent: &span, %outcome, "job ended");
+        let usage = self.measured();
+        if !usage.is_empty() {
+            self.sink.emit(EventKind::Usage { step: None, usage }).await;
+        }
         self.cleanup().await;
         self.sink.finish(outcome).await;
+    }
+
+    /// What the job used: CPU time and I/O from `wait4` of its steps' shims (the
+    /// kernel's rusage of every process they reaped), peak memory from its memory cgroup
+    /// when it has one (a job with a memory limit on a native runner). The rusage's own
+    /// maximum RSS is not used: a process started from the runner's address space (as
+    /// every step is, for speed) inherits the runner's high-water mark at `exec`.
+    fn measured(&self) -> ResourceUsage {
+        let mut usage = self
+            .usage
+            .snapshot()
+            .since(&Default::default())
+            .map(rusage_figures)
+            .unwrap_or_default();
+        if let Some((peak, layout)) = self.cgroup.as_ref().and_then(|c| c.peak_memory()) {
+            usage.peak_memory_bytes = Some(peak);
+            usage.source = if usage.source.is_empty() {
+                format!("{layout} (memory)")
+            } else {
+                format!("{}, {layout} (memory)", usage.source)
+            };
+        }
+        usage
     }
 
     async fn cleanup(&mut self) {
@@ -766,14 +807,24 @@ impl JobRun {
             };
             let supervision = Supervision {
                 sink: &self.sink,
+                usage: &self.usage,
                 step: index,
                 secrets: &self.secrets,
                 output: &self.budget,
                 grace: self.grace,
                 deadline,
             };
+            let before = self.usage.snapshot();
             let end = process::supervise(spec, supervision).await;
             let elapsed = step_started.elapsed();
+            if let Some(figures) = self.usage.snapshot().since(&before) {
+                self.sink
+                    .emit(EventKind::Usage {
+                        step: Some(index),
+                        usage: rusage_figures(figures),
+                    })
+                    .await;
+            }
             let finish = |status| EventKind::StepFinished {
                 step: index,
                 name: name.clone(),

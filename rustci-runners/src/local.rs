@@ -11,7 +11,7 @@ use crate::Error;
 use crate::host::{HostConfig, HostEngine, check_config, host_labels};
 use crate::job::JobSpec;
 use crate::runner::{
-    Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind,
+    Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind, UsageFigure,
 };
 
 /// Runs `run:` steps through a shell on the host.
@@ -39,6 +39,8 @@ impl LocalRunner {
         }
         info.labels = host_labels(&config.labels);
         let mut caps = Capabilities::host(Isolation::Process);
+        // From the kernel's rusage of each step's processes (see `EventKind::Usage`).
+        caps.usage = [UsageFigure::CpuTime, UsageFigure::Io].into();
         caps.max_concurrency = config.max_concurrency;
         caps.termination_grace = config.termination_grace;
         Ok(LocalRunner {

@@ -31,7 +31,7 @@ use crate::host::{HostConfig, HostEngine, NativePlan, RLIMIT_LIMITS, check_confi
 use crate::job::{JobSpec, Resources};
 use crate::process::CgroupSupport;
 use crate::runner::{
-    Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind,
+    Capabilities, Execution, Health, Isolation, JobId, Runner, RunnerInfo, RunnerKind, UsageFigure,
 };
 
 /// Linux namespaces to put each step in.
@@ -200,6 +200,9 @@ impl NativeRunner {
         };
         let mut caps = Capabilities::host(isolation);
         caps.command_steps = true;
+        // From the kernel's rusage of each step's processes; peak memory too, from the
+        // job's memory cgroup, for a job with a memory limit (not declared: not every job).
+        caps.usage = [UsageFigure::CpuTime, UsageFigure::Io].into();
         caps.max_concurrency = config.host.max_concurrency;
         caps.termination_grace = config.host.termination_grace;
         caps.limits.extend(RLIMIT_LIMITS);

@@ -233,6 +233,10 @@ pub struct Capabilities {
     pub cpus: Option<f64>,
     /// Memory of the machine jobs run on, in bytes, when known.
     pub memory: Option<u64>,
+    /// The figures of [`ResourceUsage`] it reports for every job (see
+    /// [`EventKind::Usage`]); others are absent.
+    #[serde(default)]
+    pub usage: BTreeSet<UsageFigure>,
 }
 
 impl Capabilities {
@@ -253,6 +257,7 @@ impl Capabilities {
                 .ok()
                 .map(|n| n.get() as f64),
             memory: host_memory(),
+            usage: BTreeSet::new(),
         }
     }
 
@@ -486,11 +491,111 @@ pub enum EventKind {
         #[serde(with = "duration_millis")]
         duration: Duration,
     },
+    /// What a step or the whole job used, as its runner measured it (see
+    /// [`ResourceUsage`]), from runners that measure (their capabilities' `usage`): a
+    /// step's just before its `StepFinished`, when the runner measures steps apart; the
+    /// job's (`step` absent) at most once, just before `Finished`.
+    Usage {
+        /// 0-based step index; `None` for the whole job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<usize>,
+        /// The figures.
+        usage: ResourceUsage,
+    },
     /// The job ended; always the last event.
     Finished {
         /// The result, the same value that `wait` returns.
         outcome: Outcome,
     },
+}
+
+/// One kind of figure in [`ResourceUsage`], as runners declare what they report
+/// ([`Capabilities::usage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UsageFigure {
+    /// CPU time, user and system.
+    CpuTime,
+    /// Peak memory.
+    PeakMemory,
+    /// Bytes read and written.
+    Io,
+}
+
+/// What a job used, measured by the runner that ran it from the kernel or its engine,
+/// never estimated. A figure the runner did not measure is `None` (and absent in JSON),
+/// never zero. Wall time per step is in each `StepFinished`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ResourceUsage {
+    /// CPU time in user mode, seconds, of every process of the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_user_seconds: Option<f64>,
+    /// CPU time in the kernel on the job's behalf, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_system_seconds: Option<f64>,
+    /// Most memory the job held at once, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// Bytes the job read from storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes: Option<u64>,
+    /// Bytes the job wrote to storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes: Option<u64>,
+    /// Where the figures come from, e.g. `rusage` or `cgroup v1 (memory)`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+}
+
+impl ResourceUsage {
+    /// User plus system CPU time, when both were measured.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        Some(self.cpu_user_seconds? + self.cpu_system_seconds?)
+    }
+
+    /// True when no figure was measured.
+    pub fn is_empty(&self) -> bool {
+        self.cpu_user_seconds.is_none()
+            && self.cpu_system_seconds.is_none()
+            && self.peak_memory_bytes.is_none()
+            && self.read_bytes.is_none()
+            && self.written_bytes.is_none()
+    }
+
+    /// The figures as a short line, e.g. `cpu 0.12s, peak memory 14.2 MiB, io 0 B read /
+    /// 4.0 KiB written`; empty when none was measured.
+    pub fn summary(&self) -> String {
+        fn size(b: u64) -> String {
+            const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+            let mut v = b as f64;
+            let mut u = 0;
+            while v >= 1024.0 && u < UNITS.len() - 1 {
+                v /= 1024.0;
+                u += 1;
+            }
+            if u == 0 {
+                format!("{b} B")
+            } else {
+                format!("{v:.1} {}", UNITS[u])
+            }
+        }
+        let mut parts = Vec::new();
+        if let Some(c) = self.cpu_seconds() {
+            parts.push(format!("cpu {c:.2}s"));
+        }
+        if let Some(m) = self.peak_memory_bytes {
+            parts.push(format!("peak memory {}", size(m)));
+        }
+        match (self.read_bytes, self.written_bytes) {
+            (Some(r), Some(w)) => parts.push(format!("io {} read / {} written", size(r), size(w))),
+            (Some(r), None) => parts.push(format!("io {} read", size(r))),
+            (None, Some(w)) => parts.push(format!("io {} written", size(w))),
+            (None, None) => {}
+        }
+        parts.join(", ")
+    }
 }
 
 /// The result of a job. A failed job is an outcome, not an error.

@@ -9,7 +9,7 @@ use rustci_runners::job::Resources;
 use rustci_runners::testkit::{Record, Target, processes_of, requires_root, run_job};
 use rustci_runners::{
     CgroupMode, Error, EventKind, HostConfig, Job, JobId, Limit, LocalRunner, Namespaces,
-    NativeConfig, NativeRunner, Outcome, Runner, Step,
+    NativeConfig, NativeRunner, Outcome, ResourceUsage, Runner, Step, UsageFigure,
 };
 
 fn local(config: HostConfig) -> Target {
@@ -243,6 +243,107 @@ async fn workspaces_of_processes_that_are_gone_are_swept_at_start() {
         !mine.exists(),
         "the last runner removes its owner directory"
     );
+}
+
+/// The job's `Usage` event (and each step's, in order), from a record's events.
+fn usages(r: &Record) -> (Option<ResourceUsage>, Vec<(usize, ResourceUsage)>) {
+    let mut job = None;
+    let mut steps = Vec::new();
+    for e in &r.events {
+        match e {
+            EventKind::Usage {
+                step: Some(s),
+                usage,
+            } => steps.push((*s, usage.clone())),
+            EventKind::Usage { step: None, usage } => {
+                assert!(job.is_none(), "one job usage event");
+                job = Some(usage.clone());
+            }
+            _ => {}
+        }
+    }
+    (job, steps)
+}
+
+#[tokio::test]
+async fn jobs_report_cpu_time_and_io_from_the_kernel_and_nothing_they_did_not_measure() {
+    for t in [local(HostConfig::default()), native()] {
+        let kind = t.runner().info().kind;
+        let caps = &t.runner().capabilities().usage;
+        assert!(caps.contains(&UsageFigure::CpuTime) && caps.contains(&UsageFigure::Io));
+        // A busy loop (user time), then 8 MiB written and flushed to the disk.
+        let job = Job::new(
+            "busy",
+            vec![
+                Step::run("i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"),
+                Step::run("dd if=/dev/zero of=f bs=1M count=8 conv=fsync 2>/dev/null"),
+            ],
+        );
+        let r = run(&t, job).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{kind}: {}", r.stderr_text());
+        let (job, steps) = usages(&r);
+        let job = job.expect("a job usage event");
+        assert_eq!(steps.len(), 2, "{kind}: one per step");
+        assert_eq!((steps[0].0, steps[1].0), (0, 1));
+        let burn = steps[0].1.cpu_user_seconds.unwrap();
+        assert!(burn > 0.05, "{kind}: the busy loop's user time is {burn}");
+        let written = steps[1].1.written_bytes.unwrap();
+        assert!(written >= 8 << 20, "{kind}: {written} bytes written");
+        assert!(job.cpu_seconds().unwrap() >= burn);
+        assert!(job.written_bytes.unwrap() >= written);
+        assert_eq!(job.source, "rusage");
+        // Not measured without a cgroup: absent, not zero.
+        assert_eq!(job.peak_memory_bytes, None);
+        let json = serde_json::to_value(&job).unwrap();
+        assert!(json.get("peak_memory_bytes").is_none(), "{json}");
+        // Each step's figures come just before its end, the job's just before Finished.
+        let kinds: Vec<&str> = r
+            .events
+            .iter()
+            .map(|e| match e {
+                EventKind::Usage { .. } => "usage",
+                EventKind::StepFinished { .. } => "step_finished",
+                EventKind::Finished { .. } => "finished",
+                _ => "",
+            })
+            .filter(|k| !k.is_empty())
+            .collect();
+        // (A record's events end before `Finished`.)
+        assert_eq!(
+            kinds,
+            ["usage", "step_finished", "usage", "step_finished", "usage"]
+        );
+        assert!(matches!(
+            r.events.last(),
+            Some(EventKind::Usage { step: None, .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_job_in_a_memory_cgroup_reports_its_peak_memory() {
+    let t = native();
+    if !requires_limit(&t, Limit::Memory) {
+        return;
+    }
+    // dd holds one 48 MiB buffer.
+    let job = Job::new(
+        "buffer",
+        vec![Step::run(
+            "dd if=/dev/zero of=/dev/null bs=48M count=2 2>/dev/null",
+        )],
+    )
+    .with_resources(Resources {
+        memory: Some(256 << 20),
+        ..Resources::default()
+    });
+    let r = run(&t, job).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{}", r.stderr_text());
+    let job = usages(&r).0.expect("a job usage event");
+    let peak = job.peak_memory_bytes.expect("peak memory from the cgroup");
+    assert!(peak >= 48 << 20, "peak {peak}");
+    assert!(peak <= 256 << 20, "peak {peak} past the limit");
+    assert!(job.source.contains("(memory)"), "{}", job.source);
 }
 
 #[tokio::test]

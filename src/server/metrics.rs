@@ -64,6 +64,8 @@ pub struct Metrics {
     jobs_finished: Family<OutcomeLabels, Counter>,
     job_duration: Family<KindLabels, Histogram>,
     queue_wait: Family<KindLabels, Histogram>,
+    job_cpu: Family<KindLabels, Histogram>,
+    job_peak_memory: Family<KindLabels, Histogram>,
     attempts: Family<OutcomeLabels, Counter>,
     selection: Histogram,
     jobs_queued: Gauge,
@@ -104,6 +106,11 @@ impl Metrics {
             jobs_finished: Family::default(),
             job_duration: Family::new_with_constructor(seconds_histogram),
             queue_wait: Family::new_with_constructor(seconds_histogram),
+            job_cpu: Family::new_with_constructor(seconds_histogram),
+            // 1 MiB to 64 GiB.
+            job_peak_memory: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1048576.0, 2.0, 17))
+            }),
             attempts: Family::default(),
             selection: Histogram::new(exponential_buckets(0.000_001, 4.0, 12)),
             jobs_queued: Gauge::default(),
@@ -129,6 +136,16 @@ impl Metrics {
                 "job_duration_seconds",
                 "Time from submission to terminal state",
                 m.job_duration.clone(),
+            );
+            r.register(
+                "job_cpu_seconds",
+                "CPU time (user and system) of each attempt that reported it, by runner kind",
+                m.job_cpu.clone(),
+            );
+            r.register(
+                "job_peak_memory_bytes",
+                "Peak memory of each attempt that reported it, by runner kind",
+                m.job_peak_memory.clone(),
             );
             r.register(
                 "queue_wait_seconds",
@@ -354,6 +371,19 @@ impl Observer for Metrics {
                 runner_kind: runner_kind.to_string(),
             })
             .inc();
+    }
+    fn usage(&self, runner_kind: &str, usage: &rustci_runners::ResourceUsage) {
+        let labels = KindLabels {
+            runner_kind: runner_kind.to_string(),
+        };
+        if let Some(cpu) = usage.cpu_seconds() {
+            self.job_cpu.get_or_create(&labels).observe(cpu);
+        }
+        if let Some(m) = usage.peak_memory_bytes {
+            self.job_peak_memory
+                .get_or_create(&labels)
+                .observe(m as f64);
+        }
     }
     fn first_output(&self, _runner_kind: &str, since: Duration) {
         self.timeline.first_output(since);

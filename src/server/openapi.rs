@@ -381,7 +381,20 @@ fn schemas(state_enum: &Value) -> Value {
                 "ended_at": {"type": ["integer", "null"]},
                 "outcome": r("Outcome"),
                 "log_offset": {"type": "integer", "minimum": 0},
-                "declined": {"type": "boolean", "description": "the runner handed the job back before any of it ran; this attempt did not count toward retry.max (absent when false)"}
+                "declined": {"type": "boolean", "description": "the runner handed the job back before any of it ran; this attempt did not count toward retry.max (absent when false)"},
+                "usage": r("ResourceUsage")
+            }
+        },
+        "ResourceUsage": {
+            "type": "object",
+            "description": "What the attempt used, measured by its runner; a figure it did not measure is absent, never zero",
+            "properties": {
+                "cpu_user_seconds": {"type": "number", "minimum": 0},
+                "cpu_system_seconds": {"type": "number", "minimum": 0},
+                "peak_memory_bytes": {"type": "integer", "minimum": 0},
+                "read_bytes": {"type": "integer", "minimum": 0},
+                "written_bytes": {"type": "integer", "minimum": 0},
+                "source": {"type": "string", "description": "where the figures come from, e.g. rusage, cgroup v1 (memory), docker stats"}
             }
         },
         "JobSummary": {

@@ -281,6 +281,24 @@ impl JobCgroup {
                     .unwrap_or(false))
     }
 
+    /// The most memory the job's processes held at once, from its memory cgroup
+    /// (`memory.peak` on v2, `memory.max_usage_in_bytes` on v1); `None` without one (no
+    /// memory limit) or when the kernel does not say. With the layout's name.
+    pub(crate) fn peak_memory(&self) -> Option<(u64, &'static str)> {
+        let (dir, v2) = self.memory_dir.as_ref()?;
+        let (file, name) = if *v2 {
+            ("memory.peak", "cgroup v2")
+        } else {
+            ("memory.max_usage_in_bytes", "cgroup v1")
+        };
+        let n = std::fs::read_to_string(dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((n, name))
+    }
+
     /// Removes the directories; call once no process of the job is left.
     pub(crate) fn remove(&mut self) {
         for dir in self.dirs.drain(..).rev() {

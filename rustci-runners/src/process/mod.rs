@@ -55,9 +55,77 @@ pub(crate) struct ProcessSpec {
     pub cgroup_procs: Vec<PathBuf>,
 }
 
+/// CPU time and block I/O of a job's processes, summed over its steps: `wait4` of each
+/// step's shim reports the shim and everything it reaped, and as session leader and
+/// subreaper it reaps every process of its step.
+#[derive(Debug, Default)]
+pub(crate) struct UsageTotals {
+    user_us: std::sync::atomic::AtomicU64,
+    system_us: std::sync::atomic::AtomicU64,
+    in_blocks: std::sync::atomic::AtomicU64,
+    out_blocks: std::sync::atomic::AtomicU64,
+    /// Steps whose shim was reaped with its figures.
+    measured: std::sync::atomic::AtomicU64,
+}
+
+impl UsageTotals {
+    fn add(&self, ru: &libc::rusage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let us = |t: libc::timeval| (t.tv_sec.max(0) as u64) * 1_000_000 + t.tv_usec.max(0) as u64;
+        self.user_us.fetch_add(us(ru.ru_utime), Relaxed);
+        self.system_us.fetch_add(us(ru.ru_stime), Relaxed);
+        self.in_blocks
+            .fetch_add(ru.ru_inblock.max(0) as u64, Relaxed);
+        self.out_blocks
+            .fetch_add(ru.ru_oublock.max(0) as u64, Relaxed);
+        self.measured.fetch_add(1, Relaxed);
+    }
+
+    /// The sums so far.
+    pub(crate) fn snapshot(&self) -> UsageSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        UsageSnapshot {
+            user_us: self.user_us.load(Relaxed),
+            system_us: self.system_us.load(Relaxed),
+            in_blocks: self.in_blocks.load(Relaxed),
+            out_blocks: self.out_blocks.load(Relaxed),
+            measured: self.measured.load(Relaxed),
+        }
+    }
+}
+
+/// [`UsageTotals`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UsageSnapshot {
+    user_us: u64,
+    system_us: u64,
+    in_blocks: u64,
+    out_blocks: u64,
+    measured: u64,
+}
+
+impl UsageSnapshot {
+    /// What was used between `earlier` and this one: (user seconds, system seconds, bytes
+    /// read, bytes written), `None` when no step was measured between them. Block counts
+    /// are in the kernel's 512-byte units.
+    pub(crate) fn since(&self, earlier: &UsageSnapshot) -> Option<(f64, f64, u64, u64)> {
+        if self.measured <= earlier.measured {
+            return None;
+        }
+        Some((
+            self.user_us.saturating_sub(earlier.user_us) as f64 / 1e6,
+            self.system_us.saturating_sub(earlier.system_us) as f64 / 1e6,
+            self.in_blocks.saturating_sub(earlier.in_blocks) * 512,
+            self.out_blocks.saturating_sub(earlier.out_blocks) * 512,
+        ))
+    }
+}
+
 /// Where a supervised process reports to, and its limits.
 pub(crate) struct Supervision<'a> {
     pub sink: &'a ExecutionSink,
+    /// Receives the step's CPU time and I/O once its shim is reaped.
+    pub usage: &'a UsageTotals,
     pub step: usize,
     pub secrets: &'a SecretSet,
     pub output: &'a OutputBudget,
@@ -180,6 +248,8 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 struct Shim {
     pid: i32,
     reaped: bool,
+    /// What the shim and everything it reaped used, from `wait4`.
+    rusage: Option<libc::rusage>,
     request: Option<Box<SpawnRequest>>,
     stack: Option<Stack>,
     cgroup_procs: Vec<PathBuf>,
@@ -190,10 +260,18 @@ impl Shim {
     /// Waits for the shim to exit. Returns false if it could not be reaped.
     fn wait(&mut self) -> bool {
         while !self.reaped {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) => self.reaped = true,
-                Err(_) => return false,
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: waits for our own child, writing into the two locals.
+            let r = unsafe { libc::wait4(self.pid, &mut status, 0, &mut ru) };
+            if r == self.pid {
+                self.reaped = true;
+                self.rusage = Some(ru);
+            } else if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            } else {
+                return false;
             }
         }
         true
@@ -342,6 +420,7 @@ fn spawn(
     let shim = Shim {
         pid: pid as i32,
         reaped: false,
+        rusage: None,
         request: Some(request),
         stack: Some(stack),
         cgroup_procs: spec.cgroup_procs,
@@ -462,6 +541,9 @@ pub(crate) async fn supervise(
         return Ok(ProcessEnd::SupervisorLost);
     }
     shim.reap_after_eof();
+    if let Some(ru) = &shim.rusage {
+        sup.usage.add(ru);
+    }
     if let Some((errno, stage)) = setup_error {
         return Err(SpawnError {
             error: io::Error::from_raw_os_error(errno),
