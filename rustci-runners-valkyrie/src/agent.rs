@@ -139,6 +139,9 @@ struct Finished {
     length: u64,
     sha256: String,
     dropped: u64,
+    /// What the attempt used, when its runner measures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage: Option<rustci_runners::ResourceUsage>,
 }
 
 type Key = (String, u32);
@@ -1176,6 +1179,11 @@ async fn send_completions(
                         length: f.length,
                         sha256: f.sha256.clone(),
                         dropped: f.dropped,
+                        usage_json: f
+                            .usage
+                            .as_ref()
+                            .map(|u| serde_json::to_string(u).expect("serializable"))
+                            .unwrap_or_default(),
                     })),
                 })
             })
@@ -1441,6 +1449,9 @@ async fn run_offer(shared: &Arc<Shared>, taken: Taken) {
     let cap = shared.options.max_spool_bytes;
     let mut outcome = Outcome::Lost;
     let mut last_segment: Option<(u32, u32)> = None;
+    // A step's figures come just before its end, and travel with it.
+    let mut step_usage: Option<(usize, rustci_runners::ResourceUsage)> = None;
+    let mut job_usage: Option<rustci_runners::ResourceUsage> = None;
     while let Some(event) = execution.next_event().await {
         match event.kind {
             EventKind::Output { step, stream, data } => {
@@ -1483,12 +1494,22 @@ async fn run_offer(shared: &Arc<Shared>, taken: Taken) {
                 )
                 .await;
             }
+            EventKind::Usage {
+                step: Some(step),
+                usage,
+            } => step_usage = Some((step, usage)),
+            EventKind::Usage { step: None, usage } => job_usage = Some(usage),
             EventKind::StepFinished {
                 step,
                 name,
                 status,
                 duration,
             } => {
+                let usage_json = step_usage
+                    .take()
+                    .filter(|(s, _)| *s == step)
+                    .map(|(_, u)| serde_json::to_string(&u).expect("serializable"))
+                    .unwrap_or_default();
                 send(
                     shared,
                     proto::AgentMessage {
@@ -1501,6 +1522,7 @@ async fn run_offer(shared: &Arc<Shared>, taken: Taken) {
                                     status_json: serde_json::to_string(&status)
                                         .expect("serializable"),
                                     duration_ms: duration.as_millis() as u64,
+                                    usage_json,
                                 },
                             )),
                         })),
@@ -1530,6 +1552,7 @@ async fn run_offer(shared: &Arc<Shared>, taken: Taken) {
         length,
         sha256,
         dropped,
+        usage: job_usage,
     };
     if a.aborted {
         let a = attempts.remove(&key).expect("present");

@@ -348,6 +348,10 @@ async fn settle(
     if c.dropped > 0 {
         tracing::warn!(agent = %agent, job_id = %key.0, dropped = c.dropped, "the agent's spool dropped output at its cap");
     }
+    // Checked when the completion arrived.
+    if let Ok(usage) = serde_json::from_str(&c.usage_json) {
+        guard.sink.emit(EventKind::Usage { step: None, usage }).await;
+    }
     guard.sink.finish(outcome).await;
     drop(guard);
     let _ = tx
@@ -2479,6 +2483,17 @@ async fn handle(
                     let status: StepStatus = serde_json::from_str(&s.status_json).map_err(|e| {
                         Status::invalid_argument(format!("step_finished.status_json: {e}"))
                     })?;
+                    if !s.usage_json.is_empty() {
+                        let usage = serde_json::from_str(&s.usage_json).map_err(|e| {
+                            Status::invalid_argument(format!("step_finished.usage_json: {e}"))
+                        })?;
+                        if let Some(a) = inner.state.lock().expect("hub").attempts.get(&k) {
+                            let _ = a.work.send(Work::Event(EventKind::Usage {
+                                step: Some(s.step as usize),
+                                usage,
+                            }));
+                        }
+                    }
                     EventKind::StepFinished {
                         step: s.step as usize,
                         name: s.name,
@@ -2535,6 +2550,11 @@ async fn handle(
             };
             let outcome: Outcome = serde_json::from_str(&c.outcome_json)
                 .map_err(|e| Status::invalid_argument(format!("complete.outcome_json: {e}")))?;
+            if !c.usage_json.is_empty() {
+                serde_json::from_str::<rustci_runners::ResourceUsage>(&c.usage_json).map_err(
+                    |e| Status::invalid_argument(format!("complete.usage_json: {e}")),
+                )?;
+            }
             let offered = {
                 let state = inner.state.lock().expect("hub");
                 match state.attempts.get(&k) {

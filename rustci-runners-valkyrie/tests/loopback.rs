@@ -50,6 +50,35 @@ async fn an_agent_registers_over_pinned_tls_and_runs_a_job_with_its_output_intac
     assert_eq!(log.len(), want.len());
     assert_eq!(got_sorted, want_sorted);
     assert!(log.ends_with(b"\xff\xfeend"));
+    // What the attempt used, measured on the agent, travels with its completion; each
+    // step's with its end.
+    let usage = record.attempts[0].usage.as_ref().expect("the attempt's usage");
+    assert!(usage.cpu_seconds().is_some(), "{usage:?}");
+    assert_eq!(usage.source, "rusage");
+    let caps = entry.runner.capabilities();
+    assert!(caps.usage.contains(&rustci_runners::UsageFigure::CpuTime), "{caps:?}");
+    let mut events = cp.plane.subscribe();
+    let id = cp.plane.submit(remote_job("true"), "test").unwrap();
+    let mut step_usage = false;
+    let mut job_usage = false;
+    while !(step_usage && job_usage) {
+        let ev = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("events")
+            .unwrap();
+        if let rustci_control::ControlEvent::Job { id: j, event, .. } = ev
+            && j == id
+            && let rustci_runners::EventKind::Usage { step, usage } = event.kind
+        {
+            assert!(usage.cpu_user_seconds.is_some());
+            match step {
+                Some(0) => step_usage = true,
+                None => job_usage = true,
+                other => panic!("usage of step {other:?}"),
+            }
+        }
+    }
+    wait_state(&cp.plane, &id, JobState::Succeeded).await;
 
     // A failing job is a failed outcome, with its exit code, over the wire.
     let id = cp.plane.submit(remote_job("exit 7"), "test").unwrap();

@@ -287,6 +287,10 @@ pub struct StepFinished {
     pub status_json: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
     pub duration_ms: u64,
+    /// What the step used (rustci_runners::ResourceUsage as JSON), when its runner
+    /// measures steps; empty otherwise.
+    #[prost(string, tag = "5")]
+    pub usage_json: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Complete {
@@ -304,6 +308,10 @@ pub struct Complete {
     /// Bytes the spool dropped at its cap (a truncation marker stands in their place).
     #[prost(uint64, tag = "5")]
     pub dropped: u64,
+    /// What the whole attempt used (rustci_runners::ResourceUsage as JSON), when its runner
+    /// measures; empty otherwise.
+    #[prost(string, tag = "6")]
+    pub usage_json: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CompleteAck {
