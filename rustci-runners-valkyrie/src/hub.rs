@@ -350,7 +350,10 @@ async fn settle(
     }
     // Checked when the completion arrived.
     if let Ok(usage) = serde_json::from_str(&c.usage_json) {
-        guard.sink.emit(EventKind::Usage { step: None, usage }).await;
+        guard
+            .sink
+            .emit(EventKind::Usage { step: None, usage })
+            .await;
     }
     guard.sink.finish(outcome).await;
     drop(guard);
@@ -2551,9 +2554,8 @@ async fn handle(
             let outcome: Outcome = serde_json::from_str(&c.outcome_json)
                 .map_err(|e| Status::invalid_argument(format!("complete.outcome_json: {e}")))?;
             if !c.usage_json.is_empty() {
-                serde_json::from_str::<rustci_runners::ResourceUsage>(&c.usage_json).map_err(
-                    |e| Status::invalid_argument(format!("complete.usage_json: {e}")),
-                )?;
+                serde_json::from_str::<rustci_runners::ResourceUsage>(&c.usage_json)
+                    .map_err(|e| Status::invalid_argument(format!("complete.usage_json: {e}")))?;
             }
             let offered = {
                 let state = inner.state.lock().expect("hub");

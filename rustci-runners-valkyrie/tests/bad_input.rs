@@ -160,6 +160,7 @@ fn complete(
         length,
         sha256,
         dropped: 0,
+        usage_json: String::new(),
     }))
 }
 
@@ -740,10 +741,27 @@ async fn a_message_of_no_known_kind_ends_the_session_with_invalid_argument() {
                         name: "build".into(),
                         status_json: "{\"exited\": \"zero\"}".into(),
                         duration_ms: 1,
+                        usage_json: String::new(),
                     },
                 )),
             })),
             "step_finished.status_json: ",
+        ),
+        (
+            "an undecodable step usage",
+            kind(agent_message::Kind::Event(proto::AttemptEvent {
+                attempt: Some(r.clone()),
+                kind: Some(proto::attempt_event::Kind::StepFinished(
+                    proto::StepFinished {
+                        step: 0,
+                        name: "build".into(),
+                        status_json: "{\"exited\": 0}".into(),
+                        duration_ms: 1,
+                        usage_json: "{\"cpu_user_seconds\": \"lots\"}".into(),
+                    },
+                )),
+            })),
+            "step_finished.usage_json: ",
         ),
         (
             "an undecodable outcome",
@@ -753,8 +771,21 @@ async fn a_message_of_no_known_kind_ends_the_session_with_invalid_argument() {
                 length: 0,
                 sha256: sha256_hex(b""),
                 dropped: 0,
+                usage_json: String::new(),
             })),
             "complete.outcome_json: ",
+        ),
+        (
+            "an undecodable usage",
+            kind(agent_message::Kind::Complete(proto::Complete {
+                attempt: Some(r.clone()),
+                outcome_json: "{\"result\": \"succeeded\"}".into(),
+                length: 0,
+                sha256: sha256_hex(b""),
+                dropped: 0,
+                usage_json: "{\"peak_memory_bytes\": -5}".into(),
+            })),
+            "complete.usage_json: ",
         ),
     ];
     for (what, m, cause) in refusals {

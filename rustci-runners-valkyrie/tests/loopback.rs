@@ -52,11 +52,17 @@ async fn an_agent_registers_over_pinned_tls_and_runs_a_job_with_its_output_intac
     assert!(log.ends_with(b"\xff\xfeend"));
     // What the attempt used, measured on the agent, travels with its completion; each
     // step's with its end.
-    let usage = record.attempts[0].usage.as_ref().expect("the attempt's usage");
+    let usage = record.attempts[0]
+        .usage
+        .as_ref()
+        .expect("the attempt's usage");
     assert!(usage.cpu_seconds().is_some(), "{usage:?}");
     assert_eq!(usage.source, "rusage");
     let caps = entry.runner.capabilities();
-    assert!(caps.usage.contains(&rustci_runners::UsageFigure::CpuTime), "{caps:?}");
+    assert!(
+        caps.usage.contains(&rustci_runners::UsageFigure::CpuTime),
+        "{caps:?}"
+    );
     let mut events = cp.plane.subscribe();
     let id = cp.plane.submit(remote_job("true"), "test").unwrap();
     let mut step_usage = false;
