@@ -15,7 +15,7 @@ use crate::Error;
 use crate::logs::{LogFollower, LogHub, safe_id};
 use crate::queue::JobQueue;
 use crate::registry::{RegisterOptions, Registry, RunnerStatus, StatusChange};
-use crate::store::{JobPage, JobQuery, MemoryStore, Store, Transition};
+use crate::store::{AuditEntry, JobPage, JobQuery, MemoryStore, Store, Transition};
 use rustci_runners::error::Chain;
 use rustci_runners::job::{Job, RetryWhen};
 use rustci_runners::runner::{Canceller, Event, EventKind, Execution, JobId, Outcome, Runner};
@@ -116,6 +116,10 @@ pub struct Attempt {
     /// runner measures nothing (or the attempt ended before it could).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<rustci_runners::ResourceUsage>,
+    /// The runner was degraded when the job was placed on it (no runner that is not fit
+    /// the job then): why, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 /// How many times one job may be handed back by runners before it started (an agent that
@@ -219,6 +223,8 @@ pub struct ControlOptions {
     pub log_dir: Option<PathBuf>,
     /// Receives measurements.
     pub observer: Option<Arc<dyn Observer>>,
+    /// Degradation detection's thresholds and windows.
+    pub degradation: crate::degradation::DegradationOptions,
 }
 
 impl Default for ControlOptions {
@@ -228,6 +234,7 @@ impl Default for ControlOptions {
             store: Arc::new(MemoryStore::new()),
             log_dir: None,
             observer: None,
+            degradation: Default::default(),
         }
     }
 }
@@ -358,9 +365,10 @@ impl ControlPlane {
             None => LogHub::in_memory(),
         };
         let health_interval = options.health_interval;
+        options.degradation.check().map_err(Error::Config)?;
         let (events, _) = broadcast::channel(4096);
         let state = Arc::new(State {
-            registry: Registry::new(),
+            registry: Registry::with_degradation(options.degradation),
             selector: Box::new(selector),
             store: options.store,
             logs,
@@ -590,6 +598,7 @@ impl ControlPlane {
                     runner_id: runner_id.to_string(),
                     from: None,
                     to: None,
+                    reason: None,
                 });
             }
             lose_jobs_on(&self.state, runner_id);
@@ -607,6 +616,7 @@ impl ControlPlane {
                 runner_id: runner_id.to_string(),
                 from: None,
                 to: status,
+                reason: None,
             });
         }
         if status.is_some() {
@@ -931,6 +941,42 @@ fn lose_jobs_on(state: &State, runner_id: &str) {
     }
 }
 
+/// Reports a status change that degradation detection made: to the observer (metrics),
+/// as an event, in the audit log and the server's log; a recovered runner wakes dispatch.
+fn report_finding(state: &State, change: StatusChange) {
+    let reason = change.reason.clone().unwrap_or_default();
+    let degraded = change.to == Some(RunnerStatus::Degraded);
+    if degraded {
+        tracing::warn!(runner = %change.runner_id, %reason, "runner degraded");
+    } else {
+        tracing::info!(runner = %change.runner_id, %reason, "runner recovered");
+    }
+    let entry = AuditEntry::new(
+        "control-plane",
+        if degraded {
+            "runner.degraded"
+        } else {
+            "runner.recovered"
+        },
+        Some(change.runner_id.clone()),
+        reason,
+        None,
+    );
+    if let Err(e) = state.store.append_audit(&entry) {
+        tracing::error!(error = %Chain(&e), "the audit log did not take an entry");
+    }
+    if let Some(o) = &state.observer {
+        o.runner_status(&change);
+    }
+    if change.to.is_some_and(RunnerStatus::takes_jobs) {
+        state.wake.notify_one();
+    }
+    let _ = state.events.send(ControlEvent::Runner {
+        id: change.runner_id,
+        status: change.to,
+    });
+}
+
 async fn health_loop(state: Arc<State>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -938,6 +984,9 @@ async fn health_loop(state: Arc<State>, interval: Duration) {
             _ = state.stop.cancelled() => return,
             _ = tick.tick() => {}
             _ = state.health_wake.notified() => {}
+        }
+        for change in state.registry.expire_findings() {
+            report_finding(&state, change);
         }
         for change in state.registry.check_health(interval, interval).await {
             if let Some(o) = &state.observer {
@@ -1090,7 +1139,17 @@ fn dispatch_round(state: &Arc<State>) {
                         .collect();
                     let subset: Vec<RunnerSnapshot> =
                         fresh.iter().map(|&i| runners[i].clone()).collect();
+                    let degraded =
+                        |i: usize| matches!(runners[i].health, rustci_runners::Health::Degraded(_));
                     match state.selector.select(&job, &subset) {
+                        // A degraded runner it has not failed on comes after a runner
+                        // in order that it has: the retry avoids the degraded runner.
+                        Ok(i) if degraded(fresh[i]) => {
+                            match state.selector.select_in(&job, &pool) {
+                                Ok(j) if !degraded(j) => Ok(j),
+                                _ => Ok(fresh[i]),
+                            }
+                        }
                         Ok(i) => Ok(fresh[i]),
                         Err(_) => state.selector.select_in(&job, &pool),
                     }
@@ -1197,6 +1256,14 @@ fn dispatch_round(state: &Arc<State>) {
                     log_offset: state.logs.len(&queued.id),
                     declined: false,
                     usage: None,
+                    degraded: match entry.effective_health() {
+                        rustci_runners::Health::Degraded(why)
+                            if entry.status == RunnerStatus::Degraded =>
+                        {
+                            Some(why)
+                        }
+                        _ => None,
+                    },
                 });
                 r.attempts.len() as u32
             };
@@ -1361,7 +1428,9 @@ async fn follow_execution(
     let mut first_output = !reattached;
     while let Some(event) = execution.next_event().await {
         if std::mem::take(&mut first) {
-            state.registry.record_startup(&runner_id, started.elapsed());
+            if let Some(change) = state.registry.record_startup(&runner_id, started.elapsed()) {
+                report_finding(state, change);
+            }
         }
         match &event.kind {
             EventKind::Finished { outcome: o } => outcome = o.clone(),
@@ -1488,6 +1557,11 @@ fn end_attempt(
     }
     if let Some(o) = &state.observer {
         o.attempt_ended(runner.info().kind.as_str(), &outcome, started.elapsed());
+    }
+    // The runner's fault (it failed the job, or lost it) counts against it.
+    let fault = matches!(outcome, Outcome::RunnerError { .. } | Outcome::Lost);
+    if let Some(change) = state.registry.record_outcome(&runner_id, fault) {
+        report_finding(&state, change);
     }
     tracing::info!(job_id = %id, attempt = number, outcome = %outcome, "attempt ended");
     state.assigned.lock().expect("assigned").remove(&id);

@@ -36,6 +36,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An option of the control plane cannot be used (it names the option).
+    #[error("invalid control-plane option: {0}")]
+    Config(String),
     /// A runner failed (registration, recovery of its leftovers).
     #[error(transparent)]
     Runner(#[from] rustci_runners::Error),

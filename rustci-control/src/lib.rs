@@ -20,6 +20,7 @@
 
 #![deny(missing_docs)]
 
+pub mod degradation;
 mod dispatcher;
 mod error;
 mod logs;
@@ -29,6 +30,7 @@ mod registry;
 mod sqlite;
 mod store;
 
+pub use degradation::DegradationOptions;
 pub use dispatcher::{
     Attempt, ControlEvent, ControlOptions, ControlPlane, JobRecord, JobState, MAX_DECLINED,
     Observer, Recovery, attempt_id, parse_attempt_id,

@@ -19,6 +19,8 @@ use tokio::time::Instant;
 use rustci_runners::runner::{Health, Runner, RunnerInfo};
 use rustci_runners::select::RunnerSnapshot;
 
+use crate::degradation::{DegradationOptions, RunnerTrack};
+
 /// Where a runner stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -103,6 +105,8 @@ pub struct RunnerEntry {
     /// The last [`HEALTH_HISTORY`] health checks, oldest first (shared between copies of
     /// the entry until one changes).
     pub checks: Arc<VecDeque<HealthCheck>>,
+    /// What the control plane saw of its recent jobs (degradation detection).
+    pub track: RunnerTrack,
     next_check: Instant,
     /// A check was asked for ([`Registry::check_soon`]) since the last one started.
     check_asked: bool,
@@ -131,6 +135,21 @@ impl RunnerEntry {
             || self.reserved_labels.contains(label)
     }
 
+    /// Why the control plane finds the runner degraded (its start-up or runner-fault
+    /// figures), when it does; the runner's own health may say more.
+    pub fn degraded_by_control_plane(&self) -> Option<&str> {
+        self.track.reason()
+    }
+
+    /// Its health as the selection engine sees it: the runner's own answer, or degraded
+    /// with the control plane's reason when the runner says healthy but its figures do not.
+    pub fn effective_health(&self) -> Health {
+        match (&self.health, self.track.reason()) {
+            (Health::Healthy, Some(why)) => Health::Degraded(why.to_string()),
+            (h, _) => h.clone(),
+        }
+    }
+
     /// Median of the recent start-up times.
     pub fn startup(&self) -> Option<Duration> {
         let mut s = self.startups.clone();
@@ -149,6 +168,19 @@ pub struct StatusChange {
     pub from: Option<RunnerStatus>,
     /// After; `None` when removed.
     pub to: Option<RunnerStatus>,
+    /// Why, when the control plane's degradation detection made the change.
+    pub reason: Option<String>,
+}
+
+/// The status a runner's health and the control plane's finding give (not draining).
+fn status_for(health: &Health, finding: Option<&str>) -> RunnerStatus {
+    match health {
+        Health::Healthy if finding.is_some() => RunnerStatus::Degraded,
+        Health::Healthy => RunnerStatus::Healthy,
+        Health::Degraded(_) => RunnerStatus::Degraded,
+        Health::Offline(_) => RunnerStatus::Offline,
+        _ => RunnerStatus::Unhealthy,
+    }
 }
 
 fn snapshot(
@@ -161,7 +193,7 @@ fn snapshot(
     let mut snap = RunnerSnapshot::new(
         info,
         e.runner.capabilities().clone(),
-        e.health.clone(),
+        e.effective_health(),
         e.runner.running(),
     );
     snap.reserved_labels = e.reserved_labels.clone();
@@ -175,6 +207,7 @@ fn snapshot(
 #[derive(Default)]
 pub struct Registry {
     entries: RwLock<Entries>,
+    degradation: DegradationOptions,
 }
 
 /// The entries by id, and the ids by every label they carry (own, added or reserved),
@@ -294,6 +327,19 @@ impl Registry {
         Registry::default()
     }
 
+    /// An empty registry detecting degradation with `options`.
+    pub fn with_degradation(options: DegradationOptions) -> Self {
+        Registry {
+            entries: Default::default(),
+            degradation: options,
+        }
+    }
+
+    /// The degradation detection's settings.
+    pub fn degradation(&self) -> &DegradationOptions {
+        &self.degradation
+    }
+
     /// Adds a runner (healthy until a check says otherwise); returns its id.
     pub fn register(&self, runner: Arc<dyn Runner>, options: RegisterOptions) -> String {
         let id = runner.info().id.clone();
@@ -307,6 +353,7 @@ impl Registry {
             startups: Vec::new(),
             failures: 0,
             checks: Arc::new(VecDeque::new()),
+            track: RunnerTrack::default(),
             next_check: Instant::now(),
             check_asked: false,
         };
@@ -331,7 +378,52 @@ impl Registry {
             runner_id: id.to_string(),
             from: Some(from),
             to: Some(to),
+            reason: None,
         })
+    }
+
+    /// Feeds the degradation detection of runner `id` through `f` (which says whether the
+    /// finding changed); the status change it makes, with its reason, if any. A draining
+    /// runner's status stays as it is.
+    fn track(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut RunnerTrack, &DegradationOptions) -> bool,
+    ) -> Option<StatusChange> {
+        let mut entries = self.entries.write().expect("registry");
+        let e = entries.get_mut(id)?;
+        if !f(&mut e.track, &self.degradation) || e.status == RunnerStatus::Draining {
+            return None;
+        }
+        let to = status_for(&e.health, e.track.reason());
+        let from = e.status;
+        e.status = to;
+        (from != to).then(|| StatusChange {
+            runner_id: id.to_string(),
+            from: Some(from),
+            to: Some(to),
+            reason: Some(
+                e.track
+                    .reason()
+                    .map(|r| format!("degraded: {r}"))
+                    .unwrap_or_else(|| "recovered: its figures are back to normal".into()),
+            ),
+        })
+    }
+
+    /// Records an attempt's end on runner `id`: `fault` when it was the runner's (a
+    /// runner error, lost). The status change degradation detection makes, if any.
+    pub fn record_outcome(&self, id: &str, fault: bool) -> Option<StatusChange> {
+        self.track(id, |t, o| t.outcome(o, fault, std::time::Instant::now()))
+    }
+
+    /// Forgets every runner's evidence older than the detection's `max_age_secs`; the
+    /// status changes that makes.
+    pub fn expire_findings(&self) -> Vec<StatusChange> {
+        let ids = self.ids();
+        ids.iter()
+            .filter_map(|id| self.track(id, |t, o| t.evaluate(o, std::time::Instant::now())))
+            .collect()
     }
 
     /// Replaces a runner's added and reserved labels. False when it is unknown.
@@ -344,12 +436,20 @@ impl Registry {
         self.set_status(id, |_| Some(RunnerStatus::Draining))
     }
 
-    /// Gives a drained runner jobs again (its health decides between healthy and
-    /// degraded at the next check).
+    /// Gives a drained runner jobs again, with the status its last health check and the
+    /// control plane's findings give (the next check may change it).
     pub fn resume(&self, id: &str) -> Option<StatusChange> {
-        self.set_status(id, |s| {
-            (s == RunnerStatus::Draining).then_some(RunnerStatus::Healthy)
-        })
+        let to = {
+            let entries = self.entries.read().expect("registry");
+            let e = entries.get(id)?;
+            match &e.health {
+                // Never checked, or unhealthy when drained: given a chance until the
+                // next check, as before.
+                Health::Unhealthy(_) | Health::Offline(_) => RunnerStatus::Healthy,
+                h => status_for(h, e.track.reason()),
+            }
+        };
+        self.set_status(id, |s| (s == RunnerStatus::Draining).then_some(to))
     }
 
     /// Removes a runner; returns it.
@@ -410,14 +510,16 @@ impl Registry {
         }
     }
 
-    /// Records a measured start-up time (kept: the last 16).
-    pub fn record_startup(&self, id: &str, startup: Duration) {
+    /// Records a measured start-up time (kept for the fastest-startup scorer: the last
+    /// 16) and feeds degradation detection; the status change that makes, if any.
+    pub fn record_startup(&self, id: &str, startup: Duration) -> Option<StatusChange> {
         if let Some(e) = self.entries.write().expect("registry").get_mut(id) {
             e.startups.push(startup);
             if e.startups.len() > 16 {
                 e.startups.remove(0);
             }
         }
+        self.track(id, |t, o| t.startup(o, startup, std::time::Instant::now()))
     }
 
     /// Snapshots of the runners that take jobs, for a selector; `running` gives each
@@ -527,12 +629,7 @@ impl Registry {
             if e.status == RunnerStatus::Draining {
                 continue;
             }
-            let to = match &health {
-                Health::Healthy => RunnerStatus::Healthy,
-                Health::Degraded(_) => RunnerStatus::Degraded,
-                Health::Offline(_) => RunnerStatus::Offline,
-                _ => RunnerStatus::Unhealthy,
-            };
+            let to = status_for(&health, e.track.reason());
             e.failures = if to == RunnerStatus::Unhealthy {
                 e.failures.saturating_add(1)
             } else {
@@ -549,6 +646,7 @@ impl Registry {
                     runner_id: id.clone(),
                     from: Some(e.status),
                     to: Some(to),
+                    reason: None,
                 });
                 e.status = to;
             }

@@ -721,3 +721,227 @@ fn the_label_index_matches_a_scan_of_every_runner() {
     assert!(ids(&[set(&["gpu"])]).is_empty());
     assert_eq!(ids(&[set(&[])]), vec![a]);
 }
+
+/// A local runner whose starts wait `delay_ms` first, and fail with a temporary runner
+/// error while `fail` is set or `fail_next` is above zero.
+struct Flaky {
+    inner: LocalRunner,
+    delay_ms: std::sync::atomic::AtomicU64,
+    fail: std::sync::atomic::AtomicBool,
+    fail_next: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Runner for Flaky {
+    fn info(&self) -> &rustci_runners::RunnerInfo {
+        self.inner.info()
+    }
+    fn capabilities(&self) -> &rustci_runners::Capabilities {
+        self.inner.capabilities()
+    }
+    fn running(&self) -> usize {
+        self.inner.running()
+    }
+    async fn health(&self) -> rustci_runners::Health {
+        self.inner.health().await
+    }
+    async fn start(
+        &self,
+        job: &dyn rustci_runners::JobSpec,
+        id: rustci_runners::JobId,
+    ) -> Result<rustci_runners::Execution, rustci_runners::Error> {
+        use std::sync::atomic::Ordering;
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let once = self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if once || self.fail.load(Ordering::SeqCst) {
+            return Err(
+                rustci_runners::Error::unavailable("the engine did not answer")
+                    .temporary(true)
+                    .for_runner(&self.info().name),
+            );
+        }
+        self.inner.start(job, id).await
+    }
+}
+
+fn flaky(name: &str, label: &str) -> Arc<Flaky> {
+    let mut c = HostConfig::named(name);
+    c.labels = vec![label.to_string()];
+    Arc::new(Flaky {
+        inner: LocalRunner::new(c).unwrap(),
+        delay_ms: 0.into(),
+        fail: false.into(),
+        fail_next: 0.into(),
+    })
+}
+
+fn on(label: Option<&str>, retries: u32) -> Job {
+    let mut j = Job::new("j", vec![Step::run("true")]);
+    if let Some(l) = label {
+        j.runs_on.labels = vec![l.to_string()];
+    }
+    j.retry = retry(retries, &[RetryWhen::RunnerFailure]);
+    j
+}
+
+async fn run_one(cp: &ControlPlane, job: Job) -> rustci_control::JobRecord {
+    let id = cp.submit(job, "alice").unwrap();
+    tokio::time::timeout(Duration::from_secs(60), cp.wait(&id))
+        .await
+        .expect("the job ended")
+        .unwrap()
+}
+
+fn status_of(cp: &ControlPlane, id: &str) -> rustci_control::RunnerStatus {
+    cp.registry().get(id).unwrap().status
+}
+
+fn audited(cp: &ControlPlane, action: &str) -> Vec<rustci_control::AuditEntry> {
+    cp.store()
+        .audit(None, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == action)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_gets_slow_is_degraded_jobs_go_elsewhere_and_it_recovers() {
+    let cp = plane();
+    let mut events = cp.subscribe();
+    let slow = flaky("slow", "s");
+    let a = cp.register(slow.clone(), RegisterOptions::default());
+    let b = cp.register(flaky("other", "o"), RegisterOptions::default());
+    // Its baseline: ten fast start-ups.
+    for _ in 0..10 {
+        assert_eq!(
+            run_one(&cp, on(Some("s"), 0)).await.state,
+            JobState::Succeeded
+        );
+    }
+    assert_eq!(status_of(&cp, &a), rustci_control::RunnerStatus::Healthy);
+    // Starts now wait 400 ms: degraded once the median of the last five is slow.
+    slow.delay_ms
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        run_one(&cp, on(Some("s"), 0)).await;
+    }
+    assert_eq!(status_of(&cp, &a), rustci_control::RunnerStatus::Degraded);
+    let entry = cp.registry().get(&a).unwrap();
+    let why = entry.degraded_by_control_plane().unwrap().to_string();
+    assert!(why.starts_with("start-up "), "{why}");
+    assert!(why.contains("its baseline of"), "{why}");
+    let degraded = audited(&cp, "runner.degraded");
+    assert_eq!(degraded.len(), 1);
+    assert_eq!(degraded[0].target.as_deref(), Some(a.as_str()));
+    assert!(degraded[0].result.contains("start-up"), "{:?}", degraded[0]);
+    // The transition is an event.
+    let mut saw = false;
+    while let Ok(ev) = events.try_recv() {
+        if let ControlEvent::Runner { id, status } = ev
+            && id == a
+            && status == Some(rustci_control::RunnerStatus::Degraded)
+        {
+            saw = true;
+        }
+    }
+    assert!(saw, "a runner event for the degradation");
+    // Jobs either runner could take go to the other one, although both are idle.
+    for _ in 0..6 {
+        let r = run_one(&cp, on(None, 0)).await;
+        assert_eq!(r.attempts.len(), 1);
+        assert_eq!(r.attempts[0].runner_id, b, "{r:?}");
+        assert_eq!(r.attempts[0].degraded, None);
+    }
+    // Only it fits: it takes the job, and the record says it was degraded.
+    let r = run_one(&cp, on(Some("s"), 0)).await;
+    assert_eq!(r.attempts[0].runner_id, a);
+    let note = r.attempts[0].degraded.as_deref().expect("a note");
+    assert!(note.starts_with("start-up "), "{note}");
+    // Fast again: recovered once the median is.
+    slow.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        run_one(&cp, on(Some("s"), 0)).await;
+    }
+    assert_eq!(status_of(&cp, &a), rustci_control::RunnerStatus::Healthy);
+    assert_eq!(
+        cp.registry().get(&a).unwrap().degraded_by_control_plane(),
+        None
+    );
+    let recovered = audited(&cp, "runner.recovered");
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_failing_with_runner_errors_is_degraded_and_retries_avoid_it() {
+    let cp = plane();
+    let failing = flaky("failing", "f");
+    let a = cp.register(failing.clone(), RegisterOptions::default());
+    let other = flaky("other", "o");
+    let b = cp.register(other.clone(), RegisterOptions::default());
+    failing
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..4 {
+        let r = run_one(&cp, on(Some("f"), 0)).await;
+        assert!(
+            matches!(r.outcome, Some(Outcome::RunnerError { .. })),
+            "{r:?}"
+        );
+    }
+    assert_eq!(status_of(&cp, &a), rustci_control::RunnerStatus::Degraded);
+    let why = cp
+        .registry()
+        .get(&a)
+        .unwrap()
+        .degraded_by_control_plane()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        why,
+        "4 of the last 4 attempts ended in a runner error or were lost"
+    );
+    // Its health checks still pass: the finding stands beside them.
+    cp.registry().check_soon(&a);
+    cp.registry()
+        .check_health(Duration::from_secs(3600), Duration::from_secs(10))
+        .await;
+    assert_eq!(status_of(&cp, &a), rustci_control::RunnerStatus::Degraded);
+    // A job either could take goes to the other runner; when its first attempt fails
+    // there, the retry goes there again rather than to the degraded runner.
+    other
+        .fail_next
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = run_one(&cp, on(None, 2)).await;
+    assert_eq!(r.state, JobState::Succeeded, "{r:?}");
+    let runners: Vec<&str> = r.attempts.iter().map(|x| x.runner_id.as_str()).collect();
+    assert_eq!(runners, [b.as_str(), b.as_str()], "{r:?}");
+    // It works again: successes bring the rate down and it recovers (4 faults of 9).
+    failing
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..4 {
+        assert_eq!(
+            run_one(&cp, on(Some("f"), 0)).await.state,
+            JobState::Succeeded
+        );
+    }
+    assert_eq!(
+        status_of(&cp, &a),
+        rustci_control::RunnerStatus::Degraded,
+        "4 of 8 is still the rate"
+    );
+    assert_eq!(
+        run_one(&cp, on(Some("f"), 0)).await.state,
+        JobState::Succeeded
+    );
+    assert_eq!(status_of(&cp, &a), rustci_control::RunnerStatus::Healthy);
+    cp.shutdown();
+}

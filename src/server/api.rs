@@ -602,7 +602,7 @@ fn runner_json(e: &RunnerEntry, agents: &AgentsByRunner<'_>) -> Value {
         "labels": e.labels(),
         "reserved_labels": e.reserved_labels,
         "status": e.status.as_str(),
-        "health": e.health.to_string(),
+        "health": e.effective_health().to_string(),
         "running": e.runner.running(),
         "slots": e.runner.capabilities().max_concurrency,
         "capabilities": e.runner.capabilities(),
@@ -1179,7 +1179,7 @@ async fn runner_status(
     Ok(Json(json!({
         "id": id,
         "status": e.status.as_str(),
-        "health": e.health.to_string(),
+        "health": e.effective_health().to_string(),
         "running": e.runner.running(),
         "slots": e.runner.capabilities().max_concurrency,
     })))

@@ -96,6 +96,10 @@ pub struct ServerConfig {
     /// `/metrics` needs an API key (any role but `runner`), as the API routes do; a
     /// request without a valid one gets 401 `AUTHENTICATION_REQUIRED`. Default false.
     pub metrics_key_required: bool,
+    /// Degradation detection: when a runner's start-up or runner-fault figures make it
+    /// `degraded` (see [`rustci_control::DegradationOptions`] for every field and its
+    /// default).
+    pub degradation: rustci_control::DegradationOptions,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +131,7 @@ impl Default for ServerConfig {
             public_origin: None,
             metrics_allow: Vec::new(),
             metrics_key_required: false,
+            degradation: Default::default(),
         }
     }
 }
@@ -338,6 +343,7 @@ impl ServerConfig {
     /// [`ServerConfig::check`] with runner kinds from `backends` (an embedding project's
     /// own kinds included).
     pub fn check_with(&self, backends: &rustci_runners::Backends) -> Result<(), ConfigError> {
+        self.degradation.check().map_err(ConfigError)?;
         let short = |k: &str| k.len() < 16;
         if self.admin_key.as_deref().is_some_and(short) {
             return Err(ConfigError(

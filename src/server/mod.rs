@@ -159,6 +159,7 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let mut options = ControlOptions::durable(Arc::new(store), data.join("logs"));
         options.health_interval = Duration::from_secs(config.health_interval_secs.max(1));
+        options.degradation = config.degradation.clone();
         options.observer = Some(metrics.clone());
         let plane =
             ControlPlane::with_options(SelectionEngine::default(), options).map_err(|e| {

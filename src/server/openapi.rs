@@ -382,7 +382,8 @@ fn schemas(state_enum: &Value) -> Value {
                 "outcome": r("Outcome"),
                 "log_offset": {"type": "integer", "minimum": 0},
                 "declined": {"type": "boolean", "description": "the runner handed the job back before any of it ran; this attempt did not count toward retry.max (absent when false)"},
-                "usage": r("ResourceUsage")
+                "usage": r("ResourceUsage"),
+                "degraded": {"type": "string", "description": "the runner was degraded when the job was placed on it (no runner that is not fit the job then): why"}
             }
         },
         "ResourceUsage": {

@@ -423,6 +423,18 @@ impl Default for SelectionConfig {
     }
 }
 
+/// The highest [`preference`].
+const BEST: u8 = 3;
+
+/// What comes before any score, highest first: a runner that runs the image a job names
+/// (over one that would ignore it), then one that is not degraded (a degraded runner
+/// takes a job only when no other fits).
+fn preference(job: &dyn JobSpec, r: &RunnerSnapshot) -> u8 {
+    let image_ok = job.image().is_none() || r.capabilities.images;
+    let healthy = !matches!(r.health, Health::Degraded(_));
+    (image_ok as u8) << 1 | healthy as u8
+}
+
 /// The default filters, in the order their reasons are reported.
 pub(crate) fn default_filters() -> Vec<Box<dyn Filter>> {
     vec![
@@ -440,9 +452,10 @@ pub(crate) fn default_filters() -> Vec<Box<dyn Filter>> {
 ///
 /// Every runner must pass every filter; a runner that fails is counted under the first
 /// failing filter's reason. Among the rest, each scorer's score times its weight is summed,
-/// and the highest total wins. A job that names an image always prefers runners that run
-/// images over ones that would ignore it, whatever the scores; remaining ties go to the
-/// earlier runner, so the result depends only on the input.
+/// and the highest total wins. Whatever the scores, a job that names an image prefers
+/// runners that run images over ones that would ignore it, and then runners that are not
+/// degraded over degraded ones; remaining ties go to the earlier runner, so the result
+/// depends only on the input.
 pub struct SelectionEngine {
     filters: Vec<Box<dyn Filter>>,
     scorers: Vec<(Box<dyn Scorer>, f64)>,
@@ -558,20 +571,18 @@ impl SelectionEngine {
             return passing.first().copied();
         }
         let totals = self.totals(job, runners, &passing);
-        let wants_image = job.image().is_some();
-        let mut best: Option<(usize, bool, f64)> = None;
+        let mut best: Option<(usize, u8, f64)> = None;
         for (pos, &i) in passing.iter().enumerate() {
             let score = totals[pos];
-            let image_ok = !wants_image || runners[i].capabilities.images;
+            let rank = preference(job, &runners[i]);
             let better = match best {
                 None => true,
-                Some((_, best_image_ok, best_score)) => {
-                    (image_ok && !best_image_ok)
-                        || (image_ok == best_image_ok && score > best_score + 1e-12)
+                Some((_, best_rank, best_score)) => {
+                    rank > best_rank || (rank == best_rank && score > best_score + 1e-12)
                 }
             };
             if better {
-                best = Some((i, image_ok, score));
+                best = Some((i, rank, score));
             }
         }
         best.map(|(i, _, _)| i)
@@ -611,22 +622,22 @@ impl Selector for SelectionEngine {
             }
             _ if self.least_loaded_only() => {
                 // The least loaded runner that passes wins (ties to the lower index, as
-                // in `choose`); a job naming an image takes an image runner if any passes.
-                let wants_image = job.image().is_some();
-                let mut fallback = None;
-                let mut found = None;
+                // in `choose`), among those of the best `preference`.
+                let mut best: Option<(usize, u8)> = None;
                 for i in pool.by_load() {
                     let r = &runners[i];
                     if !self.passes(job, r) {
                         continue;
                     }
-                    if !wants_image || r.capabilities.images {
-                        found = Some(i);
-                        break;
+                    let rank = preference(job, r);
+                    if best.is_none_or(|(_, b)| rank > b) {
+                        best = Some((i, rank));
+                        if rank == BEST {
+                            break;
+                        }
                     }
-                    fallback.get_or_insert(i);
                 }
-                found.or(fallback)
+                best.map(|(i, _)| i)
             }
             _ => self.choose(job, runners, 0..runners.len()),
         };
@@ -665,6 +676,27 @@ mod tests {
             weights: BTreeMap::from([(kind, 1.0)]),
             ..SelectionConfig::default()
         })
+    }
+
+    #[test]
+    fn degraded_runners_take_jobs_only_when_no_other_fits() {
+        let mut runners = vec![snap("a", 0, Some(4)), snap("b", 3, Some(4))];
+        runners[0].health = Health::Degraded("slow start-up".into());
+        for kind in [
+            ScorerKind::LeastLoaded,
+            ScorerKind::BinPack,
+            ScorerKind::Spread,
+        ] {
+            let e = engine(kind);
+            assert_eq!(e.select(&job(), &runners), Ok(1), "{kind:?}");
+            let pool = RunnerPool::new(runners.clone());
+            assert_eq!(e.select_in(&job(), &pool), Ok(1), "{kind:?} over a pool");
+        }
+        // b is full: the degraded runner is the only fit and takes the job.
+        runners[1].running = 4;
+        let e = engine(ScorerKind::LeastLoaded);
+        assert_eq!(e.select(&job(), &runners), Ok(0));
+        assert_eq!(e.select_in(&job(), &RunnerPool::new(runners)), Ok(0));
     }
 
     #[test]

@@ -232,7 +232,8 @@ pub fn rejection(job: &dyn JobSpec, runner: &RunnerSnapshot) -> Option<String> {
 /// earlier runner in the list.
 ///
 /// A job with an `image` prefers runners that run images, whatever their load; host
-/// runners, which ignore `image`, take it only when no such runner fits.
+/// runners, which ignore `image`, take it only when no such runner fits. Then runners that
+/// are not degraded come first: a degraded one takes a job only when no other fits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LeastLoaded;
 

@@ -326,7 +326,7 @@ pub(super) fn runners(session: &Session, list: &[RunnerEntry], flash: Option<&st
                             }
                             td {
                                 span class={ "badge status-" (e.status.as_str()) } { (e.status.as_str()) }
-                                br; span.small.reason { (e.health.to_string()) }
+                                br; span.small.reason { (e.effective_health().to_string()) }
                                 @if e.failures > 0 { br; span.small { (e.failures) " failed checks in a row" } }
                             }
                             td {
