@@ -1382,3 +1382,87 @@ async fn the_overview_aggregates_count_jobs_as_they_end_and_first_write() {
     );
     t.stop().await;
 }
+
+/// A small tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_workspace_disk_fills_up_takes_no_new_jobs_until_it_recovers() {
+    if !rustci_runners::testkit::requires_root("mounting a small tmpfs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &disk,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .expect("mount a tmpfs");
+    let _mounted = Tmpfs(disk.clone());
+    let t = TestServer::start(|c, _| {
+        let mut r = RunnerConfig::new("small", "local");
+        r.workspace_root = Some(disk.join("ws"));
+        r.options
+            .insert("local".into(), json!({"disk_full_percent": 90}));
+        c.runners = vec![r];
+    })
+    .await;
+    let c = t.admin();
+    let runner = |c: ApiClient| async move {
+        let list = c.get("/api/runners").await.unwrap().json();
+        list["runners"][0].clone()
+    };
+    let until = |want: &'static str| {
+        let c = t.admin();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                loop {
+                    let r = runner(c.clone()).await;
+                    // After a health check (which measures the pressure).
+                    if r["status"] == want && !r["pressure"].is_null() {
+                        return r;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the runner never became {want}"))
+        }
+    };
+    let r = until("healthy").await;
+    let p = &r["pressure"];
+    assert!(p["disk_total_bytes"].as_u64().unwrap() >= 4 << 20, "{r}");
+    assert!(p["memory_available_bytes"].as_u64().is_some(), "{r}");
+    assert!(p["load_1m"].as_f64().is_some(), "{r}");
+
+    // 3.8 MiB of 4: past 90 %.
+    let filler = disk.join("filler");
+    std::fs::write(&filler, vec![7u8; 3_800_000]).unwrap();
+    let r = until("degraded").await;
+    let health = r["health"].as_str().unwrap();
+    assert!(health.starts_with("full: workspace disk 9"), "{health}");
+    assert!(health.contains("% full"), "{health}");
+    let id = submit(&c, sh_job("waits", "echo ran")).await;
+    let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    assert_eq!(job["state"], "queued", "{job}");
+    let why = job["why_pending"].as_str().unwrap_or_default();
+    assert!(why.contains("workspace disk"), "{job}");
+
+    // Room again: it recovers at its next health check and the job runs.
+    std::fs::remove_file(&filler).unwrap();
+    until("healthy").await;
+    let (text, end) = follow_to_end(&c, &id).await;
+    assert_eq!(text, "ran\n");
+    assert_eq!(end["state"], "succeeded");
+    t.stop().await;
+}

@@ -1427,10 +1427,10 @@ async fn follow_execution(
     // taken up again after a restart (its job's pickup is long past, or unknown).
     let mut first_output = !reattached;
     while let Some(event) = execution.next_event().await {
-        if std::mem::take(&mut first) {
-            if let Some(change) = state.registry.record_startup(&runner_id, started.elapsed()) {
-                report_finding(state, change);
-            }
+        if std::mem::take(&mut first)
+            && let Some(change) = state.registry.record_startup(&runner_id, started.elapsed())
+        {
+            report_finding(state, change);
         }
         match &event.kind {
             EventKind::Finished { outcome: o } => outcome = o.clone(),

@@ -107,6 +107,8 @@ pub struct RunnerEntry {
     pub checks: Arc<VecDeque<HealthCheck>>,
     /// What the control plane saw of its recent jobs (degradation detection).
     pub track: RunnerTrack,
+    /// What its host had left at the last health check ([`Runner::pressure`]).
+    pub pressure: Option<rustci_runners::HostPressure>,
     next_check: Instant,
     /// A check was asked for ([`Registry::check_soon`]) since the last one started.
     check_asked: bool,
@@ -177,7 +179,8 @@ fn status_for(health: &Health, finding: Option<&str>) -> RunnerStatus {
     match health {
         Health::Healthy if finding.is_some() => RunnerStatus::Degraded,
         Health::Healthy => RunnerStatus::Healthy,
-        Health::Degraded(_) => RunnerStatus::Degraded,
+        // Full: degraded, and the selection engine gives it no new job.
+        Health::Degraded(_) | Health::Full(_) => RunnerStatus::Degraded,
         Health::Offline(_) => RunnerStatus::Offline,
         _ => RunnerStatus::Unhealthy,
     }
@@ -354,6 +357,7 @@ impl Registry {
             failures: 0,
             checks: Arc::new(VecDeque::new()),
             track: RunnerTrack::default(),
+            pressure: None,
             next_check: Instant::now(),
             check_asked: false,
         };
@@ -608,15 +612,16 @@ impl Registry {
                 Ok(h) => h,
                 Err(_) => Health::Unhealthy(format!("no health answer within {timeout:?}")),
             };
-            (id, health, started.elapsed())
+            (id, health, started.elapsed(), runner.pressure())
         });
         let results = futures::future::join_all(checks).await;
         let mut changes = Vec::new();
         let mut entries = self.entries.write().expect("registry");
-        for (id, health, took) in results {
+        for (id, health, took, pressure) in results {
             let Some(e) = entries.get_mut(&id) else {
                 continue;
             };
+            e.pressure = pressure;
             let history = Arc::make_mut(&mut e.checks);
             if history.len() == HEALTH_HISTORY {
                 history.pop_front();

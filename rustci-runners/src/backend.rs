@@ -367,10 +367,13 @@ impl Backends {
     }
 }
 
-/// Options of a host runner: none beyond [`RunnerSettings`] today.
+/// Options of a host runner beyond [`RunnerSettings`] (its kind's section).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HostOptions {}
+struct HostOptions {
+    /// [`HostConfig::disk_full_percent`].
+    disk_full_percent: Option<f64>,
+}
 
 /// Builds the host runners: [`LocalRunner`]s (kind `local`) and [`NativeRunner`]s (kind
 /// `native`, with the host's defaults for namespaces, cgroups and uid, as
@@ -412,7 +415,16 @@ impl Backend for HostBackend {
     }
 
     fn check(&self, _: &RunnerSettings, options: &serde_json::Value) -> Result<(), Error> {
-        parse_options::<HostOptions>(self.kind, options).map(|_| ())
+        let o = parse_options::<HostOptions>(self.kind, options)?;
+        if let Some(p) = o.disk_full_percent
+            && !(p > 0.0 && p <= 100.0)
+        {
+            return Err(Error::invalid_config(format!(
+                "{}.disk_full_percent: {p} is not a percentage above 0 and at most 100",
+                self.kind
+            )));
+        }
+        Ok(())
     }
 
     async fn build(
@@ -421,7 +433,12 @@ impl Backend for HostBackend {
         options: &serde_json::Value,
     ) -> Result<Arc<dyn Runner>, Error> {
         self.check(settings, options)?;
-        (self.make)(settings.host_config())
+        let o = parse_options::<HostOptions>(self.kind, options)?;
+        let mut host = settings.host_config();
+        if let Some(p) = o.disk_full_percent {
+            host.disk_full_percent = p;
+        }
+        (self.make)(host)
     }
 }
 

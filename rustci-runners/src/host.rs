@@ -57,6 +57,10 @@ pub struct HostConfig {
     pub max_concurrency: Option<usize>,
     /// Events that may wait unread before output backs up into the job. Default 64.
     pub event_buffer: usize,
+    /// From this share of its file system in use (percent), the workspace disk is full:
+    /// the runner's health is then [`Health::Full`] ("workspace disk 97% full") and it
+    /// gets no new jobs until it recovers. Default 95.
+    pub disk_full_percent: f64,
 }
 
 impl HostConfig {
@@ -83,6 +87,7 @@ impl Default for HostConfig {
             max_output_bytes: 512 << 20,
             max_concurrency: None,
             event_buffer: 64,
+            disk_full_percent: 95.0,
         }
     }
 }
@@ -120,6 +125,12 @@ pub(crate) fn check_config(config: &HostConfig) -> Result<(), Error> {
 }
 
 fn check_host_config(config: &HostConfig) -> Result<(), Error> {
+    if !(config.disk_full_percent > 0.0 && config.disk_full_percent <= 100.0) {
+        return Err(Error::invalid_config(format!(
+            "disk_full_percent: {} is not a percentage above 0 and at most 100",
+            config.disk_full_percent
+        )));
+    }
     let Some(shell) = config.shell.first() else {
         return Err(Error::invalid_config("the shell command is empty"));
     };
@@ -194,10 +205,22 @@ impl HostEngine {
         {
             return Health::Unhealthy(format!("shell {shell} is missing or not executable"));
         }
-        match check_workspace_root(&self.config.workspace_root) {
-            Ok(()) => Health::Healthy,
-            Err(e) => Health::Unhealthy(e),
+        if let Err(e) = check_workspace_root(&self.config.workspace_root) {
+            return Health::Unhealthy(e);
         }
+        match self.pressure().disk_used_percent {
+            Some(used) if used >= self.config.disk_full_percent => Health::Full(format!(
+                "workspace disk {:.0}% full (at most {}% for new jobs)",
+                used.floor(),
+                self.config.disk_full_percent
+            )),
+            _ => Health::Healthy,
+        }
+    }
+
+    /// Load, memory and the workspace root's file system, measured now.
+    pub(crate) fn pressure(&self) -> crate::runner::HostPressure {
+        crate::runner::HostPressure::measure(&self.config.workspace_root)
     }
 
     pub(crate) async fn start(&self, spec: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
@@ -644,13 +667,14 @@ fn has_xattrs(path: &Path) -> bool {
 /// Figures from the kernel's rusage: (user seconds, system seconds, bytes read, bytes
 /// written).
 fn rusage_figures((user, system, read, written): (f64, f64, u64, u64)) -> ResourceUsage {
-    let mut u = ResourceUsage::default();
-    u.cpu_user_seconds = Some(user);
-    u.cpu_system_seconds = Some(system);
-    u.read_bytes = Some(read);
-    u.written_bytes = Some(written);
-    u.source = "rusage".into();
-    u
+    ResourceUsage {
+        cpu_user_seconds: Some(user),
+        cpu_system_seconds: Some(system),
+        read_bytes: Some(read),
+        written_bytes: Some(written),
+        source: "rusage".into(),
+        ..Default::default()
+    }
 }
 
 /// Scripts up to this size are passed with `-c`; longer ones through a file.

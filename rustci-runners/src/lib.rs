@@ -54,7 +54,7 @@ pub use local::LocalRunner;
 pub use native::{CgroupMode, Namespaces, NativeConfig, NativeRunner};
 pub use runner::{
     Canceller, Capabilities, CollectedRun, Event, EventKind, Execution, ExecutionSink, Health,
-    Isolation, JobId, Limit, Outcome, OutputStream, ResourceUsage, Runner, RunnerExt, RunnerInfo,
-    RunnerKind, SlotGuard, Slots, StepStatus, UsageFigure,
+    HostPressure, Isolation, JobId, Limit, Outcome, OutputStream, ResourceUsage, Runner, RunnerExt,
+    RunnerInfo, RunnerKind, SlotGuard, Slots, StepStatus, UsageFigure,
 };
 pub use select::{LeastLoaded, NoRunnerFits, RunnerPool, RunnerSnapshot, Selector};

@@ -274,6 +274,9 @@ impl Runner for NativeRunner {
     async fn health(&self) -> Health {
         self.engine.health()
     }
+    fn pressure(&self) -> Option<crate::runner::HostPressure> {
+        Some(self.engine.pressure())
+    }
     async fn start(&self, job: &dyn JobSpec, id: JobId) -> Result<Execution, Error> {
         self.engine.start(job, id).await
     }

@@ -370,6 +370,10 @@ pub enum Health {
     Degraded(String),
     /// Cannot run jobs now.
     Unhealthy(String),
+    /// Works, but takes no new jobs until it recovers: its host is short of something
+    /// (its workspace disk, say). Its running jobs go on; the control plane shows it as
+    /// degraded with this reason.
+    Full(String),
     /// Not reachable now (a remote runner whose connection is down). Takes no new jobs,
     /// but unlike [`Health::Unhealthy`] its running jobs are not given up: the runner
     /// itself ends them ([`Outcome::Lost`]) once it knows they are gone.
@@ -377,9 +381,73 @@ pub enum Health {
 }
 
 impl Health {
-    /// True unless unhealthy or offline.
+    /// True unless unhealthy or offline: it can run (and go on running) jobs.
     pub fn is_usable(&self) -> bool {
         !matches!(self, Health::Unhealthy(_) | Health::Offline(_))
+    }
+
+    /// True when it may be given a new job: usable and not [`Health::Full`].
+    pub fn takes_new_jobs(&self) -> bool {
+        self.is_usable() && !matches!(self, Health::Full(_))
+    }
+}
+
+/// What a runner's host has left, as the runner measured it at its last health check
+/// ([`Runner::pressure`]). Absent figures were not measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HostPressure {
+    /// Load average over one minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_1m: Option<f64>,
+    /// Memory available for new work, bytes (`MemAvailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_available_bytes: Option<u64>,
+    /// Free space under the workspace root, bytes (what an unprivileged user may use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
+    /// Size of the file system of the workspace root, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_total_bytes: Option<u64>,
+    /// How full that file system is, percent (as `df` counts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_used_percent: Option<f64>,
+}
+
+impl HostPressure {
+    /// This host's load and memory, and the file system holding `dir`.
+    pub fn measure(dir: &std::path::Path) -> HostPressure {
+        let load_1m = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok());
+        let memory_available_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+                .map(|kb| kb * 1024)
+        });
+        let mut p = HostPressure {
+            load_1m,
+            memory_available_bytes,
+            ..HostPressure::default()
+        };
+        // The nearest existing directory: the root may not be made yet.
+        let existing = dir.ancestors().find(|d| d.exists());
+        if let Some(vfs) = existing.and_then(|d| nix::sys::statvfs::statvfs(d).ok()) {
+            // u64 on this platform (fsblkcnt_t, unsigned long).
+            let frsize = vfs.fragment_size();
+            let used = vfs.blocks().saturating_sub(vfs.blocks_free());
+            let avail = vfs.blocks_available();
+            p.disk_free_bytes = Some(avail.saturating_mul(frsize));
+            p.disk_total_bytes = Some(vfs.blocks().saturating_mul(frsize));
+            if used + avail > 0 {
+                p.disk_used_percent = Some(used as f64 * 100.0 / (used + avail) as f64);
+            }
+        }
+        p
     }
 }
 
@@ -389,6 +457,7 @@ impl fmt::Display for Health {
             Health::Healthy => f.write_str("healthy"),
             Health::Degraded(r) => write!(f, "degraded: {r}"),
             Health::Unhealthy(r) => write!(f, "unhealthy: {r}"),
+            Health::Full(r) => write!(f, "full: {r}"),
             Health::Offline(r) => write!(f, "offline: {r}"),
         }
     }
@@ -759,6 +828,12 @@ pub trait Runner: Send + Sync {
     fn running(&self) -> usize;
     /// Checks whether it can run jobs now. SHOULD answer within a few seconds.
     async fn health(&self) -> Health;
+    /// What its host has left (load, memory, disk under its workspace), measured now;
+    /// `None` (the default) from runners that do not measure it. MUST be cheap: the
+    /// control plane asks at every health check.
+    fn pressure(&self) -> Option<HostPressure> {
+        None
+    }
     /// Starts `job` under execution id `id` and returns its handle.
     async fn start(&self, job: &dyn JobSpec, id: JobId) -> Result<Execution, Error>;
     /// Stops whatever is left of execution `id` started by an earlier process that is

@@ -607,6 +607,7 @@ fn runner_json(e: &RunnerEntry, agents: &AgentsByRunner<'_>) -> Value {
         "slots": e.runner.capabilities().max_concurrency,
         "capabilities": e.runner.capabilities(),
         "startup_ms": e.startup().map(|d| d.as_secs_f64() * 1000.0),
+        "pressure": e.pressure,
     })
 }
 

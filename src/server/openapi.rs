@@ -448,6 +448,17 @@ fn schemas(state_enum: &Value) -> Value {
                 "slots": {"type": ["integer", "null"]},
                 "capabilities": {"type": "object"},
                 "startup_ms": {"type": ["number", "null"]},
+                "pressure": {
+                    "description": "what the runner's host had left at its last health check, from runners that measure it (host runners); else null",
+                    "type": ["object", "null"],
+                    "properties": {
+                        "load_1m": {"type": "number"},
+                        "memory_available_bytes": {"type": "integer", "minimum": 0},
+                        "disk_free_bytes": {"type": "integer", "minimum": 0},
+                        "disk_total_bytes": {"type": "integer", "minimum": 0},
+                        "disk_used_percent": {"type": "number"}
+                    }
+                },
                 "agent": {
                     "description": "the remote agent this runner belongs to (kind valkyrie), else null",
                     "type": ["object", "null"],

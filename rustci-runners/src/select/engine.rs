@@ -185,7 +185,7 @@ impl Filter for ResourcesFit {
     }
 }
 
-/// Unhealthy and offline runners take no jobs.
+/// Unhealthy, offline and full runners take no jobs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Healthy;
 
@@ -194,14 +194,15 @@ impl Filter for Healthy {
         "health"
     }
     fn check(&self, _job: &dyn JobSpec, runner: &RunnerSnapshot) -> Result<(), String> {
-        match runner.health {
+        match &runner.health {
             Health::Unhealthy(_) => Err("is unhealthy".into()),
             Health::Offline(_) => Err("is offline".into()),
+            Health::Full(why) => Err(format!("takes no new jobs ({why})")),
             _ => Ok(()),
         }
     }
     fn passes(&self, _job: &dyn JobSpec, runner: &RunnerSnapshot) -> bool {
-        runner.health.is_usable()
+        runner.health.takes_new_jobs()
     }
 }
 
