@@ -196,6 +196,8 @@ struct Shared {
     draining: std::sync::atomic::AtomicBool,
     /// Why a local runner cannot run jobs now, by name (from its health checks).
     unhealthy: Mutex<HashMap<String, String>>,
+    /// Why a local runner takes no new jobs for now (`Health::Full`), by name.
+    full: Mutex<HashMap<String, String>>,
     stop: CancellationToken,
     connected: tokio::sync::watch::Sender<bool>,
 }
@@ -338,6 +340,7 @@ impl Agent {
             self_fence: Mutex::new(Duration::from_secs(15)),
             draining: std::sync::atomic::AtomicBool::new(false),
             unhealthy: Mutex::new(HashMap::new()),
+            full: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             connected: tokio::sync::watch::channel(false).0,
             options,
@@ -717,15 +720,22 @@ async fn fence_watch(shared: Arc<Shared>) {
 async fn health_watch(shared: Arc<Shared>) {
     loop {
         for (name, r) in &shared.options.runners {
-            let why = match tokio::time::timeout(Duration::from_secs(5), r.health()).await {
-                Ok(h) if h.is_usable() => None,
-                Ok(h) => Some(h.to_string()),
-                Err(_) => Some("no health answer within 5 s".to_string()),
+            let (why, full) = match tokio::time::timeout(Duration::from_secs(5), r.health()).await {
+                Ok(rustci_runners::Health::Full(why)) => (None, Some(why)),
+                Ok(h) if h.is_usable() => (None, None),
+                Ok(h) => (Some(h.to_string()), None),
+                Err(_) => (Some("no health answer within 5 s".to_string()), None),
             };
             let mut unhealthy = shared.unhealthy.lock().expect("health");
             match why {
                 Some(w) => unhealthy.insert(name.clone(), w),
                 None => unhealthy.remove(name),
+            };
+            drop(unhealthy);
+            let mut full_now = shared.full.lock().expect("health");
+            match full {
+                Some(w) => full_now.insert(name.clone(), w),
+                None => full_now.remove(name),
             };
         }
         tokio::select! {
@@ -757,6 +767,7 @@ fn heartbeat(shared: &Shared, seq: u64) -> proto::AgentMessage {
             seq,
             free,
             unhealthy: shared.unhealthy.lock().expect("health").clone(),
+            full: shared.full.lock().expect("health").clone(),
             running: attempts
                 .keys()
                 .map(|k| proto::AttemptRef {

@@ -148,6 +148,8 @@ struct AgentLive {
     draining: bool,
     lost: bool,
     unhealthy: HashMap<String, String>,
+    /// Local runners that take no new jobs for now (`Heartbeat.full`), with why.
+    full: HashMap<String, String>,
 }
 
 type Key = (String, u32);
@@ -649,6 +651,7 @@ impl Hub {
                     draining: false,
                     lost: false,
                     unhealthy: HashMap::new(),
+                    full: HashMap::new(),
                 },
             );
         }
@@ -1130,9 +1133,10 @@ impl HubInner {
             return Health::Unhealthy(format!("agent {agent} is not registered (revoked?)"));
         };
         match status_of(a) {
-            AgentStatus::Healthy => match a.unhealthy.get(local) {
-                Some(why) => Health::Unhealthy(format!("on agent {}: {why}", a.record.name)),
-                None => Health::Healthy,
+            AgentStatus::Healthy => match (a.unhealthy.get(local), a.full.get(local)) {
+                (Some(why), _) => Health::Unhealthy(format!("on agent {}: {why}", a.record.name)),
+                (None, Some(why)) => Health::Full(format!("on agent {}: {why}", a.record.name)),
+                (None, None) => Health::Healthy,
             },
             AgentStatus::Draining => {
                 Health::Offline(format!("agent {} is draining", a.record.name))
@@ -1895,6 +1899,7 @@ impl proto::valkyrie_server::Valkyrie for Service {
                     draining: false,
                     lost: false,
                     unhealthy: HashMap::new(),
+                    full: HashMap::new(),
                 },
             );
             drop(state);
@@ -2108,6 +2113,7 @@ async fn start_session(
         a.draining = hello.draining;
         a.lost = false;
         a.unhealthy.clear();
+        a.full.clear();
         let (labels, name) = (a.record.labels.clone(), a.record.name.clone());
         // Attempts the control plane has for this agent that it no longer holds: the
         // process that ran them is gone (a new boot id), or it forgot them. Lost now,
@@ -2390,8 +2396,16 @@ async fn handle(
                             .into_iter()
                             .filter(|(_, why)| !why.is_empty())
                             .collect();
-                        let changed = unhealthy != a.unhealthy || was_draining != a.draining;
+                        let full: HashMap<String, String> = h
+                            .full
+                            .into_iter()
+                            .filter(|(_, why)| !why.is_empty())
+                            .collect();
+                        let changed = unhealthy != a.unhealthy
+                            || full != a.full
+                            || was_draining != a.draining;
                         a.unhealthy = unhealthy;
+                        a.full = full;
                         // Attempts the agent runs that the control plane gave up (lost
                         // while it was away, cancelled meanwhile): it must stop them.
                         let strays: Vec<proto::AttemptRef> = h

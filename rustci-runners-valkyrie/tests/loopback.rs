@@ -539,3 +539,68 @@ async fn finished_attempts_leave_empty_spares_that_the_next_attempts_reuse() {
     assert_eq!(log_of(&cp.plane, &id).await, b"second\n");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_runner_with_a_full_disk_is_degraded_and_takes_no_new_jobs() {
+    let cp = control_side().await;
+    let data = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let used = rustci_runners::HostPressure::measure(ws.path())
+        .disk_used_percent
+        .unwrap_or(0.0);
+    if used < 1.0 {
+        eprintln!(
+            "SKIPPED: the temporary directory's file system is {used:.2}% used; the test needs a threshold below its use"
+        );
+        return;
+    }
+    let mut c = rustci_runners::HostConfig::named("agent-full");
+    c.workspace_root = ws.path().to_path_buf();
+    c.disk_full_percent = used / 2.0;
+    let mut options = agent_options(&cp, data.path());
+    options.runners = vec![(
+        "local".into(),
+        std::sync::Arc::new(rustci_runners::LocalRunner::new(c).unwrap()),
+    )];
+    let agent = Agent::start(options).await.unwrap();
+    agent.wait_connected(true).await;
+    // The agent's heartbeat says its runner is full: degraded (not unhealthy), no new jobs.
+    let id = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(e) = cp.plane.registry().list().into_iter().find(|e| {
+                e.info().kind == rustci_runners::RunnerKind::Valkyrie
+                    && matches!(e.health, rustci_runners::Health::Full(_))
+            }) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the agent's runner shows as full");
+    assert_eq!(id.status, rustci_control::RunnerStatus::Degraded);
+    let why = id.health.to_string();
+    assert!(
+        why.starts_with("full: on agent agent-a: workspace disk "),
+        "{why}"
+    );
+    let job = cp.plane.submit(remote_job("echo ran"), "test").unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let r = cp.plane.get(&job).unwrap();
+            if r.why_pending
+                .as_deref()
+                .is_some_and(|w| w.contains("workspace disk"))
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the job waits, saying why");
+    assert_eq!(record.state, JobState::Queued);
+    assert!(record.attempts.is_empty());
+    assert!(cp.plane.cancel(&job));
+    agent.stop().await;
+}

@@ -215,6 +215,14 @@ pub struct Heartbeat {
     pub running: ::prost::alloc::vec::Vec<AttemptRef>,
     #[prost(bool, tag = "5")]
     pub draining: bool,
+    /// Per local runner name: why it takes no new jobs for now while its running jobs go
+    /// on (its host is short of something, e.g. "workspace disk 97% full"); absent when it
+    /// takes jobs. An older agent never sends it.
+    #[prost(map = "string, string", tag = "6")]
+    pub full: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HeartbeatAck {
