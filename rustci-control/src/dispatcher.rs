@@ -1427,7 +1427,9 @@ async fn follow_execution(
     // taken up again after a restart (its job's pickup is long past, or unknown).
     let mut first_output = !reattached;
     while let Some(event) = execution.next_event().await {
+        // A reattached attempt's first event is no start-up (it started before).
         if std::mem::take(&mut first)
+            && !reattached
             && let Some(change) = state.registry.record_startup(&runner_id, started.elapsed())
         {
             report_finding(state, change);
@@ -1558,10 +1560,28 @@ fn end_attempt(
     if let Some(o) = &state.observer {
         o.attempt_ended(runner.info().kind.as_str(), &outcome, started.elapsed());
     }
-    // The runner's fault (it failed the job, or lost it) counts against it.
-    let fault = matches!(outcome, Outcome::RunnerError { .. } | Outcome::Lost);
-    if let Some(change) = state.registry.record_outcome(&runner_id, fault) {
-        report_finding(&state, change);
+    // The runner's fault counts against it: a failure of its own (a temporary runner
+    // error: its engine, cluster or host) or a job it lost. Not an attempt it handed back
+    // before it started (declined: busy, not broken), nor a permanent refusal, which
+    // is the job's (a spec or an image that can never work).
+    let handed_back = state
+        .jobs
+        .lock()
+        .expect("jobs")
+        .get(&id)
+        .and_then(|r| r.attempts.last().map(|a| a.declined))
+        .unwrap_or(false);
+    if !handed_back {
+        let fault = matches!(
+            outcome,
+            Outcome::RunnerError {
+                temporary: true,
+                ..
+            } | Outcome::Lost
+        );
+        if let Some(change) = state.registry.record_outcome(&runner_id, fault) {
+            report_finding(&state, change);
+        }
     }
     tracing::info!(job_id = %id, attempt = number, outcome = %outcome, "attempt ended");
     state.assigned.lock().expect("assigned").remove(&id);

@@ -105,8 +105,9 @@ pub struct RunnerEntry {
     /// The last [`HEALTH_HISTORY`] health checks, oldest first (shared between copies of
     /// the entry until one changes).
     pub checks: Arc<VecDeque<HealthCheck>>,
-    /// What the control plane saw of its recent jobs (degradation detection).
-    pub track: RunnerTrack,
+    /// What the control plane saw of its recent jobs (degradation detection; shared
+    /// between copies of the entry until one changes).
+    pub track: Arc<RunnerTrack>,
     /// What its host had left at the last health check ([`Runner::pressure`]).
     pub pressure: Option<rustci_runners::HostPressure>,
     next_check: Instant,
@@ -356,7 +357,7 @@ impl Registry {
             startups: Vec::new(),
             failures: 0,
             checks: Arc::new(VecDeque::new()),
-            track: RunnerTrack::default(),
+            track: Arc::new(RunnerTrack::default()),
             pressure: None,
             next_check: Instant::now(),
             check_asked: false,
@@ -396,7 +397,14 @@ impl Registry {
     ) -> Option<StatusChange> {
         let mut entries = self.entries.write().expect("registry");
         let e = entries.get_mut(id)?;
-        if !f(&mut e.track, &self.degradation) || e.status == RunnerStatus::Draining {
+        if !f(Arc::make_mut(&mut e.track), &self.degradation) {
+            return None;
+        }
+        // Findings move a runner only between healthy and degraded: a draining,
+        // unhealthy or offline runner stays as it is (its next health check decides).
+        if !matches!(e.status, RunnerStatus::Healthy | RunnerStatus::Degraded)
+            || !matches!(e.health, Health::Healthy)
+        {
             return None;
         }
         let to = status_for(&e.health, e.track.reason());
@@ -608,11 +616,15 @@ impl Registry {
             .collect();
         let checks = due.into_iter().map(|(id, runner)| async move {
             let started = Instant::now();
-            let health = match tokio::time::timeout(timeout, runner.health()).await {
-                Ok(h) => h,
-                Err(_) => Health::Unhealthy(format!("no health answer within {timeout:?}")),
+            let checked = async { (runner.health().await, runner.pressure()) };
+            let (health, pressure) = match tokio::time::timeout(timeout, checked).await {
+                Ok(answer) => answer,
+                Err(_) => (
+                    Health::Unhealthy(format!("no health answer within {timeout:?}")),
+                    None,
+                ),
             };
-            (id, health, started.elapsed(), runner.pressure())
+            (id, health, started.elapsed(), pressure)
         });
         let results = futures::future::join_all(checks).await;
         let mut changes = Vec::new();

@@ -2501,9 +2501,15 @@ async fn handle(
                         Status::invalid_argument(format!("step_finished.status_json: {e}"))
                     })?;
                     if !s.usage_json.is_empty() {
-                        let usage = serde_json::from_str(&s.usage_json).map_err(|e| {
-                            Status::invalid_argument(format!("step_finished.usage_json: {e}"))
-                        })?;
+                        let usage =
+                            serde_json::from_str::<rustci_runners::ResourceUsage>(&s.usage_json)
+                                .map_err(|e| e.to_string())
+                                .and_then(|u| u.check().map(|()| u))
+                                .map_err(|e| {
+                                    Status::invalid_argument(format!(
+                                        "step_finished.usage_json: {e}"
+                                    ))
+                                })?;
                         if let Some(a) = inner.state.lock().expect("hub").attempts.get(&k) {
                             let _ = a.work.send(Work::Event(EventKind::Usage {
                                 step: Some(s.step as usize),
@@ -2569,6 +2575,8 @@ async fn handle(
                 .map_err(|e| Status::invalid_argument(format!("complete.outcome_json: {e}")))?;
             if !c.usage_json.is_empty() {
                 serde_json::from_str::<rustci_runners::ResourceUsage>(&c.usage_json)
+                    .map_err(|e| e.to_string())
+                    .and_then(|u| u.check())
                     .map_err(|e| Status::invalid_argument(format!("complete.usage_json: {e}")))?;
             }
             let offered = {

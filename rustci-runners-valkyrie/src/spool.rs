@@ -525,7 +525,13 @@ mod tests {
         roomy.retire(&dir.path().join("never.out"));
         assert_eq!(roomy.len(), 0, "no file, nothing kept");
         let mut quiet = Spool::lazy_with(&dir.path().join("quiet.out"), &roomy);
+        let before = roomy.next.load(Ordering::Relaxed);
         quiet.retire(&roomy);
+        assert_eq!(
+            roomy.next.load(Ordering::Relaxed),
+            before,
+            "not handed to the spares at all (no rename tried)"
+        );
         assert_eq!(
             roomy.len(),
             0,

@@ -757,7 +757,7 @@ async fn a_message_of_no_known_kind_ends_the_session_with_invalid_argument() {
                         name: "build".into(),
                         status_json: "{\"exited\": 0}".into(),
                         duration_ms: 1,
-                        usage_json: "{\"cpu_user_seconds\": \"lots\"}".into(),
+                        usage_json: "{\"cpu_user_seconds\": -1.5}".into(),
                     },
                 )),
             })),

@@ -470,6 +470,9 @@ pub(crate) struct WorkspacePool {
     home: PathBuf,
     /// Whether `home` is this process's owner directory.
     owned: bool,
+    /// `home` with its existing part resolved (symbolic links, `..`): the key of
+    /// [`OWNER_DIRS`], so that two spellings of one root share one count.
+    key: PathBuf,
     /// `home` (and its `owner` file) exist, as far as this pool knows.
     ready: std::sync::atomic::AtomicBool,
     free: std::sync::Mutex<Vec<PathBuf>>,
@@ -501,6 +504,28 @@ fn owner_dir_name() -> String {
     let start = parts.next().unwrap_or("0");
     let pid = parts.next().unwrap_or("0");
     format!("rustci-{host}-{pid}-{start}")
+}
+
+/// `path` with its longest existing prefix canonicalized (the rest appended as is).
+fn resolved(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            let mut out = c;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// Removes the owner directories under `root` whose process (on this host) is gone;
@@ -544,17 +569,20 @@ impl WorkspacePool {
         let (home, owned) = if keep {
             (root.clone(), false)
         } else {
-            let home = root.join(owner_dir_name());
-            let mut dirs = OWNER_DIRS.lock().expect("owner dirs");
-            match dirs.iter_mut().find(|(d, _)| *d == home) {
-                Some((_, n)) => *n += 1,
-                None => dirs.push((home.clone(), 1)),
-            }
-            (home, true)
+            (root.join(owner_dir_name()), true)
         };
+        let key = resolved(&home);
+        if owned {
+            let mut dirs = OWNER_DIRS.lock().expect("owner dirs");
+            match dirs.iter_mut().find(|(d, _)| *d == key) {
+                Some((_, n)) => *n += 1,
+                None => dirs.push((key.clone(), 1)),
+            }
+        }
         WorkspacePool {
             home,
             owned,
+            key,
             ready: std::sync::atomic::AtomicBool::new(false),
             free: std::sync::Mutex::new(Vec::new()),
         }
@@ -587,7 +615,11 @@ impl WorkspacePool {
                 return Ok(path);
             }
         }
-        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
+        // The owner file is checked too: without it a crash would leave this process's
+        // workspaces unswept (a temporary-file cleaner may have removed it, say).
+        if !self.ready.load(std::sync::atomic::Ordering::Acquire)
+            || (self.owned && !self.home.join(OWNER_FILE).exists())
+        {
             self.prepare()?;
         }
         let path = self.home.join(format!("ws-{}", JobId::new()));
@@ -635,7 +667,7 @@ impl Drop for WorkspacePool {
             return;
         }
         let mut dirs = OWNER_DIRS.lock().expect("owner dirs");
-        let Some(i) = dirs.iter().position(|(d, _)| *d == self.home) else {
+        let Some(i) = dirs.iter().position(|(d, _)| *d == self.key) else {
             return;
         };
         dirs[i].1 -= 1;

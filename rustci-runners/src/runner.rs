@@ -590,6 +590,9 @@ pub enum UsageFigure {
     PeakMemory,
     /// Bytes read and written.
     Io,
+    /// A figure of a newer version, which this one does not know.
+    #[serde(other)]
+    Other,
 }
 
 /// What a job used, measured by the runner that ran it from the kernel or its engine,
@@ -622,6 +625,22 @@ impl ResourceUsage {
     /// User plus system CPU time, when both were measured.
     pub fn cpu_seconds(&self) -> Option<f64> {
         Some(self.cpu_user_seconds? + self.cpu_system_seconds?)
+    }
+
+    /// Checks the figures from an untrusted source (a remote agent): CPU times finite
+    /// and not negative, or why not.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("cpu_user_seconds", self.cpu_user_seconds),
+            ("cpu_system_seconds", self.cpu_system_seconds),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(format!("{name}: {v} is not a finite number of seconds ≥ 0"));
+            }
+        }
+        Ok(())
     }
 
     /// True when no figure was measured.

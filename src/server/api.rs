@@ -326,7 +326,7 @@ pub(super) fn audit(
 /// client at `peer`, counted under `source` ([`client_key`]): recorded one by one only
 /// as [`AuthFailures`] allows, the rest in the summaries of its window.
 pub(super) fn audit_auth_failure(
-    app: &App,
+    app: &Arc<App>,
     peer: &str,
     source: &str,
     action: &str,
@@ -336,7 +336,11 @@ pub(super) fn audit_auth_failure(
     let (verdict, summaries) = app
         .auth_failures
         .failed(&format!("{action} {source}"), Instant::now());
-    audit_failure_summaries(app, summaries);
+    if !summaries.is_empty() {
+        // The window that ended: its summaries off the request's thread.
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || audit_failure_summaries(&app, summaries));
+    }
     if verdict == FailureVerdict::Record {
         audit(
             app,
@@ -657,7 +661,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         .registry()
         .list()
         .iter()
-        .filter(|e| e.status.takes_jobs())
+        .filter(|e| e.status.takes_jobs() && e.effective_health().takes_new_jobs())
         .count();
     match store {
         Ok(_) if app.plane.accepting() => Json(json!({
@@ -686,9 +690,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 
 /// Whether the caller may read `/metrics` (`metrics_allow`, `metrics_key_required`).
 fn metrics_access(
-    app: &App,
+    app: &Arc<App>,
     peer: Option<std::net::IpAddr>,
     headers: &HeaderMap,
+    rid: &str,
 ) -> Result<(), ApiError> {
     let config = &app.config;
     if !config.metrics_allow.is_empty() {
@@ -707,7 +712,28 @@ fn metrics_access(
         }
     }
     if config.metrics_key_required {
+        // Keys guessed here are limited and audited as on the API routes.
+        let source = peer.map_or_else(|| "unknown".to_string(), client_key);
+        if let Err(wait) = app.limiter.check(&format!("ip:{source}")) {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMIT_EXCEEDED",
+                "too many requests; slow down",
+            )
+            .details(json!({"retry_after_seconds": wait.as_secs_f64()}));
+            e.retry_after = Some(wait.as_secs().max(1));
+            return Err(e);
+        }
+        let peer_text = peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         let Some(c) = credential(headers) else {
+            audit_auth_failure(
+                app,
+                &peer_text,
+                &source,
+                "auth.failed",
+                Some("GET /metrics"),
+                rid,
+            );
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "AUTHENTICATION_REQUIRED",
@@ -724,6 +750,14 @@ fn metrics_access(
                 ));
             }
             Err(why) => {
+                audit_auth_failure(
+                    app,
+                    &peer_text,
+                    &source,
+                    "auth.failed",
+                    Some("GET /metrics"),
+                    rid,
+                );
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "AUTHENTICATION_REQUIRED",
@@ -737,10 +771,11 @@ fn metrics_access(
 
 async fn metrics(
     State(app): State<Arc<App>>,
+    Extension(rid): Extension<RequestId>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = metrics_access(&app, peer.map(|c| c.0.0.ip()), &headers) {
+    if let Err(e) = metrics_access(&app, peer.map(|c| c.0.0.ip()), &headers, &rid.0) {
         return e.into_response();
     }
     let text = app

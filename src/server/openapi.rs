@@ -330,7 +330,8 @@ fn paths(
                 "responses": {
                     "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}, "application/openmetrics-text": {"schema": {"type": "string"}}}},
                     "401": err("`metrics_key_required` is set and no valid API key was given"),
-                    "403": err("The client's address is not in `metrics_allow`, or a registration token was given")
+                    "403": err("The client's address is not in `metrics_allow`, or a registration token was given"),
+                    "429": err("`metrics_key_required` is set and this address sent too many requests")
                 }
             }
         },
