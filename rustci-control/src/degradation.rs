@@ -274,15 +274,21 @@ mod tests {
 
     #[test]
     fn bad_options_are_refused_with_the_field_named() {
-        let mut o = DegradationOptions::default();
-        assert!(o.check().is_ok());
-        o.fault_rate = 0.0;
+        assert!(DegradationOptions::default().check().is_ok());
+        let o = DegradationOptions {
+            fault_rate: 0.0,
+            ..DegradationOptions::default()
+        };
         assert!(o.check().unwrap_err().contains("fault_rate"));
-        let mut o = DegradationOptions::default();
-        o.startup_factor = 0.5;
+        let o = DegradationOptions {
+            startup_factor: 0.5,
+            ..DegradationOptions::default()
+        };
         assert!(o.check().unwrap_err().contains("startup_factor"));
-        let mut o = DegradationOptions::default();
-        o.fault_min = 30;
+        let o = DegradationOptions {
+            fault_min: 30,
+            ..DegradationOptions::default()
+        };
         assert!(o.check().unwrap_err().contains("fault_min"));
     }
 }
