@@ -95,7 +95,8 @@ fn rustci_runs_jobs_on_the_standalone_fake_cluster() {
     );
     assert_eq!(code, 3, "stdout {out:?} stderr {err:?}");
     assert_eq!(out, "hello ***\n");
-    assert!(err.starts_with("warn\n"), "{err}");
+    // The step's stderr after its header line.
+    assert!(err.starts_with("── step 1/2 \"step-1\"\nwarn\n"), "{err}");
     assert!(err.contains("on kubernetes runner kubernetes"), "{err}");
 
     let (code, out, err) = rustci(&kubeconfig, &["runners"]);
