@@ -1454,10 +1454,21 @@ async fn a_runner_whose_workspace_disk_fills_up_takes_no_new_jobs_until_it_recov
     assert!(health.starts_with("full: workspace disk 9"), "{health}");
     assert!(health.contains("% full"), "{health}");
     let id = submit(&c, sh_job("waits", "echo ran")).await;
-    let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+    // Once a dispatch round has looked at it, it waits saying why.
+    let job = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+            let why = job["why_pending"].as_str().unwrap_or_default();
+            if why.contains("workspace disk") {
+                return job;
+            }
+            assert_eq!(job["state"], "queued", "{job}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the job waits for the full runner, saying why");
     assert_eq!(job["state"], "queued", "{job}");
-    let why = job["why_pending"].as_str().unwrap_or_default();
-    assert!(why.contains("workspace disk"), "{job}");
 
     // Room again: it recovers at its next health check and the job runs.
     std::fs::remove_file(&filler).unwrap();

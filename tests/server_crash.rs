@@ -1,51 +1,19 @@
 //! The server binary killed with SIGKILL mid-job and started again: nothing is lost and
 //! nothing runs twice at once.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
+use common::{ServerProc, start_server};
 
 use rustci::client::ApiClient;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "crash-admin-key-0123456789";
 
-struct Proc {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rustci-server"))
-        .env("RUSTCI_CONFIG", dir.join("server.yaml"))
-        .env("RUSTCI_DATA_DIR", dir.join("data"))
-        .env("RUSTCI_LISTEN", "127.0.0.1:0")
-        .env("RUSTCI_ADMIN_KEY", ADMIN)
-        .env("RUSTCI_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("the server printed its address")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("rustci-server: listening on ") {
-            break addr.to_string();
-        }
-    };
-    // Keep draining stdout so the server never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
-    Proc { child, base }
+fn start(dir: &Path) -> ServerProc {
+    start_server(dir, ADMIN, "warn")
 }
 
 async fn submit(c: &ApiClient, job: Value) -> String {

@@ -724,23 +724,11 @@ fn metrics_access(
             e.retry_after = Some(wait.as_secs().max(1));
             return Err(e);
         }
-        let peer_text = peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-        let Some(c) = credential(headers) else {
-            audit_auth_failure(
-                app,
-                &peer_text,
-                &source,
-                "auth.failed",
-                Some("GET /metrics"),
-                rid,
-            );
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "AUTHENTICATION_REQUIRED",
-                "metrics need an API key (use X-API-Key or Authorization: Bearer)",
-            ));
+        let principal = match credential(headers) {
+            Some(c) => app.keys.authenticate(&c),
+            None => Err("metrics need an API key (use X-API-Key or Authorization: Bearer)".into()),
         };
-        match app.keys.authenticate(&c) {
+        match principal {
             Ok(p) if p.role != Role::Runner => {}
             Ok(_) => {
                 return Err(ApiError::new(
@@ -750,9 +738,10 @@ fn metrics_access(
                 ));
             }
             Err(why) => {
+                let peer = peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
                 audit_auth_failure(
                     app,
-                    &peer_text,
+                    &peer,
                     &source,
                     "auth.failed",
                     Some("GET /metrics"),
