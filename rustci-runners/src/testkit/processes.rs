@@ -45,12 +45,39 @@ pub(crate) fn job_pids(id: &JobId, host: bool, since: u64) -> Result<Vec<i32>, F
         if cannot_be_the_jobs || (host && of_another_user(pid)) {
             continue;
         }
+        // Unreadable for a moment (a process of another program in the middle of exec or
+        // of a change of credentials, say): read it again a few times before judging.
+        if let Some(matches) = reread_environ(pid, id) {
+            if matches {
+                return Err(Failure(format!(
+                    "{} is a process of job {id} (read on a second try)",
+                    describe_process(pid)
+                )));
+            }
+            continue;
+        }
         return Err(Failure(format!(
             "cannot read /proc/{pid}/environ ({e}) of {}, so cannot tell whether it is a process of job {id}",
             describe_process(pid)
         )));
     }
     Ok(scan.matching)
+}
+
+/// Reads `pid`'s environment again up to 10 times over about 100 ms: `Some(true)` when it
+/// names job `id`, `Some(false)` when it does not or the process is gone, `None` when it
+/// stays unreadable.
+fn reread_environ(pid: i32, id: &JobId) -> Option<bool> {
+    let needle = format!("RUSTCI_JOB_ID={id}");
+    for _ in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        match std::fs::read(format!("/proc/{pid}/environ")) {
+            Ok(env) => return Some(env.split(|b| *b == 0).any(|v| v == needle.as_bytes())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+            Err(_) => {}
+        }
+    }
+    None
 }
 
 /// Clock ticks since boot now, in the unit and clock of the start time in
