@@ -348,10 +348,15 @@ impl Drop for SlotGuard {
 
 /// Total memory of this host from `/proc/meminfo`.
 fn host_memory() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// A `/proc/meminfo` figure (`key` with its colon), in bytes.
+fn meminfo(key: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")
         .ok()?
         .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
+        .find(|l| l.starts_with(key))?
         .split_whitespace()
         .nth(1)?
         .parse::<u64>()
@@ -420,15 +425,7 @@ impl HostPressure {
         let load_1m = std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok());
-        let memory_available_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-                .map(|kb| kb * 1024)
-        });
+        let memory_available_bytes = meminfo("MemAvailable:");
         let mut p = HostPressure {
             load_1m,
             memory_available_bytes,

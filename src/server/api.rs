@@ -385,6 +385,19 @@ pub(super) fn audit_failure_summaries(app: &App, summaries: Vec<super::auth::Fai
     }
 }
 
+/// 429 `RATE_LIMIT_EXCEEDED` with `Retry-After` for a caller whose bucket refills in
+/// `wait`.
+fn rate_limited(wait: Duration) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RATE_LIMIT_EXCEEDED",
+        "too many requests; slow down",
+    )
+    .details(json!({"retry_after_seconds": wait.as_secs_f64()}));
+    e.retry_after = Some(wait.as_secs().max(1));
+    e
+}
+
 /// Authenticates `X-API-Key` or `Authorization: Bearer`, then applies the rate limit.
 async fn authenticate(
     State(app): State<Arc<App>>,
@@ -424,14 +437,7 @@ async fn authenticate(
         Err(_) => format!("ip:{source}"),
     };
     if let Err(wait) = app.limiter.check(&limit_key) {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "RATE_LIMIT_EXCEEDED",
-            "too many requests; slow down",
-        )
-        .details(json!({"retry_after_seconds": wait.as_secs_f64()}));
-        e.retry_after = Some(wait.as_secs().max(1));
-        return e.into_response();
+        return rate_limited(wait).into_response();
     }
     match principal {
         Ok(p) => {
@@ -715,14 +721,7 @@ fn metrics_access(
         // Keys guessed here are limited and audited as on the API routes.
         let source = peer.map_or_else(|| "unknown".to_string(), client_key);
         if let Err(wait) = app.limiter.check(&format!("ip:{source}")) {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "RATE_LIMIT_EXCEEDED",
-                "too many requests; slow down",
-            )
-            .details(json!({"retry_after_seconds": wait.as_secs_f64()}));
-            e.retry_after = Some(wait.as_secs().max(1));
-            return Err(e);
+            return Err(rate_limited(wait));
         }
         let principal = match credential(headers) {
             Some(c) => app.keys.authenticate(&c),
