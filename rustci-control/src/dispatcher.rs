@@ -210,6 +210,10 @@ pub trait Observer: Send + Sync {
     fn runner_status(&self, change: &StatusChange) {
         let _ = change;
     }
+    /// A retention pass ended (its figures, and the logs by state after it).
+    fn retention(&self, report: &crate::retention::RetentionReport) {
+        let _ = report;
+    }
 }
 
 /// How a [`ControlPlane`] is built.
@@ -225,6 +229,9 @@ pub struct ControlOptions {
     pub observer: Option<Arc<dyn Observer>>,
     /// Degradation detection's thresholds and windows.
     pub degradation: crate::degradation::DegradationOptions,
+    /// Log, job and audit retention by a background task; `None` (the default) keeps
+    /// everything.
+    pub retention: Option<crate::retention::RetentionOptions>,
 }
 
 impl Default for ControlOptions {
@@ -235,6 +242,7 @@ impl Default for ControlOptions {
             log_dir: None,
             observer: None,
             degradation: Default::default(),
+            retention: None,
         }
     }
 }
@@ -330,6 +338,8 @@ struct State {
     events: broadcast::Sender<ControlEvent>,
     seq: AtomicU64,
     stop: CancellationToken,
+    /// One retention pass at a time.
+    retaining: tokio::sync::Mutex<()>,
 }
 
 /// The in-process control plane. Cheap to clone; all clones drive the same state.
@@ -366,6 +376,10 @@ impl ControlPlane {
         };
         let health_interval = options.health_interval;
         options.degradation.check().map_err(Error::Config)?;
+        let retention = options.retention.filter(|r| r.enabled);
+        if let Some(r) = &retention {
+            r.check().map_err(Error::Config)?;
+        }
         let (events, _) = broadcast::channel(4096);
         let state = Arc::new(State {
             registry: Registry::with_degradation(options.degradation),
@@ -388,9 +402,13 @@ impl ControlPlane {
             events,
             seq: AtomicU64::new(0),
             stop: CancellationToken::new(),
+            retaining: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(dispatch_loop(state.clone()));
         tokio::spawn(health_loop(state.clone(), health_interval));
+        if let Some(r) = retention {
+            tokio::spawn(retention_loop(state.clone(), r));
+        }
         Ok(ControlPlane { state })
     }
 
@@ -759,6 +777,23 @@ impl ControlPlane {
         Some(self.state.logs.follow(id, offset))
     }
 
+    /// A finished job's log record: whether its log is kept, compressed or expired, and
+    /// its sizes. `None` while the job runs, or when it is unknown.
+    pub fn log_record(&self, id: &JobId) -> Result<Option<crate::store::LogRecord>, Error> {
+        self.state.store.log_record(id)
+    }
+
+    /// Runs one retention pass now with `options`, with ages counted back from `now`
+    /// (normally `SystemTime::now()`), waiting for a pass under way to end first. The
+    /// background task (`ControlOptions::retention`) runs the same passes.
+    pub async fn retain(
+        &self,
+        options: &crate::retention::RetentionOptions,
+        now: SystemTime,
+    ) -> Result<crate::retention::RetentionReport, Error> {
+        retain(&self.state, options, now).await
+    }
+
     /// Cancels a queued or running job. False when unknown or already ended.
     pub fn cancel(&self, id: &JobId) -> bool {
         if self.state.queue.lock().expect("queue").remove(id) {
@@ -1002,6 +1037,55 @@ async fn health_loop(state: Arc<State>, interval: Duration) {
                 id: change.runner_id,
                 status: change.to,
             });
+        }
+    }
+}
+
+async fn retain(
+    state: &State,
+    options: &crate::retention::RetentionOptions,
+    now: SystemTime,
+) -> Result<crate::retention::RetentionReport, Error> {
+    let _one = state.retaining.lock().await;
+    let report = crate::retention::pass(
+        state.store.clone(),
+        state.logs.clone(),
+        options,
+        now,
+        &state.stop,
+    )
+    .await?;
+    if let Some(o) = &state.observer {
+        o.retention(&report);
+    }
+    Ok(report)
+}
+
+async fn retention_loop(state: Arc<State>, options: crate::retention::RetentionOptions) {
+    let mut tick = tokio::time::interval(options.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match retain(&state, &options, SystemTime::now()).await {
+            Ok(r) => {
+                let changed = r.compressed + r.expired + r.jobs_deleted + r.audit_deleted;
+                if changed > 0 || r.errors > 0 {
+                    tracing::info!(
+                        compressed = r.compressed,
+                        expired = r.expired,
+                        jobs_deleted = r.jobs_deleted,
+                        audit_deleted = r.audit_deleted,
+                        errors = r.errors,
+                        batches = r.batches,
+                        longest_batch_ms = r.longest_batch.as_millis() as u64,
+                        "retention pass"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %Chain(&e), "retention pass failed"),
         }
     }
 }

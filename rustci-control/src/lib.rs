@@ -20,12 +20,14 @@
 
 #![deny(missing_docs)]
 
+mod archive;
 pub mod degradation;
 mod dispatcher;
 mod error;
 mod logs;
 mod queue;
 mod registry;
+pub mod retention;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod store;
@@ -36,11 +38,15 @@ pub use dispatcher::{
     Observer, Recovery, attempt_id, parse_attempt_id,
 };
 pub use error::Error;
-pub use logs::{LogChunk, LogFollower, LogHub};
+pub use logs::{LogChunk, LogFollower, LogHub, StoredLog};
 pub use queue::{JobQueue, QueuedJob};
 pub use registry::{
     HEALTH_HISTORY, HealthCheck, RegisterOptions, Registry, RunnerEntry, RunnerStatus, StatusChange,
 };
+pub use retention::{RetentionOptions, RetentionReport};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
-pub use store::{AuditEntry, JobPage, JobQuery, MemoryStore, RunnerRecord, Store, Transition};
+pub use store::{
+    AuditEntry, JobPage, JobQuery, LogRecord, LogState, LogTotals, MemoryStore, RunnerRecord,
+    Store, Transition,
+};

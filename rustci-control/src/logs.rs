@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::Error;
+use crate::archive::{self, Archive, Source};
 use rustci_runners::runner::JobId;
 
 /// Largest chunk a follower gets at once.
@@ -49,13 +50,29 @@ struct Inner {
     /// Closed logs' ranges read back from their files, the last few (a follower of a
     /// long log asks for every chunk).
     read_back: Mutex<HashMap<JobId, Arc<Ranges>>>,
+    /// Compressed logs opened for reading, the last few (with a directory), or all of
+    /// them (in memory, where they are the storage).
+    archives: Mutex<HashMap<JobId, Arc<Archive>>>,
 }
 
 /// Byte ranges `[start, end)` of a log, in order.
 type Ranges = Vec<(u64, u64)>;
 
-/// Closed logs whose stderr ranges stay read back.
+/// Closed logs whose stderr ranges stay read back, and compressed logs kept open.
 const READ_BACK: usize = 64;
+
+/// What a finished log takes in storage: its stored bytes (compressed when it is) and
+/// its original length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredLog {
+    /// Bytes in storage.
+    pub bytes: u64,
+    /// Bytes of the log as written.
+    pub original: u64,
+    /// Whether it is stored compressed.
+    pub compressed: bool,
+}
 
 /// The merged ranges of a `.stderr` file (`start length` lines); none when it is absent.
 fn read_ranges(path: &std::path::Path) -> Vec<(u64, u64)> {
@@ -109,8 +126,37 @@ impl LogHub {
     }
 
     fn path(&self, id: &JobId) -> Option<PathBuf> {
+        self.file(id, "log")
+    }
+
+    fn file(&self, id: &JobId, ext: &str) -> Option<PathBuf> {
         let dir = self.inner.dir.as_ref()?;
-        safe_id(id.as_str()).then(|| dir.join(format!("{id}.log")))
+        safe_id(id.as_str()).then(|| dir.join(format!("{id}.{ext}")))
+    }
+
+    /// A compressed log, opened (and kept among the last few opened).
+    fn archive(&self, id: &JobId) -> Result<Option<Arc<Archive>>, Error> {
+        if let Some(a) = self.inner.archives.lock().expect("logs").get(id) {
+            return Ok(Some(a.clone()));
+        }
+        let Some(path) = self.file(id, "log.zst") else {
+            return Ok(None);
+        };
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::log(format!("opening log {}", path.display()), e)),
+        };
+        let a = Arc::new(
+            Archive::open(Source::File(f))
+                .map_err(|e| Error::log(format!("reading log {}", path.display()), e))?,
+        );
+        let mut cache = self.inner.archives.lock().expect("logs");
+        if cache.len() >= READ_BACK {
+            cache.clear();
+        }
+        cache.insert(id.clone(), a.clone());
+        Ok(Some(a))
     }
 
     /// How many bytes of a job's log are stored.
@@ -120,15 +166,204 @@ impl LogHub {
 
     fn stored_len(&self, id: &JobId) -> u64 {
         match self.path(id) {
-            Some(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-            None => self
-                .inner
-                .memory
-                .lock()
-                .expect("logs")
-                .get(id)
-                .map_or(0, |v| v.len() as u64),
+            Some(p) => match std::fs::metadata(p) {
+                Ok(m) => m.len(),
+                Err(_) => self.archive(id).ok().flatten().map_or(0, |a| a.len()),
+            },
+            None => match self.inner.memory.lock().expect("logs").get(id) {
+                Some(v) => v.len() as u64,
+                None => self
+                    .inner
+                    .archives
+                    .lock()
+                    .expect("logs")
+                    .get(id)
+                    .map_or(0, |a| a.len()),
+            },
         }
+    }
+
+    fn is_open(&self, id: &JobId) -> bool {
+        self.inner.live.lock().expect("logs").contains_key(id)
+    }
+
+    /// What a log takes in storage now; `None` while it is open.
+    pub fn stored(&self, id: &JobId) -> Result<Option<StoredLog>, Error> {
+        if self.is_open(id) {
+            return Ok(None);
+        }
+        if let Some(path) = self.path(id) {
+            match std::fs::metadata(&path) {
+                Ok(m) => {
+                    return Ok(Some(StoredLog {
+                        bytes: m.len(),
+                        original: m.len(),
+                        compressed: false,
+                    }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::log(format!("reading log {}", path.display()), e)),
+            }
+        } else if let Some(v) = self.inner.memory.lock().expect("logs").get(id) {
+            let n = v.len() as u64;
+            return Ok(Some(StoredLog {
+                bytes: n,
+                original: n,
+                compressed: false,
+            }));
+        }
+        let archive = match self.inner.dir {
+            Some(_) => self.archive(id)?,
+            None => self.inner.archives.lock().expect("logs").get(id).cloned(),
+        };
+        Ok(Some(archive.map_or(StoredLog::default(), |a| StoredLog {
+            bytes: a.stored(),
+            original: a.len(),
+            compressed: true,
+        })))
+    }
+
+    /// Compresses finished logs ([`crate::archive`]'s seekable zstd format), each read
+    /// back the same through [`LogHub::read`] and [`LogHub::follow`]. Per log: what it
+    /// takes now, or `None` when it is open (only finished logs may be given). A log
+    /// compressed already, or empty, is left as it is. With a directory, each archive is
+    /// written beside the log, made durable and renamed into place before the log is
+    /// removed, so a crash at any point leaves one complete copy readable.
+    pub fn compress(&self, ids: &[JobId]) -> Vec<Result<Option<StoredLog>, Error>> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut renamed = Vec::new();
+        for id in ids {
+            out.push(self.compress_one(id, &mut renamed));
+        }
+        if let (Some(dir), false) = (&self.inner.dir, renamed.is_empty()) {
+            // The renames are durable before any original goes.
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                let e = Error::log(format!("syncing log directory {}", dir.display()), e);
+                tracing::error!(error = %e, "compressed logs are kept beside their originals");
+                return out;
+            }
+            for path in renamed {
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::error!(path = %path.display(), error = %e, "removing a log after compressing it");
+                }
+            }
+        }
+        out
+    }
+
+    fn compress_one(
+        &self,
+        id: &JobId,
+        renamed: &mut Vec<PathBuf>,
+    ) -> Result<Option<StoredLog>, Error> {
+        if self.is_open(id) {
+            return Ok(None);
+        }
+        let Some(path) = self.path(id) else {
+            if self.inner.dir.is_some() {
+                return Ok(Some(StoredLog::default()));
+            }
+            let Some(v) = self.inner.memory.lock().expect("logs").remove(id) else {
+                return self.stored(id);
+            };
+            if v.is_empty() {
+                return Ok(Some(StoredLog::default()));
+            }
+            let mut out = Vec::new();
+            return archive::compress(&v[..], &mut out)
+                .and_then(|_| Archive::open(Source::Memory(out)))
+                .map(|a| {
+                    let stored = StoredLog {
+                        bytes: a.stored(),
+                        original: a.len(),
+                        compressed: true,
+                    };
+                    self.inner
+                        .archives
+                        .lock()
+                        .expect("logs")
+                        .insert(id.clone(), Arc::new(a));
+                    Some(stored)
+                })
+                .map_err(|e| Error::log(format!("compressing the log of job {id}"), e));
+        };
+        let src = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.stored(id),
+            Err(e) => return Err(Error::log(format!("opening log {}", path.display()), e)),
+        };
+        let target = path.with_extension("log.zst");
+        let original = src
+            .metadata()
+            .map_err(|e| Error::log(format!("reading log {}", path.display()), e))?
+            .len();
+        if original == 0 || target.exists() {
+            // Empty, or compressed already and the original left by a crash.
+            if target.exists() {
+                renamed.push(path);
+                return self.stored_archive(id);
+            }
+            return Ok(Some(StoredLog::default()));
+        }
+        let tmp = path.with_extension("log.zst.tmp");
+        let written = (|| {
+            let mut dst = std::io::BufWriter::new(File::create(&tmp)?);
+            let (bytes, original) = archive::compress(std::io::BufReader::new(src), &mut dst)?;
+            dst.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, &target)?;
+            Ok::<_, std::io::Error>((bytes, original))
+        })();
+        match written {
+            Ok((bytes, original)) => {
+                renamed.push(path);
+                Ok(Some(StoredLog {
+                    bytes,
+                    original,
+                    compressed: true,
+                }))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(Error::log(format!("compressing log {}", path.display()), e))
+            }
+        }
+    }
+
+    fn stored_archive(&self, id: &JobId) -> Result<Option<StoredLog>, Error> {
+        Ok(Some(self.archive(id)?.map_or(StoredLog::default(), |a| {
+            StoredLog {
+                bytes: a.stored(),
+                original: a.len(),
+                compressed: true,
+            }
+        })))
+    }
+
+    /// Deletes a finished log (plain or compressed, with its stderr ranges). False when
+    /// the log is open: it is kept.
+    pub fn remove(&self, id: &JobId) -> Result<bool, Error> {
+        let live = self.inner.live.lock().expect("logs");
+        if live.contains_key(id) {
+            return Ok(false);
+        }
+        self.inner.archives.lock().expect("logs").remove(id);
+        self.inner.read_back.lock().expect("logs").remove(id);
+        self.inner.memory.lock().expect("logs").remove(id);
+        self.inner.stderr.lock().expect("logs").remove(id);
+        drop(live);
+        for ext in ["log", "log.zst", "stderr", "log.zst.tmp"] {
+            let Some(path) = self.file(id, ext) else {
+                break;
+            };
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::log(format!("removing log {}", path.display()), e)),
+            }
+        }
+        Ok(true)
     }
 
     /// Opens a job's log for appending (its existing content is kept); followers wait
@@ -307,7 +542,14 @@ impl LogHub {
             Some(path) => {
                 let f = match File::open(&path) {
                     Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Bytes::new()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return match self.archive(id)? {
+                            Some(a) => a.read(offset, max).map_err(|e| {
+                                Error::log(format!("reading log {}", path.display()), e)
+                            }),
+                            None => Ok(Bytes::new()),
+                        };
+                    }
                     Err(e) => return Err(Error::log(format!("opening log {}", path.display()), e)),
                 };
                 let mut buf = vec![0u8; max];
@@ -327,7 +569,14 @@ impl LogHub {
             None => {
                 let memory = self.inner.memory.lock().expect("logs");
                 let Some(v) = memory.get(id) else {
-                    return Ok(Bytes::new());
+                    drop(memory);
+                    let a = self.inner.archives.lock().expect("logs").get(id).cloned();
+                    return match a {
+                        Some(a) => a
+                            .read(offset, max)
+                            .map_err(|e| Error::log(format!("reading the log of job {id}"), e)),
+                        None => Ok(Bytes::new()),
+                    };
                 };
                 let start = (offset as usize).min(v.len());
                 let end = start.saturating_add(max).min(v.len());

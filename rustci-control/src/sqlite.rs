@@ -9,7 +9,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
 use crate::dispatcher::{JobRecord, JobState};
-use crate::store::{AuditEntry, JobPage, JobQuery, RunnerRecord, Store, Transition};
+use crate::store::{
+    AuditEntry, JobPage, JobQuery, LogRecord, LogState, LogTotals, RunnerRecord, Store, Transition,
+};
 use rustci_runners::runner::JobId;
 
 const SCHEMA: &str = "
@@ -55,7 +57,20 @@ CREATE TABLE IF NOT EXISTS audit (
     result     TEXT NOT NULL,
     request_id TEXT
 );
+CREATE TABLE IF NOT EXISTS logs (
+    job_id      TEXT PRIMARY KEY,
+    finished_at INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    bytes       INTEGER NOT NULL,
+    original    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_state ON logs(state, finished_at, job_id);
+CREATE INDEX IF NOT EXISTS logs_finished ON logs(finished_at, job_id);
 ";
+
+/// The schema's version (`PRAGMA user_version`): 1 added the `logs` table (retention)
+/// and incremental vacuum.
+const VERSION: i64 = 1;
 
 /// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
 /// killed process loses no committed write).
@@ -88,6 +103,30 @@ fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
+/// Creates the schema, or brings an older one up to [`VERSION`].
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= VERSION {
+        return conn.execute_batch(SCHEMA);
+    }
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    // Deleted records' pages go back to the system at each `compact`; a database made
+    // before this needs one full vacuum to change mode.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+    if pages > 0 {
+        conn.execute_batch("VACUUM")?;
+    }
+    conn.execute_batch(SCHEMA)?;
+    // Jobs that ended before retention existed are tracked from now on.
+    conn.execute(
+        "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
+         SELECT id, COALESCE(json_extract(record, '$.finished_at'), submitted_at), 'finished', 0, 0
+         FROM jobs WHERE state NOT IN ('queued', 'assigned', 'running')",
+        [],
+    )?;
+    conn.execute_batch(&format!("PRAGMA user_version = {VERSION}"))
+}
+
 impl SqliteStore {
     /// Opens (creating when absent) the database at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
@@ -97,8 +136,8 @@ impl SqliteStore {
             .map_err(|e| db_err(&path, "opening the database", e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
             .map_err(|e| db_err(&path, "opening the database", e))?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| db_err(&path, "opening the database", e))?;
+        migrate(&conn)
+            .map_err(|e| db_err(&path, "bringing the database's schema up to date", e))?;
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
@@ -180,6 +219,15 @@ impl SqliteStore {
                 params![record.id.as_str(), state, millis(SystemTime::now())],
             )
             .map_err(|e| self.err("writing a job record", e))?;
+            if record.state.is_terminal() {
+                let at = record.finished_at.unwrap_or_else(SystemTime::now);
+                tx.execute(
+                    "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
+                     VALUES (?1, ?2, 'finished', 0, 0)",
+                    params![record.id.as_str(), millis(at)],
+                )
+                .map_err(|e| self.err("writing a job record", e))?;
+            }
         }
         tx.commit().map_err(|e| self.err("writing a job record", e))
     }
@@ -395,5 +443,169 @@ impl Store for SqliteStore {
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("reading the audit log", e))?;
         Ok(rows)
+    }
+
+    fn finished_logs(
+        &self,
+        states: &[LogState],
+        before: Option<SystemTime>,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>, Error> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let what = "reading the finished logs";
+        // One query per state over its index, merged: the earliest `limit` of them all.
+        let conn = self.conn.lock().expect("store");
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT job_id, finished_at, bytes, original FROM logs
+                 WHERE state = ?1 AND finished_at < ?2
+                 ORDER BY finished_at, job_id LIMIT ?3",
+            )
+            .map_err(|e| self.err(what, e))?;
+        let before = before.map_or(i64::MAX, millis);
+        let mut all = Vec::new();
+        for state in states {
+            let rows = stmt
+                .query_map(params![state.as_str(), before, limit as i64], |r| {
+                    Ok(LogRecord {
+                        job_id: JobId::from(r.get::<_, String>(0)?),
+                        finished_at: from_millis(r.get(1)?),
+                        state: *state,
+                        bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                        original: r.get::<_, i64>(3)?.max(0) as u64,
+                    })
+                })
+                .map_err(|e| self.err(what, e))?;
+            for row in rows {
+                all.push(row.map_err(|e| self.err(what, e))?);
+            }
+        }
+        all.sort_by(|a, b| (a.finished_at, &a.job_id).cmp(&(b.finished_at, &b.job_id)));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    fn log_record(&self, id: &JobId) -> Result<Option<LogRecord>, Error> {
+        let conn = self.conn.lock().expect("store");
+        let row: Option<(i64, String, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT finished_at, state, bytes, original FROM logs WHERE job_id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([id.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.err("reading a log record", e))?;
+        Ok(row.and_then(|(at, state, bytes, original)| {
+            Some(LogRecord {
+                job_id: id.clone(),
+                finished_at: from_millis(at),
+                state: LogState::from_name(&state)?,
+                bytes: bytes.max(0) as u64,
+                original: original.max(0) as u64,
+            })
+        }))
+    }
+
+    fn put_log_records(&self, records: &[LogRecord]) -> Result<(), Error> {
+        let what = "writing log records";
+        let mut conn = self.conn.lock().expect("store");
+        let tx = conn.transaction().map_err(|e| self.err(what, e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE logs SET state = ?2, bytes = ?3, original = ?4 WHERE job_id = ?1",
+                )
+                .map_err(|e| self.err(what, e))?;
+            for r in records {
+                stmt.execute(params![
+                    r.job_id.as_str(),
+                    r.state.as_str(),
+                    r.bytes as i64,
+                    r.original as i64
+                ])
+                .map_err(|e| self.err(what, e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(what, e))
+    }
+
+    fn log_totals(&self) -> Result<LogTotals, Error> {
+        let what = "adding up the logs";
+        let conn = self.conn.lock().expect("store");
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT state, COUNT(*), SUM(bytes), SUM(original) FROM logs GROUP BY state",
+            )
+            .map_err(|e| self.err(what, e))?;
+        let rows: Vec<(String, i64, i64, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(|e| self.err(what, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(what, e))?;
+        let mut t = LogTotals::default();
+        for (state, n, bytes, original) in rows {
+            if let Some(s) = LogState::from_name(&state) {
+                t.by_state
+                    .insert(s, (n as u64, bytes.max(0) as u64, original.max(0) as u64));
+            }
+        }
+        Ok(t)
+    }
+
+    fn delete_jobs(&self, ids: &[JobId]) -> Result<usize, Error> {
+        let what = "deleting job records";
+        let mut conn = self.conn.lock().expect("store");
+        let tx = conn.transaction().map_err(|e| self.err(what, e))?;
+        let mut n = 0;
+        for id in ids {
+            for (i, sql) in [
+                "DELETE FROM jobs WHERE id = ?1",
+                "DELETE FROM attempts WHERE job_id = ?1",
+                "DELETE FROM transitions WHERE job_id = ?1",
+                "DELETE FROM logs WHERE job_id = ?1",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let deleted = tx
+                    .prepare_cached(sql)
+                    .and_then(|mut s| s.execute([id.as_str()]))
+                    .map_err(|e| self.err(what, e))?;
+                if i == 0 {
+                    n += deleted;
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.err(what, e))?;
+        Ok(n)
+    }
+
+    fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error> {
+        let conn = self.conn.lock().expect("store");
+        conn.execute(
+            "DELETE FROM audit WHERE seq IN
+               (SELECT seq FROM audit WHERE at < ?1 ORDER BY seq LIMIT ?2)",
+            params![millis(before), limit as i64],
+        )
+        .map_err(|e| self.err("deleting old audit entries", e))
+    }
+
+    fn compact(&self) -> Result<(), Error> {
+        let conn = self.conn.lock().expect("store");
+        // Each step of `incremental_vacuum` frees one page: stepped to its end.
+        let vacuum = |sql: &str| -> rusqlite::Result<()> {
+            let mut stmt = conn.prepare(sql)?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            Ok(())
+        };
+        vacuum("PRAGMA incremental_vacuum")
+            .and_then(|_| vacuum("PRAGMA wal_checkpoint(TRUNCATE)"))
+            .map_err(|e| self.err("compacting the database", e))
     }
 }

@@ -149,12 +149,107 @@ impl AuditEntry {
     }
 }
 
+/// Where a finished job's log is in its retention ([`crate::RetentionOptions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LogState {
+    /// The job ended; its log's size is not measured yet.
+    Finished,
+    /// Stored as written.
+    Plain,
+    /// Stored compressed.
+    Compressed,
+    /// Deleted by retention; the job's record remains.
+    Expired,
+}
+
+impl LogState {
+    /// Every state.
+    pub const ALL: [LogState; 4] = [
+        LogState::Finished,
+        LogState::Plain,
+        LogState::Compressed,
+        LogState::Expired,
+    ];
+
+    /// The state's name: `finished`, `plain`, `compressed`, `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogState::Finished => "finished",
+            LogState::Plain => "plain",
+            LogState::Compressed => "compressed",
+            LogState::Expired => "expired",
+        }
+    }
+
+    /// The state named `name`, if any.
+    pub fn from_name(name: &str) -> Option<LogState> {
+        LogState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// True for a log still in storage (finished, plain or compressed).
+    pub fn is_kept(self) -> bool {
+        self != LogState::Expired
+    }
+}
+
+/// A finished job's log as retention tracks it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LogRecord {
+    /// The job.
+    pub job_id: JobId,
+    /// When the job ended.
+    #[serde(with = "rustci_runners::runner::system_time_millis")]
+    pub finished_at: SystemTime,
+    /// Where the log is.
+    pub state: LogState,
+    /// Bytes in storage (0 until measured, and once expired).
+    pub bytes: u64,
+    /// Bytes as written (0 until measured).
+    pub original: u64,
+}
+
+impl LogRecord {
+    /// A record of a log just finished.
+    pub fn finished(job_id: JobId, finished_at: SystemTime) -> Self {
+        LogRecord {
+            job_id,
+            finished_at,
+            state: LogState::Finished,
+            bytes: 0,
+            original: 0,
+        }
+    }
+}
+
+/// What finished jobs' logs take, by state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogTotals {
+    /// Per state: (logs, bytes in storage, bytes as written).
+    pub by_state: BTreeMap<LogState, (u64, u64, u64)>,
+}
+
+impl LogTotals {
+    /// Bytes in storage of the logs still kept.
+    pub fn stored_bytes(&self) -> u64 {
+        self.by_state
+            .iter()
+            .filter(|(s, _)| s.is_kept())
+            .map(|(_, t)| t.1)
+            .sum()
+    }
+}
+
 /// Durable state of a control plane.
 ///
 /// Contract: every method is atomic; after `put_job` returns, a process crash loses
 /// nothing it wrote. `put_job` replaces the whole record (attempts included) and keeps
 /// the job's position in submission order from its first put; a put whose state differs
-/// from the stored one records a [`Transition`].
+/// from the stored one records a [`Transition`]; the first put of a job in a terminal
+/// state adds its [`LogRecord`] (state [`LogState::Finished`]) for retention.
 pub trait Store: Send + Sync {
     /// Inserts or replaces a job's record.
     fn put_job(&self, record: &JobRecord) -> Result<(), Error>;
@@ -178,6 +273,32 @@ pub trait Store: Send + Sync {
     fn append_audit(&self, entry: &AuditEntry) -> Result<u64, Error>;
     /// Audit entries with `seq < before` (all when `None`), newest first, at most `limit`.
     fn audit(&self, before: Option<u64>, limit: usize) -> Result<Vec<AuditEntry>, Error>;
+    /// Finished jobs' log records in one of `states` whose job ended before `before`
+    /// (any time when `None`), the earliest ended first (then by job id), at most `limit`.
+    fn finished_logs(
+        &self,
+        states: &[LogState],
+        before: Option<SystemTime>,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>, Error>;
+    /// One job's log record (`None` while the job has not ended, or is unknown).
+    fn log_record(&self, id: &JobId) -> Result<Option<LogRecord>, Error>;
+    /// Replaces the state and sizes of log records, atomically; a record whose job is
+    /// not in the store is ignored.
+    fn put_log_records(&self, records: &[LogRecord]) -> Result<(), Error>;
+    /// Totals of all log records by state.
+    fn log_totals(&self) -> Result<LogTotals, Error>;
+    /// Deletes jobs with everything stored about them (attempts, transitions, log
+    /// record), atomically; returns how many there were.
+    fn delete_jobs(&self, ids: &[JobId]) -> Result<usize, Error>;
+    /// Deletes at most `limit` audit entries older than `before`, the oldest; returns how
+    /// many.
+    fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error>;
+    /// Gives the space of deleted records back to the system where the store can (SQLite:
+    /// an incremental vacuum and a checkpoint of its write-ahead log). Default: nothing.
+    fn compact(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// A [`Store`] in memory: nothing survives the process.
@@ -193,6 +314,8 @@ struct Memory {
     jobs: BTreeMap<JobId, (u64, JobRecord, Vec<Transition>)>,
     runners: BTreeMap<String, RunnerRecord>,
     audit: Vec<AuditEntry>,
+    audit_seq: u64,
+    logs: BTreeMap<JobId, LogRecord>,
 }
 
 impl MemoryStore {
@@ -206,6 +329,13 @@ impl Store for MemoryStore {
     fn put_job(&self, record: &JobRecord) -> Result<(), Error> {
         let mut m = self.inner.lock().expect("store");
         let m = &mut *m;
+        if record.state.is_terminal() && !m.logs.contains_key(&record.id) {
+            let at = record.finished_at.unwrap_or_else(SystemTime::now);
+            m.logs.insert(
+                record.id.clone(),
+                LogRecord::finished(record.id.clone(), at),
+            );
+        }
         match m.jobs.get_mut(&record.id) {
             Some((_, r, transitions)) => {
                 if r.state != record.state {
@@ -308,7 +438,8 @@ impl Store for MemoryStore {
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<u64, Error> {
         let mut m = self.inner.lock().expect("store");
-        let seq = m.audit.len() as u64 + 1;
+        m.audit_seq += 1;
+        let seq = m.audit_seq;
         let mut e = entry.clone();
         e.seq = seq;
         m.audit.push(e);
@@ -325,5 +456,73 @@ impl Store for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    fn finished_logs(
+        &self,
+        states: &[LogState],
+        before: Option<SystemTime>,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>, Error> {
+        let m = self.inner.lock().expect("store");
+        let mut all: Vec<&LogRecord> = m
+            .logs
+            .values()
+            .filter(|l| states.contains(&l.state) && before.is_none_or(|b| l.finished_at < b))
+            .collect();
+        all.sort_by(|a, b| (a.finished_at, &a.job_id).cmp(&(b.finished_at, &b.job_id)));
+        Ok(all.into_iter().take(limit).cloned().collect())
+    }
+
+    fn log_record(&self, id: &JobId) -> Result<Option<LogRecord>, Error> {
+        Ok(self.inner.lock().expect("store").logs.get(id).cloned())
+    }
+
+    fn put_log_records(&self, records: &[LogRecord]) -> Result<(), Error> {
+        let mut m = self.inner.lock().expect("store");
+        for r in records {
+            if let Some(l) = m.logs.get_mut(&r.job_id) {
+                l.state = r.state;
+                l.bytes = r.bytes;
+                l.original = r.original;
+            }
+        }
+        Ok(())
+    }
+
+    fn log_totals(&self) -> Result<LogTotals, Error> {
+        let m = self.inner.lock().expect("store");
+        let mut t = LogTotals::default();
+        for l in m.logs.values() {
+            let e = t.by_state.entry(l.state).or_default();
+            e.0 += 1;
+            e.1 += l.bytes;
+            e.2 += l.original;
+        }
+        Ok(t)
+    }
+
+    fn delete_jobs(&self, ids: &[JobId]) -> Result<usize, Error> {
+        let mut m = self.inner.lock().expect("store");
+        let mut n = 0;
+        for id in ids {
+            if let Some((seq, _, _)) = m.jobs.remove(id) {
+                m.order.remove(&seq);
+                n += 1;
+            }
+            m.logs.remove(id);
+        }
+        Ok(n)
+    }
+
+    fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error> {
+        let mut m = self.inner.lock().expect("store");
+        let mut n = 0;
+        m.audit.retain(|e| {
+            let old = n < limit && e.at < before;
+            n += usize::from(old);
+            !old
+        });
+        Ok(n)
     }
 }
