@@ -1478,3 +1478,144 @@ async fn a_runner_whose_workspace_disk_fills_up_takes_no_new_jobs_until_it_recov
     assert_eq!(end["state"], "succeeded");
     t.stop().await;
 }
+
+/// Polls `f` every 50 ms for at most 30 s until it gives a value.
+async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not within 30 s: {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_compresses_then_expires_the_oldest_log_and_a_restart_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |max_bytes: u64| {
+        let mut c = ServerConfig::default();
+        c.listen = "127.0.0.1:0".parse().unwrap();
+        c.data_dir = dir.path().join("data");
+        c.admin_key = Some(ADMIN.into());
+        c.runners = vec![runner("local-a", "local", Some(2), dir.path())];
+        c.retention.interval_secs = 1;
+        c.retention.compress_after_secs = Some(0);
+        // Each log below is about 60 kB of hex text from 20,000 random bytes: at least
+        // 20 kB compressed (random bytes do not compress), and about 24 kB in practice.
+        // Two fit in 60 kB, three do not.
+        c.retention.log_max_bytes = Some(max_bytes);
+        c
+    };
+    let server = Server::start(config(60_000)).await.unwrap();
+    let c = ApiClient::of(&server, Some(ADMIN.into())).unwrap();
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let out = dir.path().join(format!("out{i}"));
+        let script = format!(
+            "head -c 20000 /dev/urandom | od -An -tx1 | tee '{}'",
+            out.display()
+        );
+        let id = submit(&c, sh_job(&format!("noisy{i}"), &script)).await;
+        let (_, end) = follow_to_end(&c, &id).await;
+        assert_eq!(end["state"], "succeeded");
+        jobs.push((id, std::fs::read_to_string(&out).unwrap()));
+    }
+    let log_state = |id: String| {
+        let c = c.clone();
+        async move {
+            let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+            job["log"]["state"].as_str().map(str::to_string)
+        }
+    };
+    let oldest = jobs[0].0.clone();
+    let r = poll("the oldest log expires", async || {
+        let r = c.get(&format!("/api/jobs/{oldest}/logs")).await.unwrap();
+        (r.status == 410).then_some(r)
+    })
+    .await;
+    assert_eq!(error_code(&r), "LOG_EXPIRED", "{}", r.error_message());
+    assert!(
+        r.error_message().contains("retention"),
+        "{}",
+        r.error_message()
+    );
+    let r = c
+        .get(&format!("/api/jobs/{oldest}/logs?follow=true"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 410, "followers get the same answer");
+    for (id, _) in &jobs[1..] {
+        let id = id.clone();
+        let mut last = None;
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                last = log_state(id.clone()).await;
+                if last.as_deref() == Some("compressed") {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the log of {id} is not compressed but {last:?}"));
+    }
+    // Read back through both routes exactly as written.
+    for (id, want) in &jobs[1..] {
+        let r = c.get(&format!("/api/jobs/{id}/logs")).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(String::from_utf8_lossy(&r.body), *want);
+        let r = c
+            .get(&format!("/api/jobs/{id}/logs?offset=1000"))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.body), want[1000..]);
+        let (text, end) = follow_to_end(&c, id).await;
+        assert_eq!(text, *want);
+        assert_eq!(end["state"], "succeeded");
+        let job = c.get(&format!("/api/jobs/{id}")).await.unwrap().json();
+        assert_eq!(job["log"]["bytes"], want.len());
+        assert!(job["log"]["stored_bytes"].as_u64().unwrap() < want.len() as u64);
+    }
+    let job = c.get(&format!("/api/jobs/{oldest}")).await.unwrap().json();
+    assert_eq!(job["log"]["state"], "expired");
+    assert_eq!(job["state"], "succeeded", "the record stays");
+    let metrics = String::from_utf8(c.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in the metrics"))
+            .to_string()
+    };
+    assert!(line("rustci_retention_deleted_total{what=\"logs\"} ").ends_with(" 1"));
+    let stored: u64 = line("rustci_log_stored_bytes{state=\"compressed\"} ")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((40_000..=60_000).contains(&stored), "{stored}");
+    assert!(
+        line("rustci_log_pruned_bytes_total ")
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            != "0"
+    );
+    server.shutdown().await;
+
+    // A restart (with room for everything) keeps the expired log expired and the rest
+    // readable.
+    let server = Server::start(config(10_000_000)).await.unwrap();
+    let c = ApiClient::of(&server, Some(ADMIN.into())).unwrap();
+    let r = c.get(&format!("/api/jobs/{oldest}/logs")).await.unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (410, "LOG_EXPIRED"));
+    let (id, want) = &jobs[2];
+    let r = c.get(&format!("/api/jobs/{id}/logs")).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.body), *want);
+    server.shutdown().await;
+}

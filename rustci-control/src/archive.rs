@@ -208,10 +208,10 @@ impl Archive {
     }
 
     fn frame(&self, i: usize) -> io::Result<Arc<Vec<u8>>> {
-        if let Some((j, data)) = &*self.last.lock().expect("archive") {
-            if *j == i {
-                return Ok(data.clone());
-            }
+        if let Some((j, data)) = &*self.last.lock().expect("archive")
+            && *j == i
+        {
+            return Ok(data.clone());
         }
         let f = self.frames[i];
         let mut raw = vec![0u8; f.size as usize];

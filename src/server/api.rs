@@ -922,7 +922,28 @@ async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
     if let Ok(t) = app.plane.transitions(&record.id) {
         v["transitions"] = serde_json::to_value(t).unwrap_or(Value::Null);
     }
+    if let Ok(Some(log)) = app.plane.log_record(&record.id) {
+        v["log"] = json!({
+            "state": log.state.as_str(),
+            "stored_bytes": log.bytes,
+            "bytes": log.original,
+        });
+    }
     Ok(Json(v))
+}
+
+/// 410 `LOG_EXPIRED` for a job whose log retention deleted.
+pub(super) fn check_log_kept(app: &App, id: &JobId) -> ApiResult<()> {
+    match app.plane.log_record(id) {
+        Ok(Some(log)) if log.state == rustci_control::LogState::Expired => Err(ApiError::new(
+            StatusCode::GONE,
+            "LOG_EXPIRED",
+            format!("the log of job {id} was deleted by the retention policy"),
+        )
+        .details(json!({"bytes": log.original}))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ApiError::internal(Chain(&e).to_string())),
+    }
 }
 
 async fn cancel_job(
@@ -1010,6 +1031,7 @@ async fn job_logs(
 ) -> ApiResult<Response> {
     let Query(params) = params.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
     let record = find_job(&app, &id)?;
+    check_log_kept(&app, &record.id)?;
     // A reconnecting event-stream client resumes after the last event it got.
     let resume = headers
         .get("last-event-id")

@@ -100,6 +100,10 @@ pub struct ServerConfig {
     /// `degraded` (see [`rustci_control::DegradationOptions`] for every field and its
     /// default).
     pub degradation: rustci_control::DegradationOptions,
+    /// Log, job and audit retention (see [`rustci_control::RetentionOptions`] for every
+    /// field and its default): logs compressed after a day, deleted after 90 days, job
+    /// records and audit entries after 365 days, a pass every 10 minutes.
+    pub retention: rustci_control::RetentionOptions,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +136,7 @@ impl Default for ServerConfig {
             metrics_allow: Vec::new(),
             metrics_key_required: false,
             degradation: Default::default(),
+            retention: Default::default(),
         }
     }
 }
@@ -344,6 +349,7 @@ impl ServerConfig {
     /// own kinds included).
     pub fn check_with(&self, backends: &rustci_runners::Backends) -> Result<(), ConfigError> {
         self.degradation.check().map_err(ConfigError)?;
+        self.retention.check().map_err(ConfigError)?;
         let short = |k: &str| k.len() < 16;
         if self.admin_key.as_deref().is_some_and(short) {
             return Err(ConfigError(

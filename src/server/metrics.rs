@@ -78,7 +78,24 @@ pub struct Metrics {
     http_duration: Family<RouteLabels, Histogram>,
     agents: Family<StatusLabels, Gauge>,
     agent_heartbeat: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    log_stored: Family<StateLabels, Gauge>,
+    logs: Family<StateLabels, Gauge>,
+    retention_deleted: Family<WhatLabels, Counter>,
+    log_pruned_bytes: Counter,
+    logs_compressed: Counter,
+    log_compression_saved: Counter,
+    retention_batch: Gauge<f64, std::sync::atomic::AtomicU64>,
     timeline: super::timeline::Timeline,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabels {
+    what: String,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -123,6 +140,13 @@ impl Metrics {
             http_duration: Family::new_with_constructor(seconds_histogram),
             agents: Family::default(),
             agent_heartbeat: Family::default(),
+            log_stored: Family::default(),
+            logs: Family::default(),
+            retention_deleted: Family::default(),
+            log_pruned_bytes: Counter::default(),
+            logs_compressed: Counter::default(),
+            log_compression_saved: Counter::default(),
+            retention_batch: Gauge::default(),
             timeline: Default::default(),
         };
         {
@@ -211,6 +235,41 @@ impl Metrics {
                 "agent_last_heartbeat_timestamp_seconds",
                 "When each remote agent's last heartbeat arrived (Unix time; 0 before the first), with its host name, version and status",
                 m.agent_heartbeat.clone(),
+            );
+            r.register(
+                "log_stored_bytes",
+                "Bytes finished jobs' logs take in storage, by retention state (finished: not yet measured, plain, compressed), as of the last retention pass",
+                m.log_stored.clone(),
+            );
+            r.register(
+                "logs",
+                "Finished jobs' logs by retention state (finished, plain, compressed, expired), as of the last retention pass",
+                m.logs.clone(),
+            );
+            r.register(
+                "retention_deleted",
+                "What retention deleted: logs (expired, the job kept), jobs (records with their logs), audit (entries)",
+                m.retention_deleted.clone(),
+            );
+            r.register(
+                "log_pruned_bytes",
+                "Bytes of storage retention gave back by deleting logs (expired or with their job)",
+                m.log_pruned_bytes.clone(),
+            );
+            r.register(
+                "logs_compressed",
+                "Logs retention compressed",
+                m.logs_compressed.clone(),
+            );
+            r.register(
+                "log_compression_saved_bytes",
+                "Bytes of storage compression saved (original minus compressed)",
+                m.log_compression_saved.clone(),
+            );
+            r.register(
+                "retention_longest_batch_seconds",
+                "The longest batch of the last retention pass",
+                m.retention_batch.clone(),
             );
         }
         m
@@ -408,6 +467,33 @@ impl Observer for Metrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+    fn retention(&self, r: &rustci_control::RetentionReport) {
+        for state in rustci_control::LogState::ALL {
+            let (n, bytes, _) = r.totals.by_state.get(&state).copied().unwrap_or_default();
+            let labels = StateLabels {
+                state: state.as_str().to_string(),
+            };
+            self.logs.get_or_create(&labels).set(n as i64);
+            if state.is_kept() {
+                self.log_stored.get_or_create(&labels).set(bytes as i64);
+            }
+        }
+        for (what, n) in [
+            ("logs", r.expired),
+            ("jobs", r.jobs_deleted),
+            ("audit", r.audit_deleted),
+        ] {
+            self.retention_deleted
+                .get_or_create(&WhatLabels { what: what.into() })
+                .inc_by(n);
+        }
+        self.log_pruned_bytes
+            .inc_by(r.expired_bytes + r.jobs_deleted_bytes);
+        self.logs_compressed.inc_by(r.compressed);
+        self.log_compression_saved
+            .inc_by(r.compressed_from.saturating_sub(r.compressed_to));
+        self.retention_batch.set(r.longest_batch.as_secs_f64());
     }
 }
 

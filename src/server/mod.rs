@@ -160,6 +160,7 @@ impl Server {
         let mut options = ControlOptions::durable(Arc::new(store), data.join("logs"));
         options.health_interval = Duration::from_secs(config.health_interval_secs.max(1));
         options.degradation = config.degradation.clone();
+        options.retention = Some(config.retention.clone());
         options.observer = Some(metrics.clone());
         let plane =
             ControlPlane::with_options(SelectionEngine::default(), options).map_err(|e| {

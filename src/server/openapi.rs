@@ -235,6 +235,7 @@ fn paths(
                     },
                     "400": err("Invalid query"),
                     "404": err("No such job"),
+                    "410": err("LOG_EXPIRED: the retention policy deleted this job's log (the job's record remains)"),
                 }))
             }
         },
@@ -424,7 +425,16 @@ fn schemas(state_enum: &Value) -> Value {
                     "transitions": {"type": "array", "items": {
                         "type": "object", "required": ["state", "at"],
                         "properties": {"state": {"type": "string"}, "at": {"type": "integer"}}
-                    }}
+                    }},
+                    "log": {
+                        "description": "Once the job ended: where retention has its log",
+                        "type": "object", "required": ["state", "stored_bytes", "bytes"],
+                        "properties": {
+                            "state": {"type": "string", "enum": ["finished", "plain", "compressed", "expired"]},
+                            "stored_bytes": {"type": "integer", "minimum": 0},
+                            "bytes": {"type": "integer", "minimum": 0}
+                        }
+                    }
                 }
             }]
         },

@@ -574,6 +574,7 @@ async fn job(
             text: &text,
             length,
             follow: v.log.is_none(),
+            retention: app.plane.log_record(&record.id).ok().flatten(),
         },
         flash(v.done.as_deref()),
     )

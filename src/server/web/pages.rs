@@ -486,6 +486,8 @@ pub(super) struct LogView<'a> {
     pub text: &'a [u8],
     pub length: u64,
     pub follow: bool,
+    /// What retention did to it, once the job ended.
+    pub retention: Option<rustci_control::LogRecord>,
 }
 
 /// Log text for reading without the script: escape sequences removed, `\r` lines
@@ -588,6 +590,11 @@ pub(super) fn job(
             }
             section {
                 h2 { "Log" }
+                @if let Some(gone) = log.retention.as_ref().filter(|l| l.state == rustci_control::LogState::Expired) {
+                    p.empty #log-expired {
+                        "The log (" (gone.original) " bytes) was deleted by the retention policy; the job's record remains."
+                    }
+                } @else {
                 p.small {
                     "Bytes " (log.start) " to " (log.start + log.text.len() as u64) " of " (log.length) ". "
                     @if log.start > 0 {
@@ -599,8 +606,12 @@ pub(super) fn job(
                     }
                     a href={ "/api/jobs/" (id) "/logs?offset=" (log.start) } { "raw" }
                     " · " span.err-key { "stderr" } " is tinted (where the runner keeps the streams apart)"
+                    @if let Some(kept) = log.retention.as_ref().filter(|l| l.state == rustci_control::LogState::Compressed) {
+                        " · stored compressed (" (kept.bytes) " bytes)"
+                    }
                 }
                 pre #log .log data-job=(id) data-offset=(log.start) data-follow=(if log.follow { "1" } else { "0" }) { (plain_log(log.text)) }
+                }
             }
             section {
                 h2 { "Attempts" }
