@@ -1606,6 +1606,43 @@ async fn retention_compresses_then_expires_the_oldest_log_and_a_restart_keeps_it
             .unwrap()
             != "0"
     );
+    // The dashboard's job pages say so too.
+    let anon = ApiClient::of(&server, None).unwrap();
+    let form = format!("key={ADMIN}").into_bytes();
+    let r = anon
+        .request(
+            "POST",
+            "/login",
+            Some(("application/x-www-form-urlencoded", form)),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 303);
+    let cookie = r.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = |id: String| {
+        let (anon, cookie) = (anon.clone(), cookie.clone());
+        async move {
+            let r = anon
+                .request("GET", &format!("/jobs/{id}"), None, &[("cookie", &cookie)])
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+            String::from_utf8(r.body.to_vec()).unwrap()
+        }
+    };
+    let html = page(oldest.clone()).await;
+    assert!(html.contains("deleted by the retention policy"), "{html}");
+    assert!(!html.contains("id=\"log\""), "no log shown");
+    let html = page(jobs[2].0.clone()).await;
+    assert!(html.contains("stored compressed"), "{html}");
+    assert!(html.contains(&jobs[2].1[..200]), "the log's text is shown");
     server.shutdown().await;
 
     // A restart (with room for everything) keeps the expired log expired and the rest
