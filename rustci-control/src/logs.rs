@@ -61,6 +61,14 @@ type Ranges = Vec<(u64, u64)>;
 /// Closed logs whose stderr ranges stay read back, and compressed logs kept open.
 const READ_BACK: usize = 64;
 
+/// An archive written beside its log, to be renamed into place.
+struct Pending {
+    index: usize,
+    tmp: PathBuf,
+    target: PathBuf,
+    original: PathBuf,
+}
+
 /// What a finished log takes in storage: its stored bytes (compressed when it is) and
 /// its original length.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -227,27 +235,60 @@ impl LogHub {
     /// back the same through [`LogHub::read`] and [`LogHub::follow`]. Per log: what it
     /// takes now, or `None` when it is open (only finished logs may be given). A log
     /// compressed already, or empty, is left as it is. With a directory, each archive is
-    /// written beside the log, made durable and renamed into place before the log is
-    /// removed, so a crash at any point leaves one complete copy readable.
+    /// written beside the log; once the batch's archives are all flushed (one
+    /// `syncfs`) they are renamed into place, and the originals are removed after the
+    /// renames are durable, so a crash at any point leaves one complete copy readable.
     pub fn compress(&self, ids: &[JobId]) -> Vec<Result<Option<StoredLog>, Error>> {
         let mut out = Vec::with_capacity(ids.len());
-        let mut renamed = Vec::new();
-        for id in ids {
-            out.push(self.compress_one(id, &mut renamed));
+        let mut pending = Vec::new();
+        let mut originals = Vec::new();
+        for (index, id) in ids.iter().enumerate() {
+            out.push(self.compress_one(id, index, &mut pending, &mut originals));
         }
-        if let (Some(dir), false) = (&self.inner.dir, renamed.is_empty()) {
-            // The renames are durable before any original goes.
-            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-                let e = Error::log(format!("syncing log directory {}", dir.display()), e);
-                tracing::error!(error = %e, "compressed logs are kept beside their originals");
-                return out;
-            }
-            for path in renamed {
-                if let Err(e) = std::fs::remove_file(&path)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::error!(path = %path.display(), error = %e, "removing a log after compressing it");
+        let Some(dir) = &self.inner.dir else {
+            return out;
+        };
+        if !pending.is_empty() {
+            // One flush of the file system for the whole batch: every archive is on disk
+            // before any rename.
+            let synced = File::open(dir).and_then(|d| nix::unistd::syncfs(&d).map_err(Into::into));
+            if let Err(e) = synced {
+                for p in &pending {
+                    let _ = std::fs::remove_file(&p.tmp);
+                    out[p.index] = Err(Error::log(
+                        format!("syncing log directory {}", dir.display()),
+                        std::io::Error::new(e.kind(), e.to_string()),
+                    ));
                 }
+                pending.clear();
+            }
+        }
+        for p in pending {
+            match std::fs::rename(&p.tmp, &p.target) {
+                Ok(()) => originals.push(p.original),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&p.tmp);
+                    out[p.index] = Err(Error::log(
+                        format!("renaming {} into place", p.tmp.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        if originals.is_empty() {
+            return out;
+        }
+        // The renames are durable before any original goes.
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            let e = Error::log(format!("syncing log directory {}", dir.display()), e);
+            tracing::error!(error = %e, "compressed logs are kept beside their originals");
+            return out;
+        }
+        for path in originals {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::error!(path = %path.display(), error = %e, "removing a log after compressing it");
             }
         }
         out
@@ -256,7 +297,9 @@ impl LogHub {
     fn compress_one(
         &self,
         id: &JobId,
-        renamed: &mut Vec<PathBuf>,
+        index: usize,
+        pending: &mut Vec<Pending>,
+        originals: &mut Vec<PathBuf>,
     ) -> Result<Option<StoredLog>, Error> {
         if self.is_open(id) {
             return Ok(None);
@@ -295,29 +338,33 @@ impl LogHub {
             Err(e) => return Err(Error::log(format!("opening log {}", path.display()), e)),
         };
         let target = path.with_extension("log.zst");
+        if target.exists() {
+            // Compressed already; the original was left by a crash.
+            originals.push(path);
+            return self.stored_archive(id);
+        }
         let original = src
             .metadata()
             .map_err(|e| Error::log(format!("reading log {}", path.display()), e))?
             .len();
-        if original == 0 || target.exists() {
-            // Empty, or compressed already and the original left by a crash.
-            if target.exists() {
-                renamed.push(path);
-                return self.stored_archive(id);
-            }
+        if original == 0 {
             return Ok(Some(StoredLog::default()));
         }
         let tmp = path.with_extension("log.zst.tmp");
         let written = (|| {
             let mut dst = std::io::BufWriter::new(File::create(&tmp)?);
-            let (bytes, original) = archive::compress(std::io::BufReader::new(src), &mut dst)?;
-            dst.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            std::fs::rename(&tmp, &target)?;
-            Ok::<_, std::io::Error>((bytes, original))
+            let sizes = archive::compress(std::io::BufReader::new(src), &mut dst)?;
+            dst.into_inner().map_err(|e| e.into_error())?;
+            Ok::<_, std::io::Error>(sizes)
         })();
         match written {
             Ok((bytes, original)) => {
-                renamed.push(path);
+                pending.push(Pending {
+                    index,
+                    tmp,
+                    target,
+                    original: path,
+                });
                 Ok(Some(StoredLog {
                     bytes,
                     original,
@@ -723,5 +770,55 @@ mod stderr_tests {
                 .stderr_ranges(&JobId::from("none".to_string()), 0, 9)
                 .is_empty()
         );
+    }
+}
+
+#[cfg(test)]
+mod compress_tests {
+    use super::*;
+
+    #[test]
+    fn what_a_crash_mid_compression_leaves_is_finished_by_the_next_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = LogHub::in_dir(dir.path()).unwrap();
+        let text = b"line one\nline two\n".repeat(500);
+        let ids: Vec<JobId> = ["a", "b", "c"]
+            .into_iter()
+            .map(|s| JobId::from(s.to_string()))
+            .collect();
+        for id in &ids {
+            hub.open(id);
+            hub.append(id, &text).unwrap();
+            hub.close(id);
+        }
+        // `a`: an archive half written when the process died.
+        std::fs::write(dir.path().join("a.log.zst.tmp"), b"partial").unwrap();
+        // `b`: compressed and renamed, its original not yet removed.
+        let done = hub.compress(&ids[1..2]);
+        assert!(done[0].as_ref().unwrap().unwrap().compressed);
+        std::fs::write(dir.path().join("b.log"), &text).unwrap();
+        let again = hub.compress(&ids);
+        for (id, r) in ids.iter().zip(&again) {
+            let s = r.as_ref().unwrap().unwrap();
+            assert!(s.compressed, "{id}");
+            assert_eq!(s.original, text.len() as u64);
+            assert_eq!(hub.read(id, 0, 1 << 20).unwrap(), text, "{id}");
+            assert!(!dir.path().join(format!("{id}.log")).exists());
+            assert!(!dir.path().join(format!("{id}.log.zst.tmp")).exists());
+        }
+        // An open log is never compressed.
+        let open = JobId::from("open".to_string());
+        hub.open(&open);
+        hub.append(&open, b"x").unwrap();
+        assert!(
+            hub.compress(std::slice::from_ref(&open))[0]
+                .as_ref()
+                .unwrap()
+                .is_none()
+        );
+        assert!(!hub.remove(&open).unwrap(), "nor removed");
+        hub.close(&open);
+        assert!(hub.remove(&open).unwrap());
+        assert_eq!(hub.len(&open), 0);
     }
 }
