@@ -384,8 +384,13 @@ pub(crate) async fn pass(
         }
     }
     if report.jobs_deleted > 0 || report.audit_deleted > 0 {
-        let s = store.clone();
-        batch(&mut report, move || s.compact()).await?;
+        loop {
+            let s = store.clone();
+            if stop.is_cancelled() || !batch(&mut report, move || s.compact()).await? {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
     }
     let s = store.clone();
     report.totals = batch(&mut report, move || s.log_totals()).await?;

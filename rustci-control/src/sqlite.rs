@@ -66,10 +66,36 @@ CREATE TABLE IF NOT EXISTS logs (
 );
 CREATE INDEX IF NOT EXISTS logs_state ON logs(state, finished_at, job_id);
 CREATE INDEX IF NOT EXISTS logs_finished ON logs(finished_at, job_id);
+CREATE TABLE IF NOT EXISTS log_totals (
+    state    TEXT PRIMARY KEY,
+    n        INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    original INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS logs_added AFTER INSERT ON logs BEGIN
+    INSERT INTO log_totals (state, n, bytes, original) VALUES (NEW.state, 1, NEW.bytes, NEW.original)
+    ON CONFLICT(state) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes,
+                                     original = original + excluded.original;
+END;
+CREATE TRIGGER IF NOT EXISTS logs_removed AFTER DELETE ON logs BEGIN
+    UPDATE log_totals SET n = n - 1, bytes = bytes - OLD.bytes, original = original - OLD.original
+    WHERE state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS logs_changed AFTER UPDATE ON logs BEGIN
+    UPDATE log_totals SET n = n - 1, bytes = bytes - OLD.bytes, original = original - OLD.original
+    WHERE state = OLD.state;
+    INSERT INTO log_totals (state, n, bytes, original) VALUES (NEW.state, 1, NEW.bytes, NEW.original)
+    ON CONFLICT(state) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes,
+                                     original = original + excluded.original;
+END;
 ";
 
-/// The schema's version (`PRAGMA user_version`): 1 added the `logs` table (retention)
-/// and incremental vacuum.
+/// Pages one `compact` call gives back at most (4 KiB each): bounds how long it holds
+/// the database.
+const COMPACT_PAGES: i64 = 2048;
+
+/// The schema's version (`PRAGMA user_version`): 1 added the `logs` table (retention),
+/// its running totals by state (`log_totals`, kept by triggers) and incremental vacuum.
 const VERSION: i64 = 1;
 
 /// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
@@ -465,6 +491,40 @@ impl Store for SqliteStore {
             )
             .map_err(|e| self.err(what, e))?;
         let before = before.map_or(i64::MAX, millis);
+        if LogState::ALL.iter().all(|s| states.contains(s)) {
+            // Every state: one walk of the end-time index.
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT job_id, finished_at, bytes, original, state FROM logs
+                     WHERE finished_at < ?1 ORDER BY finished_at, job_id LIMIT ?2",
+                )
+                .map_err(|e| self.err(what, e))?;
+            let rows = stmt
+                .query_map(params![before, limit as i64], |r| {
+                    Ok((
+                        LogRecord::finished(
+                            JobId::from(r.get::<_, String>(0)?),
+                            from_millis(r.get(1)?),
+                        ),
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                })
+                .map_err(|e| self.err(what, e))?;
+            let mut all = Vec::new();
+            for row in rows {
+                let (mut l, bytes, original, state) = row.map_err(|e| self.err(what, e))?;
+                let Some(state) = LogState::from_name(&state) else {
+                    continue;
+                };
+                l.state = state;
+                l.bytes = bytes.max(0) as u64;
+                l.original = original.max(0) as u64;
+                all.push(l);
+            }
+            return Ok(all);
+        }
         let mut all = Vec::new();
         for state in states {
             let rows = stmt
@@ -538,9 +598,7 @@ impl Store for SqliteStore {
         let what = "adding up the logs";
         let conn = self.conn.lock().expect("store");
         let mut stmt = conn
-            .prepare_cached(
-                "SELECT state, COUNT(*), SUM(bytes), SUM(original) FROM logs GROUP BY state",
-            )
+            .prepare_cached("SELECT state, n, bytes, original FROM log_totals WHERE n > 0")
             .map_err(|e| self.err(what, e))?;
         let rows: Vec<(String, i64, i64, i64)> = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -561,24 +619,29 @@ impl Store for SqliteStore {
         let what = "deleting job records";
         let mut conn = self.conn.lock().expect("store");
         let tx = conn.transaction().map_err(|e| self.err(what, e))?;
+        // Set-based: one statement per table for the whole batch.
+        let list = serde_json::to_string(&ids.iter().map(JobId::as_str).collect::<Vec<_>>())
+            .map_err(|e| Error::Store {
+                store: self.path.display().to_string(),
+                context: what.into(),
+                source: Box::new(e),
+            })?;
         let mut n = 0;
-        for id in ids {
-            for (i, sql) in [
-                "DELETE FROM jobs WHERE id = ?1",
-                "DELETE FROM attempts WHERE job_id = ?1",
-                "DELETE FROM transitions WHERE job_id = ?1",
-                "DELETE FROM logs WHERE job_id = ?1",
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let deleted = tx
-                    .prepare_cached(sql)
-                    .and_then(|mut s| s.execute([id.as_str()]))
-                    .map_err(|e| self.err(what, e))?;
-                if i == 0 {
-                    n += deleted;
-                }
+        for (i, sql) in [
+            "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM attempts WHERE job_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM transitions WHERE job_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM logs WHERE job_id IN (SELECT value FROM json_each(?1))",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let deleted = tx
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([&list]))
+                .map_err(|e| self.err(what, e))?;
+            if i == 0 {
+                n = deleted;
             }
         }
         tx.commit().map_err(|e| self.err(what, e))?;
@@ -595,17 +658,30 @@ impl Store for SqliteStore {
         .map_err(|e| self.err("deleting old audit entries", e))
     }
 
-    fn compact(&self) -> Result<(), Error> {
+    fn compact(&self) -> Result<bool, Error> {
         let conn = self.conn.lock().expect("store");
+        let what = "compacting the database";
+        let count = |sql: &str| -> Result<i64, Error> {
+            conn.query_row(sql, [], |r| r.get(0))
+                .map_err(|e| self.err(what, e))
+        };
+        let free = count("PRAGMA freelist_count")?;
+        let pages = count("PRAGMA page_count")?;
+        // Free pages are reused by new records: only a file at least a quarter free (and
+        // at least 64 pages of it) is worth shrinking.
+        if free < 64 || free * 4 < pages {
+            return Ok(false);
+        }
         // Each step of `incremental_vacuum` frees one page: stepped to its end.
-        let vacuum = |sql: &str| -> rusqlite::Result<()> {
+        let run = |sql: &str| -> rusqlite::Result<()> {
             let mut stmt = conn.prepare(sql)?;
             let mut rows = stmt.query([])?;
             while rows.next()?.is_some() {}
             Ok(())
         };
-        vacuum("PRAGMA incremental_vacuum")
-            .and_then(|_| vacuum("PRAGMA wal_checkpoint(TRUNCATE)"))
-            .map_err(|e| self.err("compacting the database", e))
+        run(&format!("PRAGMA incremental_vacuum({COMPACT_PAGES})"))
+            .and_then(|_| run("PRAGMA wal_checkpoint(TRUNCATE)"))
+            .map_err(|e| self.err(what, e))?;
+        Ok(free > COMPACT_PAGES).map_err(|e| self.err("compacting the database", e))
     }
 }

@@ -294,10 +294,12 @@ pub trait Store: Send + Sync {
     /// Deletes at most `limit` audit entries older than `before`, the oldest; returns how
     /// many.
     fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error>;
-    /// Gives the space of deleted records back to the system where the store can (SQLite:
-    /// an incremental vacuum and a checkpoint of its write-ahead log). Default: nothing.
-    fn compact(&self) -> Result<(), Error> {
-        Ok(())
+    /// Gives part of the space of deleted records back to the system where the store can
+    /// and where enough is free to be worth it (SQLite: a bounded incremental vacuum and
+    /// a checkpoint of its write-ahead log, once a quarter of the file is free). Returns
+    /// true when more is left to give back: called again until false. Default: nothing.
+    fn compact(&self) -> Result<bool, Error> {
+        Ok(false)
     }
 }
 

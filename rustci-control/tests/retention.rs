@@ -392,6 +392,9 @@ fn both_stores_keep_log_records_in_the_order_jobs_ended() {
         assert!(store.log_record(&gone).unwrap().is_none());
         assert!(store.transitions(&gone).unwrap().is_empty());
         assert_eq!(store.delete_jobs(&[gone]).unwrap(), 0);
+        let totals = store.log_totals().unwrap();
+        assert_eq!(totals.by_state[&LogState::Finished].0, 1, "{totals:?}");
+        assert_eq!(totals.by_state[&LogState::Compressed], (1, 10, 100));
     }
 }
 
@@ -477,6 +480,10 @@ fn an_older_database_gets_log_records_for_its_ended_jobs() {
         .expect("tracked");
     assert_eq!(ended.finished_at, UNIX_EPOCH + Duration::from_millis(7_005));
     assert_eq!(ended.state, LogState::Finished);
+    assert_eq!(
+        store.log_totals().unwrap().by_state[&LogState::Finished].0,
+        1
+    );
     assert!(
         store
             .log_record(&JobId::from("job000001".to_string()))
