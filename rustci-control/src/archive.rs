@@ -23,8 +23,11 @@ const LEVEL: i32 = 3;
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
 const SEEKABLE_MAGIC: u32 = 0x8F92_EAB1;
 const FOOTER: usize = 9;
-/// Largest original size of a frame accepted when reading (frames we write are smaller).
-const MAX_FRAME: u32 = 16 << 20;
+/// Largest original size of a frame accepted when reading (frames we write are a
+/// quarter of it).
+const MAX_FRAME: u32 = 4 * FRAME as u32;
+/// The smallest zstd frame: magic number, frame header, one block header.
+const MIN_FRAME: u64 = 9;
 
 fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
@@ -155,7 +158,7 @@ impl Archive {
         }
         let count = u64::from(u32_at(&footer, 0));
         let table_len = count * 8 + FOOTER as u64 + 8;
-        if table_len > stored {
+        if table_len > stored || count * MIN_FRAME > stored - table_len {
             return Err(invalid(format!(
                 "a seek table of {count} frames does not fit in {stored} bytes"
             )));

@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -53,6 +54,17 @@ struct Inner {
     /// Compressed logs opened for reading, the last few (with a directory), or all of
     /// them (in memory, where they are the storage).
     archives: Mutex<HashMap<JobId, Arc<Archive>>>,
+    /// Counts [`LogHub::remove`] calls (an archive opened across one is not cached).
+    removals: AtomicU64,
+}
+
+/// Makes room for one more entry in a cache of at most [`READ_BACK`].
+fn evict_one<V>(cache: &mut HashMap<JobId, V>) {
+    if cache.len() >= READ_BACK
+        && let Some(k) = cache.keys().next().cloned()
+    {
+        cache.remove(&k);
+    }
 }
 
 /// Byte ranges `[start, end)` of a log, in order.
@@ -60,6 +72,26 @@ type Ranges = Vec<(u64, u64)>;
 
 /// Closed logs whose stderr ranges stay read back, and compressed logs kept open.
 const READ_BACK: usize = 64;
+
+/// Decodes the archive at `path` whole and checks it holds `len` bytes.
+fn verify(path: &std::path::Path, len: u64) -> std::io::Result<()> {
+    let a = Archive::open(Source::File(File::open(path)?))?;
+    if a.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it holds {} bytes, the original {len}", a.len()),
+        ));
+    }
+    let mut at = 0;
+    while at < len {
+        let n = a.read(at, archive::FRAME)?.len() as u64;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        at += n;
+    }
+    Ok(())
+}
 
 /// An archive written beside its log, to be renamed into place.
 struct Pending {
@@ -150,6 +182,7 @@ impl LogHub {
         let Some(path) = self.file(id, "log.zst") else {
             return Ok(None);
         };
+        let removals = self.inner.removals.load(Ordering::SeqCst);
         let f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -160,10 +193,11 @@ impl LogHub {
                 .map_err(|e| Error::log(format!("reading log {}", path.display()), e))?,
         );
         let mut cache = self.inner.archives.lock().expect("logs");
-        if cache.len() >= READ_BACK {
-            cache.clear();
+        // A log removed since the file was opened is not kept open by the cache.
+        if self.inner.removals.load(Ordering::SeqCst) == removals {
+            evict_one(&mut cache);
+            cache.insert(id.clone(), a.clone());
         }
-        cache.insert(id.clone(), a.clone());
         Ok(Some(a))
     }
 
@@ -191,7 +225,8 @@ impl LogHub {
         }
     }
 
-    fn is_open(&self, id: &JobId) -> bool {
+    /// True while a job's log is open for writing (its job has not ended).
+    pub fn is_open(&self, id: &JobId) -> bool {
         self.inner.live.lock().expect("logs").contains_key(id)
     }
 
@@ -265,7 +300,7 @@ impl LogHub {
         }
         for p in pending {
             match std::fs::rename(&p.tmp, &p.target) {
-                Ok(()) => originals.push(p.original),
+                Ok(()) => originals.push((p.index, p.original)),
                 Err(e) => {
                     let _ = std::fs::remove_file(&p.tmp);
                     out[p.index] = Err(Error::log(
@@ -278,13 +313,19 @@ impl LogHub {
         if originals.is_empty() {
             return out;
         }
-        // The renames are durable before any original goes.
+        // The renames are durable before any original goes. When they may not be, the
+        // logs stay as they are recorded (plain): the next pass finds each archive beside
+        // its original and checks it.
         if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-            let e = Error::log(format!("syncing log directory {}", dir.display()), e);
-            tracing::error!(error = %e, "compressed logs are kept beside their originals");
+            for (index, _) in &originals {
+                out[*index] = Err(Error::log(
+                    format!("syncing log directory {}", dir.display()),
+                    std::io::Error::new(e.kind(), e.to_string()),
+                ));
+            }
             return out;
         }
-        for path in originals {
+        for (_, path) in originals {
             if let Err(e) = std::fs::remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -299,7 +340,7 @@ impl LogHub {
         id: &JobId,
         index: usize,
         pending: &mut Vec<Pending>,
-        originals: &mut Vec<PathBuf>,
+        originals: &mut Vec<(usize, PathBuf)>,
     ) -> Result<Option<StoredLog>, Error> {
         if self.is_open(id) {
             return Ok(None);
@@ -308,29 +349,34 @@ impl LogHub {
             if self.inner.dir.is_some() {
                 return Ok(Some(StoredLog::default()));
             }
-            let Some(v) = self.inner.memory.lock().expect("logs").remove(id) else {
+            // Compressed from a copy; the log is swapped for its archive in one step, so a
+            // reader finds one or the other, and a failure leaves the log as it was.
+            let Some(v) = self.inner.memory.lock().expect("logs").get(id).cloned() else {
                 return self.stored(id);
             };
             if v.is_empty() {
                 return Ok(Some(StoredLog::default()));
             }
             let mut out = Vec::new();
-            return archive::compress(&v[..], &mut out)
+            let a = archive::compress(&v[..], &mut out)
                 .and_then(|_| Archive::open(Source::Memory(out)))
-                .map(|a| {
-                    let stored = StoredLog {
-                        bytes: a.stored(),
-                        original: a.len(),
-                        compressed: true,
-                    };
-                    self.inner
-                        .archives
-                        .lock()
-                        .expect("logs")
-                        .insert(id.clone(), Arc::new(a));
-                    Some(stored)
-                })
-                .map_err(|e| Error::log(format!("compressing the log of job {id}"), e));
+                .map_err(|e| Error::log(format!("compressing the log of job {id}"), e))?;
+            let stored = StoredLog {
+                bytes: a.stored(),
+                original: a.len(),
+                compressed: true,
+            };
+            let mut memory = self.inner.memory.lock().expect("logs");
+            if memory.remove(id).is_none() {
+                // Removed meanwhile.
+                return Ok(Some(StoredLog::default()));
+            }
+            self.inner
+                .archives
+                .lock()
+                .expect("logs")
+                .insert(id.clone(), Arc::new(a));
+            return Ok(Some(stored));
         };
         let src = match File::open(&path) {
             Ok(f) => f,
@@ -338,15 +384,25 @@ impl LogHub {
             Err(e) => return Err(Error::log(format!("opening log {}", path.display()), e)),
         };
         let target = path.with_extension("log.zst");
-        if target.exists() {
-            // Compressed already; the original was left by a crash.
-            originals.push(path);
-            return self.stored_archive(id);
-        }
         let original = src
             .metadata()
             .map_err(|e| Error::log(format!("reading log {}", path.display()), e))?
             .len();
+        if target.exists() {
+            // Compressed already and the original left by a crash: the original goes only
+            // when the archive decodes whole to its length; otherwise it is made again.
+            match verify(&target, original) {
+                Ok(()) => {
+                    originals.push((index, path));
+                    return self.stored_archive(id);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %target.display(), error = %e, "a compressed log left by a crash does not match its original: compressing again");
+                    std::fs::remove_file(&target)
+                        .map_err(|e| Error::log(format!("removing {}", target.display()), e))?;
+                }
+            }
+        }
         if original == 0 {
             return Ok(Some(StoredLog::default()));
         }
@@ -395,7 +451,11 @@ impl LogHub {
         if live.contains_key(id) {
             return Ok(false);
         }
-        self.inner.archives.lock().expect("logs").remove(id);
+        {
+            let mut archives = self.inner.archives.lock().expect("logs");
+            self.inner.removals.fetch_add(1, Ordering::SeqCst);
+            archives.remove(id);
+        }
         self.inner.read_back.lock().expect("logs").remove(id);
         self.inner.memory.lock().expect("logs").remove(id);
         self.inner.stderr.lock().expect("logs").remove(id);
@@ -542,9 +602,7 @@ impl LogHub {
         let clipped = clip(&ranges);
         if !live.contains_key(id) {
             let mut cache = self.inner.read_back.lock().expect("logs");
-            if cache.len() >= READ_BACK {
-                cache.clear();
-            }
+            evict_one(&mut cache);
             cache.insert(id.clone(), Arc::new(ranges));
         }
         clipped
@@ -806,6 +864,18 @@ mod compress_tests {
             assert!(!dir.path().join(format!("{id}.log")).exists());
             assert!(!dir.path().join(format!("{id}.log.zst.tmp")).exists());
         }
+        // An archive left beside its original but damaged: made again, the original kept
+        // until then.
+        let d = JobId::from("d".to_string());
+        hub.open(&d);
+        hub.append(&d, &text).unwrap();
+        hub.close(&d);
+        std::fs::write(dir.path().join("d.log.zst"), b"not an archive").unwrap();
+        let r = hub.compress(std::slice::from_ref(&d));
+        assert!(r[0].as_ref().unwrap().unwrap().compressed);
+        assert_eq!(hub.read(&d, 0, 1 << 20).unwrap(), text);
+        assert!(!dir.path().join("d.log").exists());
+
         // An open log is never compressed.
         let open = JobId::from("open".to_string());
         hub.open(&open);
@@ -820,5 +890,41 @@ mod compress_tests {
         hub.close(&open);
         assert!(hub.remove(&open).unwrap());
         assert_eq!(hub.len(&open), 0);
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_of_a_log_in_memory_sees_it_whole_while_it_is_compressed() {
+        let hub = LogHub::in_memory();
+        let id = JobId::from("m".to_string());
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{i} ").into_bytes())
+            .collect();
+        hub.open(&id);
+        hub.append(&id, &text).unwrap();
+        hub.close(&id);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (hub, id, stop, len) = (hub.clone(), id.clone(), stop.clone(), text.len());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::SeqCst) || reads == 0 {
+                    assert_eq!(hub.len(&id), len as u64);
+                    let tail = hub.read(&id, len as u64 - 100, 100).unwrap();
+                    assert_eq!(tail.len(), 100, "read {reads}");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let r = hub.compress(std::slice::from_ref(&id));
+        assert!(r[0].as_ref().unwrap().unwrap().compressed);
+        stop.store(true, Ordering::SeqCst);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(hub.read(&id, 0, text.len()).unwrap(), text);
     }
 }

@@ -20,7 +20,8 @@ use rustci_runners::runner::JobId;
 const DAY: u64 = 24 * 3600;
 
 /// What retention keeps and for how long (`ControlOptions::retention`, the server's
-/// `retention` section). Ages count from a job's end.
+/// `retention` section). Ages count from a job's end. By default logs are compressed a
+/// day after their job ended and nothing is deleted: the limits are the operator's to set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
@@ -33,22 +34,24 @@ pub struct RetentionOptions {
     /// back the same through every route); `null`: never. Default 86400 (a day).
     pub compress_after_secs: Option<u64>,
     /// Delete logs of jobs that ended longer ago than this many seconds; the job's record
-    /// stays, and its log answers `LOG_EXPIRED`. `null`: no age limit. Default 7776000
-    /// (90 days).
+    /// stays, and its log answers `LOG_EXPIRED`. `null` (the default): no age limit.
     pub log_max_age_secs: Option<u64>,
     /// Delete the oldest finished logs while all finished logs together take more than
     /// this many bytes in storage (compressed ones at their compressed size); `null`: no
     /// size limit. Default `null`.
     pub log_max_bytes: Option<u64>,
     /// Delete job records (attempts, transitions and log included) of jobs that ended
-    /// longer ago than this many seconds; `null`: keep them. At least `log_max_age_secs`.
-    /// Default 31536000 (365 days).
+    /// longer ago than this many seconds; `null` (the default): keep them. At least
+    /// `log_max_age_secs`.
     pub job_max_age_secs: Option<u64>,
-    /// Delete audit entries older than this many seconds; `null`: keep them. Default
-    /// 31536000 (365 days).
+    /// Delete audit entries older than this many seconds; `null` (the default): keep
+    /// them.
     pub audit_max_age_secs: Option<u64>,
     /// Records per batch (1 to 10000). Default 500.
     pub batch: usize,
+    /// Bytes of logs one batch compresses at most (a larger log is compressed alone).
+    /// Default 67108864 (64 MiB).
+    pub batch_bytes: u64,
 }
 
 impl Default for RetentionOptions {
@@ -57,11 +60,12 @@ impl Default for RetentionOptions {
             enabled: true,
             interval_secs: 600,
             compress_after_secs: Some(DAY),
-            log_max_age_secs: Some(90 * DAY),
+            log_max_age_secs: None,
             log_max_bytes: None,
-            job_max_age_secs: Some(365 * DAY),
-            audit_max_age_secs: Some(365 * DAY),
+            job_max_age_secs: None,
+            audit_max_age_secs: None,
             batch: 500,
+            batch_bytes: 64 << 20,
         }
     }
 }
@@ -123,6 +127,9 @@ pub struct RetentionReport {
     pub errors: u64,
     /// Longest batch.
     pub longest_batch: Duration,
+    /// The most records one batch measured, compressed, expired or deleted (at most
+    /// [`RetentionOptions::batch`]).
+    pub most_in_a_batch: usize,
     /// Finished logs by state after the pass.
     pub totals: LogTotals,
 }
@@ -166,6 +173,7 @@ fn merge(into: &mut RetentionReport, d: &RetentionReport) {
     into.audit_deleted += d.audit_deleted;
     into.skipped_open += d.skipped_open;
     into.errors += d.errors;
+    into.most_in_a_batch = into.most_in_a_batch.max(d.most_in_a_batch);
 }
 
 fn measure(store: &dyn Store, logs: &LogHub, limit: usize) -> Result<Done, Error> {
@@ -196,6 +204,7 @@ fn measure(store: &dyn Store, logs: &LogHub, limit: usize) -> Result<Done, Error
     store.put_log_records(&updates)?;
     done.progress = updates.len();
     done.report.measured = updates.len() as u64;
+    done.report.most_in_a_batch = updates.len();
     Ok(done)
 }
 
@@ -204,14 +213,28 @@ fn compress(
     logs: &LogHub,
     cutoff: SystemTime,
     limit: usize,
+    max_bytes: u64,
 ) -> Result<Done, Error> {
-    let rows = store.finished_logs(&[LogState::Plain], Some(cutoff), limit)?;
-    let ids: Vec<JobId> = rows.iter().map(|r| r.job_id.clone()).collect();
-    let results = logs.compress(&ids);
+    let mut rows = store.finished_logs(&[LogState::Plain], Some(cutoff), limit)?;
     let mut done = Done {
         seen: rows.len(),
         ..Done::default()
     };
+    // At most `max_bytes` of logs (at least one log) per batch; the rest in the next.
+    let mut bytes = 0u64;
+    let fits = rows
+        .iter()
+        .position(|r| {
+            bytes += r.bytes;
+            bytes > max_bytes
+        })
+        .map_or(rows.len(), |i| i.max(1));
+    if fits < rows.len() {
+        rows.truncate(fits);
+        done.seen = limit;
+    }
+    let ids: Vec<JobId> = rows.iter().map(|r| r.job_id.clone()).collect();
+    let results = logs.compress(&ids);
     let mut updates = Vec::new();
     for (mut r, result) in rows.into_iter().zip(results) {
         match result {
@@ -235,11 +258,13 @@ fn compress(
     }
     store.put_log_records(&updates)?;
     done.progress = updates.len();
+    done.report.most_in_a_batch = updates.len();
     Ok(done)
 }
 
-/// Deletes the logs of `rows` (finished jobs' logs still kept), up to `enough` bytes
-/// when given, and records them expired.
+/// Expires the logs of `rows` (finished jobs' logs still kept), up to `enough` bytes
+/// when given: recorded expired first, so that a reader meanwhile gets `LOG_EXPIRED`
+/// rather than an empty log, then their files deleted.
 fn expire(
     store: &dyn Store,
     logs: &LogHub,
@@ -255,26 +280,29 @@ fn expire(
         if enough == Some(0) {
             break;
         }
-        match logs.remove(&r.job_id) {
-            Ok(true) => {
-                done.report.expired += 1;
-                done.report.expired_bytes += r.bytes;
-                if let Some(left) = &mut enough {
-                    *left = left.saturating_sub(r.bytes.max(1));
-                }
-                r.state = LogState::Expired;
-                r.bytes = 0;
-                updates.push(r);
-            }
-            Ok(false) => done.report.skipped_open += 1,
-            Err(e) => {
-                tracing::error!(job_id = %r.job_id, error = %rustci_runners::error::Chain(&e), "retention: deleting a log");
-                done.report.errors += 1;
-            }
+        if logs.is_open(&r.job_id) {
+            done.report.skipped_open += 1;
+            continue;
         }
+        done.report.expired += 1;
+        done.report.expired_bytes += r.bytes;
+        if let Some(left) = &mut enough {
+            *left = left.saturating_sub(r.bytes.max(1));
+        }
+        r.state = LogState::Expired;
+        r.bytes = 0;
+        updates.push(r);
     }
     store.put_log_records(&updates)?;
     done.progress = updates.len();
+    done.report.most_in_a_batch = updates.len();
+    for r in &updates {
+        // A file left by a failure here goes with the job's record (`delete_jobs`).
+        if let Err(e) = logs.remove(&r.job_id) {
+            tracing::error!(job_id = %r.job_id, error = %rustci_runners::error::Chain(&e), "retention: deleting a log");
+            done.report.errors += 1;
+        }
+    }
     Ok(done)
 }
 
@@ -291,16 +319,32 @@ fn delete_jobs(
         seen: rows.len(),
         ..Done::default()
     };
-    let mut ids = Vec::new();
+    let mut going = Vec::new();
     for r in rows {
-        // The files first: a crash between leaves records whose files are gone, and the
-        // next pass deletes them again.
+        if logs.is_open(&r.job_id) {
+            done.report.skipped_open += 1;
+            continue;
+        }
+        done.report.jobs_deleted_bytes += r.bytes;
+        going.push(r);
+    }
+    // Expired first (a reader meanwhile gets `LOG_EXPIRED`), then the files, then the
+    // records: a crash between leaves records the next pass finishes.
+    let expired: Vec<LogRecord> = going
+        .iter()
+        .filter(|r| r.state != LogState::Expired)
+        .map(|r| {
+            let mut r = r.clone();
+            r.state = LogState::Expired;
+            r.bytes = 0;
+            r
+        })
+        .collect();
+    store.put_log_records(&expired)?;
+    let mut ids = Vec::with_capacity(going.len());
+    for r in going {
         match logs.remove(&r.job_id) {
-            Ok(true) => {
-                done.report.jobs_deleted_bytes += r.bytes;
-                ids.push(r.job_id);
-            }
-            Ok(false) => done.report.skipped_open += 1,
+            Ok(_) => ids.push(r.job_id),
             Err(e) => {
                 tracing::error!(job_id = %r.job_id, error = %rustci_runners::error::Chain(&e), "retention: deleting a job's log");
                 done.report.errors += 1;
@@ -310,6 +354,7 @@ fn delete_jobs(
     let n = store.delete_jobs(&ids)?;
     done.report.jobs_deleted = n as u64;
     done.progress = ids.len();
+    done.report.most_in_a_batch = ids.len();
     Ok(done)
 }
 
@@ -329,7 +374,10 @@ pub(crate) async fn pass(
     let mut phases: Vec<Phase> = vec![Box::new(move |s, l| measure(s, l, limit))];
     if let Some(secs) = o.compress_after_secs {
         let cutoff = before(now, secs);
-        phases.push(Box::new(move |s, l| compress(s, l, cutoff, limit)));
+        let max_bytes = o.batch_bytes;
+        phases.push(Box::new(move |s, l| {
+            compress(s, l, cutoff, limit, max_bytes)
+        }));
     }
     if let Some(secs) = o.log_max_age_secs {
         let cutoff = before(now, secs);
@@ -365,6 +413,7 @@ pub(crate) async fn pass(
                 ..Done::default()
             };
             d.report.audit_deleted = n as u64;
+            d.report.most_in_a_batch = n;
             Ok(d)
         }));
     }

@@ -94,9 +94,10 @@ END;
 /// the database.
 const COMPACT_PAGES: i64 = 2048;
 
-/// The schema's version (`PRAGMA user_version`): 1 added the `logs` table (retention),
-/// its running totals by state (`log_totals`, kept by triggers) and incremental vacuum.
-const VERSION: i64 = 1;
+/// The schema's version (`PRAGMA user_version`): 1 added the `logs` table (retention)
+/// and incremental vacuum; 2 the running totals of `logs` by state (`log_totals`, kept by
+/// triggers, recounted at every open).
+const VERSION: i64 = 2;
 
 /// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
 /// killed process loses no committed write).
@@ -132,25 +133,38 @@ fn from_millis(ms: i64) -> SystemTime {
 /// Creates the schema, or brings an older one up to [`VERSION`].
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version >= VERSION {
-        return conn.execute_batch(SCHEMA);
-    }
-    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    // Deleted records' pages go back to the system at each `compact`; a database made
-    // before this needs one full vacuum to change mode.
-    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
-    if pages > 0 {
-        conn.execute_batch("VACUUM")?;
+    if version < 1 {
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        // Deleted records' pages go back to the system at each `compact`; a database
+        // made before this needs one full vacuum to change mode (once, at the first
+        // start of this version: it rewrites the file).
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+        if pages > 0 {
+            conn.execute_batch("VACUUM")?;
+        }
     }
     conn.execute_batch(SCHEMA)?;
-    // Jobs that ended before retention existed are tracked from now on.
-    conn.execute(
-        "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
-         SELECT id, COALESCE(json_extract(record, '$.finished_at'), submitted_at), 'finished', 0, 0
-         FROM jobs WHERE state NOT IN ('queued', 'assigned', 'running')",
-        [],
+    if version < 1 {
+        // Jobs that ended before retention existed are tracked from now on.
+        conn.execute(
+            "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
+             SELECT id, COALESCE(json_extract(record, '$.finished_at'), submitted_at), 'finished', 0, 0
+             FROM jobs WHERE state NOT IN ('queued', 'assigned', 'running')",
+            [],
+        )?;
+    }
+    // The running totals, recounted at every start: the triggers keep them from here.
+    conn.execute_batch(
+        "BEGIN;
+         DELETE FROM log_totals;
+         INSERT INTO log_totals (state, n, bytes, original)
+             SELECT state, COUNT(*), SUM(bytes), SUM(original) FROM logs GROUP BY state;
+         COMMIT;",
     )?;
-    conn.execute_batch(&format!("PRAGMA user_version = {VERSION}"))
+    if version < VERSION {
+        conn.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -515,10 +529,8 @@ impl Store for SqliteStore {
             let mut all = Vec::new();
             for row in rows {
                 let (mut l, bytes, original, state) = row.map_err(|e| self.err(what, e))?;
-                let Some(state) = LogState::from_name(&state) else {
-                    continue;
-                };
-                l.state = state;
+                // A state this version does not know: taken as not yet measured.
+                l.state = LogState::from_name(&state).unwrap_or(LogState::Finished);
                 l.bytes = bytes.max(0) as u64;
                 l.original = original.max(0) as u64;
                 all.push(l);
@@ -649,13 +661,24 @@ impl Store for SqliteStore {
     }
 
     fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error> {
+        let what = "deleting old audit entries";
         let conn = self.conn.lock().expect("store");
-        conn.execute(
-            "DELETE FROM audit WHERE seq IN
-               (SELECT seq FROM audit WHERE at < ?1 ORDER BY seq LIMIT ?2)",
-            params![millis(before), limit as i64],
-        )
-        .map_err(|e| self.err("deleting old audit entries", e))
+        // The oldest entries by sequence, up to the first that is not old: a walk of the
+        // primary key, no scan of the table.
+        let mut stmt = conn
+            .prepare_cached("SELECT seq, at FROM audit ORDER BY seq LIMIT ?1")
+            .map_err(|e| self.err(what, e))?;
+        let rows: Vec<(i64, i64)> = stmt
+            .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(what, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(what, e))?;
+        let cutoff = millis(before);
+        let Some(last) = rows.iter().take_while(|(_, at)| *at < cutoff).last() else {
+            return Ok(0);
+        };
+        conn.execute("DELETE FROM audit WHERE seq <= ?1", [last.0])
+            .map_err(|e| self.err(what, e))
     }
 
     fn compact(&self) -> Result<bool, Error> {
@@ -665,6 +688,10 @@ impl Store for SqliteStore {
             conn.query_row(sql, [], |r| r.get(0))
                 .map_err(|e| self.err(what, e))
         };
+        // 2: incremental. A file in another mode (changed by hand) has nothing to give.
+        if count("PRAGMA auto_vacuum")? != 2 {
+            return Ok(false);
+        }
         let free = count("PRAGMA freelist_count")?;
         let pages = count("PRAGMA page_count")?;
         // Free pages are reused by new records: only a file at least a quarter free (and
@@ -682,6 +709,8 @@ impl Store for SqliteStore {
         run(&format!("PRAGMA incremental_vacuum({COMPACT_PAGES})"))
             .and_then(|_| run("PRAGMA wal_checkpoint(TRUNCATE)"))
             .map_err(|e| self.err(what, e))?;
-        Ok(free > COMPACT_PAGES).map_err(|e| self.err("compacting the database", e))
+        // More only when this step gave pages back and some are left.
+        let left = count("PRAGMA freelist_count")?;
+        Ok(left > 0 && left < free)
     }
 }

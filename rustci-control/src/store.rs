@@ -291,8 +291,9 @@ pub trait Store: Send + Sync {
     /// Deletes jobs with everything stored about them (attempts, transitions, log
     /// record), atomically; returns how many there were.
     fn delete_jobs(&self, ids: &[JobId]) -> Result<usize, Error>;
-    /// Deletes at most `limit` audit entries older than `before`, the oldest; returns how
-    /// many.
+    /// Deletes the oldest audit entries by sequence number that are older than `before`,
+    /// at most `limit`, stopping at the first that is not (entries are appended in time
+    /// order); returns how many.
     fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error>;
     /// Gives part of the space of deleted records back to the system where the store can
     /// and where enough is free to be worth it (SQLite: a bounded incremental vacuum and
@@ -519,12 +520,13 @@ impl Store for MemoryStore {
 
     fn delete_audit_before(&self, before: SystemTime, limit: usize) -> Result<usize, Error> {
         let mut m = self.inner.lock().expect("store");
-        let mut n = 0;
-        m.audit.retain(|e| {
-            let old = n < limit && e.at < before;
-            n += usize::from(old);
-            !old
-        });
+        let n = m
+            .audit
+            .iter()
+            .take(limit)
+            .take_while(|e| e.at < before)
+            .count();
+        m.audit.drain(..n);
         Ok(n)
     }
 }

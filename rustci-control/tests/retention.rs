@@ -243,7 +243,7 @@ async fn job_records_and_audit_entries_go_past_their_ages_in_batches() {
             .await
             .unwrap();
         assert_eq!(r.jobs_deleted, 5, "{r:?}");
-        assert!(r.batches >= 3, "batches of two: {r:?}");
+        assert_eq!(r.most_in_a_batch, 2, "five jobs in batches of two: {r:?}");
         for id in &ids {
             assert!(cp.get(id).is_none());
             assert!(cp.store().transitions(id).unwrap().is_empty());
@@ -281,6 +281,69 @@ async fn logs_in_memory_are_compressed_and_expired_the_same() {
     assert!(whole_log(&cp, &id).is_empty());
     assert_eq!(state_of(&cp, &id), LogState::Expired);
     cp.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_compresses_at_most_its_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::with_options(LeastLoaded, durable(dir.path())).unwrap();
+    cp.register(local(), RegisterOptions::default());
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = cp.submit(chatty(&format!("b{i}"), 100), "alice").unwrap();
+        cp.wait(&id).await.unwrap();
+        ids.push(id);
+    }
+    let mut o = nothing();
+    o.compress_after_secs = Some(0);
+    o.batch_bytes = 1;
+    let r = cp.retain(&o, SystemTime::now()).await.unwrap();
+    assert_eq!(
+        (r.compressed, r.most_in_a_batch),
+        (3, 3),
+        "measured in one: {r:?}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(state_of(&cp, id), LogState::Compressed);
+        assert_eq!(whole_log(&cp, id), expected(&format!("b{i}"), 100));
+    }
+    // The measurement batch held all three; compression took one per batch.
+    let id = cp.submit(chatty("b3", 100), "alice").unwrap();
+    cp.wait(&id).await.unwrap();
+    let id2 = cp.submit(chatty("b4", 100), "alice").unwrap();
+    cp.wait(&id2).await.unwrap();
+    let mut m = nothing();
+    m.compress_after_secs = None;
+    cp.retain(&m, SystemTime::now()).await.unwrap();
+    let r = cp.retain(&o, SystemTime::now()).await.unwrap();
+    assert_eq!((r.compressed, r.most_in_a_batch), (2, 1), "{r:?}");
+    cp.shutdown();
+}
+
+#[test]
+fn compaction_ends_on_a_file_that_cannot_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        for i in 0..2_000 {
+            store.put_job(&finished(i, 1_000 + i, 1_000)).unwrap();
+        }
+    }
+    // Turned back to no vacuum by hand.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("PRAGMA auto_vacuum = NONE; VACUUM;")
+        .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    let ids: Vec<JobId> = (0..2_000)
+        .map(|i| JobId::from(format!("job{i:06}")))
+        .collect();
+    assert_eq!(store.delete_jobs(&ids).unwrap(), 2_000);
+    assert!(
+        !store.compact().unwrap(),
+        "nothing to give back in this mode"
+    );
 }
 
 #[test]
@@ -361,7 +424,15 @@ fn both_stores_keep_log_records_in_the_order_jobs_ended() {
         r.bytes = 10;
         r.original = 100;
         store.put_log_records(&[r]).unwrap();
-        store.put_job(&finished(0, 2_000, 1)).unwrap();
+        // Put again in another terminal state: the log record stays as it is.
+        let mut again = finished(0, 9_000, 1);
+        again.state = JobState::Lost;
+        store.put_job(&again).unwrap();
+        let kept = store
+            .log_record(&JobId::from("job000000".to_string()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.finished_at, UNIX_EPOCH + Duration::from_millis(2_005));
         assert_eq!(
             store
                 .log_record(&JobId::from("job000000".to_string()))
