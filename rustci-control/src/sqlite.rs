@@ -178,6 +178,8 @@ impl SqliteStore {
             .map_err(|e| db_err(&path, "opening the database", e))?;
         migrate(&conn)
             .map_err(|e| db_err(&path, "bringing the database's schema up to date", e))?;
+        // Room for every statement this store prepares.
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
@@ -212,61 +214,60 @@ impl SqliteStore {
             .transaction()
             .map_err(|e| self.err("writing a job record", e))?;
         let state = record.state.as_str();
+        // Statements prepared once per connection: parsing them each time was most of a
+        // write's cost.
+        let what = "writing a job record";
         let previous: Option<String> = tx
-            .query_row(
-                "SELECT state FROM jobs WHERE id = ?1",
-                [record.id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err("writing a job record", e))?;
-        tx.execute(
+            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([record.id.as_str()], |r| r.get(0)).optional())
+            .map_err(|e| self.err(what, e))?;
+        tx.prepare_cached(
             "INSERT INTO jobs (id, name, submitter, state, submitted_at, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, record = excluded.record",
-            params![
+        )
+        .and_then(|mut s| s.execute(params![
                 record.id.as_str(),
                 record.job.name,
                 record.submitter,
                 state,
                 millis(record.submitted_at),
                 text
-            ],
-        )
-        .map_err(|e| self.err("writing a job record", e))?;
+            ]))
+        .map_err(|e| self.err(what, e))?;
         for a in &record.attempts {
             let outcome = a
                 .outcome
                 .as_ref()
                 .and_then(|o| serde_json::to_string(o).ok());
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO attempts (job_id, number, runner_id, started_at, outcome)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(job_id, number) DO UPDATE SET outcome = excluded.outcome",
-                params![
+            )
+            .and_then(|mut s| s.execute(params![
                     record.id.as_str(),
                     a.number,
                     a.runner_id,
                     millis(a.started_at),
                     outcome
-                ],
-            )
-            .map_err(|e| self.err("writing a job record", e))?;
+                ]))
+            .map_err(|e| self.err(what, e))?;
         }
         if previous.as_deref() != Some(state) {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO transitions (job_id, state, at) VALUES (?1, ?2, ?3)",
-                params![record.id.as_str(), state, millis(SystemTime::now())],
             )
-            .map_err(|e| self.err("writing a job record", e))?;
+            .and_then(|mut s| s.execute(params![record.id.as_str(), state, millis(SystemTime::now())]))
+            .map_err(|e| self.err(what, e))?;
             if record.state.is_terminal() {
                 let at = record.finished_at.unwrap_or_else(SystemTime::now);
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
                      VALUES (?1, ?2, 'finished', 0, 0)",
-                    params![record.id.as_str(), millis(at)],
                 )
-                .map_err(|e| self.err("writing a job record", e))?;
+                .and_then(|mut s| s.execute(params![record.id.as_str(), millis(at)]))
+                .map_err(|e| self.err(what, e))?;
             }
         }
         tx.commit().map_err(|e| self.err("writing a job record", e))
@@ -281,13 +282,9 @@ impl Store for SqliteStore {
     fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, Error> {
         let text: Option<String> = {
             let conn = self.conn.lock().expect("store");
-            conn.query_row(
-                "SELECT record FROM jobs WHERE id = ?1",
-                [id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err("reading a job record", e))?
+            conn.prepare_cached("SELECT record FROM jobs WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+                .map_err(|e| self.err("reading a job record", e))?
         };
         text.map(|t| self.decode(&t)).transpose()
     }
@@ -442,18 +439,20 @@ impl Store for SqliteStore {
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<u64, Error> {
         let conn = self.conn.lock().expect("store");
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO audit (at, actor, action, target, result, request_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
+        )
+        .and_then(|mut s| {
+            s.execute(params![
                 millis(entry.at),
                 entry.actor,
                 entry.action,
                 entry.target,
                 entry.result,
                 entry.request_id
-            ],
-        )
+            ])
+        })
         .map_err(|e| self.err("appending to the audit log", e))?;
         Ok(conn.last_insert_rowid() as u64)
     }

@@ -14,6 +14,12 @@ use serde_json::json;
 
 const HOUR: u64 = 3600;
 
+/// A second from now: a job that ended just now has ended "longer ago than 0 seconds"
+/// (ages compare in whole milliseconds).
+fn later() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(1)
+}
+
 fn local() -> Arc<dyn Runner> {
     let mut c = HostConfig::named("local");
     c.max_concurrency = Some(4);
@@ -270,13 +276,13 @@ async fn logs_in_memory_are_compressed_and_expired_the_same() {
     let want = expected("mem", 2000);
     let mut o = nothing();
     o.compress_after_secs = Some(0);
-    let r = cp.retain(&o, SystemTime::now()).await.unwrap();
+    let r = cp.retain(&o, later()).await.unwrap();
     assert_eq!(r.compressed, 1, "{r:?}");
     assert!(r.compressed_to * 4 < want.len() as u64);
     assert_eq!(whole_log(&cp, &id), want);
     assert_eq!(followed(&cp, &id, 7).await, want[7..]);
     o.log_max_bytes = Some(0);
-    let r = cp.retain(&o, SystemTime::now()).await.unwrap();
+    let r = cp.retain(&o, later()).await.unwrap();
     assert_eq!(r.expired, 1);
     assert!(whole_log(&cp, &id).is_empty());
     assert_eq!(state_of(&cp, &id), LogState::Expired);
@@ -297,7 +303,7 @@ async fn a_batch_compresses_at_most_its_byte_budget() {
     let mut o = nothing();
     o.compress_after_secs = Some(0);
     o.batch_bytes = 1;
-    let r = cp.retain(&o, SystemTime::now()).await.unwrap();
+    let r = cp.retain(&o, later()).await.unwrap();
     assert_eq!(
         (r.compressed, r.most_in_a_batch),
         (3, 3),
@@ -314,8 +320,8 @@ async fn a_batch_compresses_at_most_its_byte_budget() {
     cp.wait(&id2).await.unwrap();
     let mut m = nothing();
     m.compress_after_secs = None;
-    cp.retain(&m, SystemTime::now()).await.unwrap();
-    let r = cp.retain(&o, SystemTime::now()).await.unwrap();
+    cp.retain(&m, later()).await.unwrap();
+    let r = cp.retain(&o, later()).await.unwrap();
     assert_eq!((r.compressed, r.most_in_a_batch), (2, 1), "{r:?}");
     cp.shutdown();
 }
