@@ -99,11 +99,68 @@ const COMPACT_PAGES: i64 = 2048;
 /// triggers, recounted at every open).
 const VERSION: i64 = 2;
 
+/// Write-ahead log frames (pages) after which a checkpoint copies them into the database.
+const CHECKPOINT_PAGES: i32 = 1000;
+
 /// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
-/// killed process loses no committed write).
+/// killed process loses no committed write). Checkpoints, which copy the write-ahead log
+/// into the database file and flush it, run on a thread of their own with its own
+/// connection, so that no write waits for one.
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    _checkpoints: Checkpointer,
+}
+
+/// The checkpoint thread: woken after a commit leaves the log past [`CHECKPOINT_PAGES`];
+/// ends when the store is dropped.
+struct Checkpointer {
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.wake.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Checkpointer {
+    fn start(
+        path: &Path,
+        writer: &mut Connection,
+    ) -> Result<Checkpointer, Box<dyn std::error::Error + Send + Sync>> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let hint = wake.clone();
+        // Replaces the automatic checkpoint of the writing connection.
+        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages >= CHECKPOINT_PAGES {
+                let _ = hint.try_send(());
+            }
+            Ok(())
+        }))?;
+        let shown = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("rustci-sqlite-checkpoint".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    // PASSIVE: copies what it can without waiting for the writer.
+                    let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    if let Err(e) = done {
+                        tracing::warn!(database = %shown, error = %e, "checkpoint of the write-ahead log failed");
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            wake: Some(wake),
+            thread: Some(thread),
+        })
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -180,9 +237,16 @@ impl SqliteStore {
             .map_err(|e| db_err(&path, "bringing the database's schema up to date", e))?;
         // Room for every statement this store prepares.
         conn.set_prepared_statement_cache_capacity(64);
+        let mut conn = conn;
+        let checkpoints = Checkpointer::start(&path, &mut conn).map_err(|source| Error::Store {
+            store: path.display().to_string(),
+            context: "starting the checkpoint thread".into(),
+            source,
+        })?;
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
+            _checkpoints: checkpoints,
         })
     }
 
