@@ -307,7 +307,8 @@ impl SqliteStore {
             tx.prepare_cached(
                 "INSERT INTO attempts (job_id, number, runner_id, started_at, outcome)
                  VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(job_id, number) DO UPDATE SET outcome = excluded.outcome",
+                 ON CONFLICT(job_id, number) DO UPDATE SET outcome = excluded.outcome
+                 WHERE outcome IS NOT excluded.outcome",
             )
             .and_then(|mut s| s.execute(params![
                     record.id.as_str(),
