@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::Deserialize;
 
 use crate::Error;
 use crate::dispatcher::{JobRecord, JobState};
@@ -22,7 +23,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitter    TEXT NOT NULL,
     state        TEXT NOT NULL,
     submitted_at INTEGER NOT NULL,
-    record       TEXT NOT NULL
+    record       TEXT NOT NULL,
+    transitions  TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_submitter ON jobs(submitter, seq);
@@ -35,12 +37,6 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (job_id, number)
 );
 CREATE INDEX IF NOT EXISTS attempts_runner ON attempts(runner_id, job_id);
-CREATE TABLE IF NOT EXISTS transitions (
-    job_id TEXT NOT NULL,
-    state  TEXT NOT NULL,
-    at     INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 CREATE TABLE IF NOT EXISTS runners (
     id            TEXT PRIMARY KEY,
     name          TEXT NOT NULL,
@@ -96,8 +92,10 @@ const COMPACT_PAGES: i64 = 2048;
 
 /// The schema's version (`PRAGMA user_version`): 1 added the `logs` table (retention)
 /// and incremental vacuum; 2 the running totals of `logs` by state (`log_totals`, kept by
-/// triggers, recounted at every open).
-const VERSION: i64 = 2;
+/// triggers, recounted at every open); 3 moved each job's state transitions from a table
+/// of their own into the job's row (`jobs.transitions`, a JSON array), two pages fewer
+/// written per state change.
+const VERSION: i64 = 3;
 
 /// Write-ahead log frames (pages) after which a checkpoint copies them into the database.
 const CHECKPOINT_PAGES: i32 = 1000;
@@ -200,6 +198,39 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch("VACUUM")?;
         }
     }
+    if version < 3 {
+        let has_column: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'transitions'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        let jobs_exist: bool = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if jobs_exist && !has_column {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN transitions TEXT NOT NULL DEFAULT '[]'",
+            )?;
+        }
+        let old_table: bool = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'transitions'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if old_table {
+            conn.execute_batch(
+                "BEGIN;
+                 UPDATE jobs SET transitions = COALESCE(
+                     (SELECT json_group_array(json_object('state', t.state, 'at', t.at) ORDER BY t.rowid)
+                      FROM transitions t WHERE t.job_id = jobs.id),
+                     '[]');
+                 DROP TABLE transitions;
+                 COMMIT;",
+            )?;
+        }
+    }
     conn.execute_batch(SCHEMA)?;
     if version < 1 {
         // Jobs that ended before retention existed are tracked from now on.
@@ -281,23 +312,28 @@ impl SqliteStore {
         // Statements prepared once per connection: parsing them each time was most of a
         // write's cost.
         let what = "writing a job record";
-        let previous: Option<String> = tx
-            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")
-            .and_then(|mut s| s.query_row([record.id.as_str()], |r| r.get(0)).optional())
-            .map_err(|e| self.err(what, e))?;
+        // A state different from the stored one adds a transition to the row.
         tx.prepare_cached(
-            "INSERT INTO jobs (id, name, submitter, state, submitted_at, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(id) DO UPDATE SET state = excluded.state, record = excluded.record",
+            "INSERT INTO jobs (id, name, submitter, state, submitted_at, record, transitions)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, json_array(json_object('state', ?4, 'at', ?7)))
+             ON CONFLICT(id) DO UPDATE SET
+                 transitions = CASE WHEN jobs.state IS excluded.state THEN jobs.transitions
+                     ELSE json_insert(jobs.transitions, '$[#]',
+                                      json_object('state', excluded.state, 'at', ?7)) END,
+                 state = excluded.state,
+                 record = excluded.record",
         )
-        .and_then(|mut s| s.execute(params![
+        .and_then(|mut s| {
+            s.execute(params![
                 record.id.as_str(),
                 record.job.name,
                 record.submitter,
                 state,
                 millis(record.submitted_at),
-                text
-            ]))
+                text,
+                millis(SystemTime::now())
+            ])
+        })
         .map_err(|e| self.err(what, e))?;
         for a in &record.attempts {
             let outcome = a
@@ -310,30 +346,26 @@ impl SqliteStore {
                  ON CONFLICT(job_id, number) DO UPDATE SET outcome = excluded.outcome
                  WHERE outcome IS NOT excluded.outcome",
             )
-            .and_then(|mut s| s.execute(params![
+            .and_then(|mut s| {
+                s.execute(params![
                     record.id.as_str(),
                     a.number,
                     a.runner_id,
                     millis(a.started_at),
                     outcome
-                ]))
+                ])
+            })
             .map_err(|e| self.err(what, e))?;
         }
-        if previous.as_deref() != Some(state) {
+        if record.state.is_terminal() {
+            // The first time only: a put again of an ended job keeps its log record.
+            let at = record.finished_at.unwrap_or_else(SystemTime::now);
             tx.prepare_cached(
-                "INSERT INTO transitions (job_id, state, at) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
+                 VALUES (?1, ?2, 'finished', 0, 0)",
             )
-            .and_then(|mut s| s.execute(params![record.id.as_str(), state, millis(SystemTime::now())]))
+            .and_then(|mut s| s.execute(params![record.id.as_str(), millis(at)]))
             .map_err(|e| self.err(what, e))?;
-            if record.state.is_terminal() {
-                let at = record.finished_at.unwrap_or_else(SystemTime::now);
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO logs (job_id, finished_at, state, bytes, original)
-                     VALUES (?1, ?2, 'finished', 0, 0)",
-                )
-                .and_then(|mut s| s.execute(params![record.id.as_str(), millis(at)]))
-                .map_err(|e| self.err(what, e))?;
-            }
         }
         tx.commit().map_err(|e| self.err("writing a job record", e))
     }
@@ -416,21 +448,32 @@ impl Store for SqliteStore {
     }
 
     fn transitions(&self, id: &JobId) -> Result<Vec<Transition>, Error> {
-        let conn = self.conn.lock().expect("store");
-        let mut stmt = conn
-            .prepare_cached("SELECT state, at FROM transitions WHERE job_id = ?1 ORDER BY rowid")
-            .map_err(|e| self.err("reading a job's state transitions", e))?;
-        let rows: Vec<(String, i64)> = stmt
-            .query_map([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| self.err("reading a job's state transitions", e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading a job's state transitions", e))?;
+        let what = "reading a job's state transitions";
+        let text: Option<String> = {
+            let conn = self.conn.lock().expect("store");
+            conn.prepare_cached("SELECT transitions FROM jobs WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+                .map_err(|e| self.err(what, e))?
+        };
+        #[derive(Deserialize)]
+        struct Row {
+            state: String,
+            at: i64,
+        }
+        let rows: Vec<Row> = match text {
+            Some(t) => serde_json::from_str(&t).map_err(|e| Error::Store {
+                store: self.path.display().to_string(),
+                context: format!("{what}: they do not decode"),
+                source: Box::new(e),
+            })?,
+            None => Vec::new(),
+        };
         Ok(rows
             .into_iter()
-            .filter_map(|(s, at)| {
-                JobState::from_name(&s).map(|state| Transition {
+            .filter_map(|r| {
+                JobState::from_name(&r.state).map(|state| Transition {
                     state,
-                    at: from_millis(at),
+                    at: from_millis(r.at),
                 })
             })
             .collect())
@@ -706,7 +749,6 @@ impl Store for SqliteStore {
         for (i, sql) in [
             "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))",
             "DELETE FROM attempts WHERE job_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM transitions WHERE job_id IN (SELECT value FROM json_each(?1))",
             "DELETE FROM logs WHERE job_id IN (SELECT value FROM json_each(?1))",
         ]
         .into_iter()

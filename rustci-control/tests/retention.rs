@@ -527,16 +527,20 @@ fn the_database_file_gives_deleted_records_space_back() {
 }
 
 #[test]
-fn an_older_database_gets_log_records_for_its_ended_jobs() {
+fn an_older_database_gets_log_records_and_keeps_its_transitions() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
     {
-        // The schema before retention: no `logs` table, no incremental vacuum.
+        // The schema before retention: no `logs` table, no incremental vacuum, transitions
+        // in a table of their own.
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
             "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
                  name TEXT NOT NULL, submitter TEXT NOT NULL, state TEXT NOT NULL,
-                 submitted_at INTEGER NOT NULL, record TEXT NOT NULL);",
+                 submitted_at INTEGER NOT NULL, record TEXT NOT NULL);
+             CREATE TABLE transitions (job_id TEXT NOT NULL, state TEXT NOT NULL, at INTEGER NOT NULL);
+             INSERT INTO transitions VALUES ('job000000', 'queued', 7000), ('job000001', 'queued', 7001),
+                                            ('job000000', 'running', 7002), ('job000000', 'succeeded', 7005);",
         )
         .unwrap();
         for (i, state) in [(0, "succeeded"), (1, "running")] {
@@ -559,6 +563,33 @@ fn an_older_database_gets_log_records_for_its_ended_jobs() {
     assert_eq!(ended.state, LogState::Finished);
     assert_eq!(
         store.log_totals().unwrap().by_state[&LogState::Finished].0,
+        1
+    );
+    // Transitions moved into the jobs' rows, in order.
+    let moved: Vec<(JobState, u64)> = store
+        .transitions(&JobId::from("job000000".to_string()))
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            (
+                t.state,
+                t.at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
+            )
+        })
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            (JobState::Queued, 7000),
+            (JobState::Running, 7002),
+            (JobState::Succeeded, 7005)
+        ]
+    );
+    assert_eq!(
+        store
+            .transitions(&JobId::from("job000001".to_string()))
+            .unwrap()
+            .len(),
         1
     );
     assert!(
