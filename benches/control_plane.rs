@@ -9,7 +9,7 @@
 //!   one NativeRunner of 4 slots, all awaited, vs `raw/spawn_2000_x4` (the same 2,000
 //!   processes spawned and awaited by 4 threads). Target: at least 0.5x the raw rate.
 //! - `dispatch/http_2000` — the same jobs submitted over HTTP to an in-process
-//!   `rustci-server` (16 requests in flight). Target: at least 0.3x the raw rate.
+//!   `rustci-server` (16 requests in flight). Target: at least 0.5x the raw rate.
 //! - `pickup/control_plane` — submit to first output byte of `echo x` on an idle runner,
 //!   vs `raw/spawn_first_byte` (spawn `echo x` with a piped stdout and read the first
 //!   byte). Target: at most 3x.
