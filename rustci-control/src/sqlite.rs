@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -107,7 +107,7 @@ const CHECKPOINT_PAGES: i32 = 1000;
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
-    _checkpoints: Checkpointer,
+    checkpoints: Checkpointer,
 }
 
 /// The checkpoint thread: woken after a commit leaves the log past [`CHECKPOINT_PAGES`];
@@ -115,6 +115,8 @@ pub struct SqliteStore {
 struct Checkpointer {
     wake: Option<std::sync::mpsc::SyncSender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Held by whoever checkpoints (the thread, the writer, `compact`): one at a time.
+    running: Arc<Mutex<()>>,
 }
 
 impl Drop for Checkpointer {
@@ -135,18 +137,31 @@ impl Checkpointer {
         conn.busy_timeout(Duration::from_secs(5))?;
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
         let hint = wake.clone();
-        // Replaces the automatic checkpoint of the writing connection.
-        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
-            if pages >= CHECKPOINT_PAGES {
+        let running = Arc::new(Mutex::new(()));
+        let inline = running.clone();
+        // Replaces the automatic checkpoint of the writing connection. Under a steady
+        // stream of writes a checkpoint running beside them never reaches the log's end,
+        // and the log restarts only after one that does: past four times the threshold
+        // the writer finishes the copy itself (what the thread copied is not copied
+        // again), which bounds the log.
+        writer.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages >= 4 * CHECKPOINT_PAGES {
+                if let Ok(_one) = inline.try_lock() {
+                    // Passive, the default mode.
+                    let _ = wal.checkpoint();
+                }
+            } else if pages >= CHECKPOINT_PAGES {
                 let _ = hint.try_send(());
             }
             Ok(())
         }))?;
         let shown = path.display().to_string();
+        let mine = running.clone();
         let thread = std::thread::Builder::new()
             .name("rustci-sqlite-checkpoint".into())
             .spawn(move || {
                 while woken.recv().is_ok() {
+                    let _one = mine.lock().expect("checkpoint");
                     // PASSIVE: copies what it can without waiting for the writer.
                     let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                     if let Err(e) = done {
@@ -157,6 +172,7 @@ impl Checkpointer {
         Ok(Checkpointer {
             wake: Some(wake),
             thread: Some(thread),
+            running,
         })
     }
 }
@@ -262,7 +278,9 @@ impl SqliteStore {
         let conn = Connection::open(&path).map_err(|e| db_err(&path, "opening the database", e))?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(|e| db_err(&path, "opening the database", e))?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA journal_size_limit=67108864;",
+        )
             .map_err(|e| db_err(&path, "opening the database", e))?;
         migrate(&conn)
             .map_err(|e| db_err(&path, "bringing the database's schema up to date", e))?;
@@ -277,7 +295,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
-            _checkpoints: checkpoints,
+            checkpoints,
         })
     }
 
@@ -813,8 +831,12 @@ impl Store for SqliteStore {
             Ok(())
         };
         run(&format!("PRAGMA incremental_vacuum({COMPACT_PAGES})"))
-            .and_then(|_| run("PRAGMA wal_checkpoint(TRUNCATE)"))
             .map_err(|e| self.err(what, e))?;
+        {
+            // Not beside the checkpoint thread's: the log is emptied and truncated.
+            let _one = self.checkpoints.running.lock().expect("checkpoint");
+            run("PRAGMA wal_checkpoint(TRUNCATE)").map_err(|e| self.err(what, e))?;
+        }
         // More only when this step gave pages back and some are left.
         let left = count("PRAGMA freelist_count")?;
         Ok(left > 0 && left < free)
