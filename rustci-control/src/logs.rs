@@ -470,6 +470,10 @@ impl LogHub {
                 Err(e) => return Err(Error::log(format!("removing log {}", path.display()), e)),
             }
         }
+        // Again once the files are gone: an archive opened meanwhile is not kept either.
+        let mut archives = self.inner.archives.lock().expect("logs");
+        self.inner.removals.fetch_add(1, Ordering::SeqCst);
+        archives.remove(id);
         Ok(true)
     }
 

@@ -214,12 +214,19 @@ fn compress(
     cutoff: SystemTime,
     limit: usize,
     max_bytes: u64,
+    after: &std::sync::Mutex<Option<(SystemTime, JobId)>>,
 ) -> Result<Done, Error> {
     let mut rows = store.finished_logs(&[LogState::Plain], Some(cutoff), limit)?;
     let mut done = Done {
         seen: rows.len(),
         ..Done::default()
     };
+    // Past the logs this pass tried already: one that fails stays plain for the next
+    // pass and does not hold up the rest.
+    let mut after = after.lock().expect("cursor");
+    if let Some(last) = &*after {
+        rows.retain(|r| (r.finished_at, &r.job_id) > (last.0, &last.1));
+    }
     // At most `max_bytes` of logs (at least one log) per batch; the rest in the next.
     let mut bytes = 0u64;
     let fits = rows
@@ -232,6 +239,9 @@ fn compress(
     if fits < rows.len() {
         rows.truncate(fits);
         done.seen = limit;
+    }
+    if let Some(last) = rows.last() {
+        *after = Some((last.finished_at, last.job_id.clone()));
     }
     let ids: Vec<JobId> = rows.iter().map(|r| r.job_id.clone()).collect();
     let results = logs.compress(&ids);
@@ -257,14 +267,17 @@ fn compress(
         }
     }
     store.put_log_records(&updates)?;
-    done.progress = updates.len();
+    // Progress is what was tried: failures are behind the cursor.
+    done.progress = ids.len();
     done.report.most_in_a_batch = updates.len();
     Ok(done)
 }
 
 /// Expires the logs of `rows` (finished jobs' logs still kept), up to `enough` bytes
-/// when given: recorded expired first, so that a reader meanwhile gets `LOG_EXPIRED`
-/// rather than an empty log, then their files deleted.
+/// when given: recorded expiring first, so that a reader meanwhile gets `LOG_EXPIRED`
+/// rather than an empty log, then their files deleted, then recorded expired. A log whose
+/// removal did not finish stays expiring, and the next pass removes it
+/// ([`finish_expiring`]).
 fn expire(
     store: &dyn Store,
     logs: &LogHub,
@@ -275,7 +288,7 @@ fn expire(
         seen: rows.len(),
         ..Done::default()
     };
-    let mut updates = Vec::new();
+    let mut going = Vec::new();
     for mut r in rows {
         if enough == Some(0) {
             break;
@@ -284,25 +297,71 @@ fn expire(
             done.report.skipped_open += 1;
             continue;
         }
-        done.report.expired += 1;
-        done.report.expired_bytes += r.bytes;
         if let Some(left) = &mut enough {
             *left = left.saturating_sub(r.bytes.max(1));
         }
-        r.state = LogState::Expired;
-        r.bytes = 0;
-        updates.push(r);
+        r.state = LogState::Expiring;
+        going.push(r);
     }
-    store.put_log_records(&updates)?;
-    done.progress = updates.len();
-    done.report.most_in_a_batch = updates.len();
-    for r in &updates {
-        // A file left by a failure here goes with the job's record (`delete_jobs`).
-        if let Err(e) = logs.remove(&r.job_id) {
-            tracing::error!(job_id = %r.job_id, error = %rustci_runners::error::Chain(&e), "retention: deleting a log");
-            done.report.errors += 1;
+    store.put_log_records(&going)?;
+    done.progress = going.len();
+    done.report.most_in_a_batch = going.len();
+    let gone = remove_logs(logs, going, &mut done.report);
+    done.report.expired += gone.len() as u64;
+    done.report.expired_bytes += gone.iter().map(|r| r.bytes).sum::<u64>();
+    let gone: Vec<LogRecord> = gone
+        .into_iter()
+        .map(|mut r| {
+            r.state = LogState::Expired;
+            r.bytes = 0;
+            r
+        })
+        .collect();
+    store.put_log_records(&gone)?;
+    Ok(done)
+}
+
+/// Removes the files of `rows`; returns those removed (the rest are counted as errors).
+fn remove_logs(
+    logs: &LogHub,
+    rows: Vec<LogRecord>,
+    report: &mut RetentionReport,
+) -> Vec<LogRecord> {
+    let mut gone = Vec::with_capacity(rows.len());
+    for r in rows {
+        match logs.remove(&r.job_id) {
+            Ok(_) => gone.push(r),
+            Err(e) => {
+                tracing::error!(job_id = %r.job_id, error = %rustci_runners::error::Chain(&e), "retention: deleting a log");
+                report.errors += 1;
+            }
         }
     }
+    gone
+}
+
+/// Removes what an earlier expiry left (a crash or a failed removal between recording a
+/// log expiring and its files going).
+fn finish_expiring(store: &dyn Store, logs: &LogHub, limit: usize) -> Result<Done, Error> {
+    let rows = store.finished_logs(&[LogState::Expiring], None, limit)?;
+    let mut done = Done {
+        seen: rows.len(),
+        ..Done::default()
+    };
+    let gone = remove_logs(logs, rows, &mut done.report);
+    done.progress = gone.len();
+    done.report.most_in_a_batch = gone.len();
+    done.report.expired += gone.len() as u64;
+    done.report.expired_bytes += gone.iter().map(|r| r.bytes).sum::<u64>();
+    let gone: Vec<LogRecord> = gone
+        .into_iter()
+        .map(|mut r| {
+            r.state = LogState::Expired;
+            r.bytes = 0;
+            r
+        })
+        .collect();
+    store.put_log_records(&gone)?;
     Ok(done)
 }
 
@@ -325,32 +384,23 @@ fn delete_jobs(
             done.report.skipped_open += 1;
             continue;
         }
-        done.report.jobs_deleted_bytes += r.bytes;
         going.push(r);
     }
-    // Expired first (a reader meanwhile gets `LOG_EXPIRED`), then the files, then the
+    // Expiring first (a reader meanwhile gets `LOG_EXPIRED`), then the files, then the
     // records: a crash between leaves records the next pass finishes.
-    let expired: Vec<LogRecord> = going
+    let expiring: Vec<LogRecord> = going
         .iter()
-        .filter(|r| r.state != LogState::Expired)
+        .filter(|r| r.state.is_kept())
         .map(|r| {
             let mut r = r.clone();
-            r.state = LogState::Expired;
-            r.bytes = 0;
+            r.state = LogState::Expiring;
             r
         })
         .collect();
-    store.put_log_records(&expired)?;
-    let mut ids = Vec::with_capacity(going.len());
-    for r in going {
-        match logs.remove(&r.job_id) {
-            Ok(_) => ids.push(r.job_id),
-            Err(e) => {
-                tracing::error!(job_id = %r.job_id, error = %rustci_runners::error::Chain(&e), "retention: deleting a job's log");
-                done.report.errors += 1;
-            }
-        }
-    }
+    store.put_log_records(&expiring)?;
+    let gone = remove_logs(logs, going, &mut done.report);
+    done.report.jobs_deleted_bytes += gone.iter().map(|r| r.bytes).sum::<u64>();
+    let ids: Vec<JobId> = gone.into_iter().map(|r| r.job_id).collect();
     let n = store.delete_jobs(&ids)?;
     done.report.jobs_deleted = n as u64;
     done.progress = ids.len();
@@ -371,12 +421,16 @@ pub(crate) async fn pass(
     let mut report = RetentionReport::default();
     let limit = o.batch;
     type Phase = Box<dyn Fn(&dyn Store, &LogHub) -> Result<Done, Error> + Send + Sync>;
-    let mut phases: Vec<Phase> = vec![Box::new(move |s, l| measure(s, l, limit))];
+    let mut phases: Vec<Phase> = vec![
+        Box::new(move |s, l| measure(s, l, limit)),
+        Box::new(move |s, l| finish_expiring(s, l, limit)),
+    ];
     if let Some(secs) = o.compress_after_secs {
         let cutoff = before(now, secs);
         let max_bytes = o.batch_bytes;
+        let after = std::sync::Mutex::new(None);
         phases.push(Box::new(move |s, l| {
-            compress(s, l, cutoff, limit, max_bytes)
+            compress(s, l, cutoff, limit, max_bytes, &after)
         }));
     }
     if let Some(secs) = o.log_max_age_secs {

@@ -103,7 +103,8 @@ const CHECKPOINT_PAGES: i32 = 1000;
 /// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
 /// killed process loses no committed write). Checkpoints, which copy the write-ahead log
 /// into the database file and flush it, run on a thread of their own with its own
-/// connection, so that no write waits for one.
+/// connection, so that writes seldom wait for one: only when the log passes four times
+/// the threshold does a write finish the checkpoint itself.
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
@@ -146,10 +147,10 @@ impl Checkpointer {
         // again), which bounds the log.
         writer.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
             if pages >= 4 * CHECKPOINT_PAGES {
-                if let Ok(_one) = inline.try_lock() {
-                    // Passive, the default mode.
-                    let _ = wal.checkpoint();
-                }
+                // After the thread's checkpoint, if one runs (it never waits for the store).
+                let _one = inline.lock().expect("checkpoint");
+                // Passive, the default mode.
+                let _ = wal.checkpoint();
             } else if pages >= CHECKPOINT_PAGES {
                 let _ = hint.try_send(());
             }
@@ -174,6 +175,17 @@ impl Checkpointer {
             thread: Some(thread),
             running,
         })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // The hook holds a sender of the checkpoint thread's channel: gone before the
+        // thread is joined, whatever the order of the fields.
+        if let Ok(conn) = self.conn.get_mut() {
+            let _ =
+                conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>);
+        }
     }
 }
 
@@ -209,8 +221,10 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         // Deleted records' pages go back to the system at each `compact`; a database
         // made before this needs one full vacuum to change mode (once, at the first
         // start of this version: it rewrites the file).
+        let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
-        if pages > 0 {
+        // 2: incremental already (a migration that stopped after its vacuum).
+        if pages > 0 && mode != 2 {
             conn.execute_batch("VACUUM")?;
         }
     }

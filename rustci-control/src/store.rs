@@ -160,25 +160,30 @@ pub enum LogState {
     Plain,
     /// Stored compressed.
     Compressed,
+    /// Being deleted by retention: recorded before its files go (a reader gets
+    /// `LOG_EXPIRED`), and retried by the next pass when a removal did not finish.
+    Expiring,
     /// Deleted by retention; the job's record remains.
     Expired,
 }
 
 impl LogState {
     /// Every state.
-    pub const ALL: [LogState; 4] = [
+    pub const ALL: [LogState; 5] = [
         LogState::Finished,
         LogState::Plain,
         LogState::Compressed,
+        LogState::Expiring,
         LogState::Expired,
     ];
 
-    /// The state's name: `finished`, `plain`, `compressed`, `expired`.
+    /// The state's name: `finished`, `plain`, `compressed`, `expiring`, `expired`.
     pub fn as_str(self) -> &'static str {
         match self {
             LogState::Finished => "finished",
             LogState::Plain => "plain",
             LogState::Compressed => "compressed",
+            LogState::Expiring => "expiring",
             LogState::Expired => "expired",
         }
     }
@@ -190,7 +195,16 @@ impl LogState {
 
     /// True for a log still in storage (finished, plain or compressed).
     pub fn is_kept(self) -> bool {
-        self != LogState::Expired
+        matches!(
+            self,
+            LogState::Finished | LogState::Plain | LogState::Compressed
+        )
+    }
+
+    /// True for a log retention deleted or is deleting (expiring, expired): readers get
+    /// `LOG_EXPIRED`.
+    pub fn is_gone(self) -> bool {
+        !self.is_kept()
     }
 }
 

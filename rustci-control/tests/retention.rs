@@ -326,6 +326,49 @@ async fn a_batch_compresses_at_most_its_byte_budget() {
     cp.shutdown();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_compressed_holds_up_no_other_and_an_unfinished_expiry_is_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::with_options(LeastLoaded, durable(dir.path())).unwrap();
+    cp.register(local(), RegisterOptions::default());
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = cp.submit(chatty(&format!("c{i}"), 50), "alice").unwrap();
+        cp.wait(&id).await.unwrap();
+        ids.push(id);
+    }
+    // The oldest log cannot be read: a directory where its file was.
+    let bad = dir.path().join(format!("logs/{}.log", ids[0]));
+    std::fs::remove_file(&bad).unwrap();
+    std::fs::create_dir(&bad).unwrap();
+    let mut o = nothing();
+    o.compress_after_secs = Some(0);
+    o.batch_bytes = 1;
+    let r = cp.retain(&o, later()).await.unwrap();
+    assert_eq!((r.compressed, r.errors), (3, 1), "{r:?}");
+    assert_eq!(
+        state_of(&cp, &ids[0]),
+        LogState::Plain,
+        "left for a later pass"
+    );
+    for id in &ids[1..] {
+        assert_eq!(state_of(&cp, id), LogState::Compressed);
+    }
+    std::fs::remove_dir(&bad).unwrap();
+
+    // An expiry a crash interrupted: recorded expiring, its file still there.
+    let mut rec = cp.log_record(&ids[1]).unwrap().unwrap();
+    rec.state = LogState::Expiring;
+    cp.store().put_log_records(&[rec]).unwrap();
+    let file = dir.path().join(format!("logs/{}.log.zst", ids[1]));
+    assert!(file.exists());
+    let r = cp.retain(&nothing(), later()).await.unwrap();
+    assert_eq!(r.expired, 1, "{r:?}");
+    assert_eq!(state_of(&cp, &ids[1]), LogState::Expired);
+    assert!(!file.exists());
+    cp.shutdown();
+}
+
 #[test]
 fn compaction_ends_on_a_file_that_cannot_shrink() {
     let dir = tempfile::tempdir().unwrap();

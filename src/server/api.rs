@@ -935,7 +935,7 @@ async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
 /// 410 `LOG_EXPIRED` for a job whose log retention deleted.
 pub(super) fn check_log_kept(app: &App, id: &JobId) -> ApiResult<()> {
     match app.plane.log_record(id) {
-        Ok(Some(log)) if log.state == rustci_control::LogState::Expired => Err(ApiError::new(
+        Ok(Some(log)) if log.state.is_gone() => Err(ApiError::new(
             StatusCode::GONE,
             "LOG_EXPIRED",
             format!("the log of job {id} was deleted by the retention policy"),

@@ -430,7 +430,7 @@ fn schemas(state_enum: &Value) -> Value {
                         "description": "Once the job ended: where retention has its log",
                         "type": "object", "required": ["state", "stored_bytes", "bytes"],
                         "properties": {
-                            "state": {"type": "string", "enum": ["finished", "plain", "compressed", "expired"]},
+                            "state": {"type": "string", "enum": ["finished", "plain", "compressed", "expiring", "expired"]},
                             "stored_bytes": {"type": "integer", "minimum": 0},
                             "bytes": {"type": "integer", "minimum": 0}
                         }

@@ -590,7 +590,7 @@ pub(super) fn job(
             }
             section {
                 h2 { "Log" }
-                @if let Some(gone) = log.retention.as_ref().filter(|l| l.state == rustci_control::LogState::Expired) {
+                @if let Some(gone) = log.retention.as_ref().filter(|l| l.state.is_gone()) {
                     p.empty #log-expired {
                         "The log (" (gone.original) " bytes) was deleted by the retention policy; the job's record remains."
                     }
