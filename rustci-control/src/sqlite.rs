@@ -103,7 +103,7 @@ const CHECKPOINT_PAGES: i32 = 1000;
 /// A [`Store`] in one SQLite database file (write-ahead log, synchronous=NORMAL: a
 /// killed process loses no committed write). Checkpoints, which copy the write-ahead log
 /// into the database file and flush it, run on a thread of their own with its own
-/// connection, so that writes seldom wait for one: only when the log passes four times
+/// connection, so that writes seldom wait for one: only when the log passes eight times
 /// the threshold does a write finish the checkpoint itself.
 pub struct SqliteStore {
     path: PathBuf,
@@ -142,11 +142,11 @@ impl Checkpointer {
         let inline = running.clone();
         // Replaces the automatic checkpoint of the writing connection. Under a steady
         // stream of writes a checkpoint running beside them never reaches the log's end,
-        // and the log restarts only after one that does: past four times the threshold
+        // and the log restarts only after one that does: past eight times the threshold
         // the writer finishes the copy itself (what the thread copied is not copied
         // again), which bounds the log.
         writer.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
-            if pages >= 4 * CHECKPOINT_PAGES {
+            if pages >= 8 * CHECKPOINT_PAGES {
                 // After the thread's checkpoint, if one runs (it never waits for the store).
                 let _one = inline.lock().expect("checkpoint");
                 // Passive, the default mode.
