@@ -307,8 +307,18 @@ fn expire(
     done.progress = going.len();
     done.report.most_in_a_batch = going.len();
     let gone = remove_logs(logs, going, &mut done.report);
-    done.report.expired += gone.len() as u64;
-    done.report.expired_bytes += gone.iter().map(|r| r.bytes).sum::<u64>();
+    mark_expired(store, gone, &mut done.report)?;
+    Ok(done)
+}
+
+/// Records the logs of `gone` (their files removed) expired, counting them.
+fn mark_expired(
+    store: &dyn Store,
+    gone: Vec<LogRecord>,
+    report: &mut RetentionReport,
+) -> Result<(), Error> {
+    report.expired += gone.len() as u64;
+    report.expired_bytes += gone.iter().map(|r| r.bytes).sum::<u64>();
     let gone: Vec<LogRecord> = gone
         .into_iter()
         .map(|mut r| {
@@ -317,8 +327,7 @@ fn expire(
             r
         })
         .collect();
-    store.put_log_records(&gone)?;
-    Ok(done)
+    store.put_log_records(&gone)
 }
 
 /// Removes the files of `rows`; returns those removed (the rest are counted as errors).
@@ -351,17 +360,7 @@ fn finish_expiring(store: &dyn Store, logs: &LogHub, limit: usize) -> Result<Don
     let gone = remove_logs(logs, rows, &mut done.report);
     done.progress = gone.len();
     done.report.most_in_a_batch = gone.len();
-    done.report.expired += gone.len() as u64;
-    done.report.expired_bytes += gone.iter().map(|r| r.bytes).sum::<u64>();
-    let gone: Vec<LogRecord> = gone
-        .into_iter()
-        .map(|mut r| {
-            r.state = LogState::Expired;
-            r.bytes = 0;
-            r
-        })
-        .collect();
-    store.put_log_records(&gone)?;
+    mark_expired(store, gone, &mut done.report)?;
     Ok(done)
 }
 
