@@ -1,6 +1,8 @@
 //! End-to-end tests of the control-plane server: the real server on a loopback port,
 //! real runners, real HTTP.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use rustci::client::{ApiClient, ApiResponse, SseEvent};
@@ -1479,20 +1481,6 @@ async fn a_runner_whose_workspace_disk_fills_up_takes_no_new_jobs_until_it_recov
     t.stop().await;
 }
 
-/// Polls `f` every 50 ms for at most 30 s until it gives a value.
-async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("not within 30 s: {what}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_compresses_then_expires_the_oldest_log_and_a_restart_keeps_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -1532,7 +1520,7 @@ async fn retention_compresses_then_expires_the_oldest_log_and_a_restart_keeps_it
         }
     };
     let oldest = jobs[0].0.clone();
-    let r = poll("the oldest log expires", async || {
+    let r = common::wait_for("the oldest log expires", 30, async || {
         let r = c.get(&format!("/api/jobs/{oldest}/logs")).await.unwrap();
         (r.status == 410).then_some(r)
     })
